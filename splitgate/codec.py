@@ -98,8 +98,8 @@ def encode_array(array: Any) -> tuple[str, list[int], bytes]:
     arr = np.asarray(array)
     datatype = datatype_of(arr.dtype)
     wire = DATATYPES[datatype]
-    # ascontiguousarray handles non-contiguous views; astype fixes byte order.
-    arr = np.ascontiguousarray(arr.astype(wire, copy=False))
+    # order="C" copies non-contiguous views (and keeps 0-d arrays 0-d); astype fixes byte order.
+    arr = arr.astype(wire, order="C", copy=False)
     return datatype, list(arr.shape), arr.tobytes()
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from splitgate.cli import main
+
+sys.exit(main())
