@@ -92,6 +92,8 @@ def start_local(config: CloudConfig, *, ready_timeout_s: float = 120.0) -> Local
     # Verify bundles here too, so a bad one fails fast with a clear error
     # instead of as a replica crash loop.
     names = [PlanBundle.load(b).model_name for b in config.bundles]
+    # Serve's driver-side INFO lines would interleave with the CLI's own output.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     started_ray = False
     if not ray.is_initialized():
         ray.init(

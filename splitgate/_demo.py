@@ -84,7 +84,7 @@ def _run_requests(console: Console, bundle, address: str, requests: int) -> bool
     expected = dict(zip([o.name for o in reference.get_outputs()], reference.run(None, inputs)))
 
     table = Table(title=f"{bundle.model_name}: median of {requests} requests after {WARMUP} warm-up")
-    for col in ("partition", "bytes sent", "device ms", "network ms", "cloud ms", "total ms", "max |Δ|", "match"):
+    for col in ("partition", "bytes sent", "device ms", "network ms", "cloud ms", "total ms", "max|Δ|", "match"):
         table.add_column(col, justify="left" if col == "partition" else "right")
     all_ok = True
     with Gateway([bundle], cloud=address) as gateway:
@@ -110,7 +110,7 @@ def _run_requests(console: Console, bundle, address: str, requests: int) -> bool
                 f"{med('network_ms'):.2f}",
                 f"{med('cloud_ms'):.2f}",
                 f"{med('total_ms'):.2f}",
-                f"{diff:.2e}",
+                f"{diff:.0e}",
                 "[green]yes[/]" if ok else "[red]NO[/]",
             )
     console.print(table)

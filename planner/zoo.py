@@ -1,0 +1,294 @@
+"""A small model zoo: seeded torch models exported to ONNX at test/demo time.
+
+Nothing is downloaded: each model is defined here, initialised from a seed
+(BatchNorm layers get non-trivial running statistics so outputs are not
+degenerate), put in eval mode and exported with ``torch.onnx``. torch is
+imported only inside the functions, so ``import planner.zoo`` works without it.
+
+Models (all classifiers with 10 classes, input ``"input"`` float32
+``[batch, 3, 64, 64]``, output ``"logits"`` ``[batch, 10]``):
+
+* ``"mobilenet"`` - MobileNetV2-style (inverted residuals, ReLU6), width 0.5.
+* ``"resnet18"``  - the ResNet-18 layout (BasicBlocks 2-2-2-2), base width 32.
+* ``"vggchain"``  - a plain VGG-style conv chain (every layer is a cut point).
+
+Add a model by writing a builder returning a :class:`ZooSpec` and listing it
+in ``_BUILDERS`` (e.g. a transformer encoder with an int64 ``[batch, seq]``
+input and a dynamic ``seq`` dim: give ``dynamic`` two axes).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from splitgate.errors import InvalidArgument
+
+__all__ = ["ZOO_MODELS", "ZooSpec", "export_zoo_model", "build_zoo_module"]
+
+NUM_CLASSES = 10
+IMAGE = (3, 64, 64)
+
+
+@dataclass
+class ZooSpec:
+    """A built zoo model, ready to export.
+
+    Attributes:
+        module: the torch module, in eval mode.
+        example: one example input per model input (batch 2, so exporters
+            cannot specialise the batch dim to 1).
+        input_names: ONNX input names.
+        output_names: ONNX output names.
+        dynamic: per input name, ``{axis: dim_name}`` of dims that may vary
+            besides batch (batch is axis 0 of every input and output).
+    """
+
+    module: Any
+    example: tuple[Any, ...]
+    input_names: list[str]
+    output_names: list[str]
+    dynamic: dict[str, dict[int, str]] = field(default_factory=dict)
+
+
+# -- model definitions ---------------------------------------------------------
+
+
+def _randomise_batchnorm(module: Any, generator: Any) -> None:
+    """Give every BatchNorm layer non-trivial affine params and running stats."""
+    import torch
+
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                n = m.num_features
+                m.weight.copy_(0.5 + torch.rand(n, generator=generator))
+                m.bias.copy_(0.1 * torch.randn(n, generator=generator))
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=generator))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=generator))
+
+
+def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: str | None = "relu") -> Any:
+    import torch.nn as nn
+
+    layers: list[Any] = [
+        nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
+    if act == "relu":
+        layers.append(nn.ReLU(inplace=True))
+    elif act == "relu6":
+        layers.append(nn.ReLU6(inplace=True))
+    return nn.Sequential(*layers)
+
+
+def _mobilenet() -> ZooSpec:
+    import torch.nn as nn
+
+    class InvertedResidual(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+            super().__init__()
+            hidden = cin * expand
+            layers: list[Any] = []
+            if expand != 1:
+                layers.append(_conv_bn(cin, hidden, 1, act="relu6"))
+            layers += [
+                _conv_bn(hidden, hidden, 3, stride=stride, groups=hidden, act="relu6"),
+                _conv_bn(hidden, cout, 1, act=None),
+            ]
+            self.block = nn.Sequential(*layers)
+            self.residual = stride == 1 and cin == cout
+
+        def forward(self, x: Any) -> Any:
+            y = self.block(x)
+            return x + y if self.residual else y
+
+    # (expand t, channels c, repeats n, stride s) as in MobileNetV2, width 0.5, 64x64 input.
+    settings = [(1, 8, 1, 1), (6, 12, 2, 2), (6, 16, 3, 2), (6, 32, 2, 2), (6, 48, 2, 1), (6, 80, 1, 2)]
+    layers: list[Any] = [_conv_bn(3, 16, 3, stride=2, act="relu6")]
+    cin = 16
+    for t, c, n, s in settings:
+        for i in range(n):
+            layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+            cin = c
+    layers += [_conv_bn(cin, 320, 1, act="relu6"), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(320, NUM_CLASSES)]
+    return _image_spec(nn.Sequential(*layers))
+
+
+def _resnet18() -> ZooSpec:
+    import torch.nn as nn
+
+    class BasicBlock(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.conv1 = _conv_bn(cin, cout, 3, stride=stride)
+            self.conv2 = _conv_bn(cout, cout, 3, act=None)
+            self.down = _conv_bn(cin, cout, 1, stride=stride, act=None) if stride != 1 or cin != cout else None
+            self.relu = nn.ReLU(inplace=True)
+
+        def forward(self, x: Any) -> Any:
+            identity = x if self.down is None else self.down(x)
+            return self.relu(self.conv2(self.conv1(x)) + identity)
+
+    width = 32
+    layers: list[Any] = [_conv_bn(3, width, 7, stride=2), nn.MaxPool2d(3, stride=2, padding=1)]
+    cin = width
+    for stage, cout in enumerate([width, width * 2, width * 4, width * 8]):
+        for i in range(2):
+            layers.append(BasicBlock(cin, cout, 2 if (i == 0 and stage > 0) else 1))
+            cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, NUM_CLASSES)]
+    return _image_spec(nn.Sequential(*layers))
+
+
+def _vggchain() -> ZooSpec:
+    import torch.nn as nn
+
+    layers: list[Any] = []
+    cin = 3
+    for cout in (16, 16, "M", 32, 32, "M", 64, 64, "M", 64, "M"):
+        if cout == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers.append(_conv_bn(cin, int(cout), 3))
+            cin = int(cout)
+    layers += [nn.Flatten(), nn.Linear(cin * 4 * 4, 64), nn.ReLU(inplace=True), nn.Linear(64, NUM_CLASSES)]
+    return _image_spec(nn.Sequential(*layers))
+
+
+def _image_spec(module: Any) -> ZooSpec:
+    import torch
+
+    return ZooSpec(module, (torch.randn(2, *IMAGE),), ["input"], ["logits"])
+
+
+_BUILDERS: dict[str, Callable[[], ZooSpec]] = {
+    "mobilenet": _mobilenet,
+    "resnet18": _resnet18,
+    "vggchain": _vggchain,
+}
+
+ZOO_MODELS: tuple[str, ...] = tuple(_BUILDERS)
+
+
+# -- building and exporting ------------------------------------------------------
+
+
+def build_zoo_module(name: str, *, seed: int = 0) -> ZooSpec:
+    """Build a seeded zoo model in eval mode.
+
+    Args:
+        name: one of :data:`ZOO_MODELS`.
+        seed: torch seed for the weights and the example input.
+
+    Returns:
+        The model and its example inputs.
+
+    Raises:
+        InvalidArgument: unknown name.
+        ImportError: torch is not installed.
+    """
+    if name not in _BUILDERS:
+        raise InvalidArgument(f"unknown zoo model '{name}' (known: {', '.join(ZOO_MODELS)})")
+    import torch
+
+    torch.manual_seed(seed)
+    spec = _BUILDERS[name]()
+    gen = torch.Generator().manual_seed(seed + 1)
+    _randomise_batchnorm(spec.module, gen)
+    spec.module.eval()
+    return spec
+
+
+def export_zoo_model(
+    name: str,
+    path: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    batch_dynamic: bool = True,
+    exporter: str = "auto",
+) -> Path:
+    """Build a zoo model and export it to an ONNX file.
+
+    Args:
+        name: one of :data:`ZOO_MODELS`.
+        path: the ``.onnx`` file to write (parent directories are created).
+        seed: weight seed; the same seed gives the same weights.
+        batch_dynamic: make axis 0 of every input and output a dynamic
+            ``"batch"`` dim; otherwise the batch is fixed to 1.
+        exporter: ``"legacy"`` (TorchScript ``dynamo=False``: fast, deprecated),
+            ``"dynamo"`` (``torch.export``-based, needs onnxscript) or
+            ``"auto"`` (legacy if this torch still has it, else dynamo).
+
+    Returns:
+        The path written.
+
+    Raises:
+        InvalidArgument: unknown model or exporter name.
+        ImportError: torch (or onnxscript, for dynamo) is not installed.
+    """
+    if exporter not in ("auto", "legacy", "dynamo"):
+        raise InvalidArgument(f"unknown exporter '{exporter}' (use auto, legacy or dynamo)")
+    spec = build_zoo_module(name, seed=seed)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    example = spec.example if batch_dynamic else tuple(t[:1] for t in spec.example)
+    if exporter in ("auto", "legacy"):
+        try:
+            _export_legacy(spec, example, out, batch_dynamic)
+            return out
+        except Exception:  # noqa: BLE001 - legacy exporter removed/broken in this torch
+            if exporter == "legacy":
+                raise
+    _export_dynamo(spec, example, out, batch_dynamic)
+    return out
+
+
+def _export_legacy(spec: ZooSpec, example: tuple[Any, ...], out: Path, batch_dynamic: bool) -> None:
+    import torch
+
+    axes: dict[str, dict[int, str]] = {}
+    for n in spec.input_names:
+        axes[n] = {**({0: "batch"} if batch_dynamic else {}), **spec.dynamic.get(n, {})}
+    if batch_dynamic:
+        axes.update({n: {0: "batch"} for n in spec.output_names})
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            spec.module,
+            example,
+            os.fspath(out),
+            dynamo=False,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes={k: v for k, v in axes.items() if v} or None,
+            opset_version=17,
+            do_constant_folding=True,
+        )
+
+
+def _export_dynamo(spec: ZooSpec, example: tuple[Any, ...], out: Path, batch_dynamic: bool) -> None:
+    import torch
+
+    dims: dict[str, Any] = {"batch": torch.export.Dim("batch")}
+    shapes: list[dict[int, Any] | None] = []
+    for n in spec.input_names:
+        axes = {**({0: "batch"} if batch_dynamic else {}), **spec.dynamic.get(n, {})}
+        shapes.append({a: dims.setdefault(d, torch.export.Dim(d)) for a, d in axes.items()} or None)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            spec.module,
+            example,
+            dynamo=True,
+            verbose=False,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_shapes=tuple(shapes) if any(s for s in shapes) else None,
+            external_data=False,
+        )
+    program.save(os.fspath(out), external_data=False)
