@@ -11,22 +11,33 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
 
+from cloud._batch import Item
 from planner import PlanBundle
 from splitgate import codec
 from splitgate.errors import FailedPrecondition, InvalidArgument, NotFound
 from splitgate.protocol import inference_pb2 as pb
 from splitgate.validate import validate_inputs
 
-__all__ = ["SuffixService", "PARAM_PARTITION", "PARAM_PLAN_DIGEST", "PARAM_CLOUD_MS"]
+__all__ = [
+    "SuffixService",
+    "Prepared",
+    "PARAM_PARTITION",
+    "PARAM_PLAN_DIGEST",
+    "PARAM_CLOUD_MS",
+    "PARAM_QUEUE_DEPTH",
+    "PARAM_BATCH_SIZE",
+]
 
 PARAM_PARTITION = "splitgate.partition"
 PARAM_PLAN_DIGEST = "splitgate.plan_digest"
 PARAM_CLOUD_MS = "splitgate.cloud_ms"
 PARAM_QUEUE_DEPTH = "splitgate.queue_depth"
+PARAM_BATCH_SIZE = "splitgate.batch_size"
 
 SERVER_NAME = "splitgate-cloud"
 # Partition used when a plain OIP client sends the model's own inputs.
@@ -117,8 +128,14 @@ class SuffixService:
             response.outputs.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
         return response
 
-    def model_infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        """Run one suffix. Raises NotFound / InvalidArgument / FailedPrecondition."""
+    def prepare(self, request: pb.ModelInferRequest) -> Prepared:
+        """Resolve and validate a ModelInfer request without running it.
+
+        Raises:
+            NotFound: unknown model or partition.
+            FailedPrecondition: the request's plan digest is not the served plan.
+            InvalidArgument: bad inputs or requested outputs.
+        """
         params = codec.read_params(request.parameters)
         model = request.model_name
         bundle = self.bundle(model)
@@ -137,25 +154,66 @@ class SuffixService:
         for name in wanted:
             if name not in names:
                 raise InvalidArgument(f"{where}: unknown requested output {name!r}; outputs are {names}")
-        self._in_flight += 1
-        try:
-            start = time.perf_counter()
-            values = _run(session, wanted or names, feeds, where)
-            cloud_ms = (time.perf_counter() - start) * 1e3
-        finally:
-            self._in_flight -= 1
-        response = pb.ModelInferResponse(model_name=model, id=request.id)
-        codec.add_outputs(response, dict(zip(wanted or names, values)))
+        dynamic = frozenset(t.name for t in partition.cut_tensors if t.shape and t.shape[0] < 0)
+        item = Item(
+            key=(model, partition_id), feeds=feeds, outputs=tuple(wanted or names), batchable_inputs=dynamic
+        )
+        return Prepared(item=item, model=model, partition_id=partition_id, request_id=request.id,
+                        plan_digest=bundle.plan_digest, where=where)
+
+    def run(self, key: tuple[str, str], outputs: tuple[str, ...], feeds: dict) -> list:
+        """Run the suffix ``key`` = (model, partition) once. Raises InvalidArgument."""
+        session, _ = self._session(*key)
+        return _run(session, list(outputs), feeds, f"model '{key[0]}' partition '{key[1]}'")
+
+    def respond(
+        self, prepared: Prepared, values: list, *, cloud_ms: float, queue_depth: int, batch_size: int = 1
+    ) -> pb.ModelInferResponse:
+        """Build the response of a prepared request from its suffix outputs."""
+        response = pb.ModelInferResponse(model_name=prepared.model, id=prepared.request_id)
+        codec.add_outputs(response, dict(zip(prepared.item.outputs, values)))
         codec.set_params(
             response.parameters,
             {
-                PARAM_PARTITION: partition_id,
-                PARAM_PLAN_DIGEST: bundle.plan_digest,
+                PARAM_PARTITION: prepared.partition_id,
+                PARAM_PLAN_DIGEST: prepared.plan_digest,
                 PARAM_CLOUD_MS: cloud_ms,
-                PARAM_QUEUE_DEPTH: self._in_flight,
+                PARAM_QUEUE_DEPTH: queue_depth,
+                PARAM_BATCH_SIZE: batch_size,
             },
         )
         return response
+
+    def model_infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """Run one suffix, unbatched. Raises NotFound / InvalidArgument / FailedPrecondition.
+
+        ``splitgate.queue_depth`` is the number of ModelInfer calls inside this
+        service (running or waiting for a session) when the call started.
+        """
+        with self._lock:
+            self._in_flight += 1
+            depth = self._in_flight
+        try:
+            prepared = self.prepare(request)
+            start = time.perf_counter()
+            values = self.run(prepared.item.key, prepared.item.outputs, prepared.item.feeds)
+            cloud_ms = (time.perf_counter() - start) * 1e3
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+        return self.respond(prepared, values, cloud_ms=cloud_ms, queue_depth=depth)
+
+
+@dataclass
+class Prepared:
+    """A validated ModelInfer request, ready to run (alone or in a batch)."""
+
+    item: Item
+    model: str
+    partition_id: str
+    request_id: str
+    plan_digest: str
+    where: str
 
 
 _ORT_INPUT_ERRORS = tuple(

@@ -12,6 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 OPSET = [helper.make_opsetid("", 17)]
+# onnx 1.23 defaults to IR 14; onnxruntime 1.31 runs up to IR 13.
+IR_VERSION = 10
 
 
 def light_model(name: str) -> Path:
@@ -77,7 +79,7 @@ def constant_weights_model(seed: int = 0) -> onnx.ModelProto:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
     )
-    return helper.make_model(graph, opset_imports=OPSET)
+    return helper.make_model(graph, opset_imports=OPSET, ir_version=IR_VERSION)
 
 
 def two_io_model(seed: int = 0) -> onnx.ModelProto:
@@ -114,7 +116,7 @@ def two_io_model(seed: int = 0) -> onnx.ModelProto:
         ],
         initializer=inits,
     )
-    return helper.make_model(graph, opset_imports=OPSET)
+    return helper.make_model(graph, opset_imports=OPSET, ir_version=IR_VERSION)
 
 
 def dynamic_batch_model(seed: int = 0) -> onnx.ModelProto:
@@ -150,7 +152,7 @@ def dynamic_batch_model(seed: int = 0) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])],
         initializer=inits,
     )
-    return helper.make_model(graph, opset_imports=OPSET)
+    return helper.make_model(graph, opset_imports=OPSET, ir_version=IR_VERSION)
 
 
 def if_model() -> onnx.ModelProto:
@@ -187,7 +189,7 @@ def if_model() -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
         initializer=[one, zero],
     )
-    return helper.make_model(graph, opset_imports=OPSET)
+    return helper.make_model(graph, opset_imports=OPSET, ir_version=IR_VERSION)
 
 
 def save(model: onnx.ModelProto, path: Path) -> Path:
