@@ -140,15 +140,20 @@ def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
 
 
 def _infer(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
-    """Shape-infer ``model`` (loaded without external data); fall back to it unchanged."""
-    try:
-        return shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # noqa: BLE001 - inference is best effort; e.g. >2 GB protos
-        pass
+    """Shape-infer ``model`` (loaded without external data); fall back to it unchanged.
+
+    Tries in-memory inference with data propagation, then without, then the
+    path-based variant (which also handles protos over 2 GB).
+    """
+    for data_prop in (True, False):
+        try:
+            return shape_inference.infer_shapes(model, data_prop=data_prop)
+        except Exception:  # noqa: BLE001 - inference is best effort
+            continue
     try:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "inferred.onnx"
-            shape_inference.infer_shapes_path(os.fspath(path), os.fspath(out), data_prop=True)
+            shape_inference.infer_shapes_path(os.fspath(path), os.fspath(out))
             return onnx.load(os.fspath(out), load_external_data=False)
     except Exception:  # noqa: BLE001
         return model

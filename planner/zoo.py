@@ -1,15 +1,16 @@
 """A small model zoo: seeded torch models exported to ONNX at test/demo time.
 
 Nothing is downloaded: each model is defined here, initialised from a seed
-(BatchNorm layers get non-trivial running statistics so outputs are not
-degenerate), put in eval mode and exported with ``torch.onnx``. torch is
+(BatchNorm layers get random affine params and running statistics measured on
+seeded random inputs, so outputs are not degenerate), put in eval mode and exported with ``torch.onnx``. torch is
 imported only inside the functions, so ``import planner.zoo`` works without it.
 
 Models (all classifiers with 10 classes, input ``"input"`` float32
 ``[batch, 3, 64, 64]``, output ``"logits"`` ``[batch, 10]``):
 
 * ``"mobilenet"`` - MobileNetV2-style (inverted residuals, ReLU6), width 0.5.
-* ``"resnet18"``  - the ResNet-18 layout (BasicBlocks 2-2-2-2), base width 32.
+* ``"resnet18"``  - the ResNet-18 layout (BasicBlocks 2-2-2-2, 1x1 projection
+  shortcuts), base width 16 (channels 16-128) to keep bundles small.
 * ``"vggchain"``  - a plain VGG-style conv chain (every layer is a cut point).
 
 Add a model by writing a builder returning a :class:`ZooSpec` and listing it
@@ -58,18 +59,34 @@ class ZooSpec:
 # -- model definitions ---------------------------------------------------------
 
 
-def _randomise_batchnorm(module: Any, generator: Any) -> None:
-    """Give every BatchNorm layer non-trivial affine params and running stats."""
+def _calibrate_batchnorm(spec: ZooSpec, generator: Any, passes: int = 4) -> None:
+    """Give BatchNorm layers random affine params and running stats measured on data.
+
+    Running stats come from a few train-mode passes over seeded random inputs
+    (cumulative average), so activations stay well scaled through deep nets
+    and the eval-mode outputs depend on the input instead of collapsing to the
+    classifier's bias.
+    """
     import torch
 
+    bns = [m for m in spec.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
     with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                n = m.num_features
-                m.weight.copy_(0.5 + torch.rand(n, generator=generator))
-                m.bias.copy_(0.1 * torch.randn(n, generator=generator))
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=generator))
-                m.running_var.copy_(0.5 + torch.rand(n, generator=generator))
+        for m in bns:
+            n = m.num_features
+            m.weight.copy_(0.5 + torch.rand(n, generator=generator))
+            m.bias.copy_(0.1 * torch.randn(n, generator=generator))
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average over the calibration passes
+        spec.module.train()
+        for _ in range(passes):
+            batch = tuple(
+                torch.randn(t.shape, generator=generator) if t.is_floating_point() else t for t in spec.example
+            )
+            spec.module(*batch)
+        for m in bns:
+            m.momentum = 0.1
 
 
 def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: str | None = "relu") -> Any:
@@ -134,7 +151,7 @@ def _resnet18() -> ZooSpec:
             identity = x if self.down is None else self.down(x)
             return self.relu(self.conv2(self.conv1(x)) + identity)
 
-    width = 32
+    width = 16
     layers: list[Any] = [_conv_bn(3, width, 7, stride=2), nn.MaxPool2d(3, stride=2, padding=1)]
     cin = width
     for stage, cout in enumerate([width, width * 2, width * 4, width * 8]):
@@ -199,7 +216,7 @@ def build_zoo_module(name: str, *, seed: int = 0) -> ZooSpec:
     torch.manual_seed(seed)
     spec = _BUILDERS[name]()
     gen = torch.Generator().manual_seed(seed + 1)
-    _randomise_batchnorm(spec.module, gen)
+    _calibrate_batchnorm(spec, gen)
     spec.module.eval()
     return spec
 

@@ -33,7 +33,8 @@ def test_light_models_every_cut_is_exact(name: str, expected_cuts: int) -> None:
     g = ModelGraph.load(light_model(name))
     cuts = chain_cuts(g)
     assert len(cuts) == expected_cuts
-    assert check_cuts(g, cuts, [_feeds(g, seed=1)]) == expected_cuts
+    # unoptimised sessions: the filler weights are not re-folded for each of ~80 sessions
+    assert check_cuts(g, cuts, [_feeds(g, seed=1)], optimize=False) == expected_cuts
 
 
 def test_cut_properties_on_a_dag() -> None:
@@ -141,3 +142,25 @@ def test_cut_dataclass() -> None:
     c = Cut(1, "t", 3)
     assert c.tensors == ("t",)
     assert c == Cut(1, "t", 3, frozenset({"a"}))
+
+
+def test_model_without_chain_cuts(tmp_path) -> None:
+    from onnx import TensorProto, helper
+
+    from _models import IR_VERSION, OPSET, save
+    from planner import build_bundle
+
+    # every stage reads the input again: no single tensor separates input from output
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("Add", ["a", "x"], ["b"]),
+        helper.make_node("Mul", ["b", "x"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "nocut", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=OPSET, ir_version=IR_VERSION)
+    assert chain_cuts(ModelGraph.from_model(model)) == []
+    bundle = build_bundle(save(model, tmp_path / "nocut.onnx"), tmp_path / "bundle")
+    assert list(bundle.partitions) == ["cloud", "device"]
