@@ -6,6 +6,10 @@ Public API:
     build_app     -- the bound Serve application, for ``serve.run`` / ``serve deploy``.
     SuffixService -- the host-independent OIP logic (used by the plain baseline too).
 
+Entry points: ``cloud.app:build`` (the ``serve deploy`` import path, see
+``cloud/serve_config.yaml``) and ``python -m cloud.baseline`` (the plain grpcio
+server the benchmarks compare against).
+
 Importing ``cloud`` does not import Ray; the Ray pieces load on first use.
 """
 

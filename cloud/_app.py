@@ -1,49 +1,100 @@
 """The Ray Serve deployment that hosts :class:`SuffixService` behind gRPC ingress.
 
-Ray Serve's gRPC proxy routes each ``inference.GRPCInferenceService`` method to
-the deployment method of the same name. Typed splitgate errors become gRPC
-statuses by setting them on the request's ``grpc_context`` (Ray carries the
-code and details back through the proxy).
+Ray Serve's gRPC ingress (the proxy, and with direct ingress each replica's own
+port) routes each ``inference.GRPCInferenceService`` method to the deployment
+method of the same name. Typed splitgate errors become gRPC statuses by setting
+them on the request's ``grpc_context``.
+
+ModelInfer is async: the request is validated on the replica's event loop,
+queued in a ``@serve.batch`` queue, and batches run in a worker thread (ORT
+releases the GIL), so the loop keeps accepting requests while a batch computes
+and ``splitgate.queue_depth`` counts real waiting work.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 
+from cloud._batch import group_batches, run_group
 from cloud._service import SuffixService
-from splitgate.errors import SplitgateError
+from cloud.config import CloudConfig
+from splitgate.errors import ResourceExhausted, SplitgateError
 from splitgate.protocol import inference_pb2 as pb
 
-__all__ = ["InferenceDeployment", "build_app", "SERVICER_FUNCTION"]
+__all__ = ["InferenceDeployment", "build_app", "SERVICER_FUNCTION", "ENDPOINTS_EXTENSION"]
 
-# What Ray Serve's gRPC proxy must import to expose the OIP service.
+# What Ray Serve's gRPC ingress must import to expose the OIP service.
 SERVICER_FUNCTION = "splitgate.protocol.inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
+# ServerMetadata.extensions entry that lists the replicas' direct-ingress gRPC
+# endpoints: "splitgate.endpoints=host:port,host:port" (absent without direct ingress).
+ENDPOINTS_EXTENSION = "splitgate.endpoints="
+_ENDPOINTS_TTL_S = 2.0
+
+
+def _fail(context: RayServegRPCContext, exc: BaseException) -> None:
+    if isinstance(exc, SplitgateError):
+        context.set_code(exc.code)
+        context.set_details(str(exc))
+    else:  # a bug must still answer, never hang
+        context.set_code(grpc.StatusCode.INTERNAL)
+        context.set_details(f"internal error: {type(exc).__name__}: {exc}")
 
 
 def _answer(context: RayServegRPCContext, empty: Any, call: Callable[[], Any]) -> Any:
     try:
         return call()
-    except SplitgateError as exc:
-        context.set_code(exc.code)
-        context.set_details(str(exc))
-        return empty
-    except Exception as exc:  # noqa: BLE001 - a bug must still answer, never hang
-        context.set_code(grpc.StatusCode.INTERNAL)
-        context.set_details(f"internal error: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001
+        _fail(context, exc)
         return empty
 
 
-@serve.deployment(name="splitgate-cloud", ray_actor_options={"num_cpus": 0})
+def _request_bytes(request: pb.ModelInferRequest) -> int:
+    return request.ByteSize()
+
+
+@serve.deployment(name="splitgate-cloud", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 class InferenceDeployment:
-    """One replica serving every loaded bundle's suffixes over OIP."""
+    """One replica serving every loaded bundle's suffixes over OIP, with dynamic batching.
 
-    def __init__(self, bundle_dirs: Sequence[str], intra_op_threads: int = 0) -> None:
+    Parameters:
+        bundle_dirs: plan bundles to serve (absolute paths visible on every node).
+        intra_op_threads: onnxruntime threads per session (0 = ORT default).
+        max_batch_size: most rows one suffix run may take (1 = no batching).
+        batch_wait_timeout_s: how long a batch waits for mates after its first request.
+        max_message_bytes: largest ModelInfer request accepted (RESOURCE_EXHAUSTED above).
+        compute_threads: threads that run suffix batches concurrently.
+    """
+
+    def __init__(
+        self,
+        bundle_dirs: Sequence[str],
+        intra_op_threads: int = 0,
+        max_batch_size: int = 8,
+        batch_wait_timeout_s: float = 0.002,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        compute_threads: int = 1,
+    ) -> None:
         self._service = SuffixService(bundle_dirs, intra_op_threads=intra_op_threads)
+        self._max_batch = max(int(max_batch_size), 1)
+        self._max_bytes = int(max_message_bytes)
+        self._pool = ThreadPoolExecutor(max_workers=max(compute_threads, 1), thread_name_prefix="suffix")
+        self._in_flight = 0
+        self._endpoints: list[str] = []
+        self._endpoints_at = 0.0
+        # serve.batch settles requests per call; batches mix suffixes and are
+        # grouped by (model, partition) and shape inside _infer_batch.
+        self._infer_batch.set_max_batch_size(self._max_batch)
+        self._infer_batch.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
+
+    # -- health and metadata ------------------------------------------------
 
     def ServerLive(self, request: pb.ServerLiveRequest, grpc_context: RayServegRPCContext):
         return _answer(grpc_context, pb.ServerLiveResponse(), self._service.server_live)
@@ -51,8 +102,16 @@ class InferenceDeployment:
     def ServerReady(self, request: pb.ServerReadyRequest, grpc_context: RayServegRPCContext):
         return _answer(grpc_context, pb.ServerReadyResponse(), self._service.server_ready)
 
-    def ServerMetadata(self, request: pb.ServerMetadataRequest, grpc_context: RayServegRPCContext):
-        return _answer(grpc_context, pb.ServerMetadataResponse(), self._service.server_metadata)
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, grpc_context: RayServegRPCContext):
+        try:
+            response = self._service.server_metadata()
+            endpoints = await self._direct_endpoints()
+            if endpoints:
+                response.extensions.append(ENDPOINTS_EXTENSION + ",".join(endpoints))
+            return response
+        except Exception as exc:  # noqa: BLE001
+            _fail(grpc_context, exc)
+            return pb.ServerMetadataResponse()
 
     def ModelReady(self, request: pb.ModelReadyRequest, grpc_context: RayServegRPCContext):
         return _answer(grpc_context, pb.ModelReadyResponse(), lambda: self._service.model_ready(request))
@@ -62,11 +121,117 @@ class InferenceDeployment:
             grpc_context, pb.ModelMetadataResponse(), lambda: self._service.model_metadata(request)
         )
 
-    def ModelInfer(self, request: pb.ModelInferRequest, grpc_context: RayServegRPCContext):
-        return _answer(grpc_context, pb.ModelInferResponse(), lambda: self._service.model_infer(request))
+    # -- inference ------------------------------------------------------------
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, grpc_context: RayServegRPCContext):
+        self._in_flight += 1
+        depth = self._in_flight
+        try:
+            size = _request_bytes(request)
+            if size > self._max_bytes:
+                raise ResourceExhausted(
+                    f"ModelInfer request of {size} bytes exceeds the cloud tier's limit of "
+                    f"{self._max_bytes} bytes (max_message_bytes)"
+                )
+            prepared = self._service.prepare(request)
+            if depth == 1:
+                # Nothing else in flight: a batch could only wait for mates that
+                # are not coming, so run now (batching costs nothing when idle).
+                loop = asyncio.get_running_loop()
+                ok, values, cloud_ms, batch = await loop.run_in_executor(
+                    self._pool, self._run_single, prepared.item
+                )
+            else:
+                ok, values, cloud_ms, batch = await self._infer_batch(prepared)
+            if not ok:
+                raise values
+            return self._service.respond(
+                prepared, values, cloud_ms=cloud_ms, queue_depth=depth, batch_size=batch
+            )
+        except Exception as exc:  # noqa: BLE001
+            _fail(grpc_context, exc)
+            return pb.ModelInferResponse()
+        finally:
+            self._in_flight -= 1
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def _infer_batch(self, batch: list) -> list[tuple]:
+        """Run a batch of prepared requests; returns (ok, values|error, cloud_ms, rows) each."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._run_batch, batch)
+
+    def _run_batch(self, batch: list) -> list[tuple]:
+        items = [p.item for p in batch]
+        results: list[tuple] = [None] * len(batch)  # type: ignore[list-item]
+        for group in group_batches(items, self._max_batch):
+            members = [items[i] for i in group]
+            rows = sum(m.batch_size if m.signature() else 1 for m in members)
+            start = time.perf_counter()
+            try:
+                per_item = run_group(members, lambda outs, feeds: self._service.run(members[0].key, outs, feeds))
+            except Exception as exc:  # noqa: BLE001 - one bad group must not fail the others
+                if len(members) > 1:  # isolate the culprit: rerun singly
+                    for i in group:
+                        results[i] = self._run_single(items[i])
+                    continue
+                results[group[0]] = (False, exc, 0.0, 1)
+                continue
+            cloud_ms = (time.perf_counter() - start) * 1e3
+            for i, values in zip(group, per_item):
+                results[i] = (True, values, cloud_ms, rows)
+        return results
+
+    def _run_single(self, item) -> tuple:
+        start = time.perf_counter()
+        try:
+            values = self._service.run(item.key, item.outputs, item.feeds)
+        except Exception as exc:  # noqa: BLE001
+            return (False, exc, 0.0, 1)
+        return (True, values, (time.perf_counter() - start) * 1e3, 1)
+
+    # -- discovery --------------------------------------------------------------
+
+    async def _direct_endpoints(self) -> list[str]:
+        """The app's replicas' direct-ingress gRPC endpoints (cached for a few seconds)."""
+        now = time.monotonic()
+        if now - self._endpoints_at < _ENDPOINTS_TTL_S:
+            return self._endpoints
+        self._endpoints_at = now
+        try:
+            from cloud._discovery import direct_grpc_endpoints
+
+            self._endpoints = await direct_grpc_endpoints(serve.get_replica_context().app_name)
+        except Exception:  # noqa: BLE001 - discovery is best effort; the proxy still works
+            self._endpoints = []
+        return self._endpoints
 
 
-def build_app(bundle_dirs: Sequence[str], *, intra_op_threads: int = 0, num_replicas: int = 1):
-    """Return a bound Ray Serve application serving ``bundle_dirs``."""
-    dirs = [str(d) for d in bundle_dirs]
-    return InferenceDeployment.options(num_replicas=num_replicas).bind(dirs, intra_op_threads)
+def build_app(bundle_dirs: Sequence[str] | CloudConfig, **overrides: Any):
+    """Return the bound Ray Serve application serving plan bundles.
+
+    Args:
+        bundle_dirs: bundle directories, or a full :class:`CloudConfig`.
+        overrides: CloudConfig fields (e.g. ``num_replicas=2``, ``max_batch_size=16``).
+    """
+    if isinstance(bundle_dirs, CloudConfig):
+        config = bundle_dirs
+        for key, value in overrides.items():
+            setattr(config, key, value)
+    else:
+        config = CloudConfig(bundles=[str(d) for d in bundle_dirs], **overrides)
+    options: dict[str, Any] = {
+        "max_ongoing_requests": config.max_ongoing_requests,
+        "health_check_period_s": config.health_check_period_s,
+    }
+    if config.autoscaling:
+        options["autoscaling_config"] = dict(config.autoscaling)
+    else:
+        options["num_replicas"] = config.num_replicas
+    return InferenceDeployment.options(**options).bind(
+        [str(d) for d in config.bundles],
+        config.intra_op_threads,
+        config.max_batch_size,
+        config.batch_wait_timeout_s,
+        config.max_message_bytes,
+        config.compute_threads,
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import time
 from dataclasses import replace
@@ -15,13 +16,35 @@ from cloud.config import CloudConfig
 from splitgate.protocol import inference_pb2 as pb
 from splitgate.protocol import inference_pb2_grpc as pb_grpc
 
-__all__ = ["LocalCloud", "start_local"]
+__all__ = ["LocalCloud", "start_local", "ray_env"]
+
+
+_PORT_BLOCK = 50
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::", port))
+        return True
+    except OSError:
+        return False
+
+
+def _free_port_block(rng: random.Random | None = None) -> int:
+    """A random direct-ingress gRPC base port whose block (and HTTP block 1000 below) is free."""
+    rng = rng or random.Random()
+    for _ in range(200):
+        base = rng.randrange(42000, 60000, _PORT_BLOCK)
+        if all(_port_free(p) for p in (base, base + 1, base - 1000, base - 999)):
+            return base
+    raise RuntimeError("no free port block for Ray Serve direct ingress")
 
 
 class LocalCloud:
@@ -31,6 +54,15 @@ class LocalCloud:
         self.config = config
         self._started_ray = started_ray
         self.address = f"127.0.0.1:{config.grpc_port}"
+
+    @property
+    def endpoints(self) -> list[str]:
+        """The replicas' direct-ingress gRPC endpoints now (empty without direct ingress)."""
+        if not self.config.direct_ingress:
+            return []
+        from cloud._discovery import direct_grpc_endpoints_sync
+
+        return direct_grpc_endpoints_sync(self.config.app_name)
 
     def stop(self) -> None:
         """Shut down Serve, and Ray if this object started it."""
@@ -50,9 +82,13 @@ class LocalCloud:
         self.stop()
 
 
-def _wait_ready(address: str, model_names: list[str], timeout_s: float) -> None:
+def _wait_ready(address: str, model_names: list[str], timeout_s: float, *, endpoints: bool = False) -> None:
+    """Wait until ``address`` answers ServerReady/ModelReady (and, with ``endpoints``,
+    ServerMetadata lists the replicas' direct-ingress endpoints)."""
+    from cloud._app import ENDPOINTS_EXTENSION
+
     deadline = time.monotonic() + timeout_s
-    last: Exception | None = None
+    last: object = None
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         while time.monotonic() < deadline:
@@ -60,11 +96,39 @@ def _wait_ready(address: str, model_names: list[str], timeout_s: float) -> None:
                 if stub.ServerReady(pb.ServerReadyRequest(), timeout=5).ready and all(
                     stub.ModelReady(pb.ModelReadyRequest(name=m), timeout=5).ready for m in model_names
                 ):
-                    return
+                    meta = stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=5)
+                    if not endpoints or any(e.startswith(ENDPOINTS_EXTENSION) for e in meta.extensions):
+                        return
+                    last = "no direct-ingress endpoints published yet"
             except grpc.RpcError as exc:
                 last = exc
             time.sleep(0.2)
     raise TimeoutError(f"cloud tier at {address} not ready after {timeout_s:.0f}s: {last}")
+
+
+def ray_env(config: CloudConfig) -> dict[str, str]:
+    """Environment a Ray cluster needs for this config (read by Serve at start-up).
+
+    Set in the environment of ``ray start`` on a cluster; ``start_local`` sets it
+    before starting its local Ray.
+    """
+    env = {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # Serve's gRPC servers (proxy and direct ingress) refuse larger messages
+        # with RESOURCE_EXHAUSTED before they reach a replica.
+        "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(config.max_message_bytes),
+    }
+    env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1" if config.direct_ingress else "0"
+    env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1" if config.throughput_optimized else "0"
+    if config.direct_ingress:
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = str(config.drain_period_s)
+        if config.direct_ingress_port:
+            grpc_base = config.direct_ingress_port
+            env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"] = str(grpc_base)
+            env["RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"] = str(grpc_base + _PORT_BLOCK)
+            env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(grpc_base - 1000)
+            env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(grpc_base - 1000 + _PORT_BLOCK)
+    return env
 
 
 def start_local(config: CloudConfig, *, ready_timeout_s: float = 120.0) -> LocalCloud:
@@ -76,19 +140,23 @@ def start_local(config: CloudConfig, *, ready_timeout_s: float = 120.0) -> Local
         TimeoutError: the tier did not become ready in time.
         splitgate.errors.BundleError: a bundle failed its integrity check.
     """
-    # Keep Ray quiet and local; these must be set before Ray is imported.
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    config = replace(
+        config,
+        grpc_port=config.grpc_port or _free_port(),
+        http_port=config.http_port or _free_port(),
+        direct_ingress_port=config.direct_ingress_port or (_free_port_block() if config.direct_ingress else 0),
+    )
+    # Serve reads these when its controller, proxies and replicas start: they
+    # must be in the environment before Ray starts (workers inherit it).
+    for key, value in ray_env(config).items():
+        os.environ[key] = value
+
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
 
     from planner import PlanBundle
 
-    config = replace(
-        config,
-        grpc_port=config.grpc_port or _free_port(),
-        http_port=config.http_port or _free_port(),
-    )
     # Verify bundles here too, so a bad one fails fast with a clear error
     # instead of as a replica crash loop.
     names = [PlanBundle.load(b).model_name for b in config.bundles]
@@ -97,7 +165,10 @@ def start_local(config: CloudConfig, *, ready_timeout_s: float = 120.0) -> Local
     started_ray = False
     if not ray.is_initialized():
         ray.init(
-            num_cpus=config.ray_num_cpus,
+            address=config.ray_address,
+            num_cpus=None if config.ray_address else config.ray_num_cpus,
+            # A local Ray advertises loopback, so discovered replica endpoints are too.
+            _node_ip_address=None if config.ray_address else "127.0.0.1",
             include_dashboard=False,
             logging_level=logging.WARNING,
             log_to_driver=False,
@@ -108,16 +179,12 @@ def start_local(config: CloudConfig, *, ready_timeout_s: float = 120.0) -> Local
         http_options={"host": "127.0.0.1", "port": config.http_port},
         grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
     )
-    app = build_app(
-        [os.path.abspath(b) for b in config.bundles],
-        intra_op_threads=config.intra_op_threads,
-        num_replicas=config.num_replicas,
-    )
+    app = build_app(replace(config, bundles=[os.path.abspath(b) for b in config.bundles]))
     # route_prefix must be set: apps without one are not exposed on the gRPC proxy.
     serve.run(app, name=config.app_name, route_prefix="/")
     cloud = LocalCloud(config, started_ray)
     try:
-        _wait_ready(cloud.address, names, ready_timeout_s)
+        _wait_ready(cloud.address, names, ready_timeout_s, endpoints=config.direct_ingress)
     except BaseException:
         cloud.stop()
         raise

@@ -1,4 +1,4 @@
-"""Configuration of the cloud tier (one dataclass, loadable from TOML/YAML)."""
+"""Configuration of the cloud tier (one dataclass, loadable from TOML/YAML, overridable from the CLI)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,30 @@ class CloudConfig:
         bundles: plan bundle directories to serve.
         grpc_port: port of Ray Serve's gRPC proxy (0 = pick a free one).
         http_port: port of Ray Serve's HTTP proxy, which Serve always starts (0 = free).
-        num_replicas: replicas of the inference deployment.
+        num_replicas: replicas of the inference deployment (ignored with ``autoscaling``).
+        autoscaling: a Ray Serve ``autoscaling_config`` (e.g. ``{"min_replicas": 1,
+            "max_replicas": 4, "target_ongoing_requests": 8}``); None = fixed replicas.
+        max_batch_size: most rows one suffix run may take; 1 disables batching.
+        batch_wait_timeout_s: how long a batch waits for mates after its first request.
+        max_ongoing_requests: requests a replica accepts at once (Serve backpressure).
+        max_message_bytes: largest ModelInfer request (RESOURCE_EXHAUSTED above it).
         intra_op_threads: onnxruntime threads per session (0 = ORT default).
+        compute_threads: threads per replica running suffix batches concurrently.
+        direct_ingress: let each replica serve gRPC on its own port (Ray 2.60
+            ``RAY_SERVE_ENABLE_DIRECT_INGRESS``); clients discover the ports via
+            ServerMetadata and keep the proxy as the fallback.
+        throughput_optimized: Ray Serve's ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` profile
+            (user code on the replica's main loop, gRPC between proxy and replica,
+            buffered access logs); measured faster here, see README.
+        direct_ingress_port: first port of the replicas' direct-ingress gRPC range
+            (HTTP uses the 1000 below it); 0 = a random free block. Ray 2.60 binds
+            these with SO_REUSEPORT on, so two tiers on one host sharing a range
+            would split each other's connections: keep ranges apart.
+        drain_period_s: with direct ingress, how long a stopping replica keeps
+            answering (Ray's default is 30 s, which also slows every shutdown).
+        health_check_period_s: how often Serve checks a replica (a killed one is
+            replaced after the check notices).
+        ray_address: an existing Ray cluster to join (None = start a local Ray).
         ray_num_cpus: CPUs given to the embedded local Ray (None = all).
         app_name: the Ray Serve application name.
     """
@@ -27,7 +49,19 @@ class CloudConfig:
     grpc_port: int = 9000
     http_port: int = 0
     num_replicas: int = 1
+    autoscaling: dict[str, Any] | None = None
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.002
+    max_ongoing_requests: int = 64
+    max_message_bytes: int = 64 * 1024 * 1024
     intra_op_threads: int = 0
+    compute_threads: int = 1
+    direct_ingress: bool = True
+    throughput_optimized: bool = True
+    direct_ingress_port: int = 0
+    drain_period_s: float = 1.0
+    health_check_period_s: float = 2.0
+    ray_address: str | None = None
     ray_num_cpus: int | None = None
     app_name: str = "splitgate"
 
@@ -45,11 +79,19 @@ class CloudConfig:
 
             data = yaml.safe_load(text) or {}
         data = data.get("cloud", data)
+        return cls.from_dict(data, where=str(path), **overrides)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str = "cloud config", **overrides: Any) -> CloudConfig:
+        """Build from a mapping (e.g. Serve's ``args``); unknown keys are an error."""
+        data = dict(data)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown cloud settings {unknown}; known: {sorted(known)}")
+            raise ValueError(f"{where}: unknown cloud settings {unknown}; known: {sorted(known)}")
         data.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(data.get("bundles"), str):
+            data["bundles"] = [b for b in data["bundles"].split(",") if b]
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:

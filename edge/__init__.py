@@ -1,17 +1,21 @@
-"""splitgate's device side: the Gateway apps call, and the cloud client it uses.
+"""splitgate's device side: the Gateway apps call, and what it is made of.
 
 Public API:
-    Gateway      -- load plan bundles, ``infer(model, inputs, partition=...)``.
-    Result       -- outputs plus a Trace (partition, device/network/cloud ms, bytes).
-    Trace        -- where a request ran and what it cost.
-    CloudClient  -- a numpy-in, numpy-out OIP gRPC client for the cloud tier.
+    Gateway        -- load plan bundles, ``infer(model, inputs)``; picks the partition,
+                      falls back to the device, caches, counts.
+    AsyncGateway   -- its asyncio twin (same core).
+    GatewayConfig  -- deadlines, breaker, hedging, cache, privacy, ... (file or code).
+    Result, Trace  -- outputs, and where a request ran and what it cost.
+    CloudClient    -- a numpy-in, numpy-out OIP gRPC client for the cloud tier.
 
-The edge needs only onnxruntime, numpy, grpcio and protobuf (never Ray or torch).
+The edge needs only onnxruntime, numpy, grpcio, protobuf (and prometheus_client
+for metrics); never Ray or torch.
 """
 
 from __future__ import annotations
 
 from edge._client import CloudClient, CloudReply
-from edge._gateway import Gateway, Result, Trace
+from edge._gateway import AsyncGateway, Gateway, Result, Trace
+from edge.config import GatewayConfig
 
-__all__ = ["Gateway", "Result", "Trace", "CloudClient", "CloudReply"]
+__all__ = ["Gateway", "AsyncGateway", "GatewayConfig", "Result", "Trace", "CloudClient", "CloudReply"]

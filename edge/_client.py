@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
 from splitgate import codec
-from splitgate.errors import from_rpc_error
+from splitgate.errors import SplitgateError, Unavailable, from_rpc_error
 from splitgate.protocol import inference_pb2 as pb
 from splitgate.protocol import inference_pb2_grpc as pb_grpc
 
 __all__ = ["CloudClient", "CloudReply"]
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# ServerMetadata.extensions entry by which the cloud tier publishes its replicas'
+# direct gRPC endpoints (kept in sync with cloud._app.ENDPOINTS_EXTENSION).
+ENDPOINTS_EXTENSION = "splitgate.endpoints="
+# Ray Serve's proxy answers INTERNAL when the replica serving a request dies;
+# these markers in the details make that the retryable status it really is.
+_REPLICA_GONE = ("actordiederror", "actorunavailableerror", "rayactorerror", "actor died", "actor is dead")
+
+
+def _typed(exc: grpc.RpcError) -> SplitgateError:
+    error = from_rpc_error(exc)
+    if exc.code() == grpc.StatusCode.INTERNAL and any(m in (exc.details() or "").lower() for m in _REPLICA_GONE):
+        return Unavailable(f"UNAVAILABLE: the cloud replica serving the call went away ({exc.details()})")
+    return error
 
 
 @dataclass
@@ -40,9 +54,21 @@ class CloudClient:
     """Calls ``inference.GRPCInferenceService`` on a cloud tier.
 
     Parameters:
-        address: ``host:port`` of the tier's gRPC ingress.
+        address: ``host:port`` of the tier's gRPC ingress (Ray Serve's proxy).
+            It is always the fallback path.
         timeout_s: default per-call deadline.
         max_message_bytes: largest message sent or received.
+        endpoints: replica endpoints to call directly (``host:port``); calls are
+            spread round-robin over them and fall back to ``address``.
+        discover: ask ``address`` for the replicas' direct-ingress endpoints
+            (ServerMetadata extension ``splitgate.endpoints=...``) and refresh
+            them every ``refresh_s`` seconds.
+        refresh_s: how often to re-discover endpoints (replicas come and go).
+        down_s: how long an endpoint that answered UNAVAILABLE is skipped.
+
+    A call that fails with UNAVAILABLE on a direct endpoint (a replica gone or
+    draining) is retried once through the proxy and the endpoint is skipped for
+    ``down_s``; inference is idempotent, so the retry is safe. Other statuses are raised at once.
     """
 
     def __init__(
@@ -51,17 +77,81 @@ class CloudClient:
         *,
         timeout_s: float = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        endpoints: Sequence[str] | None = None,
+        discover: bool = False,
+        refresh_s: float = 10.0,
+        down_s: float = 5.0,
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        options = [
+        self._options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
-        self._channel = grpc.insecure_channel(address, options=options)
+        self._channel = grpc.insecure_channel(address, options=self._options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._lock = threading.Lock()
+        self._direct: dict[str, tuple[grpc.Channel, pb_grpc.GRPCInferenceServiceStub]] = {}
+        self._down: dict[str, float] = {}
+        self._next = 0
+        self._discover = discover
+        self._refresh_s = refresh_s
+        self._down_s = down_s
+        self._refreshed_at = 0.0
+        if endpoints:
+            self._set_endpoints(list(endpoints))
+        if discover:
+            self.refresh_endpoints()
+
+    # -- endpoints ------------------------------------------------------------
+
+    @property
+    def endpoints(self) -> list[str]:
+        """The direct replica endpoints currently known (empty = proxy only)."""
+        with self._lock:
+            return list(self._direct)
+
+    def refresh_endpoints(self, timeout_s: float = 5.0) -> list[str]:
+        """Ask the proxy which replica endpoints serve directly now; keep the old list on failure."""
+        self._refreshed_at = time.monotonic()
+        try:
+            meta = self._stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=timeout_s)
+        except grpc.RpcError:
+            return self.endpoints
+        found: list[str] = []
+        for ext in meta.extensions:
+            if ext.startswith(ENDPOINTS_EXTENSION):
+                found = [e for e in ext[len(ENDPOINTS_EXTENSION):].split(",") if e]
+        self._set_endpoints(found)
+        return found
+
+    def _set_endpoints(self, endpoints: list[str]) -> None:
+        with self._lock:
+            for gone in set(self._direct) - set(endpoints):
+                self._direct.pop(gone)[0].close()
+                self._down.pop(gone, None)
+            for new in endpoints:
+                if new not in self._direct and new != self.address:
+                    channel = grpc.insecure_channel(new, options=self._options)
+                    self._direct[new] = (channel, pb_grpc.GRPCInferenceServiceStub(channel))
+
+    def _targets(self) -> list[tuple[str, pb_grpc.GRPCInferenceServiceStub]]:
+        """Healthy direct endpoints starting at the round-robin cursor, then the proxy."""
+        if self._discover and time.monotonic() - self._refreshed_at > self._refresh_s:
+            self.refresh_endpoints()
+        now = time.monotonic()
+        with self._lock:
+            live = [(a, s) for a, (_, s) in self._direct.items() if self._down.get(a, 0.0) <= now]
+            if live:
+                self._next = (self._next + 1) % len(live)
+                live = live[self._next:] + live[: self._next]
+        return [*live[:1], (self.address, self._stub)]
 
     def close(self) -> None:
+        with self._lock:
+            for channel, _ in self._direct.values():
+                channel.close()
+            self._direct.clear()
         self._channel.close()
 
     def __enter__(self) -> CloudClient:
@@ -71,10 +161,22 @@ class CloudClient:
         self.close()
 
     def _call(self, method: str, request: object, timeout_s: float | None) -> object:
-        try:
-            return getattr(self._stub, method)(request, timeout=timeout_s or self.timeout_s)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        targets = self._targets() if method == "ModelInfer" else [(self.address, self._stub)]
+        for i, (address, stub) in enumerate(targets):
+            remaining = max(deadline - time.monotonic(), 0.001)
+            try:
+                return getattr(stub, method)(request, timeout=remaining)
+            except grpc.RpcError as exc:
+                error = _typed(exc)
+                if isinstance(error, Unavailable) and i + 1 < len(targets):
+                    with self._lock:
+                        self._down[address] = time.monotonic() + self._down_s
+                    if self._discover:
+                        self._refreshed_at = 0.0  # re-discover on the next call
+                    continue
+                raise error from None
+        raise AssertionError("unreachable: the proxy is always the last target")
 
     def server_live(self, timeout_s: float | None = None) -> bool:
         return self._call("ServerLive", pb.ServerLiveRequest(), timeout_s).live

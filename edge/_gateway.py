@@ -1,24 +1,45 @@
-"""The one inference API apps call: run a partition's prefix on the device,
-send the cut tensors to the cloud tier, and return the outputs with a trace."""
+"""The one inference API apps call.
+
+Per request: validate the inputs, pick a partition for the measured network,
+battery and cloud load, run the prefix on the device, send the cut tensors to
+the cloud tier, and — on a deadline, an error or an open circuit breaker —
+finish the suffix on the device from the same cut tensors. :class:`Gateway` and
+its asyncio twin :class:`AsyncGateway` share one core.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
-from edge._client import CloudClient
-from planner import Partition, PlanBundle
-from splitgate.errors import InvalidArgument, NotFound
+from edge._breaker import CircuitBreaker
+from edge._cache import ResultCache, input_digest
+from edge._client import CloudClient, CloudReply
+from edge._metrics import GatewayMetrics
+from edge._monitor import BatteryMonitor, CloudLoadMonitor, Ewma, LinkMonitor
+from edge._policy import Policy
+from edge._sessions import SessionCache
+from edge.config import GatewayConfig
+from planner import Conditions, Partition, PlanBundle
+from splitgate.errors import BundleError, InvalidArgument, NotFound, SplitgateError
 from splitgate.validate import validate_inputs
 
-__all__ = ["Gateway", "Result", "Trace"]
+__all__ = ["Gateway", "AsyncGateway", "Result", "Trace"]
+
+# Assumed before the first measurement of the link.
+DEFAULT_UPLINK_MBPS = 10.0
+DEFAULT_RTT_MS = 50.0
+PROBE_MODEL = "splitgate.probe"
 
 
 @dataclass
@@ -34,6 +55,7 @@ class Trace:
     bytes_sent: int = 0
     bytes_received: int = 0
     fallback: str | None = None
+    cached: bool = False
 
 
 @dataclass
@@ -44,14 +66,296 @@ class Result:
     trace: Trace = field(repr=False)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _corrupt_partitions(bundle: PlanBundle) -> dict[str, str]:
+    """Partitions whose device-side files fail their sha256: id -> reason."""
+    files = bundle.manifest.get("files", {})
+    bad_files: dict[Path, str] = {}
+    for rel, digest in files.items():
+        path = bundle.root / rel
+        if not path.is_file():
+            bad_files[path.resolve()] = f"{rel} is missing"
+        elif _sha256(path) != digest:
+            bad_files[path.resolve()] = f"{rel} fails its sha256 check"
+    bad: dict[str, str] = {}
+    for p in bundle.partitions.values():
+        # The device runs the prefix, and the suffix when it falls back.
+        for path in (p.prefix_path, p.suffix_path):
+            if path is not None and path.resolve() in bad_files:
+                bad[p.id] = bad_files[path.resolve()]
+    return bad
+
+
+class _Core:
+    """Everything the sync and async gateways share; thread-safe."""
+
+    def __init__(self, bundles: Iterable[str | Path | PlanBundle], config: GatewayConfig) -> None:
+        self.config = config
+        self.bundles: dict[str, PlanBundle] = {}
+        self.refused: dict[str, dict[str, str]] = {}
+        for b in bundles:
+            self.add_bundle(b)
+        self.client = CloudClient(config.cloud, timeout_s=config.deadline_ms / 1e3) if config.cloud else None
+        self.sessions = SessionCache(config.intra_op_threads)
+        self.link = LinkMonitor(stale_after_s=config.probe_interval_s)
+        self.battery = BatteryMonitor(config.battery_pct)
+        self.load = CloudLoadMonitor()
+        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s)
+        self.policy = Policy(config.hysteresis)
+        self.cache = ResultCache(config.cache_size) if config.cache_size > 0 else None
+        self.metrics = GatewayMetrics()
+        self.overrides: dict[str, str] = {}
+        self._local_suffix_ms: dict[tuple[str, str], Ewma] = {}
+        self._pool = ThreadPoolExecutor(max_workers=2 * config.max_concurrency + 1, thread_name_prefix="splitgate")
+        self._probe_lock = threading.Lock()
+        self._probing = False
+
+    # -- bundles ------------------------------------------------------------
+
+    def add_bundle(self, source: str | Path | PlanBundle) -> PlanBundle:
+        """Load a bundle, refusing (only) the partitions whose files are corrupt."""
+        if isinstance(source, PlanBundle):
+            bundle = source
+        else:
+            try:
+                bundle = PlanBundle.load(source)
+            except BundleError:
+                bundle = PlanBundle.load(source, verify=False)
+        refused = _corrupt_partitions(bundle)
+        if "device" in refused:
+            raise BundleError(
+                f"bundle {bundle.root}: the full model {refused['device']}; cannot run '{bundle.model_name}'"
+            )
+        self.bundles[bundle.model_name] = bundle
+        self.refused[bundle.model_name] = refused
+        return bundle
+
+    def bundle(self, model: str) -> PlanBundle:
+        try:
+            return self.bundles[model]
+        except KeyError:
+            raise NotFound(f"model '{model}' is not loaded; loaded models: {sorted(self.bundles)}") from None
+
+    # -- conditions and choice ---------------------------------------------
+
+    def conditions(self, private: bool) -> Conditions:
+        est = self.link.estimate()
+        return Conditions(
+            uplink_mbps=est.uplink_mbps or DEFAULT_UPLINK_MBPS,
+            downlink_mbps=est.downlink_mbps,
+            rtt_ms=est.rtt_ms if est.rtt_ms is not None else DEFAULT_RTT_MS,
+            battery_pct=self.battery.level(),
+            cloud_load=float(max(self.load.queue_depth - 1, 0)),
+            privacy=private,
+        )
+
+    def _select(self, bundle: PlanBundle, requested: str | None, private: bool) -> tuple[Partition, str | None]:
+        model = bundle.model_name
+        wanted = requested or self.overrides.get(model)
+        if wanted is not None:
+            part = bundle.partition(wanted)
+            if private and part.kind == "cloud":
+                raise InvalidArgument(
+                    f"model '{model}' is private: partition 'cloud' would send raw inputs off the device"
+                )
+        elif self.client is None:
+            part = bundle.partition("device")
+        else:
+            self._maybe_probe()
+            part = bundle.partition(self.policy.choose(bundle, self.conditions(private)))
+            if private and part.kind == "cloud":
+                part = bundle.partition("device")
+        refused = self.refused.get(model, {})
+        if part.id in refused:
+            return bundle.partition("device"), "bundle-corrupt"
+        if part.suffix_path is not None and self.client is None:
+            raise InvalidArgument(
+                f"model '{model}' partition '{part.id}' needs the cloud tier, but this Gateway has no cloud address"
+            )
+        if part.suffix_path is not None and not self.breaker.allow():
+            return bundle.partition("device"), "breaker-open"
+        return part, None
+
+    # -- probing --------------------------------------------------------------
+
+    def _maybe_probe(self) -> None:
+        """Measure the link before the first decision, and in the background when stale."""
+        est = self.link.estimate()
+        if est.rtt_ms is None or est.uplink_mbps is None:
+            self.probe()
+        elif self.link.stale() and not self._probing:
+            self._probing = True
+            self._pool.submit(self.probe)
+
+    def probe(self) -> None:
+        """One RTT probe (ServerLive) and one bandwidth probe (a payload the
+        server rejects as NOT_FOUND after receiving it)."""
+        if self.client is None or not self.breaker.allow():
+            self._probing = False
+            return
+        with self._probe_lock:
+            try:
+                t0 = time.perf_counter()
+                self.client.server_live(timeout_s=2.0)
+                self.link.observe_rtt((time.perf_counter() - t0) * 1e3)
+                payload = {"probe": np.zeros(self.config.probe_bytes, dtype=np.uint8)}
+                t0 = time.perf_counter()
+                try:
+                    self.client.infer(PROBE_MODEL, payload, timeout_s=10.0)
+                except NotFound:
+                    pass
+                self.link.observe(self.config.probe_bytes, 0, (time.perf_counter() - t0) * 1e3)
+                self.breaker.record_success()
+            except SplitgateError:
+                self.breaker.record_failure()
+            finally:
+                self._probing = False
+
+    # -- running --------------------------------------------------------------
+
+    def _device(self, path: Path, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        t0 = time.perf_counter()
+        out = self.sessions.run(path, feeds)
+        elapsed = time.perf_counter() - t0
+        if self.config.device_slowdown > 1.0:
+            time.sleep(elapsed * (self.config.device_slowdown - 1.0))
+        return out, (time.perf_counter() - t0) * 1e3
+
+    def _local_suffix(self, bundle: PlanBundle, part: Partition, cut: dict[str, np.ndarray]):
+        out, ms = self._device(part.suffix_path, cut)  # type: ignore[arg-type]
+        key = (bundle.model_name, part.id)
+        self._local_suffix_ms.setdefault(key, Ewma()).add(ms)
+        return out, ms
+
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        partition: str | None = None,
+        deadline_ms: float | None = None,
+        private: bool | None = None,
+    ) -> Result:
+        start = time.perf_counter()
+        budget_s = (deadline_ms if deadline_ms is not None else self.config.deadline_ms) / 1e3
+        if budget_s <= 0:
+            raise InvalidArgument(f"deadline_ms must be positive, got {deadline_ms}")
+        deadline = start + budget_s
+        bundle = self.bundle(model)
+        feeds = validate_inputs(inputs, bundle.inputs, where=f"model '{model}'")
+        private = bool(private) or model in self.config.private_models
+        key = None
+        if self.cache is not None:
+            key = (model, bundle.plan_digest, input_digest(feeds))
+            hit = self.cache.get(key)
+            if hit is not None:
+                trace = Trace(model=model, partition="cache", cached=True)
+                trace.total_ms = (time.perf_counter() - start) * 1e3
+                self.metrics.record(trace)
+                return Result(outputs=hit, trace=trace)
+        part, fallback = self._select(bundle, partition, private)
+        trace = Trace(model=model, partition=part.id, fallback=fallback)
+        try:
+            outputs = self._run(bundle, part, feeds, trace, deadline)
+        except SplitgateError:
+            self.metrics.record(trace, outcome="error")
+            raise
+        trace.total_ms = (time.perf_counter() - start) * 1e3
+        self.metrics.record(trace)
+        if key is not None:
+            self.cache.put(key, outputs)  # type: ignore[union-attr]
+        return Result(outputs=outputs, trace=trace)
+
+    def _run(self, bundle: PlanBundle, part: Partition, feeds: dict, trace: Trace, deadline: float) -> dict:
+        cut = feeds
+        if part.prefix_path is not None:
+            cut, trace.device_ms = self._device(part.prefix_path, feeds)
+        if part.suffix_path is None:
+            return cut
+        reply, local = self._cloud_leg(bundle, part, cut, trace, deadline)
+        if reply is not None:
+            self._observe(reply)
+            trace.cloud_ms = reply.cloud_ms
+            trace.network_ms = reply.network_ms
+            trace.bytes_sent = reply.bytes_sent
+            trace.bytes_received = reply.bytes_received
+            return reply.outputs
+        assert local is not None
+        outputs, ms = local
+        trace.device_ms += ms
+        return outputs
+
+    def _observe(self, reply: CloudReply) -> None:
+        self.breaker.record_success()
+        self.link.observe(reply.bytes_sent, reply.bytes_received, reply.network_ms)
+        self.load.observe(reply.cloud_ms, int(reply.params.get("splitgate.queue_depth", 0)))
+
+    def _cloud_leg(self, bundle: PlanBundle, part: Partition, cut: dict, trace: Trace, deadline: float):
+        """Return (reply, None) from the cloud or (None, (outputs, ms)) from the device."""
+        assert self.client is not None
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0:
+            trace.fallback = "deadline"
+            return None, self._local_suffix(bundle, part, cut)
+        future = self._pool.submit(
+            self.client.infer, bundle.model_name, cut,
+            partition=part.id, plan_digest=bundle.plan_digest, timeout_s=remaining,
+        )
+        hedge_after = self._hedge_after(bundle, part, remaining)
+        try:
+            return future.result(timeout=hedge_after), None
+        except FutureTimeout:
+            pass
+        except SplitgateError as exc:
+            self.breaker.record_failure()
+            trace.fallback = exc.code.name.lower()
+            return None, self._local_suffix(bundle, part, cut)
+        # The cloud is late and the deadline near: race it against the device.
+        local = self._pool.submit(self._local_suffix, bundle, part, cut)
+        done, _ = wait([future, local], return_when=FIRST_COMPLETED)
+        if future in done and future.exception() is None:
+            local.cancel()
+            return future.result(), None
+        trace.fallback = "hedged"
+        exc = future.exception() if future.done() else None
+        if exc is not None:
+            self.breaker.record_failure()
+            trace.fallback = exc.code.name.lower() if isinstance(exc, SplitgateError) else "error"
+        else:
+            # Count a cloud that stays slower than the device as a failure, but
+            # let the call finish in the background and teach the monitors.
+            future.add_done_callback(lambda f: None if f.exception() else self._observe(f.result()))
+        return None, local.result()
+
+    def _hedge_after(self, bundle: PlanBundle, part: Partition, remaining: float) -> float | None:
+        if not self.config.hedge:
+            return remaining
+        ewma = self._local_suffix_ms.get((bundle.model_name, part.id))
+        local_s = (ewma.value if ewma and ewma.value else 0.0) / 1e3 * 1.2
+        return max(remaining - local_s, 0.0) if local_s else remaining * 0.8
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.client is not None:
+            self.client.close()
+
+
 class Gateway:
     """Run models from plan bundles across the device and a cloud tier.
 
     Parameters:
         bundles: plan bundle directories (or loaded :class:`PlanBundle` objects).
-        cloud: ``host:port`` of the cloud tier, or None for device-only operation.
-        intra_op_threads: onnxruntime threads per device session (0 = ORT default).
-        timeout_s: per-request deadline for the cloud leg.
+        cloud: ``host:port`` of the cloud tier (None = device only); overrides ``config.cloud``.
+        config: a :class:`GatewayConfig`; keyword settings override its fields.
+
+    Thread-safe; at most ``config.max_concurrency`` requests run at once.
     """
 
     def __init__(
@@ -59,31 +363,96 @@ class Gateway:
         bundles: Iterable[str | Path | PlanBundle],
         cloud: str | None = None,
         *,
-        intra_op_threads: int = 0,
-        timeout_s: float = 30.0,
+        config: GatewayConfig | None = None,
+        **settings: Any,
     ) -> None:
-        self._bundles: dict[str, PlanBundle] = {}
-        for b in bundles:
-            bundle = b if isinstance(b, PlanBundle) else PlanBundle.load(b)
-            self._bundles[bundle.model_name] = bundle
-        self._client = CloudClient(cloud, timeout_s=timeout_s) if cloud else None
-        self._threads = intra_op_threads
-        self._sessions: dict[Path, ort.InferenceSession] = {}
-        self._lock = threading.Lock()
+        config = config or GatewayConfig()
+        for name, value in settings.items():
+            if not hasattr(config, name):
+                raise TypeError(f"unknown Gateway setting {name!r}")
+            setattr(config, name, value)
+        if cloud is not None:
+            config.cloud = cloud
+        self._core = _Core(bundles, config)
+        self._slots = threading.BoundedSemaphore(config.max_concurrency)
+
+    # -- the API ----------------------------------------------------------------
+
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        partition: str | None = None,
+        deadline_ms: float | None = None,
+        private: bool | None = None,
+    ) -> Result:
+        """Run ``model`` on ``inputs``; return outputs and a Trace.
+
+        Parameters:
+            model: a loaded model name.
+            inputs: input name -> array.
+            partition: force a partition ("device", "cloud", "cut-K"); None = policy.
+            deadline_ms: budget for this request (default ``config.deadline_ms``).
+            private: keep raw inputs on the device for this request.
+
+        Raises:
+            NotFound: unknown model or partition.
+            InvalidArgument: inputs with wrong names, dtypes or shapes; a
+                cloud-only partition for a private request.
+        """
+        with self._slots:
+            return self._core.infer(model, inputs, partition=partition, deadline_ms=deadline_ms, private=private)
 
     @property
     def models(self) -> list[str]:
-        return sorted(self._bundles)
+        return sorted(self._core.bundles)
 
     def bundle(self, model: str) -> PlanBundle:
-        try:
-            return self._bundles[model]
-        except KeyError:
-            raise NotFound(f"model '{model}' is not loaded; loaded models: {self.models}") from None
+        return self._core.bundle(model)
+
+    def add_bundle(self, source: str | Path | PlanBundle) -> PlanBundle:
+        """Load (or replace) a model's bundle at run time."""
+        return self._core.add_bundle(source)
+
+    def refused_partitions(self, model: str) -> dict[str, str]:
+        """Partitions refused at load (corrupt or missing files): id -> reason."""
+        return dict(self._core.refused.get(model, {}))
+
+    def override(self, model: str, partition: str | None) -> None:
+        """Pin ``model`` to a partition for experiments (None = back to the policy)."""
+        if partition is None:
+            self._core.overrides.pop(model, None)
+        else:
+            self._core.bundle(model).partition(partition)
+            self._core.overrides[model] = partition
+
+    def set_battery(self, level_pct: float | None) -> None:
+        """Tell the Gateway the battery level (None = read it from the OS)."""
+        self._core.battery.set(level_pct)
+
+    def conditions(self, private: bool = False) -> Conditions:
+        """The conditions the policy sees now (link estimate, battery, cloud load)."""
+        return self._core.conditions(private)
+
+    def probe(self) -> None:
+        """Measure the link now (RTT and uplink bandwidth)."""
+        self._core.probe()
+
+    @property
+    def breaker_state(self) -> str:
+        return self._core.breaker.state
+
+    @property
+    def metrics(self) -> GatewayMetrics:
+        return self._core.metrics
+
+    @property
+    def config(self) -> GatewayConfig:
+        return self._core.config
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
+        self._core.close()
 
     def __enter__(self) -> Gateway:
         return self
@@ -91,59 +460,39 @@ class Gateway:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _session(self, path: Path) -> ort.InferenceSession:
-        with self._lock:
-            session = self._sessions.get(path)
-            if session is None:
-                opts = ort.SessionOptions()
-                if self._threads:
-                    opts.intra_op_num_threads = self._threads
-                session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-                self._sessions[path] = session
-        return session
 
-    def infer(
-        self, model: str, inputs: Mapping[str, Any], *, partition: str | None = None
+class AsyncGateway(Gateway):
+    """The asyncio twin of :class:`Gateway`: ``await gateway.infer(...)``.
+
+    Shares the same core (sessions, monitors, policy, breaker); each request
+    runs in a worker thread so the event loop never blocks on onnxruntime or gRPC.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._async_slots: asyncio.Semaphore | None = None
+
+    async def infer(  # type: ignore[override]
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        partition: str | None = None,
+        deadline_ms: float | None = None,
+        private: bool | None = None,
     ) -> Result:
-        """Run ``model`` on ``inputs`` at ``partition`` ("device", "cloud" or "cut-K").
-
-        Raises:
-            NotFound: unknown model or partition.
-            InvalidArgument: inputs with wrong names, dtypes or shapes; a cloud
-                partition requested without a cloud tier.
-            Unavailable / DeadlineExceeded: the cloud leg failed.
-        """
-        start = time.perf_counter()
-        bundle = self.bundle(model)
-        part = bundle.partition(partition or "device")
-        feeds = validate_inputs(inputs, bundle.inputs, where=f"model '{model}'")
-        trace = Trace(model=model, partition=part.id)
-        outputs = self._run(bundle, part, feeds, trace)
-        trace.total_ms = (time.perf_counter() - start) * 1e3
-        return Result(outputs=outputs, trace=trace)
-
-    def _run(
-        self, bundle: PlanBundle, part: Partition, feeds: dict[str, np.ndarray], trace: Trace
-    ) -> dict[str, np.ndarray]:
-        cut = feeds
-        if part.prefix_path is not None:
-            session = self._session(part.prefix_path)
-            t0 = time.perf_counter()
-            names = [o.name for o in session.get_outputs()]
-            cut = dict(zip(names, session.run(names, feeds)))
-            trace.device_ms = (time.perf_counter() - t0) * 1e3
-        if part.suffix_path is None:
-            return cut
-        if self._client is None:
-            raise InvalidArgument(
-                f"model '{bundle.model_name}' partition '{part.id}' needs the cloud tier, "
-                "but this Gateway has no cloud address"
+        if self._async_slots is None:
+            self._async_slots = asyncio.Semaphore(self._core.config.max_concurrency)
+        async with self._async_slots:
+            return await asyncio.to_thread(
+                self._core.infer, model, inputs, partition=partition, deadline_ms=deadline_ms, private=private
             )
-        reply = self._client.infer(
-            bundle.model_name, cut, partition=part.id, plan_digest=bundle.plan_digest
-        )
-        trace.cloud_ms = reply.cloud_ms
-        trace.network_ms = reply.network_ms
-        trace.bytes_sent = reply.bytes_sent
-        trace.bytes_received = reply.bytes_received
-        return reply.outputs
+
+    async def aclose(self) -> None:
+        self.close()
+
+    async def __aenter__(self) -> AsyncGateway:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()

@@ -1,14 +1,18 @@
-"""splitgate planner: model graph -> cut points -> partitions -> plan bundle.
+"""splitgate planner: model graph -> profile -> partitions -> plan bundle.
 
 Public API::
 
     ModelGraph.load(path)            shape-inferred ONNX model as a networkx DAG
     TensorSpec(name, datatype, shape)
     chain_cuts(graph) -> [Cut]       single-tensor cut points
+    CutProblem(graph); min_cut(...) / exhaustive_cut(...) -> DagCut   DAG partitions (DADS s-t min-cut)
     Extractor(graph).prefix(tensors) / .suffix(tensors)   sub-models (ModelProto)
     extract_prefix(graph, tensors), extract_suffix(graph, tensors)  shortcuts
-    build_bundle(model_path, out_dir) -> PlanBundle
+    profile_nodes(graph) -> NodeProfile; time_partition(prefix, suffix, feeds)   measurement
+    Conditions, Estimate, EnergyModel, Constraints, estimate(...)   the cost model
+    build_bundle(model_path, out_dir, options=PlanOptions(...) | **overrides) -> PlanBundle
     load_bundle(dir) / PlanBundle.load(dir) -> PlanBundle  (verified)
+    PlanBundle.candidates / has_profile / estimate(pid, c) / choose(c) / explain()
 
 The model zoo (torch) lives in :mod:`planner.zoo` and is not imported here, so
 ``import planner`` needs only onnx, onnxruntime, networkx and numpy.
@@ -17,18 +21,41 @@ The model zoo (torch) lives in :mod:`planner.zoo` and is not imported here, so
 from __future__ import annotations
 
 from planner._bundle import Partition, PlanBundle, build_bundle, load_bundle
+from planner._cost import RADIOS, Conditions, Constraints, EnergyModel, Estimate, RadioPower, estimate
 from planner._cuts import Cut, chain_cuts
+from planner._decide import DecisionTable, Grid
 from planner._extract import Extractor, extract_prefix, extract_suffix
 from planner._graph import ModelGraph, TensorSpec
+from planner._mincut import CutProblem, DagCut, exhaustive_cut, min_cut
+from planner._plan import PlanOptions
+from planner._profile import NodeProfile, Timing, profile_nodes, time_partition
 
 __all__ = [
     "ModelGraph",
     "TensorSpec",
     "Cut",
     "chain_cuts",
+    "CutProblem",
+    "DagCut",
+    "min_cut",
+    "exhaustive_cut",
     "Extractor",
     "extract_prefix",
     "extract_suffix",
+    "Conditions",
+    "Estimate",
+    "EnergyModel",
+    "RadioPower",
+    "RADIOS",
+    "Constraints",
+    "estimate",
+    "NodeProfile",
+    "Timing",
+    "profile_nodes",
+    "time_partition",
+    "Grid",
+    "DecisionTable",
+    "PlanOptions",
     "Partition",
     "PlanBundle",
     "build_bundle",

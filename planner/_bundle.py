@@ -6,10 +6,15 @@ Layout::
     BUNDLE/model.onnx                       the full model (shape-inferred copy)
     BUNDLE/partitions/<id>/prefix.onnx      device part of a split partition
     BUNDLE/partitions/<id>/suffix.onnx      cloud part of a split partition
+    BUNDLE/profile.json                     measured profile (schema 2, when profiled)
+    BUNDLE/decision_table.json              conditions grid -> partition (schema 2, when profiled)
 
 ``manifest.json`` lists every file with its sha256 and carries ``plan_digest``,
-the sha256 of its own canonical JSON without that field; a bundle is identical
-(same digest) whenever it is built from the same model file. Loading verifies
+the sha256 of its own canonical JSON without that field. Schema 2 adds the
+keys ``profile`` and ``decision_table`` (file names or null) and ``planner``
+(the candidate mode); schema 1 bundles still load (no profile). A bundle built
+with ``profile=False`` is identical (same digest) whenever it is built from the
+same model file; a profiled one carries this run's measurements. Loading verifies
 every file and the digest, so a bundle is either whole and untouched or
 refused with :class:`~splitgate.errors.BundleError`.
 """
@@ -22,21 +27,26 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import onnx
 
-from planner._cuts import chain_cuts
 from planner._extract import Extractor
 from planner._graph import ModelGraph, TensorSpec
+from planner._cost import Conditions, Constraints, EnergyModel, Estimate
+from planner._decide import DecisionTable, explain, pick
+from planner._plan import PlanOptions, partition_estimate, plan_model
 from splitgate.errors import BundleError, InvalidArgument, NotFound
 
 __all__ = [
     "SCHEMA_VERSION",
     "MANIFEST",
     "MODEL_FILE",
+    "PROFILE_FILE",
+    "TABLE_FILE",
+    "SUPPORTED_SCHEMAS",
     "Partition",
     "PlanBundle",
     "build_bundle",
@@ -44,9 +54,13 @@ __all__ = [
     "plan_digest",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Manifest versions this code reads (1: Foundation bundles, no profile/decision table).
+SUPPORTED_SCHEMAS = (1, 2)
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
+PROFILE_FILE = "profile.json"
+TABLE_FILE = "decision_table.json"
 # Models whose weights exceed this are saved with external data (protobuf's 2 GB limit).
 _EXTERNAL_DATA_OVER = 1 << 30
 
@@ -58,8 +72,10 @@ class Partition:
     """One way to run the model: a device prefix, a cloud suffix, or both.
 
     Attributes:
-        id: ``"device"`` (all on the device), ``"cloud"`` (all in the cloud) or
-            ``"cut-<n>"`` (split at chain cut n).
+        id: ``"device"`` (all on the device), ``"cloud"`` (all in the cloud),
+            ``"cut-<n>"`` (split at chain cut n: one tensor crosses) or
+            ``"dag-<k>"`` (a DAG cut: several tensors cross; k numbers a
+            bundle's DAG partitions by device node count).
         kind: ``"device"``, ``"cloud"`` or ``"split"``.
         device_nodes: nodes run on the device.
         total_nodes: nodes in the full model.
@@ -129,8 +145,18 @@ def build_bundle(
     *,
     model_name: str | None = None,
     progress: Progress | None = None,
+    options: PlanOptions | None = None,
+    **overrides: Any,
 ) -> PlanBundle:
-    """Analyse a model and write its plan bundle.
+    """Analyse a model, plan it and write its plan bundle.
+
+    By default (``candidates="optimal"``) the bundle holds ``cloud``,
+    ``device``, the min-cut partitions that are optimal somewhere in the
+    condition space (measured, see :mod:`planner._plan`) and
+    ``reference_cuts`` (3) evenly spaced chain cuts, plus ``profile.json`` and
+    ``decision_table.json``. ``candidates="chain"`` keeps every chain cut;
+    ``profile=False`` skips measurement (no profile, no table; the bundle is
+    then byte-identical across builds of the same model).
 
     The bundle is written to a temporary sibling directory and renamed into
     place, so ``out_dir`` never holds a half-written bundle. An existing bundle
@@ -141,14 +167,18 @@ def build_bundle(
         out_dir: the bundle directory to create or replace.
         model_name: name the model is served under; default: the file's stem.
         progress: optional ``callback(step, done, total)`` for a progress bar.
+        options: planning options (:class:`planner.PlanOptions`).
+        **overrides: :class:`planner.PlanOptions` fields overriding ``options``,
+            e.g. ``candidates="chain"``, ``profile=False``, ``repeats=3``.
 
     Returns:
         The written bundle, loaded back (and verified).
 
     Raises:
-        InvalidArgument: the model file is missing or unreadable, or ``out_dir``
-            exists and is neither empty nor a plan bundle.
-        BundleError: a partition could not be extracted as a valid model.
+        InvalidArgument: the model file is missing or unreadable, ``out_dir``
+            exists and is neither empty nor a plan bundle, or a bad option.
+        BundleError: a partition could not be extracted as a valid model, or
+            onnxruntime cannot run the model while profiling.
     """
     src = Path(model_path)
     out = Path(out_dir)
@@ -160,71 +190,65 @@ def build_bundle(
     name = model_name or src.stem
     if not name or "/" in name:
         raise InvalidArgument(f"invalid model name {name!r}")
+    try:
+        opts = replace(options or PlanOptions(), **overrides)
+    except TypeError as exc:
+        raise InvalidArgument(f"unknown planning option: {exc}") from None
+    opts.validate()
 
     report("load model", 0, 1)
     model_sha = _sha256_file(src)
     g = ModelGraph.load(src)
+    if not g.order:
+        raise InvalidArgument(f"{src}: the model has no nodes")
     report("load model", 1, 1)
-    report("find cuts", 0, 1)
-    cuts = chain_cuts(g)
-    report("find cuts", 1, 1)
+    extractor = Extractor(g)
+    plan = plan_model(g, opts, extractor, report)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it owner-only; a bundle is read by other services
-        extractor = Extractor(g)
         written: list[Path] = []
         total = g.total_nodes
         parts: list[dict[str, Any]] = []
         inputs = [s.to_dict() for s in g.inputs]
-        parts.append(
-            {
-                "id": "cloud",
-                "kind": "cloud",
-                "device_nodes": 0,
-                "total_nodes": total,
-                "cut_tensors": inputs,
-                "prefix": None,
-                "suffix": MODEL_FILE,
-                "cut_bytes": _cut_bytes(list(g.inputs)),
-            }
-        )
-        for i, cut in enumerate(cuts):
-            report("extract partitions", i, len(cuts))
-            pid = f"cut-{cut.index}"
-            rel = PurePosixPath("partitions") / pid
-            spec = extractor.tensor_spec(cut.tensor)
-            written += _save_model(extractor.prefix([cut.tensor]), tmp / rel / "prefix.onnx")
-            written += _save_model(extractor.suffix([cut.tensor]), tmp / rel / "suffix.onnx")
-            parts.append(
-                {
-                    "id": pid,
-                    "kind": "split",
-                    "device_nodes": cut.device_nodes,
-                    "total_nodes": total,
-                    "cut_tensors": [spec.to_dict()],
-                    "prefix": str(rel / "prefix.onnx"),
-                    "suffix": str(rel / "suffix.onnx"),
-                    "cut_bytes": _cut_bytes([spec]),
-                }
-            )
-        report("extract partitions", len(cuts), len(cuts))
-        parts.append(
-            {
-                "id": "device",
-                "kind": "device",
-                "device_nodes": total,
-                "total_nodes": total,
-                "cut_tensors": [],
-                "prefix": MODEL_FILE,
-                "suffix": None,
-                "cut_bytes": 0,
-            }
-        )
+        for i, p in enumerate(plan.partitions):
+            report("write partitions", i, len(plan.partitions))
+            entry: dict[str, Any] = {"id": p.id, "kind": p.kind, "total_nodes": total}
+            if p.kind == "cloud":
+                entry.update(device_nodes=0, cut_tensors=inputs, prefix=None, suffix=MODEL_FILE,
+                             cut_bytes=_cut_bytes(list(g.inputs)))
+            elif p.kind == "device":
+                entry.update(device_nodes=total, cut_tensors=[], prefix=MODEL_FILE, suffix=None, cut_bytes=0)
+            else:
+                assert p.prefix is not None and p.suffix is not None
+                rel = PurePosixPath("partitions") / p.id
+                specs = [extractor.tensor_spec(t) for t in p.tensors]
+                written += _save_model(p.prefix, tmp / rel / "prefix.onnx")
+                written += _save_model(p.suffix, tmp / rel / "suffix.onnx")
+                entry.update(
+                    device_nodes=len({n.name for n in p.prefix.graph.node}),
+                    cut_tensors=[s.to_dict() for s in specs],
+                    prefix=str(rel / "prefix.onnx"),
+                    suffix=str(rel / "suffix.onnx"),
+                    cut_bytes=_cut_bytes(specs),
+                )
+            parts.append(entry)
+        report("write partitions", len(plan.partitions), len(plan.partitions))
         report("write bundle", 0, 1)
         # After extraction: the full model now also records types probed for cut tensors.
         written += _save_model(g.model, tmp / MODEL_FILE)
+        extra: dict[str, Any] = {"profile": None, "decision_table": None}
+        if plan.profile is not None and plan.table is not None:
+            for key, rel_name, doc in (
+                ("profile", PROFILE_FILE, plan.profile),
+                ("decision_table", TABLE_FILE, plan.table.to_dict()),
+            ):
+                path = tmp / rel_name
+                path.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+                written.append(path)
+                extra[key] = rel_name
         files = {p.relative_to(tmp).as_posix(): _sha256_file(p) for p in written}
         manifest: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
@@ -234,6 +258,8 @@ def build_bundle(
             "inputs": inputs,
             "outputs": [s.to_dict() for s in g.outputs],
             "partitions": parts,
+            "planner": {"candidates": opts.candidates, "reference_cuts": opts.reference_cuts},
+            **extra,
             "files": dict(sorted(files.items())),
         }
         manifest["plan_digest"] = plan_digest(manifest)
@@ -283,6 +309,110 @@ class PlanBundle:
         order = {"cloud": 0, "split": 1, "device": 2}
         parts.sort(key=lambda p: (p.device_nodes, order.get(p.kind, 1)))
         self.partitions: dict[str, Partition] = {p.id: p for p in parts}
+        self.profile: dict[str, Any] | None = None
+        self.decision_table: DecisionTable | None = None
+        self._energy = EnergyModel()
+        self._constraints = Constraints()
+        prof_rel, table_rel = manifest.get("profile"), manifest.get("decision_table")
+        if prof_rel and table_rel:
+            self.profile = self._read_json(prof_rel)
+            self.decision_table = DecisionTable.from_dict(self._read_json(table_rel))
+            try:
+                self._energy = EnergyModel.from_dict(self.profile.get("energy", {}))
+                self._constraints = Constraints.from_dict(self.profile.get("constraints"))
+                entries = self.profile["partitions"]
+                missing = [c for c in self.decision_table.candidates if c not in entries or c not in self.partitions]
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise BundleError(f"{root / str(prof_rel)}: malformed profile ({exc!r})") from exc
+            if missing:
+                raise BundleError(f"{root}: decision table names partitions without a profile: {missing}")
+
+    def _read_json(self, rel: Any) -> dict[str, Any]:
+        path = self._resolve(self.root, str(rel))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"{path}: unreadable ({exc})") from exc
+        if not isinstance(data, dict):
+            raise BundleError(f"{path}: not a JSON object")
+        return data
+
+    # -- run-time choice (schema 2) -------------------------------------------
+
+    @property
+    def has_profile(self) -> bool:
+        """True if the bundle carries ``profile.json`` and ``decision_table.json``."""
+        return self.profile is not None and self.decision_table is not None
+
+    @property
+    def candidates(self) -> list[str]:
+        """Partition ids in the decision table (empty without a profile)."""
+        return list(self.decision_table.candidates) if self.decision_table is not None else []
+
+    def _need_profile(self) -> tuple[dict[str, Any], DecisionTable]:
+        if self.profile is None or self.decision_table is None:
+            raise BundleError(
+                f"plan bundle '{self.model_name}' at {self.root} has no profile: "
+                "re-plan it with profiling on (splitgate plan, build_bundle(profile=True))"
+            )
+        return self.profile, self.decision_table
+
+    def estimate(self, partition_id: str, c: Conditions) -> Estimate:
+        """Predicted latency and energy of a partition under conditions ``c`` (from ``profile.json``).
+
+        Raises:
+            BundleError: the bundle has no profile.
+            NotFound: no partition has that id.
+        """
+        profile, _ = self._need_profile()
+        part = self.partition(partition_id)
+        entry = profile["partitions"].get(part.id)
+        if entry is None:
+            raise BundleError(f"partition '{part.id}' of '{self.model_name}' has no profile entry")
+        return partition_estimate(entry, part.kind, c, self._energy)
+
+    def choose(self, c: Conditions) -> str:
+        """The partition to run under ``c``.
+
+        A decision-table lookup (nearest grid cell). Conditions the table does
+        not cover — a downlink different from the uplink, a cloud load, the
+        privacy floor, or values outside the grid — fall back to the argmin of
+        :meth:`estimate` over :attr:`candidates` (same objective, SLO and
+        exclusions as the table). With ``privacy`` the answer is never
+        ``"cloud"`` nor any partition sending a raw graph input.
+
+        Raises:
+            BundleError: the bundle has no profile.
+        """
+        profile, table = self._need_profile()
+        grid = table.grid
+        on_grid = (
+            (c.downlink_mbps is None or c.downlink_mbps == c.uplink_mbps)
+            and c.cloud_load == 0
+            and not c.privacy
+            and grid.uplink_mbps[0] <= c.uplink_mbps <= grid.uplink_mbps[-1]
+            and grid.rtt_ms[0] <= c.rtt_ms <= grid.rtt_ms[-1]
+        )
+        if on_grid:
+            return table.lookup(c)
+        excluded = set(profile.get("excluded", []))
+        if c.privacy:
+            excluded |= {pid for pid in table.candidates if profile["partitions"][pid].get("sends_input", pid == "cloud")}
+            excluded.add("cloud")
+        if not set(table.candidates) - excluded:
+            excluded = {"cloud"} if c.privacy else set()
+        ests = {pid: self.estimate(pid, c) for pid in table.candidates}
+        ref = self.estimate("device", c) if "device" in self.partitions else next(iter(ests.values()))
+        return pick(ests, c, ref, slo_ms=self._constraints.slo_ms, excluded=frozenset(excluded))
+
+    def explain(self, *, rtt_ms: float = 20.0, battery_pct: float = 100.0) -> list[dict[str, Any]]:
+        """Why each candidate wins where it does (see :func:`planner._decide.explain`).
+
+        Raises:
+            BundleError: the bundle has no profile.
+        """
+        _, table = self._need_profile()
+        return explain(table, self.estimate, rtt_ms=rtt_ms, battery_pct=battery_pct)
 
     @classmethod
     def load(cls, root: str | os.PathLike[str], *, verify: bool = True) -> PlanBundle:
@@ -312,8 +442,10 @@ class PlanBundle:
         if not isinstance(manifest, dict):
             raise BundleError(f"{path}: manifest is not a JSON object")
         version = manifest.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise BundleError(f"{path}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+        if version not in SUPPORTED_SCHEMAS:
+            raise BundleError(
+                f"{path}: schema_version {version!r} is not supported (this planner reads {SUPPORTED_SCHEMAS})"
+            )
         if manifest.get("plan_digest") != plan_digest(manifest):
             raise BundleError(f"{path}: plan_digest does not match the manifest (edited or corrupted)")
         files = manifest.get("files")

@@ -78,6 +78,14 @@ def chain_cuts(g: ModelGraph) -> list[Cut]:
     leaves other nodes to run and t is the only tensor crossing from P to
     them (see :func:`crossing_tensors`).
 
+    Found in near-linear time: t's producer n has P's only way out exactly
+    when n post-dominates a virtual source feeding every graph input's readers
+    (every path from the inputs to the outputs goes through n), so the
+    candidates are the post-dominator chain of that source (Lengauer-Tarjan /
+    Cooper-Harvey-Kennedy via ``networkx.immediate_dominators`` on the
+    reversed graph of non-constant nodes); each is then checked to hand on
+    exactly one tensor.
+
     Args:
         g: the model graph.
 
@@ -87,19 +95,43 @@ def chain_cuts(g: ModelGraph) -> list[Cut]:
         graph input).
     """
     outputs = set(g.output_names)
+    inputs = set(g.input_names)
     total = g.total_nodes
+    units = [n for n in g.order if not g.graph.nodes[n]["const"]]
+    if not units:
+        return []
+    src, sink = ("__source__",), ("__sink__",)
+    rev = nx.DiGraph()
+    rev.add_nodes_from(units)
+    rev.add_nodes_from((src, sink))
+    for u in units:
+        succs = [v for v in g.graph.successors(u) if not g.graph.nodes[v]["const"]]
+        for v in succs:
+            rev.add_edge(v, u)
+        preds = [p for p in g.graph.predecessors(u) if not g.graph.nodes[p]["const"]]
+        if not preds or inputs.intersection(g.node_inputs(u)):
+            rev.add_edge(u, src)
+        if not succs or outputs.intersection(g.node_outputs(u)):
+            rev.add_edge(sink, u)
+    idom = nx.immediate_dominators(rev, sink)
+    if src not in idom:
+        return []
+    chain: list[str] = []
+    n = idom[src]
+    while n != sink:
+        chain.append(n)
+        n = idom[n]
+    position = {name: i for i, name in enumerate(g.order)}
     cuts: list[Cut] = []
-    for name in g.order:
-        candidates = [t for t in g.node_outputs(name) if not g.is_constant(t) and t not in outputs]
-        if not candidates:
+    for name in sorted(chain, key=position.__getitem__):
+        used = [
+            t for t in g.node_outputs(name)
+            if not g.is_constant(t) and (t in outputs or g.consumers.get(t))
+        ]
+        if len(used) != 1 or used[0] in outputs:
             continue
         device_set = frozenset(nx.ancestors(g.graph, name) | {name})
         if len(device_set) >= total:
             continue
-        crossing = crossing_tensors(g, device_set)
-        if len(crossing) != 1:
-            continue
-        (t,) = crossing
-        if t in candidates:
-            cuts.append(Cut(len(cuts) + 1, t, len(device_set), device_set))
+        cuts.append(Cut(len(cuts) + 1, used[0], len(device_set), device_set))
     return cuts

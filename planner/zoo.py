@@ -5,17 +5,22 @@ Nothing is downloaded: each model is defined here, initialised from a seed
 seeded random inputs, so outputs are not degenerate), put in eval mode and exported with ``torch.onnx``. torch is
 imported only inside the functions, so ``import planner.zoo`` works without it.
 
-Models (all classifiers with 10 classes, input ``"input"`` float32
-``[batch, 3, 64, 64]``, output ``"logits"`` ``[batch, 10]``):
+Models (all classifiers with 10 classes and output ``"logits"`` ``[batch, 10]``;
+the image models take ``"input"`` float32 ``[batch, 3, 64, 64]``):
 
 * ``"mobilenet"`` - MobileNetV2-style (inverted residuals, ReLU6), width 0.5.
 * ``"resnet18"``  - the ResNet-18 layout (BasicBlocks 2-2-2-2, 1x1 projection
   shortcuts), base width 16 (channels 16-128) to keep bundles small.
 * ``"vggchain"``  - a plain VGG-style conv chain (every layer is a cut point).
+* ``"transformer"`` - a 2-layer pre-norm transformer encoder (d_model 32, 4
+  heads, attention written out so any exporter handles it) over int64 token
+  ids ``"tokens"`` ``[batch, seq]`` with a dynamic ``seq`` dim; residuals make
+  it a DAG.
+* ``"lstm"`` - a 1-layer LSTM (hidden 32) over ``"input"`` float32
+  ``[batch, seq, 16]`` (dynamic ``seq``): one atomic ONNX ``LSTM`` node.
 
 Add a model by writing a builder returning a :class:`ZooSpec` and listing it
-in ``_BUILDERS`` (e.g. a transformer encoder with an int64 ``[batch, seq]``
-input and a dynamic ``seq`` dim: give ``dynamic`` two axes).
+in ``_BUILDERS``.
 """
 
 from __future__ import annotations
@@ -177,6 +182,62 @@ def _vggchain() -> ZooSpec:
     return _image_spec(nn.Sequential(*layers))
 
 
+def _transformer() -> ZooSpec:
+    import torch
+    import torch.nn as nn
+
+    d_model, heads, vocab, seq = 32, 4, 100, 12
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+            self.qkv = nn.Linear(d_model, 3 * d_model)
+            self.proj = nn.Linear(d_model, d_model)
+            self.ff = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+
+        def forward(self, x: Any) -> Any:
+            b, n, _ = x.shape
+            q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, heads, d_model // heads).permute(2, 0, 3, 1, 4)
+            att = torch.softmax(q @ k.transpose(-2, -1) * (d_model // heads) ** -0.5, dim=-1)
+            x = x + self.proj((att @ v).transpose(1, 2).reshape(b, n, d_model))
+            return x + self.ff(self.norm2(x))
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(vocab, d_model)
+            self.pos = nn.Parameter(0.1 * torch.randn(1, 64, d_model))
+            self.blocks = nn.Sequential(Block(), Block())
+            self.norm = nn.LayerNorm(d_model)
+            self.head = nn.Linear(d_model, NUM_CLASSES)
+
+        def forward(self, tokens: Any) -> Any:
+            x = self.embed(tokens) + self.pos[:, : tokens.shape[1]]
+            return self.head(self.norm(self.blocks(x)).mean(dim=1))
+
+    example = (torch.randint(0, vocab, (2, seq)),)
+    return ZooSpec(Encoder(), example, ["tokens"], ["logits"], {"tokens": {1: "seq"}})
+
+
+def _lstm() -> ZooSpec:
+    import torch
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(16, 32)
+            self.lstm = nn.LSTM(32, 32, batch_first=True)
+            self.head = nn.Linear(32, NUM_CLASSES)
+
+        def forward(self, x: Any) -> Any:
+            out, _ = self.lstm(torch.tanh(self.inp(x)))
+            return self.head(out[:, -1])
+
+    return ZooSpec(Net(), (torch.randn(2, 8, 16),), ["input"], ["logits"], {"input": {1: "seq"}})
+
+
 def _image_spec(module: Any) -> ZooSpec:
     import torch
 
@@ -187,6 +248,8 @@ _BUILDERS: dict[str, Callable[[], ZooSpec]] = {
     "mobilenet": _mobilenet,
     "resnet18": _resnet18,
     "vggchain": _vggchain,
+    "transformer": _transformer,
+    "lstm": _lstm,
 }
 
 ZOO_MODELS: tuple[str, ...] = tuple(_BUILDERS)

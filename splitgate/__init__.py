@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Gateway", "Result", "Trace", "__version__"]
+__all__ = ["Gateway", "AsyncGateway", "GatewayConfig", "Result", "Trace", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Gateway", "Result", "Trace"):
+    if name in ("Gateway", "AsyncGateway", "GatewayConfig", "Result", "Trace"):
         import edge
 
         return getattr(edge, name)

@@ -24,13 +24,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from planner import build_bundle
-    from splitgate._console import bundle_table, progress_callback
+    from planner import Constraints, EnergyModel, PlanOptions, build_bundle
+    from planner._report import explain_table, plan_table
+    from splitgate._console import progress_callback
 
+    options = PlanOptions(
+        candidates=args.candidates, profile=not args.no_profile, device_threads=args.device_threads,
+        cloud_threads=args.cloud_threads, device_slowdown=args.device_slowdown, device_profile=args.device_profile,
+        repeats=args.repeats, energy=EnergyModel(radio=args.radio),
+        constraints=Constraints(slo_ms=args.slo_ms, device_memory_mb=args.device_memory_mb),
+    )
     console = Console()
     with progress_callback(console) as progress:
-        bundle = build_bundle(args.model, args.output, model_name=args.name, progress=progress)
-    console.print(bundle_table(bundle))
+        bundle = build_bundle(args.model, args.output, model_name=args.name, progress=progress, options=options)
+    console.print(plan_table(bundle))
+    if args.explain and bundle.has_profile:
+        console.print(explain_table(bundle, rtt_ms=args.rtt_ms, battery_pct=args.battery))
     console.print(f"plan bundle written to [bold]{bundle.root}[/] (digest {bundle.plan_digest[:12]})")
     return 0
 
@@ -53,6 +62,11 @@ def _cmd_cloud_serve(args: argparse.Namespace) -> int:
         "grpc_port": args.port,
         "num_replicas": args.replicas,
         "intra_op_threads": args.threads,
+        "max_batch_size": args.max_batch_size,
+        "batch_wait_timeout_s": None if args.batch_wait_ms is None else args.batch_wait_ms / 1e3,
+        "max_message_bytes": args.max_message_bytes,
+        "direct_ingress": False if args.no_direct_ingress else None,
+        "ray_address": args.ray_address,
     }
     if args.config:
         config = CloudConfig.from_file(args.config, **overrides)
@@ -77,6 +91,15 @@ def _cmd_cloud_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_loadtest(args: argparse.Namespace) -> int:
+    from loadtests._options import run_from_args
+
+    try:
+        return run_from_args(args)
+    except TimeoutError as exc:
+        raise SplitgateError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="splitgate", description="Hybrid edge-cloud inference gateway with a split-execution planner."
@@ -93,6 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("model", help="path to an .onnx file")
     plan.add_argument("-o", "--output", required=True, help="bundle directory to write")
     plan.add_argument("--name", default=None, help="model name (default: file stem)")
+    plan.add_argument("--candidates", choices=["optimal", "chain"], default="optimal",
+                      help="optimal: min-cut partitions that win somewhere (+3 reference chain cuts); chain: every chain cut")
+    plan.add_argument("--no-profile", action="store_true", help="skip measurement: no profile.json / decision_table.json")
+    plan.add_argument("--device-threads", type=int, default=1, help="onnxruntime threads of device-side sessions")
+    plan.add_argument("--cloud-threads", type=int, default=2, help="onnxruntime threads of cloud-side sessions")
+    plan.add_argument("--device-slowdown", type=float, default=1.0, help="device is this many times slower than here")
+    plan.add_argument("--device-profile", default=None, help="per-node profile JSON measured on the real device")
+    plan.add_argument("--repeats", type=int, default=10, help="timed runs per measured session")
+    plan.add_argument("--radio", default="auto", help="device radio for energy: wifi, lte, 3g, auto")
+    plan.add_argument("--slo-ms", type=float, default=None, help="latency SLO")
+    plan.add_argument("--device-memory-mb", type=float, default=None, help="device memory for the prefix")
+    plan.add_argument("--explain", action="store_true", help="show why each partition wins where it does")
+    plan.add_argument("--rtt-ms", type=float, default=20.0, help="RTT of the --explain view")
+    plan.add_argument("--battery", type=float, default=100.0, help="battery %% of the --explain view")
     plan.set_defaults(func=_cmd_plan)
 
     zoo = sub.add_parser("zoo", help="export a small seeded zoo model to ONNX (needs torch)")
@@ -109,7 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="gRPC port (default 9000)")
     serve.add_argument("--replicas", type=int, default=None, help="replicas (default 1)")
     serve.add_argument("--threads", type=int, default=None, help="onnxruntime threads per session")
+    serve.add_argument("--max-batch-size", type=int, default=None, help="rows per batched suffix run (1 = off; default 8)")
+    serve.add_argument("--batch-wait-ms", type=float, default=None, help="batch wait after the first request (default 2)")
+    serve.add_argument("--max-message-bytes", type=int, default=None, help="largest request (default 64 MiB)")
+    serve.add_argument("--no-direct-ingress", action="store_true", help="proxy only: replicas get no gRPC port of their own")
+    serve.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     serve.set_defaults(func=_cmd_cloud_serve)
+
+    from loadtests._options import add_arguments as add_loadtest_arguments  # argparse only: cheap
+
+    loadtest = sub.add_parser("loadtest", help="locust load test of the cloud tier (reports: CSV, HTML, PNG)")
+    add_loadtest_arguments(loadtest)
+    loadtest.set_defaults(func=_cmd_loadtest)
     return parser
 
 

@@ -237,3 +237,50 @@ def check_cuts(
             assert_close(got, {o: ref[o] for o in outs}, what + " (suffix)")
             checked += 1
     return checked
+
+
+def random_dag_model(n: int, seed: int = 0) -> onnx.ModelProto:
+    """A random DAG of ``n`` elementwise nodes over two inputs, with fan-out and two outputs.
+
+    Each node reads one or two earlier tensors (inputs included), so tensors
+    with several consumers and skip connections are common. Weights come from
+    a Constant node (constant-derived, never crossing).
+    """
+    rng = np.random.default_rng(seed)
+    nodes = [_const("w", rng.standard_normal(4).astype(np.float32))]
+    avail = ["a", "b"]
+    for i in range(n):
+        k = 1 if rng.random() < 0.4 else 2
+        srcs = [avail[int(j)] for j in rng.choice(len(avail), size=min(k, len(avail)), replace=False)]
+        out = f"t{i}"
+        if len(srcs) == 1:
+            op = ["Relu", "Neg", "Tanh"][int(rng.integers(3))]
+            nodes.append(helper.make_node("Mul" if op == "Neg" else op, [srcs[0], "w"] if op == "Neg" else srcs, [out]))
+        else:
+            nodes.append(helper.make_node(["Add", "Mul", "Sub"][int(rng.integers(3))], srcs, [out]))
+        avail.append(out)
+    outs = [avail[-1], avail[-2]]
+    graph = helper.make_graph(
+        nodes,
+        f"rdag{seed}",
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", 4]) for x in ("a", "b")],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["N", 4]) for o in outs],
+    )
+    return helper.make_model(graph, opset_imports=OPSET, ir_version=IR_VERSION)
+
+
+def check_partition(graph, tensors: Sequence[str], feeds_list: Sequence[Mapping[str, np.ndarray]], optimize: bool = True) -> None:
+    """Prove suffix(prefix(x)) == full(x) for a cut of several tensors."""
+    from planner import Extractor
+
+    ex = Extractor(graph)
+    outs = [o.name for o in graph.outputs]
+    full = session(graph.model, optimize=optimize)
+    pre = session(ex.prefix(list(tensors)), optimize=optimize)
+    suf = session(ex.suffix(list(tensors)), optimize=optimize)
+    assert sorted(i.name for i in suf.get_inputs()) == sorted(tensors)
+    for feeds in feeds_list:
+        want = dict(zip(outs, full.run(outs, dict(feeds))))
+        mid = dict(zip([o.name for o in pre.get_outputs()], pre.run(None, {i.name: feeds[i.name] for i in pre.get_inputs()})))
+        got = dict(zip(outs, suf.run(outs, {i.name: mid[i.name] for i in suf.get_inputs()})))
+        assert_close(got, want, f"cut {list(tensors)}")

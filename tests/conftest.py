@@ -1,4 +1,4 @@
-"""Shared fixtures: a zoo model, its plan bundle, and one real Ray Serve tier per session."""
+"""Shared fixtures: zoo models, their plan bundles, and one real Ray Serve tier per session."""
 
 from __future__ import annotations
 
@@ -7,26 +7,49 @@ from pathlib import Path
 
 import pytest
 
+# A device this much slower than the test machine makes the split trade-off
+# real for the tiny zoo model (phone-class compute vs a server core).
+SLOW_DEVICE = 600.0
+
 
 @pytest.fixture(scope="session")
-def zoo_bundle(tmp_path_factory: pytest.TempPathFactory):
-    """A plan bundle of the seeded mobilenet zoo model."""
+def zoo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The seeded mobilenet zoo model (ONNX)."""
     pytest.importorskip("torch")
-    from planner import build_bundle
     from planner.zoo import export_zoo_model
 
     root = tmp_path_factory.mktemp("zoo")
-    model = export_zoo_model("mobilenet", root / "mobilenet.onnx", seed=0)
-    return build_bundle(model, root / "mobilenet.bundle")
+    return export_zoo_model("mobilenet", root / "mobilenet.onnx", seed=0)
 
 
 @pytest.fixture(scope="session")
-def cloud_tier(zoo_bundle) -> Iterator[object]:
-    """A real local Ray Serve tier with gRPC ingress serving ``zoo_bundle``."""
+def zoo_bundle(zoo_model: Path):
+    """A plan bundle of the seeded mobilenet zoo model."""
+    from planner import build_bundle
+
+    return build_bundle(zoo_model, zoo_model.parent / "mobilenet.bundle")
+
+
+@pytest.fixture(scope="session")
+def slow_device_bundle(zoo_model: Path):
+    """The same model planned for a device SLOW_DEVICE times slower (name ``mobilenet_slowdev``)."""
+    from planner import build_bundle
+
+    return build_bundle(
+        zoo_model, zoo_model.parent / "mobilenet_slowdev.bundle",
+        model_name="mobilenet_slowdev", device_slowdown=SLOW_DEVICE,
+    )
+
+
+@pytest.fixture(scope="session")
+def cloud_tier(zoo_bundle, slow_device_bundle) -> Iterator[object]:
+    """A real local Ray Serve tier with gRPC ingress serving both bundles."""
     pytest.importorskip("ray")
     from cloud import CloudConfig, start_local
 
-    tier = start_local(CloudConfig(bundles=[str(zoo_bundle.root)], grpc_port=0))
+    tier = start_local(
+        CloudConfig(bundles=[str(zoo_bundle.root), str(slow_device_bundle.root)], grpc_port=0)
+    )
     try:
         yield tier
     finally:

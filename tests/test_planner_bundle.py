@@ -18,7 +18,8 @@ from splitgate.errors import BundleError, InvalidArgument, NotFound
 def dyn_bundle(tmp_path_factory: pytest.TempPathFactory) -> PlanBundle:
     d = tmp_path_factory.mktemp("dyn")
     model = save(dynamic_batch_model(), d / "dynconv.onnx")
-    return build_bundle(model, d / "bundle")
+    # Foundation layout: every chain cut, no measurement (deterministic)
+    return build_bundle(model, d / "bundle", candidates="chain", profile=False)
 
 
 def test_layout_and_manifest(dyn_bundle: PlanBundle) -> None:
@@ -26,9 +27,11 @@ def test_layout_and_manifest(dyn_bundle: PlanBundle) -> None:
     m = json.loads((root / "manifest.json").read_text())
     assert set(m) == {
         "schema_version", "model_name", "model_sha256", "opset", "inputs", "outputs",
-        "partitions", "files", "plan_digest",
+        "partitions", "files", "plan_digest", "planner", "profile", "decision_table",
     }
-    assert m["schema_version"] == 1 and m["model_name"] == "dynconv" and m["opset"] == 17
+    assert m["profile"] is None and m["decision_table"] is None and not dyn_bundle.has_profile
+    assert m["planner"] == {"candidates": "chain", "reference_cuts": 3}
+    assert m["schema_version"] == 2 and m["model_name"] == "dynconv" and m["opset"] == 17
     assert m["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 2, 8, 8]}]
     assert m["plan_digest"] == plan_digest(m)
     assert set(m["files"]) == {"model.onnx"} | {
@@ -79,8 +82,9 @@ def test_unknown_partition_lists_valid_ones(dyn_bundle: PlanBundle) -> None:
 def test_round_trip_and_determinism(tmp_path: Path) -> None:
     model = light_model("squeezenet")
     seen: list[str] = []
-    a = build_bundle(model, tmp_path / "a", model_name="squeeze", progress=lambda s, d, t: seen.append(s))
-    b = build_bundle(model, tmp_path / "b", model_name="squeeze")
+    kw = {"candidates": "chain", "profile": False}
+    a = build_bundle(model, tmp_path / "a", model_name="squeeze", progress=lambda s, d, t: seen.append(s), **kw)
+    b = build_bundle(model, tmp_path / "b", model_name="squeeze", **kw)
     assert a.plan_digest == b.plan_digest
     assert a.manifest == b.manifest
     assert {"load model", "find cuts", "extract partitions", "write bundle"} <= set(seen)
@@ -89,7 +93,7 @@ def test_round_trip_and_determinism(tmp_path: Path) -> None:
     assert c.inputs == [TensorSpec("data_0", "FP32", [1, 3, 224, 224])]
     assert len(c.partitions) == 33 + 2
     # rebuilding over an existing bundle replaces it, same digest
-    d = build_bundle(model, tmp_path / "a", model_name="squeeze")
+    d = build_bundle(model, tmp_path / "a", model_name="squeeze", **kw)
     assert d.plan_digest == a.plan_digest
 
 
@@ -121,7 +125,7 @@ def test_edited_manifest_is_refused(tmp_path: Path) -> None:
 
 
 def test_two_io_bundle_specs(tmp_path: Path) -> None:
-    bundle = build_bundle(save(two_io_model(), tmp_path / "two.onnx"), tmp_path / "bundle")
+    bundle = build_bundle(save(two_io_model(), tmp_path / "two.onnx"), tmp_path / "bundle", candidates="chain", profile=False)
     assert bundle.inputs == [TensorSpec("x", "FP32", [-1, 3]), TensorSpec("ids", "INT64", [-1, 2])]
     assert bundle.outputs == [TensorSpec("logits", "FP32", [-1, 5]), TensorSpec("score", "FP32", [-1])]
     assert bundle.partition("cloud").cut_tensors == bundle.inputs

@@ -93,3 +93,13 @@ def test_resnet18_bundle(zoo_dir: Path, tmp_path: Path) -> None:
     (mid,) = session(part.prefix_path).run(None, {"input": x})
     got = session(part.suffix_path).run(None, {part.cut_tensors[0].name: mid})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_mobilenet_default_bundle_has_profile_and_middle_splits(zoo_bundle) -> None:
+    splits = [p for p in zoo_bundle.partitions.values() if p.kind == "split"]
+    assert len(splits) >= 3  # reference chain cuts stay, whatever wins
+    assert zoo_bundle.has_profile and {"device", "cloud"} <= set(zoo_bundle.candidates)
+    assert zoo_bundle.manifest["planner"]["candidates"] == "optimal"
+    from planner import Conditions
+
+    assert zoo_bundle.choose(Conditions(uplink_mbps=5.85, rtt_ms=50)) in zoo_bundle.candidates

@@ -1,0 +1,125 @@
+"""A plain grpcio + onnxruntime OIP server (no Ray): the benchmarks' baseline.
+
+It hosts the same :class:`~cloud._service.SuffixService` as the Ray Serve
+deployment, in a ``grpc.server`` thread pool, so a benchmark compares only the
+hosting (proxy, replica hop, batching), never the suffix compute. Not for
+production: no batching, no replicas, no autoscaling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+
+from cloud._service import SuffixService
+from splitgate.errors import SplitgateError
+from splitgate.protocol import inference_pb2 as pb
+from splitgate.protocol import inference_pb2_grpc as pb_grpc
+
+__all__ = ["BaselineServer", "start_baseline"]
+
+
+class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, service: SuffixService) -> None:
+        self._service = service
+
+    def _answer(self, context: grpc.ServicerContext, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except SplitgateError as exc:
+            context.abort(exc.code, str(exc))
+        except Exception as exc:  # noqa: BLE001
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+    def ServerLive(self, request, context):
+        return self._answer(context, self._service.server_live)
+
+    def ServerReady(self, request, context):
+        return self._answer(context, self._service.server_ready)
+
+    def ServerMetadata(self, request, context):
+        return self._answer(context, self._service.server_metadata)
+
+    def ModelReady(self, request, context):
+        return self._answer(context, lambda: self._service.model_ready(request))
+
+    def ModelMetadata(self, request, context):
+        return self._answer(context, lambda: self._service.model_metadata(request))
+
+    def ModelInfer(self, request, context):
+        return self._answer(context, lambda: self._service.model_infer(request))
+
+
+class BaselineServer:
+    """A running baseline server; ``address`` is ``127.0.0.1:PORT``. Call :meth:`stop`."""
+
+    def __init__(self, server: grpc.Server, port: int) -> None:
+        self._server = server
+        self.address = f"127.0.0.1:{port}"
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        self._server.stop(grace_s).wait()
+
+    def __enter__(self) -> BaselineServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_baseline(
+    bundle_dirs: Sequence[str],
+    *,
+    port: int = 0,
+    workers: int = 8,
+    intra_op_threads: int = 0,
+    max_message_bytes: int = 64 * 1024 * 1024,
+) -> BaselineServer:
+    """Serve ``bundle_dirs`` over OIP gRPC on 127.0.0.1 with a plain grpcio server."""
+    service = SuffixService(bundle_dirs, intra_op_threads=intra_op_threads)
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=workers),
+        options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ],
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(_Servicer(service), server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    return BaselineServer(server, bound)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m cloud.baseline BUNDLE... [--port P]``: serve until SIGTERM/Ctrl-C.
+
+    Prints ``listening on HOST:PORT`` once ready (benchmarks read that line).
+    """
+    import argparse
+    import signal
+    import threading
+
+    parser = argparse.ArgumentParser(prog="python -m cloud.baseline", description=__doc__)
+    parser.add_argument("bundles", nargs="+")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads")
+    args = parser.parse_args(argv)
+    server = start_baseline(args.bundles, port=args.port, workers=args.workers, intra_op_threads=args.threads)
+    print(f"listening on {server.address}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""Configuration of the edge Gateway (one dataclass, loadable from TOML/YAML)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["GatewayConfig"]
+
+
+@dataclass
+class GatewayConfig:
+    """How the Gateway behaves. Defaults work on a laptop.
+
+    Attributes:
+        cloud: ``host:port`` of the cloud tier (None = device only).
+        deadline_ms: per-request budget; the cloud leg gets what the prefix left.
+        max_concurrency: requests running at once; more wait their turn.
+        intra_op_threads: onnxruntime threads per device session (0 = ORT default).
+        breaker_failures: consecutive cloud failures that open the circuit breaker.
+        breaker_reset_s: how long the breaker stays open before a probe.
+        hedge: start the local suffix when the cloud is late and the deadline near.
+        hysteresis: a new partition must be predicted this much faster (fraction)
+            than the current one before the policy switches.
+        cache_size: entries of the opt-in LRU result cache (0 = off).
+        probe_interval_s: probe the link when idle or estimates are older than this.
+        probe_bytes: payload of a bandwidth probe.
+        private_models: models whose raw inputs must never leave the device.
+        device_slowdown: emulate a slower device by stretching device compute
+            time by this factor (experiments only; 1.0 = off).
+        battery_pct: fixed battery level (None = read from the OS).
+    """
+
+    cloud: str | None = None
+    deadline_ms: float = 10_000.0
+    max_concurrency: int = 8
+    intra_op_threads: int = 0
+    breaker_failures: int = 3
+    breaker_reset_s: float = 5.0
+    hedge: bool = True
+    hysteresis: float = 0.1
+    cache_size: int = 0
+    probe_interval_s: float = 5.0
+    probe_bytes: int = 64 * 1024
+    private_models: list[str] = field(default_factory=list)
+    device_slowdown: float = 1.0
+    battery_pct: float | None = None
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> GatewayConfig:
+        """Load from a .toml or .yaml file (an ``[edge]`` table or top level)."""
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        data = data.get("edge", data)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown edge settings {unknown}; known: {sorted(known)}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)

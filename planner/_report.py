@@ -1,0 +1,76 @@
+"""Human-readable views of a planned bundle (rich tables) for ``splitgate plan``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from planner._cost import Conditions
+
+__all__ = ["plan_table", "explain_table", "NETWORKS"]
+
+#: DADS (INFOCOM'19) uplinks, with RTTs typical of each technology.
+NETWORKS: dict[str, Conditions] = {
+    "CAT1": Conditions(uplink_mbps=0.13, rtt_ms=150.0),
+    "3G": Conditions(uplink_mbps=1.1, rtt_ms=100.0),
+    "4G": Conditions(uplink_mbps=5.85, rtt_ms=50.0),
+    "WiFi": Conditions(uplink_mbps=18.88, rtt_ms=10.0),
+}
+
+
+def plan_table(bundle: Any) -> Any:
+    """Per partition: cut bytes, measured device/cloud ms (estimate error), and where it is chosen."""
+    from rich.table import Table
+
+    table = Table(title=f"plan: {bundle.model_name} ({len(bundle.partitions)} partitions)")
+    for col in ("partition", "cut tensors", "up bytes", "device ms", "cloud ms", "est. err dev/cloud", "chosen on"):
+        table.add_column(col, justify="left" if col in ("partition", "cut tensors", "chosen on") else "right")
+    prof = bundle.profile or {}
+    entries = prof.get("partitions", {})
+    chosen: dict[str, list[str]] = {}
+    if bundle.has_profile:
+        for net, c in NETWORKS.items():
+            chosen.setdefault(bundle.choose(c), []).append(net)
+    for p in bundle.partitions.values():
+        e = entries.get(p.id)
+        names = ", ".join(t.name for t in p.cut_tensors) or "-"
+        if len(names) > 40:
+            names = names[:37] + "..."
+        if e is None:
+            table.add_row(p.id, names, "-" if p.cut_bytes is None else f"{p.cut_bytes:,}", "-", "-", "-", "-")
+            continue
+
+        def err(side: str) -> str:
+            t = e.get(f"{side}_timing")
+            if not t or not t["median_ms"]:
+                return "-"
+            return f"{100 * (e[f'est_{side}_ms'] - t['median_ms']) / t['median_ms']:+.0f}%"
+
+        spread = lambda t: f" ±{(t['p90_ms'] - t['p10_ms']) / 2:.2f}" if t else ""  # noqa: E731
+        table.add_row(
+            p.id + ("" if p.id in bundle.candidates else " (ref)"),
+            names,
+            f"{e['up_bytes']:,}",
+            f"{e['device_ms']:.2f}{spread(e.get('device_timing'))}",
+            f"{e['cloud_ms']:.2f}{spread(e.get('cloud_timing'))}",
+            f"{err('device')} / {err('cloud')}",
+            ", ".join(chosen.get(p.id, [])) or "-",
+        )
+    return table
+
+
+def explain_table(bundle: Any, *, rtt_ms: float = 20.0, battery_pct: float = 100.0) -> Any:
+    """Why each candidate wins where it does (see :meth:`planner.PlanBundle.explain`)."""
+    from rich.table import Table
+
+    table = Table(title=f"why each partition wins (RTT {rtt_ms:g} ms, battery {battery_pct:g}%)")
+    for col in ("partition", "grid cells won", "uplink range (Mbps)", "reason"):
+        table.add_column(col)
+    for row in bundle.explain(rtt_ms=rtt_ms, battery_pct=battery_pct):
+        rng = row["uplink_range"]
+        table.add_row(
+            row["id"],
+            f"{row['cells']} ({100 * row['share']:.0f}%)",
+            "-" if rng is None else f"{rng[0]:g} - {rng[1]:g}",
+            row["reason"],
+        )
+    return table

@@ -1,0 +1,140 @@
+"""The edge Gateway against a real Ray Serve tier over real gRPC, through a
+real shaping TCP proxy: split switching, fallbacks, the circuit breaker."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import SLOW_DEVICE
+from edge import Gateway
+from netsim import LinkConditions, ShapingProxy
+from planner import Conditions
+
+pytestmark = pytest.mark.integration
+
+# DADS's WiFi and 3G uplinks (Mbps); downlinks and RTTs typical of each (see netsim).
+WIFI = LinkConditions(uplink_mbps=18.88, downlink_mbps=50.0, rtt_ms=10.0)
+THREE_G = LinkConditions(uplink_mbps=1.1, downlink_mbps=2.0, rtt_ms=100.0)
+
+
+def _input(bundle, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    (spec,) = bundle.inputs
+    shape = [d if d >= 0 else batch for d in spec.shape]
+    return {spec.name: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+
+
+def _expected(bundle, inputs):
+    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    return session.run(None, inputs)[0]
+
+
+def test_switches_to_new_best_partition_within_three_requests(slow_device_bundle, cloud_tier) -> None:
+    bundle = slow_device_bundle
+    model = bundle.model_name
+    x = _input(bundle)
+    with ShapingProxy(cloud_tier.address, WIFI) as link, Gateway(
+        [bundle], cloud=link.address, device_slowdown=SLOW_DEVICE, hysteresis=0.05
+    ) as gw:
+        for _ in range(6):  # settle on WiFi
+            wifi_choice = gw.infer(model, x).trace.partition
+        rtt = gw.conditions().rtt_ms
+        assert wifi_choice == bundle.choose(Conditions(uplink_mbps=18.88, downlink_mbps=50.0, rtt_ms=rtt))
+        best_3g = bundle.choose(Conditions(uplink_mbps=1.1, downlink_mbps=2.0, rtt_ms=rtt + 90))
+        assert best_3g != wifi_choice, "the step must change the best partition for this test to mean anything"
+        link.set(THREE_G)
+        chosen = [gw.infer(model, x).trace.partition for _ in range(3)]
+        assert chosen[-1] == best_3g, f"after WiFi->3G the gateway ran {chosen}, best is {best_3g}"
+        est = gw.conditions()
+        assert est.uplink_mbps < 5, f"uplink estimate {est.uplink_mbps} did not follow the step"
+
+
+def test_cloud_killed_mid_run_loses_nothing_and_breaker_bounds_latency(zoo_bundle, cloud_tier) -> None:
+    from ray import serve
+
+    from cloud import build_app
+
+    model = zoo_bundle.model_name
+    x = _input(zoo_bundle)
+    want = _expected(zoo_bundle, x)
+    cut = [p.id for p in zoo_bundle.partitions.values() if p.kind == "split"][0]
+    failures, results = 0, []
+    # A device a few times slower than this machine keeps device-only latency
+    # in milliseconds, so the comparison is about paths, not timer noise.
+    with Gateway(
+        [zoo_bundle], cloud=cloud_tier.address, breaker_failures=3, breaker_reset_s=60, device_slowdown=20
+    ) as gw:
+        for _ in range(3):
+            assert gw.infer(model, x, partition=cut).trace.fallback is None
+        serve.delete(cloud_tier.config.app_name)  # the cloud dies mid-run
+        device_ms = []
+        try:
+            for _ in range(25):
+                try:
+                    results.append(gw.infer(model, x, partition=cut))
+                except Exception:  # noqa: BLE001 - counting, the assert says what failed
+                    failures += 1
+                # Device-only, interleaved so both see the same machine load.
+                device_ms.append(gw.infer(model, x, partition="device").trace.total_ms)
+        finally:
+            # Bring the cloud back for the tests after this one.
+            serve.run(build_app(cloud_tier.config), name=cloud_tier.config.app_name, route_prefix="/")
+        assert failures == 0
+        for r in results:
+            np.testing.assert_allclose(r.outputs[next(iter(r.outputs))], want, rtol=1e-4, atol=1e-5)
+        reasons = [r.trace.fallback for r in results]
+        assert all(reasons), f"every request after the kill must have fallen back: {reasons}"
+        assert gw.breaker_state == "open"
+        assert reasons[-1] == "breaker-open"
+        after_open = [r.trace.total_ms for r in results if r.trace.fallback == "breaker-open"]
+        assert len(after_open) >= 20
+        ratio = statistics.median(after_open) / statistics.median(device_ms)
+        assert ratio <= 1.2, f"open-breaker latency {ratio:.2f}x device-only"
+        snap = gw.metrics.snapshot()
+        assert snap[f"splitgate_fallbacks_total{{model={model},partition=device,reason=breaker-open}}"] >= 20
+
+
+def test_deadline_falls_back_to_local_suffix(slow_device_bundle, cloud_tier) -> None:
+    bundle = slow_device_bundle
+    model = bundle.model_name
+    x = _input(bundle)
+    want = _expected(bundle, x)
+    with ShapingProxy(cloud_tier.address, LinkConditions(rtt_ms=10)) as link, Gateway(
+        [bundle], cloud=link.address, breaker_failures=100
+    ) as gw:
+        gw.infer(model, x, partition="cloud")
+        link.set(outage=True)  # a black hole: the call hangs until its deadline
+        start = time.perf_counter()
+        r = gw.infer(model, x, partition="cloud", deadline_ms=1500)
+        elapsed = time.perf_counter() - start
+        link.set(outage=False)
+    np.testing.assert_allclose(r.outputs[next(iter(r.outputs))], want, rtol=1e-4, atol=1e-5)
+    assert r.trace.fallback in ("hedged", "deadline_exceeded")
+    assert elapsed < 5.0  # bounded by the deadline, not by a TCP timeout
+
+
+def test_gateway_errors_are_typed(zoo_bundle, cloud_tier) -> None:
+    from splitgate.errors import InvalidArgument, NotFound
+
+    model = zoo_bundle.model_name
+    x = _input(zoo_bundle)
+    (name,) = x
+    with Gateway([zoo_bundle], cloud=cloud_tier.address) as gw:
+        with pytest.raises(InvalidArgument, match="unknown input 'nope'"):
+            gw.infer(model, {"nope": x[name]})
+        with pytest.raises(InvalidArgument, match=f"input '{name}' has datatype FP64"):
+            gw.infer(model, {name: x[name].astype(np.float64)})
+        with pytest.raises(InvalidArgument, match="dimension 1 must be"):
+            gw.infer(model, {name: x[name][:, :1]})
+        with pytest.raises(NotFound, match="not loaded"):
+            gw.infer("missing", x)
+        with pytest.raises(NotFound, match="cut-999"):
+            gw.infer(model, x, partition="cut-999")
+        with pytest.raises(InvalidArgument, match="private"):
+            gw.infer(model, x, partition="cloud", private=True)
+        # ...and it still serves.
+        assert gw.infer(model, x, partition="cloud").trace.fallback is None

@@ -1,0 +1,102 @@
+"""Unit tests of the edge's parts: breaker, estimators, cache (fakes allowed here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge._breaker import CircuitBreaker
+from edge._cache import ResultCache, input_digest
+from edge._monitor import BatteryMonitor, Ewma, LinkMonitor
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_breaker_opens_half_opens_and_closes() -> None:
+    clock = FakeClock()
+    b = CircuitBreaker(failure_threshold=3, reset_timeout_s=5, clock=clock)
+    for _ in range(2):
+        b.record_failure()
+    assert b.state == "closed" and b.allow()
+    b.record_failure()
+    assert b.state == "open" and not b.allow()
+    clock.now = 4.9
+    assert not b.allow()
+    clock.now = 5.0
+    assert b.state == "half-open"
+    assert b.allow()          # one probe...
+    assert not b.allow()      # ...at a time
+    b.record_failure()        # the probe failed: open again, timer restarts
+    assert b.state == "open"
+    clock.now = 10.0
+    assert b.allow()
+    b.record_success()
+    assert b.state == "closed" and b.allow() and b.allow()
+
+
+def test_success_resets_failure_count() -> None:
+    b = CircuitBreaker(failure_threshold=2)
+    b.record_failure()
+    b.record_success()
+    b.record_failure()
+    assert b.state == "closed"
+
+
+def test_ewma_ignores_a_spike_but_follows_a_step() -> None:
+    e = Ewma(alpha=0.5, outlier_ratio=4)
+    for _ in range(5):
+        e.add(20.0)
+    e.add(500.0)              # a single spike is held back
+    assert e.value == pytest.approx(20.0)
+    e.add(20.0)               # ...and forgotten
+    assert e.value == pytest.approx(20.0)
+    e.add(1.0)
+    e.add(1.1)                # two samples on the same side: a real step
+    assert e.value == pytest.approx(np.sqrt(1.0 * 1.1))
+    e.add(float("nan"))
+    assert np.isfinite(e.value)
+
+
+def test_link_monitor_separates_rtt_and_bandwidth() -> None:
+    m = LinkMonitor(min_bandwidth_bytes=1000)
+    for _ in range(3):
+        m.observe_rtt(40.0)
+    # 1 MB in 40 ms RTT + 800 ms transfer = 10 Mbps up.
+    for _ in range(3):
+        m.observe(1_000_000, 100, 840.0)
+    est = m.estimate()
+    assert est.rtt_ms == pytest.approx(40.0)
+    assert est.uplink_mbps == pytest.approx(10.0, rel=0.01)
+    # A big download: 2 MB in 40 + 160 ms = 100 Mbps down.
+    m.observe(100, 2_000_000, 200.0)
+    assert m.estimate().downlink_mbps == pytest.approx(100.0, rel=0.05)
+
+
+def test_battery_override_and_validation() -> None:
+    b = BatteryMonitor()
+    assert 0 <= b.level() <= 100
+    b.set(15)
+    assert b.level() == 15
+    with pytest.raises(ValueError, match="0..100"):
+        b.set(150)
+
+
+def test_result_cache_is_lru_and_keyed_by_content() -> None:
+    cache = ResultCache(2)
+    x = {"x": np.arange(4, dtype=np.float32)}
+    d1 = input_digest(x)
+    assert d1 == input_digest({"x": np.arange(4, dtype=np.float32)})
+    assert d1 != input_digest({"x": np.arange(4, dtype=np.float64)})
+    assert d1 != input_digest({"x": np.arange(4, dtype=np.float32).reshape(2, 2)})
+    cache.put(("m", "p", "a"), {"y": np.ones(1)})
+    cache.put(("m", "p", "b"), {"y": np.ones(1)})
+    assert cache.get(("m", "p", "a")) is not None  # a is now most recent
+    cache.put(("m", "p", "c"), {"y": np.ones(1)})
+    assert cache.get(("m", "p", "b")) is None
+    assert cache.get(("m", "p", "a")) is not None and cache.get(("m", "p", "c")) is not None
