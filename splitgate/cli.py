@@ -100,6 +100,37 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
         raise SplitgateError(str(exc)) from None
 
 
+def _cmd_edge_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from edge import Gateway, GatewayConfig
+    from edge._serve import serve_edge
+
+    config = GatewayConfig.from_file(args.config) if args.config else GatewayConfig()
+    if args.cloud:
+        config.cloud = args.cloud
+    if args.deadline_ms:
+        config.deadline_ms = args.deadline_ms
+    if not args.bundles:
+        raise SplitgateError("no plan bundles given: pass BUNDLE directories")
+    gateway = Gateway(args.bundles, config=config)
+    server, port, _ = serve_edge(gateway, port=args.port, metrics_port=args.metrics_port)
+    where = f"cloud {config.cloud}" if config.cloud else "device only"
+    metrics = f", Prometheus metrics on 127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else ""
+    print(f"edge gateway serving {gateway.models} on 127.0.0.1:{port} ({where}){metrics}; Ctrl-C to stop", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop(grace=2).wait()
+        gateway.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="splitgate", description="Hybrid edge-cloud inference gateway with a split-execution planner."
@@ -137,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("-o", "--output", required=True, help=".onnx file to write")
     zoo.add_argument("--seed", type=int, default=0)
     zoo.set_defaults(func=_cmd_zoo)
+
+    edge = sub.add_parser("edge", help="the device-side gateway")
+    edge_sub = edge.add_subparsers(dest="edge_command", required=True)
+    eserve = edge_sub.add_parser("serve", help="serve the Gateway as a local OIP gRPC server")
+    eserve.add_argument("bundles", nargs="*", help="plan bundle directories")
+    eserve.add_argument("--cloud", default=None, help="host:port of the cloud tier (default: device only)")
+    eserve.add_argument("--port", type=int, default=8001, help="gRPC port on 127.0.0.1 (default 8001)")
+    eserve.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: off)")
+    eserve.add_argument("--deadline-ms", type=float, default=None, help="per-request deadline")
+    eserve.add_argument("--config", default=None, help="TOML or YAML file with [edge] settings")
+    eserve.set_defaults(func=_cmd_edge_serve)
 
     cloud = sub.add_parser("cloud", help="the Ray Serve cloud tier")
     cloud_sub = cloud.add_subparsers(dest="cloud_command", required=True)
