@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-users", type=int, default=1)
     parser.add_argument("--step-time", type=float, default=10.0)
     parser.add_argument("--step-max-users", type=int, default=32)
+    parser.add_argument("--direct", action="store_true", help="users call replicas' direct-ingress endpoints")
     parser.add_argument("-o", "--out", default="loadtest-scaling")
     args = parser.parse_args(argv)
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             bundles=bundles, model=args.model, mix=args.mix, replicas=n, threads=args.threads,
             step_load=True, step_users=args.step_users, step_time_s=args.step_time,
             step_max_users=args.step_max_users, p99_target_ms=args.p99_target_ms,
-            out_dir=str(out / f"replicas-{n}"),
+            out_dir=str(out / f"replicas-{n}"), direct=args.direct,
         )
         result = run_loadtest(cfg)
         if not bundles:  # plan once, reuse the same bundle for every replica count
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "loadtest_scaling",
         "p99_target_ms": args.p99_target_ms,
         "threads_per_replica": args.threads,
+        "direct_ingress": args.direct,
         "bundles": bundles,
         "runs": {str(n): r for n, r in runs.items()},
         "max_sustainable_rps": {str(n): r["max_sustainable_rps"] for n, r in runs.items()},

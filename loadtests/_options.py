@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="plan bundle dirs (default: export and plan --model)")
     where.add_argument("--model", default="mobilenet", help="zoo model when no bundle is given (default: mobilenet)")
     where.add_argument("--replicas", type=int, default=1, help="replicas of the local tier (default 1)")
+    where.add_argument("--direct", action="store_true",
+                       help="spread users over the replicas' direct-ingress endpoints (default: via the proxy)")
     where.add_argument("--threads", type=int, default=0, help="onnxruntime threads per session in the local tier")
     load = parser.add_argument_group("load")
     load.add_argument("--mix", default=None,
@@ -52,6 +54,7 @@ def config_from_args(args: argparse.Namespace):  # -> LoadTestConfig
         batch=args.batch, samples=args.samples, seed=args.seed, replicas=args.replicas, threads=args.threads,
         step_load=args.step_load, step_users=args.step_users, step_time_s=args.step_time,
         step_max_users=args.step_max_users, p99_target_ms=args.p99_target_ms, out_dir=args.out,
+        direct=args.direct,
     )
 
 

@@ -49,6 +49,7 @@ class LoadTestConfig:
         wait_ms: think time between a user's requests (0 = closed loop).
         batch, samples, seed: recorded traffic (samples per request, distinct requests, seed).
         replicas, threads: local tier's replicas and onnxruntime threads per session.
+        direct: spread users over the replicas' direct-ingress endpoints instead of the proxy.
         step_load: ramp users in steps until p99 crosses ``p99_target_ms``.
         step_users, step_time_s, step_max_users: the step shape.
         out_dir: where reports go.
@@ -73,6 +74,7 @@ class LoadTestConfig:
     step_max_users: int = 32
     p99_target_ms: float = 100.0
     call_timeout_s: float = 10.0
+    direct: bool = False
     out_dir: str = "loadtest-results"
     quiet: bool = False
 
@@ -163,6 +165,8 @@ def _locust_command(cfg: LoadTestConfig, target: str, out: Path, traffic_file: P
         "--wait-ms", str(cfg.wait_ms),
         "--call-timeout", str(cfg.call_timeout_s),
     ]
+    if cfg.direct:
+        cmd.append("--direct")
     if cfg.step_load:
         cmd += [
             "--step-users", str(cfg.step_users), "--step-time", str(cfg.step_time_s),

@@ -15,7 +15,8 @@ tier, record traffic and write the reports), or directly::
 Options (also as environment variables ``SPLITGATE_LT_<NAME>``): ``--bundles``
 (comma-separated bundle dirs) and ``--mix``, or ``--traffic`` (a file written
 by the runner); ``--batch``, ``--samples``, ``--seed``, ``--wait-ms`` (think
-time between a user's requests; 0 = closed loop), ``--call-timeout``.
+time between a user's requests; 0 = closed loop), ``--call-timeout``,
+``--direct`` (spread users over the replicas' direct-ingress endpoints).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import grpc.experimental.gevent as grpc_gevent
 grpc_gevent.init_gevent()
 
 import itertools  # noqa: E402
+import logging  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -118,6 +120,10 @@ def _add_options(parser: Any) -> None:
                        help="think time between a user's requests (0 = closed loop)")
     group.add_argument("--call-timeout", type=float, default=10.0, env_var=_ENV + "CALL_TIMEOUT",
                        help="per-call gRPC deadline in seconds")
+    group.add_argument("--direct", action="store_true", default=False, env_var=_ENV + "DIRECT",
+                       help="call the replicas' direct-ingress endpoints (discovered from ServerMetadata "
+                            "extension splitgate.endpoints=...), user i pinned to endpoint i mod n; "
+                            "default: every call goes through --host (the Serve proxy)")
     # Step-load shape (loadtests/stepload.py); harmless for a plain run.
     group.add_argument("--step-users", type=int, default=1, env_var=_ENV + "STEP_USERS", help="users added per step")
     group.add_argument("--step-time", type=float, default=10.0, env_var=_ENV + "STEP_TIME", help="seconds per step")
@@ -130,6 +136,32 @@ def _add_options(parser: Any) -> None:
 
 
 _traffic: list[Traffic] = []
+_endpoints: list[str] = []
+ENDPOINTS_EXTENSION = "splitgate.endpoints="
+
+
+def discover_endpoints(address: str, timeout_s: float = 5.0) -> list[str]:
+    """The replicas' direct gRPC endpoints a tier advertises (empty if none)."""
+    with grpc.insecure_channel(address) as channel:
+        meta = pb_grpc.GRPCInferenceServiceStub(channel).ServerMetadata(pb.ServerMetadataRequest(), timeout=timeout_s)
+    for ext in meta.extensions:
+        if ext.startswith(ENDPOINTS_EXTENSION):
+            return [e for e in ext[len(ENDPOINTS_EXTENSION):].split(",") if e]
+    return []
+
+
+@events.test_start.add_listener
+def _discover(environment: Environment, **_: Any) -> None:
+    opts = environment.parsed_options
+    if opts is not None and opts.direct and environment.host and not _endpoints:
+        _endpoints.extend(discover_endpoints(_target(environment.host)))
+        logging.getLogger("splitgate.locust").warning(
+            "direct ingress: %s", ", ".join(_endpoints) or "no endpoints advertised; using the proxy"
+        )
+
+
+def _target(host: str) -> str:
+    return host.removeprefix("grpc://").removeprefix("http://")
 
 
 @events.init.add_listener
@@ -161,7 +193,8 @@ class SplitTrafficUser(User):
         opts = environment.parsed_options
         self._wait_s = (opts.wait_ms if opts else 0.0) / 1e3
         self._timeout_s = opts.call_timeout if opts else 10.0
-        self._rng = random.Random((opts.seed if opts else 0) * 100_003 + next(_user_ids))
+        self._index = next(_user_ids)
+        self._rng = random.Random((opts.seed if opts else 0) * 100_003 + self._index)
         self._groups = [(t.name, itertools.cycle(t.messages())) for t in _traffic]
         self._weights = [t.weight for t in _traffic]
         self._channel: grpc.Channel | None = None
@@ -173,7 +206,7 @@ class SplitTrafficUser(User):
     def on_start(self) -> None:
         if not self.host:
             raise SystemExit("splitgate locustfile: pass --host HOST:PORT of the cloud tier's gRPC ingress")
-        target = self.host.removeprefix("grpc://").removeprefix("http://")
+        target = _endpoints[self._index % len(_endpoints)] if _endpoints else _target(self.host)
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

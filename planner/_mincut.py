@@ -34,7 +34,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import networkx as nx
-from networkx.algorithms.flow import preflow_push
+from networkx.algorithms.flow import shortest_augmenting_path
 
 from planner._graph import ModelGraph
 from splitgate.errors import InvalidArgument
@@ -286,12 +286,15 @@ def min_cut(
             inf_edges.extend((v, src) for v in targets if v != "t")
     flow = nx.DiGraph()
     flow.add_nodes_from(("s", "t"))
+    # Integer capacities: networkx finds the cut side by comparing flow == capacity,
+    # which float round-off breaks; 2**40 steps over the total keeps costs exact to ~1e-12.
+    scale = float(1 << 40) / max(1e-300, sum(cap.values()))
     for (u, v), c in cap.items():
-        flow.add_edge(u, v, capacity=c)
+        flow.add_edge(u, v, capacity=int(round(c * scale)))
     for u, v in inf_edges:
         if u != v:
             flow.add_edge(u, v)  # no 'capacity' attribute: infinite in networkx
-    _, (source_side, _) = nx.minimum_cut(flow, "s", "t", flow_func=preflow_push)
+    _, (source_side, _) = nx.minimum_cut(flow, "s", "t", flow_func=shortest_augmenting_path)
     device: set[str] = set()
     for i, seg in enumerate(problem.segments):
         if head[i] not in source_side:

@@ -18,9 +18,10 @@ __all__ = ["run_demo"]
 WARMUP = 2
 
 
-def _pick_partitions(bundle) -> list[str]:
+def _pick_partitions(bundle) -> list[str | None]:
+    """device-only, a middle split, cloud-only, then None: the policy's own pick."""
     cuts = [p.id for p in bundle.partitions.values() if p.kind == "split"]
-    chosen = ["device", "cloud"]
+    chosen: list[str | None] = ["device", "cloud", None]
     if cuts:
         chosen.insert(1, cuts[len(cuts) // 2])
     return chosen
@@ -103,8 +104,9 @@ def _run_requests(console: Console, bundle, address: str, requests: int) -> bool
             def med(field: str) -> float:
                 return statistics.median(getattr(t, field) for t in traces)
 
+            label = pid or f"auto → {result.trace.partition}"
             table.add_row(
-                pid,
+                label,
                 f"{int(med('bytes_sent')):,}",
                 f"{med('device_ms'):.2f}",
                 f"{med('network_ms'):.2f}",
