@@ -19,6 +19,7 @@ import onnxruntime as ort
 from cloud._batch import Item
 from planner import PlanBundle
 from splitgate import codec
+from splitgate.encoding import read_decoded_inputs
 from splitgate.errors import FailedPrecondition, InvalidArgument, NotFound
 from splitgate.protocol import inference_pb2 as pb
 from splitgate.validate import validate_inputs
@@ -148,7 +149,8 @@ class SuffixService:
             )
         session, partition = self._session(model, partition_id)
         where = f"model '{model}' partition '{partition_id}'"
-        feeds = validate_inputs(codec.read_inputs(request), partition.cut_tensors, where=where)
+        # Cut tensors may arrive compressed (splitgate.encoding); decode before validating.
+        feeds = validate_inputs(read_decoded_inputs(request), partition.cut_tensors, where=where)
         wanted = [o.name for o in request.outputs]
         names = [o.name for o in session.get_outputs()]
         for name in wanted:

@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 
 from splitgate import codec
+from splitgate.encoding import add_encoded_inputs
 from splitgate.errors import SplitgateError, Unavailable, from_rpc_error
 from splitgate.protocol import inference_pb2 as pb
 from splitgate.protocol import inference_pb2_grpc as pb_grpc
@@ -198,8 +199,12 @@ class CloudClient:
         partition: str | None = None,
         plan_digest: str | None = None,
         timeout_s: float | None = None,
+        encoding: str = "raw",
     ) -> CloudReply:
         """Send tensors for (model, partition); return the suffix outputs.
+
+        ``encoding`` compresses float cut tensors on the wire (see
+        :mod:`splitgate.encoding`: raw, fp16, int8, int8c, zstd).
 
         Raises:
             splitgate.errors.SplitgateError subclasses mapped from the gRPC status.
@@ -211,7 +216,7 @@ class CloudClient:
         if plan_digest:
             params["splitgate.plan_digest"] = plan_digest
         codec.set_params(request.parameters, params)
-        sent = codec.add_inputs(request, tensors)
+        sent = add_encoded_inputs(request, tensors, encoding)
         start = time.perf_counter()
         response = self._call("ModelInfer", request, timeout_s)
         round_trip_ms = (time.perf_counter() - start) * 1e3

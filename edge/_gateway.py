@@ -307,6 +307,7 @@ class _Core:
         future = self._pool.submit(
             self.client.infer, bundle.model_name, cut,
             partition=part.id, plan_digest=bundle.plan_digest, timeout_s=remaining,
+            encoding=getattr(part, "encoding", None) or self.config.encoding,
         )
         hedge_after = self._hedge_after(bundle, part, remaining)
         try:

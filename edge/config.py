@@ -30,6 +30,8 @@ class GatewayConfig:
         device_slowdown: emulate a slower device by stretching device compute
             time by this factor (experiments only; 1.0 = off).
         battery_pct: fixed battery level (None = read from the OS).
+        encoding: wire encoding of cut tensors when the plan names none
+            ("raw", "fp16", "int8", "int8c", "zstd"; see splitgate.encoding).
     """
 
     cloud: str | None = None
@@ -46,6 +48,7 @@ class GatewayConfig:
     private_models: list[str] = field(default_factory=list)
     device_slowdown: float = 1.0
     battery_pct: float | None = None
+    encoding: str = "raw"
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> GatewayConfig:

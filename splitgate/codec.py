@@ -15,11 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from splitgate.errors import InvalidArgument
+from splitgate.errors import InvalidArgument, ResourceExhausted
 from splitgate.protocol import inference_pb2 as pb
 
 __all__ = [
     "DATATYPES",
+    "MAX_RANK",
+    "MAX_DIM",
+    "MAX_ELEMENTS",
+    "nominal_elements",
     "datatype_of",
     "numpy_dtype",
     "encode_array",
@@ -103,24 +107,51 @@ def encode_array(array: Any) -> tuple[str, list[int], bytes]:
     return datatype, list(arr.shape), arr.tobytes()
 
 
-def _checked_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
+# Shape limits checked before anything is allocated (numpy caps rank at 64 and
+# total bytes at 2**63; ONNX Runtime kernels index with int32 in places).
+MAX_RANK = 32
+MAX_DIM = 2**31 - 1
+#: Default cap on a tensor's elements (zero dimensions ignored): 2**28 = 1 GiB of FP32.
+MAX_ELEMENTS = 2**28
+
+
+def nominal_elements(dims: Sequence[int]) -> int:
+    """Product of the non-zero dimensions: what a shape would allocate if it were filled."""
+    return math.prod(d for d in dims if d)
+
+
+def _checked_shape(name: str, shape: Sequence[int], max_elements: int = MAX_ELEMENTS) -> tuple[int, ...]:
     dims = tuple(int(d) for d in shape)
+    if len(dims) > MAX_RANK:
+        raise InvalidArgument(f"tensor '{name}': rank {len(dims)} exceeds the limit of {MAX_RANK} dimensions")
     if any(d < 0 for d in dims):
         raise InvalidArgument(f"tensor '{name}': shape {list(dims)} has a negative dimension")
+    if any(d > MAX_DIM for d in dims):
+        raise InvalidArgument(
+            f"tensor '{name}': shape {list(dims)} has a dimension above the limit of {MAX_DIM}"
+        )
+    if nominal_elements(dims) > max_elements:
+        raise ResourceExhausted(
+            f"tensor '{name}': shape {list(dims)} has {nominal_elements(dims)} elements, "
+            f"more than the limit of {max_elements}"
+        )
     return dims
 
 
-def decode_array(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
+def decode_array(
+    name: str, datatype: str, shape: Sequence[int], raw: bytes, *, max_elements: int = MAX_ELEMENTS
+) -> np.ndarray:
     """Decode raw contents into a numpy array, checking length against shape.
 
     The returned array may be a read-only view of ``raw`` (no copy).
 
     Raises:
-        InvalidArgument: unknown datatype, negative dimension, or a byte length
-            that does not match ``prod(shape) * itemsize``.
+        InvalidArgument: unknown datatype, negative or oversized dimension, rank
+            above MAX_RANK, or a byte length that does not match ``prod(shape) * itemsize``.
+        ResourceExhausted: more than MAX_ELEMENTS elements (zero dimensions ignored).
     """
     dtype = numpy_dtype(datatype, tensor=name)
-    dims = _checked_shape(name, shape)
+    dims = _checked_shape(name, shape, max_elements)
     expected = math.prod(dims) * dtype.itemsize
     if len(raw) != expected:
         raise InvalidArgument(
@@ -133,9 +164,11 @@ def decode_array(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> 
     return arr
 
 
-def _decode_contents(name: str, datatype: str, shape: Sequence[int], contents: Any) -> np.ndarray:
+def _decode_contents(
+    name: str, datatype: str, shape: Sequence[int], contents: Any, max_elements: int = MAX_ELEMENTS
+) -> np.ndarray:
     dtype = numpy_dtype(datatype, tensor=name)
-    dims = _checked_shape(name, shape)
+    dims = _checked_shape(name, shape, max_elements)
     field = _CONTENTS_FIELD.get(datatype)
     if field is None:
         raise InvalidArgument(f"tensor '{name}': {datatype} must be sent as raw contents")
@@ -145,7 +178,10 @@ def _decode_contents(name: str, datatype: str, shape: Sequence[int], contents: A
             f"tensor '{name}': {len(values)} values in {field}, expected {math.prod(dims)} "
             f"for shape {list(dims)}"
         )
-    return np.asarray(values, dtype=dtype).reshape(dims)
+    try:
+        return np.asarray(values, dtype=dtype).reshape(dims)
+    except (OverflowError, ValueError) as exc:  # e.g. 300 in uint_contents of a UINT8 tensor
+        raise InvalidArgument(f"tensor '{name}': {field} values do not fit {datatype}: {exc}") from None
 
 
 def add_inputs(request: pb.ModelInferRequest, arrays: Mapping[str, Any]) -> int:
@@ -159,11 +195,12 @@ def add_inputs(request: pb.ModelInferRequest, arrays: Mapping[str, Any]) -> int:
     return sent
 
 
-def read_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+def read_inputs(request: pb.ModelInferRequest, *, max_elements: int = MAX_ELEMENTS) -> dict[str, np.ndarray]:
     """Decode every input of a request (raw or typed contents) into arrays.
 
     Raises:
         InvalidArgument: mismatched counts, duplicate names, or a bad tensor.
+        ResourceExhausted: a tensor over ``max_elements`` elements.
     """
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
@@ -173,12 +210,18 @@ def read_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
         )
     out: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(request.inputs):
+        if not tensor.name:
+            raise InvalidArgument(f"input {i} has an empty name")
         if tensor.name in out:
             raise InvalidArgument(f"tensor '{tensor.name}' is given twice")
         if raw:
-            out[tensor.name] = decode_array(tensor.name, tensor.datatype, tensor.shape, raw[i])
+            out[tensor.name] = decode_array(
+                tensor.name, tensor.datatype, tensor.shape, raw[i], max_elements=max_elements
+            )
         else:
-            out[tensor.name] = _decode_contents(tensor.name, tensor.datatype, tensor.shape, tensor.contents)
+            out[tensor.name] = _decode_contents(
+                tensor.name, tensor.datatype, tensor.shape, tensor.contents, max_elements
+            )
     return out
 
 

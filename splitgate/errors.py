@@ -20,6 +20,7 @@ __all__ = [
     "DeadlineExceeded",
     "InternalError",
     "BundleError",
+    "ConfigError",
     "from_rpc_error",
     "error_for_code",
 ]
@@ -83,6 +84,14 @@ class BundleError(SplitgateError):
     """A plan bundle is missing, malformed, or fails its integrity check."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ConfigError(SplitgateError, ValueError):
+    """A setting is invalid: unreadable TLS files, a bad token, or plaintext to
+    a remote host without an explicit ``insecure=True``. Raised at start-up,
+    never on the wire."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
 
 
 _BY_CODE: dict[grpc.StatusCode, type[SplitgateError]] = {

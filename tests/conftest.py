@@ -10,6 +10,8 @@ import pytest
 # A device this much slower than the test machine makes the split trade-off
 # real for the tiny zoo model (phone-class compute vs a server core).
 SLOW_DEVICE = 600.0
+# The shared tier's request size limit (small, so tests can cross it cheaply).
+CLOUD_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +50,11 @@ def cloud_tier(zoo_bundle, slow_device_bundle) -> Iterator[object]:
     from cloud import CloudConfig, start_local
 
     tier = start_local(
-        CloudConfig(bundles=[str(zoo_bundle.root), str(slow_device_bundle.root)], grpc_port=0)
+        CloudConfig(
+            bundles=[str(zoo_bundle.root), str(slow_device_bundle.root)],
+            grpc_port=0,
+            max_message_bytes=CLOUD_MAX_MESSAGE_BYTES,
+        )
     )
     try:
         yield tier

@@ -138,3 +138,26 @@ def test_gateway_errors_are_typed(zoo_bundle, cloud_tier) -> None:
             gw.infer(model, x, partition="cloud", private=True)
         # ...and it still serves.
         assert gw.infer(model, x, partition="cloud").trace.fallback is None
+
+
+@pytest.mark.parametrize("encoding", ["fp16", "int8", "int8c", "zstd"])
+def test_compressed_cut_tensors_through_ray_serve(zoo_bundle, cloud_tier, encoding) -> None:
+    model = zoo_bundle.model_name
+    x = _input(zoo_bundle)
+    want = _expected(zoo_bundle, x)
+    cut = [p.id for p in zoo_bundle.partitions.values() if p.kind == "split"][0]
+    with Gateway([zoo_bundle], cloud=cloud_tier.address) as raw_gw, Gateway(
+        [zoo_bundle], cloud=cloud_tier.address, encoding=encoding
+    ) as gw:
+        raw = raw_gw.infer(model, x, partition=cut)
+        r = gw.infer(model, x, partition=cut)
+    assert r.trace.fallback is None
+    out = next(iter(r.outputs.values()))
+    if encoding == "zstd":
+        np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
+        assert r.trace.bytes_sent < raw.trace.bytes_sent
+    else:
+        # Lossy, but the classifier's answer must survive.
+        assert np.array_equal(out.argmax(axis=-1), want.argmax(axis=-1))
+        ratio = raw.trace.bytes_sent / r.trace.bytes_sent
+        assert ratio >= (1.9 if encoding == "fp16" else 3.5), f"{encoding} saved only {ratio:.2f}x"
