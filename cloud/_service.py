@@ -8,21 +8,23 @@ benchmarks. It raises typed :mod:`splitgate.errors`; hosts map them to statuses.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from cloud._batch import Item
 from planner import PlanBundle
 from splitgate import codec
 from splitgate.encoding import read_decoded_inputs
-from splitgate.errors import FailedPrecondition, InvalidArgument, NotFound
+from splitgate.errors import BundleError, FailedPrecondition, InvalidArgument, NotFound, SplitgateError
 from splitgate.protocol import inference_pb2 as pb
-from splitgate.validate import validate_inputs
+from splitgate.validate import Limits, validate_inputs, validate_outputs
 
 __all__ = [
     "SuffixService",
@@ -48,52 +50,162 @@ DEFAULT_PARTITION = "cloud"
 class SuffixService:
     """Serve the suffixes of every partition of a set of plan bundles.
 
+    Several versions of one model may be served at once, keyed by plan digest:
+    a request carrying ``splitgate.plan_digest`` runs on exactly that version
+    (FAILED_PRECONDITION if it is not served), one without it on the model's
+    *current* version. :meth:`add_bundle` loads a new version next to the old
+    ones, smoke-tests it and switches atomically; :meth:`activate` rolls back.
+    Suffix sessions are built from bytes whose sha256 matches the manifest, so
+    a file changed on disk after loading is refused (FAILED_PRECONDITION), never run.
+
     Parameters:
-        bundle_dirs: plan bundle directories (verified on load).
+        bundle_dirs: plan bundle directories (verified on load); the last one of
+            a model is its current version.
         intra_op_threads: onnxruntime threads per session (0 = ORT default).
+        limits: size limits and NaN policy applied to every ModelInfer request.
     """
 
-    def __init__(self, bundle_dirs: Iterable[str | Path], *, intra_op_threads: int = 0) -> None:
-        self._bundles: dict[str, PlanBundle] = {}
-        for d in bundle_dirs:
-            bundle = PlanBundle.load(d)
-            self._bundles[bundle.model_name] = bundle
+    def __init__(
+        self, bundle_dirs: Iterable[str | Path], *, intra_op_threads: int = 0, limits: Limits | None = None
+    ) -> None:
+        self._versions: dict[str, dict[str, PlanBundle]] = {}
+        self._current: dict[str, str] = {}
         self._threads = intra_op_threads
-        self._sessions: dict[tuple[str, str], ort.InferenceSession] = {}
+        self.limits = limits or Limits()
+        self._sessions: dict[tuple[str, str, str], ort.InferenceSession] = {}
         self._lock = threading.Lock()
         self._in_flight = 0
+        for d in bundle_dirs:
+            self.add_bundle(d, smoke=False)
+
+    # -- versions -----------------------------------------------------------
+
+    def add_bundle(
+        self, source: str | Path | PlanBundle, *, activate: bool = True, smoke: bool = True
+    ) -> PlanBundle:
+        """Load a bundle version next to those already served; with ``activate``
+        make it the model's current version, atomically.
+
+        With ``smoke``, the new version's whole-model suffix (partition
+        ``cloud``) runs once on zeros first; if that fails nothing changes.
+
+        Raises:
+            BundleError: the bundle fails its integrity check or the smoke run.
+        """
+        bundle = source if isinstance(source, PlanBundle) else PlanBundle.load(source)
+        if smoke:
+            self._smoke(bundle)
+        with self._lock:
+            self._versions.setdefault(bundle.model_name, {})[bundle.plan_digest] = bundle
+            if activate or bundle.model_name not in self._current:
+                self._current[bundle.model_name] = bundle.plan_digest
+        return bundle
+
+    def activate(self, model: str, digest: str) -> None:
+        """Make a served version current again (roll back, or forward)."""
+        self.bundle(model, digest)
+        with self._lock:
+            self._current[model] = digest
+
+    def remove_bundle(self, model: str, digest: str) -> None:
+        """Stop serving a version that is not current; its sessions are dropped."""
+        with self._lock:
+            if self._current.get(model) == digest:
+                raise FailedPrecondition(
+                    f"model '{model}': version {digest[:12]} is current; activate another first"
+                )
+            self._versions.get(model, {}).pop(digest, None)
+            for key in [k for k in self._sessions if k[0] == model and k[1] == digest]:
+                del self._sessions[key]
+
+    def versions(self, model: str) -> list[str]:
+        """Plan digests served for ``model``, oldest first."""
+        return list(self._versions.get(model, {}))
+
+    def current(self, model: str) -> str:
+        """The plan digest a request without one runs on."""
+        return self.bundle(model).plan_digest
+
+    def _smoke(self, bundle: PlanBundle) -> None:
+        part = bundle.partition("cloud")
+        feeds = {
+            spec.name: np.zeros(
+                [d if d >= 0 else 1 for d in spec.shape], dtype=codec.numpy_dtype(spec.datatype, tensor=spec.name)
+            )
+            for spec in part.cut_tensors
+        }
+        try:
+            self._load_session(bundle, part).run(None, feeds)
+        except SplitgateError as exc:
+            raise BundleError(f"bundle {bundle.root}: version not activated: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any failure refuses the version
+            raise BundleError(
+                f"bundle {bundle.root}: smoke run of model '{bundle.model_name}' failed, version not "
+                f"activated: {type(exc).__name__}: {exc}"
+            ) from None
 
     # -- lookup -----------------------------------------------------------
 
     @property
     def models(self) -> list[str]:
-        return sorted(self._bundles)
+        return sorted(self._current)
 
-    def bundle(self, model: str) -> PlanBundle:
+    def bundle(self, model: str, digest: str | None = None) -> PlanBundle:
+        """The served bundle of ``model``: version ``digest``, or the current one.
+
+        Raises:
+            NotFound: the model is not served.
+            FailedPrecondition: ``digest`` is not a served version of it.
+        """
+        versions = self._versions.get(model)
+        if not versions:
+            raise NotFound(f"model '{model}' is not served here; served models: {self.models}")
+        if not digest:
+            return versions[self._current[model]]
         try:
-            return self._bundles[model]
+            return versions[digest]
         except KeyError:
-            raise NotFound(f"model '{model}' is not served here; served models: {self.models}") from None
+            served = [d[:12] for d in versions]
+            raise FailedPrecondition(
+                f"model '{model}': request plan digest {digest[:12]} differs from the served "
+                f"plan(s) {served}; reload the bundle on the edge"
+            ) from None
 
-    def _session(self, model: str, partition_id: str) -> tuple[ort.InferenceSession, object]:
-        bundle = self.bundle(model)
+    def _load_session(self, bundle: PlanBundle, partition) -> ort.InferenceSession:
+        """A suffix session built from bytes whose sha256 matches the manifest."""
+        path = Path(partition.suffix_path)
+        rel = path.relative_to(bundle.root).as_posix()
+        files = bundle.manifest.get("files", {})
+        data = path.read_bytes() if path.is_file() else b""
+        if rel in files and hashlib.sha256(data).hexdigest() != files[rel]:
+            raise BundleError(
+                f"model '{bundle.model_name}' partition '{partition.id}': {rel} in {bundle.root} fails its "
+                "sha256 check (changed on disk since the bundle was loaded); refused"
+            )
+        opts = ort.SessionOptions()
+        if self._threads:
+            opts.intra_op_num_threads = self._threads
+        if f"{rel}.data" in files:  # external weights: ORT resolves them next to the file
+            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+    def _session(
+        self, model: str, partition_id: str, digest: str | None = None
+    ) -> tuple[ort.InferenceSession, object]:
+        bundle = self.bundle(model, digest)
         partition = bundle.partition(partition_id)
         if partition.suffix_path is None:
             raise InvalidArgument(
                 f"model '{model}' partition '{partition_id}' runs entirely on the device; "
                 "it has no cloud suffix"
             )
-        key = (model, partition_id)
+        key = (model, bundle.plan_digest, partition_id)
         with self._lock:
             session = self._sessions.get(key)
-            if session is None:
-                opts = ort.SessionOptions()
-                if self._threads:
-                    opts.intra_op_num_threads = self._threads
-                session = ort.InferenceSession(
-                    str(partition.suffix_path), opts, providers=["CPUExecutionProvider"]
-                )
-                self._sessions[key] = session
+        if session is None:
+            session = self._load_session(bundle, partition)  # outside the lock: may take a while
+            with self._lock:
+                session = self._sessions.setdefault(key, session)
         return session, partition
 
     # -- OIP methods --------------------------------------------------------
@@ -102,7 +214,7 @@ class SuffixService:
         return pb.ServerLiveResponse(live=True)
 
     def server_ready(self) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=bool(self._bundles))
+        return pb.ServerReadyResponse(ready=bool(self._current))
 
     def server_metadata(self) -> pb.ServerMetadataResponse:
         from splitgate import __version__
@@ -110,7 +222,7 @@ class SuffixService:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=["splitgate"])
 
     def model_ready(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=request.name in self._bundles)
+        return pb.ModelReadyResponse(ready=request.name in self._current)
 
     def model_metadata(self, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
         """Metadata of the full model; ``version`` may name a partition to describe its suffix."""
@@ -139,32 +251,27 @@ class SuffixService:
         """
         params = codec.read_params(request.parameters)
         model = request.model_name
-        bundle = self.bundle(model)
         partition_id = str(params.get(PARAM_PARTITION, DEFAULT_PARTITION))
         digest = params.get(PARAM_PLAN_DIGEST)
-        if digest and digest != bundle.plan_digest:
-            raise FailedPrecondition(
-                f"model '{model}': request plan digest {str(digest)[:12]} differs from the served "
-                f"plan {bundle.plan_digest[:12]}; reload the bundle on the edge"
-            )
-        session, partition = self._session(model, partition_id)
+        bundle = self.bundle(model, str(digest) if digest else None)
+        session, partition = self._session(model, partition_id, bundle.plan_digest)
         where = f"model '{model}' partition '{partition_id}'"
         # Cut tensors may arrive compressed (splitgate.encoding); decode before validating.
-        feeds = validate_inputs(read_decoded_inputs(request), partition.cut_tensors, where=where)
-        wanted = [o.name for o in request.outputs]
+        feeds = validate_inputs(
+            read_decoded_inputs(request), partition.cut_tensors, where=where, limits=self.limits
+        )
         names = [o.name for o in session.get_outputs()]
-        for name in wanted:
-            if name not in names:
-                raise InvalidArgument(f"{where}: unknown requested output {name!r}; outputs are {names}")
+        wanted = validate_outputs([o.name for o in request.outputs], names, where=where)
         dynamic = frozenset(t.name for t in partition.cut_tensors if t.shape and t.shape[0] < 0)
         item = Item(
-            key=(model, partition_id), feeds=feeds, outputs=tuple(wanted or names), batchable_inputs=dynamic
+            key=(model, partition_id, bundle.plan_digest), feeds=feeds, outputs=tuple(wanted),
+            batchable_inputs=dynamic,
         )
         return Prepared(item=item, model=model, partition_id=partition_id, request_id=request.id,
                         plan_digest=bundle.plan_digest, where=where)
 
-    def run(self, key: tuple[str, str], outputs: tuple[str, ...], feeds: dict) -> list:
-        """Run the suffix ``key`` = (model, partition) once. Raises InvalidArgument."""
+    def run(self, key: tuple[str, str, str], outputs: tuple[str, ...], feeds: dict) -> list:
+        """Run the suffix ``key`` = (model, partition, plan digest) once. Raises InvalidArgument."""
         session, _ = self._session(*key)
         return _run(session, list(outputs), feeds, f"model '{key[0]}' partition '{key[1]}'")
 

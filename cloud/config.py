@@ -68,18 +68,9 @@ class CloudConfig:
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> CloudConfig:
         """Load from a .toml or .yaml file; ``overrides`` that are not None win."""
-        path = Path(path)
-        text = path.read_text()
-        if path.suffix == ".toml":
-            import tomllib
+        from splitgate.config import read_section
 
-            data = tomllib.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        data = data.get("cloud", data)
-        return cls.from_dict(data, where=str(path), **overrides)
+        return cls.from_dict(read_section(path, "cloud"), where=str(path), **overrides)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, where: str = "cloud config", **overrides: Any) -> CloudConfig:

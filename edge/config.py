@@ -53,17 +53,9 @@ class GatewayConfig:
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> GatewayConfig:
         """Load from a .toml or .yaml file (an ``[edge]`` table or top level)."""
-        path = Path(path)
-        text = path.read_text()
-        if path.suffix == ".toml":
-            import tomllib
+        from splitgate.config import read_section
 
-            data = tomllib.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        data = data.get("edge", data)
+        data = read_section(path, "edge")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -27,6 +27,7 @@ import grpc.experimental.gevent as grpc_gevent
 
 grpc_gevent.init_gevent()
 
+import ipaddress  # noqa: E402
 import itertools  # noqa: E402
 import logging  # noqa: E402
 import random  # noqa: E402
@@ -141,13 +142,25 @@ ENDPOINTS_EXTENSION = "splitgate.endpoints="
 
 
 def discover_endpoints(address: str, timeout_s: float = 5.0) -> list[str]:
-    """The replicas' direct gRPC endpoints a tier advertises (empty if none)."""
+    """The replicas' direct gRPC endpoints a tier advertises (empty if none).
+
+    When ``address`` is a loopback address the tier is local, and the
+    endpoints' hosts (Ray's node IP) are replaced by it: load stays on loopback.
+    """
     with grpc.insecure_channel(address) as channel:
         meta = pb_grpc.GRPCInferenceServiceStub(channel).ServerMetadata(pb.ServerMetadataRequest(), timeout=timeout_s)
+    found: list[str] = []
     for ext in meta.extensions:
         if ext.startswith(ENDPOINTS_EXTENSION):
-            return [e for e in ext[len(ENDPOINTS_EXTENSION):].split(",") if e]
-    return []
+            found = [e for e in ext[len(ENDPOINTS_EXTENSION):].split(",") if e]
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        found = [f"{address.rsplit(':', 1)[0]}:{e.rsplit(':', 1)[1]}" for e in found]
+    return found
 
 
 @events.test_start.add_listener

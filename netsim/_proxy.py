@@ -1,15 +1,18 @@
 """An asyncio TCP proxy that shapes the link between edge and cloud.
 
 Each direction has its own bandwidth (a token bucket: bytes leave no faster
-than the rate), one-way delay (half the RTT, plus uniform jitter) and an outage
-switch. Bytes are forwarded unchanged, so gRPC/HTTP2 passes through as is. The
-proxy runs its event loop in a background thread so that synchronous code
-(tests, the Gateway) can use it, and conditions can change at run time.
+than the rate), one-way delay (half the RTT, plus uniform jitter), packet loss
+(emulated as TCP sees it: a lost packet is retransmitted after an RTO, and
+everything behind it waits), stalls and an outage switch. Bytes are forwarded
+unchanged, so gRPC/HTTP2 passes through as is. The proxy runs its event loop in
+a background thread so that synchronous code (tests, the Gateway) can use it,
+and conditions can change at run time (see :class:`netsim.ScheduleDriver`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import threading
 import time
@@ -18,6 +21,10 @@ from dataclasses import dataclass, replace
 __all__ = ["LinkConditions", "ShapingProxy"]
 
 _CHUNK = 16 * 1024  # small chunks keep the rate smooth at low bandwidth
+#: Bytes per emulated packet (Ethernet MSS) for the loss model.
+MSS = 1460
+#: Linux's minimum retransmission timeout, ms.
+MIN_RTO_MS = 200.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,12 @@ class LinkConditions:
         jitter_ms: uniform extra delay in [0, jitter_ms] per chunk, kept in order.
         outage: True = nothing passes (bytes are held, new connections stall);
             with ``reset_on_outage`` connections are closed instead.
+        loss: probability that a packet (:data:`MSS` bytes) is lost. A TCP
+            proxy cannot drop bytes of a stream, so a loss is emulated the way
+            TCP experiences it: the link stalls for one retransmission
+            (:attr:`rto_ms`) and everything behind the lost packet waits.
+        retransmit_ms: the retransmission delay of a lost packet; None = one
+            RTO, ``max(200 ms, 2 x RTT)`` (Linux's minimum RTO is 200 ms).
     """
 
     uplink_mbps: float | None = None
@@ -38,6 +51,15 @@ class LinkConditions:
     rtt_ms: float = 0.0
     jitter_ms: float = 0.0
     outage: bool = False
+    loss: float = 0.0
+    retransmit_ms: float | None = None
+
+    @property
+    def rto_ms(self) -> float:
+        """Delay added per lost packet, ms."""
+        if self.retransmit_ms is not None:
+            return self.retransmit_ms
+        return max(MIN_RTO_MS, 2.0 * self.rtt_ms)
 
 
 class _Direction:
@@ -47,11 +69,12 @@ class _Direction:
         self.free_at = 0.0  # when the link finishes sending what it already holds
         self.last_delivery = 0.0
 
-    def schedule(self, nbytes: int, rate_mbps: float | None, delay_s: float) -> float:
+    def schedule(self, nbytes: int, rate_mbps: float | None, delay_s: float, stall_s: float = 0.0) -> float:
         now = time.monotonic()
         start = max(now, self.free_at)
         tx = 0.0 if not rate_mbps else nbytes * 8 / (rate_mbps * 1e6)
-        self.free_at = start + tx
+        # A retransmission stalls the link: later chunks wait behind it.
+        self.free_at = start + tx + stall_s
         # Keep order: jitter may not let a chunk overtake the previous one.
         self.last_delivery = max(self.free_at + delay_s, self.last_delivery)
         return self.last_delivery
@@ -94,6 +117,7 @@ class ShapingProxy:
         self._resume: asyncio.Event | None = None
         self.bytes_up = 0
         self.bytes_down = 0
+        self.losses = 0
         self.port = 0
 
     # -- control ----------------------------------------------------------
@@ -114,6 +138,16 @@ class ShapingProxy:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._apply_outage, was_out, new.outage)
         return new
+
+    def stall(self, duration_ms: float) -> None:
+        """Freeze the link for ``duration_ms`` (a handover, a tunnel entrance): an
+        outage that ends by itself. Connections are held, not reset."""
+        self.set(outage=True)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.call_later, duration_ms / 1e3, self._end_stall)
+
+    def _end_stall(self) -> None:
+        self.set(outage=False)
 
     def _apply_outage(self, was_out: bool, now_out: bool) -> None:
         assert self._resume is not None
@@ -239,7 +273,8 @@ class ShapingProxy:
                 c = self._conditions
                 rate = c.uplink_mbps if uplink else c.downlink_mbps
                 delay = (c.rtt_ms / 2 + (self._rng.uniform(0, c.jitter_ms) if c.jitter_ms else 0)) / 1e3
-                queue.put_nowait((direction.schedule(len(data), rate, delay), data))
+                stall = self._losses(len(data), c.loss) * c.rto_ms / 1e3 if c.loss > 0 else 0.0
+                queue.put_nowait((direction.schedule(len(data), rate, delay, stall), data))
                 if uplink:
                     self.bytes_up += len(data)
                 else:
@@ -252,3 +287,10 @@ class ShapingProxy:
                 await sender
             except (ConnectionError, OSError, asyncio.CancelledError):
                 pass
+
+    def _losses(self, nbytes: int, loss: float) -> int:
+        """How many of the packets carrying ``nbytes`` are lost (binomial draw)."""
+        packets = max(1, math.ceil(nbytes / MSS))
+        lost = sum(1 for _ in range(packets) if self._rng.random() < loss)
+        self.losses += lost
+        return lost

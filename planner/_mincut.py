@@ -34,7 +34,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import networkx as nx
-from networkx.algorithms.flow import shortest_augmenting_path
+from networkx.algorithms.flow import boykov_kolmogorov
 
 from planner._graph import ModelGraph
 from splitgate.errors import InvalidArgument
@@ -294,7 +294,7 @@ def min_cut(
     for u, v in inf_edges:
         if u != v:
             flow.add_edge(u, v)  # no 'capacity' attribute: infinite in networkx
-    _, (source_side, _) = nx.minimum_cut(flow, "s", "t", flow_func=shortest_augmenting_path)
+    _, (source_side, _) = nx.minimum_cut(flow, "s", "t", flow_func=boykov_kolmogorov)
     device: set[str] = set()
     for i, seg in enumerate(problem.segments):
         if head[i] not in source_side:

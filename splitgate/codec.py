@@ -24,6 +24,7 @@ __all__ = [
     "MAX_DIM",
     "MAX_ELEMENTS",
     "nominal_elements",
+    "check_shape",
     "datatype_of",
     "numpy_dtype",
     "encode_array",
@@ -120,7 +121,13 @@ def nominal_elements(dims: Sequence[int]) -> int:
     return math.prod(d for d in dims if d)
 
 
-def _checked_shape(name: str, shape: Sequence[int], max_elements: int = MAX_ELEMENTS) -> tuple[int, ...]:
+def check_shape(name: str, shape: Sequence[int], max_elements: int = MAX_ELEMENTS) -> tuple[int, ...]:
+    """Check a declared shape before anything is allocated; return it as ints.
+
+    Raises:
+        InvalidArgument: rank above MAX_RANK, a negative dimension or one above MAX_DIM.
+        ResourceExhausted: more than ``max_elements`` elements (zero dimensions ignored).
+    """
     dims = tuple(int(d) for d in shape)
     if len(dims) > MAX_RANK:
         raise InvalidArgument(f"tensor '{name}': rank {len(dims)} exceeds the limit of {MAX_RANK} dimensions")
@@ -151,7 +158,7 @@ def decode_array(
         ResourceExhausted: more than MAX_ELEMENTS elements (zero dimensions ignored).
     """
     dtype = numpy_dtype(datatype, tensor=name)
-    dims = _checked_shape(name, shape, max_elements)
+    dims = check_shape(name, shape, max_elements)
     expected = math.prod(dims) * dtype.itemsize
     if len(raw) != expected:
         raise InvalidArgument(
@@ -168,7 +175,7 @@ def _decode_contents(
     name: str, datatype: str, shape: Sequence[int], contents: Any, max_elements: int = MAX_ELEMENTS
 ) -> np.ndarray:
     dtype = numpy_dtype(datatype, tensor=name)
-    dims = _checked_shape(name, shape, max_elements)
+    dims = check_shape(name, shape, max_elements)
     field = _CONTENTS_FIELD.get(datatype)
     if field is None:
         raise InvalidArgument(f"tensor '{name}': {datatype} must be sent as raw contents")

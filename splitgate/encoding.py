@@ -187,8 +187,7 @@ def _decode_one(name: str, wire: np.ndarray, params: dict, companions: dict[str,
         except ValueError:
             raise InvalidArgument(f"tensor '{name}': {P_SHAPE} must be comma-separated integers") from None
         dtype = codec.numpy_dtype(datatype, tensor=name)
-        if any(d < 0 for d in shape):
-            raise InvalidArgument(f"tensor '{name}': shape {shape} has a negative dimension")
+        shape = list(codec.check_shape(name, shape))  # bounds the decompressed size before allocating
         expected = math.prod(shape) * dtype.itemsize
         try:
             # max_output_size bounds memory: a zstd bomb cannot inflate past the declared size.
