@@ -16,6 +16,8 @@ import grpc
 
 from cloud._service import SuffixService
 from splitgate.errors import SplitgateError
+from splitgate.security import AuthInterceptor, TlsConfig, TokenCheck, add_inference_servicer, secure_server_port
+from splitgate.validate import Limits
 from splitgate.protocol import inference_pb2 as pb
 from splitgate.protocol import inference_pb2_grpc as pb_grpc
 
@@ -77,18 +79,27 @@ def start_baseline(
     workers: int = 8,
     intra_op_threads: int = 0,
     max_message_bytes: int = 64 * 1024 * 1024,
+    tls: TlsConfig | None = None,
+    auth: TokenCheck | None = None,
+    limits: Limits | None = None,
 ) -> BaselineServer:
-    """Serve ``bundle_dirs`` over OIP gRPC on 127.0.0.1 with a plain grpcio server."""
-    service = SuffixService(bundle_dirs, intra_op_threads=intra_op_threads)
+    """Serve ``bundle_dirs`` over OIP gRPC on 127.0.0.1 with a plain grpcio server.
+
+    ``tls`` serves TLS (mutual with ``tls.require_client_cert``); ``auth``
+    answers UNAUTHENTICATED to calls without an accepted token; ``limits`` are
+    the size limits and NaN policy of :class:`~splitgate.validate.Limits`.
+    """
+    service = SuffixService(bundle_dirs, intra_op_threads=intra_op_threads, limits=limits)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers),
+        interceptors=[AuthInterceptor(auth)] if auth is not None else None,
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ],
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(_Servicer(service), server)
-    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    add_inference_servicer(_Servicer(service), server)
+    bound = secure_server_port(server, f"127.0.0.1:{port}", tls=tls)
     server.start()
     return BaselineServer(server, bound)
 

@@ -13,6 +13,7 @@ import numpy as np
 from splitgate import codec
 from splitgate.encoding import add_encoded_inputs
 from splitgate.errors import SplitgateError, Unavailable, from_rpc_error
+from splitgate.security import TlsConfig, auth_metadata, open_channel
 from splitgate.protocol import inference_pb2 as pb
 from splitgate.protocol import inference_pb2_grpc as pb_grpc
 
@@ -66,6 +67,10 @@ class CloudClient:
             them every ``refresh_s`` seconds.
         refresh_s: how often to re-discover endpoints (replicas come and go).
         down_s: how long an endpoint that answered UNAVAILABLE is skipped.
+        tls: TLS settings (the server's CA; a client cert/key for mutual TLS),
+            used for the proxy and every direct endpoint.
+        token: sent as ``authorization: Bearer <token>`` on every call.
+        insecure: allow plaintext to a non-loopback address (never implied).
 
     A call that fails with UNAVAILABLE on a direct endpoint (a replica gone or
     draining) is retried once through the proxy and the endpoint is skipped for
@@ -82,6 +87,9 @@ class CloudClient:
         discover: bool = False,
         refresh_s: float = 10.0,
         down_s: float = 5.0,
+        tls: TlsConfig | None = None,
+        token: str | None = None,
+        insecure: bool = False,
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
@@ -89,7 +97,10 @@ class CloudClient:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
-        self._channel = grpc.insecure_channel(address, options=self._options)
+        self._tls = tls
+        self._insecure = insecure
+        self._metadata = auth_metadata(token)
+        self._channel = open_channel(address, tls=tls, insecure=insecure, options=self._options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._lock = threading.Lock()
         self._direct: dict[str, tuple[grpc.Channel, pb_grpc.GRPCInferenceServiceStub]] = {}
@@ -116,7 +127,7 @@ class CloudClient:
         """Ask the proxy which replica endpoints serve directly now; keep the old list on failure."""
         self._refreshed_at = time.monotonic()
         try:
-            meta = self._stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=timeout_s)
+            meta = self._stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=timeout_s, metadata=self._metadata)
         except grpc.RpcError:
             return self.endpoints
         found: list[str] = []
@@ -133,7 +144,10 @@ class CloudClient:
                 self._down.pop(gone, None)
             for new in endpoints:
                 if new not in self._direct and new != self.address:
-                    channel = grpc.insecure_channel(new, options=self._options)
+                    try:
+                        channel = open_channel(new, tls=self._tls, insecure=self._insecure, options=self._options)
+                    except SplitgateError:  # a plaintext endpoint off this host: use the proxy
+                        continue
                     self._direct[new] = (channel, pb_grpc.GRPCInferenceServiceStub(channel))
 
     def _targets(self) -> list[tuple[str, pb_grpc.GRPCInferenceServiceStub]]:
@@ -167,7 +181,7 @@ class CloudClient:
         for i, (address, stub) in enumerate(targets):
             remaining = max(deadline - time.monotonic(), 0.001)
             try:
-                return getattr(stub, method)(request, timeout=remaining)
+                return getattr(stub, method)(request, timeout=remaining, metadata=self._metadata)
             except grpc.RpcError as exc:
                 error = _typed(exc)
                 if isinstance(error, Unavailable) and i + 1 < len(targets):

@@ -32,7 +32,8 @@ from edge._sessions import SessionCache
 from edge.config import GatewayConfig
 from planner import Conditions, Partition, PlanBundle
 from splitgate.errors import BundleError, InvalidArgument, NotFound, SplitgateError
-from splitgate.validate import validate_inputs
+from splitgate.security import TlsConfig
+from splitgate.validate import Limits, validate_inputs
 
 __all__ = ["Gateway", "AsyncGateway", "Result", "Trace"]
 
@@ -102,7 +103,11 @@ class _Core:
         self.refused: dict[str, dict[str, str]] = {}
         for b in bundles:
             self.add_bundle(b)
-        self.client = CloudClient(config.cloud, timeout_s=config.deadline_ms / 1e3) if config.cloud else None
+        self.client = CloudClient(
+            config.cloud, timeout_s=config.deadline_ms / 1e3, tls=TlsConfig.from_dict(config.cloud_tls),
+            token=config.cloud_token, insecure=config.cloud_insecure,
+        ) if config.cloud else None
+        self.limits = Limits(nan_policy=config.nan_policy)
         self.sessions = SessionCache(config.intra_op_threads)
         self.link = LinkMonitor(stale_after_s=config.probe_interval_s)
         self.battery = BatteryMonitor(config.battery_pct)
@@ -249,7 +254,7 @@ class _Core:
             raise InvalidArgument(f"deadline_ms must be positive, got {deadline_ms}")
         deadline = start + budget_s
         bundle = self.bundle(model)
-        feeds = validate_inputs(inputs, bundle.inputs, where=f"model '{model}'")
+        feeds = validate_inputs(inputs, bundle.inputs, where=f"model '{model}'", limits=self.limits)
         private = bool(private) or model in self.config.private_models
         key = None
         if self.cache is not None:

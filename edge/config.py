@@ -32,6 +32,11 @@ class GatewayConfig:
         battery_pct: fixed battery level (None = read from the OS).
         encoding: wire encoding of cut tensors when the plan names none
             ("raw", "fp16", "int8", "int8c", "zstd"; see splitgate.encoding).
+        cloud_tls: TLS to the cloud tier: a ``splitgate.security.TlsConfig``
+            mapping (``ca``; ``cert``/``key`` for mutual TLS; ``server_name``).
+        cloud_token: bearer token sent to the cloud tier on every call.
+        cloud_insecure: allow plaintext to a non-loopback cloud address.
+        nan_policy: ``"allow"`` or ``"reject"`` NaN/Inf in float inputs (INVALID_ARGUMENT).
     """
 
     cloud: str | None = None
@@ -49,6 +54,10 @@ class GatewayConfig:
     device_slowdown: float = 1.0
     battery_pct: float | None = None
     encoding: str = "raw"
+    cloud_tls: dict[str, Any] | None = None
+    cloud_token: str | None = None
+    cloud_insecure: bool = False
+    nan_policy: str = "allow"
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> GatewayConfig:

@@ -121,12 +121,13 @@ def nominal_elements(dims: Sequence[int]) -> int:
     return math.prod(d for d in dims if d)
 
 
-def check_shape(name: str, shape: Sequence[int], max_elements: int = MAX_ELEMENTS) -> tuple[int, ...]:
+def check_shape(name: str, shape: Sequence[int], max_elements: int | None = MAX_ELEMENTS) -> tuple[int, ...]:
     """Check a declared shape before anything is allocated; return it as ints.
 
     Raises:
         InvalidArgument: rank above MAX_RANK, a negative dimension or one above MAX_DIM.
-        ResourceExhausted: more than ``max_elements`` elements (zero dimensions ignored).
+        ResourceExhausted: more than ``max_elements`` elements (zero dimensions
+            ignored; None = not checked here).
     """
     dims = tuple(int(d) for d in shape)
     if len(dims) > MAX_RANK:
@@ -137,7 +138,7 @@ def check_shape(name: str, shape: Sequence[int], max_elements: int = MAX_ELEMENT
         raise InvalidArgument(
             f"tensor '{name}': shape {list(dims)} has a dimension above the limit of {MAX_DIM}"
         )
-    if nominal_elements(dims) > max_elements:
+    if max_elements is not None and nominal_elements(dims) > max_elements:
         raise ResourceExhausted(
             f"tensor '{name}': shape {list(dims)} has {nominal_elements(dims)} elements, "
             f"more than the limit of {max_elements}"
@@ -158,13 +159,14 @@ def decode_array(
         ResourceExhausted: more than MAX_ELEMENTS elements (zero dimensions ignored).
     """
     dtype = numpy_dtype(datatype, tensor=name)
-    dims = check_shape(name, shape, max_elements)
+    dims = check_shape(name, shape, None)
     expected = math.prod(dims) * dtype.itemsize
     if len(raw) != expected:
         raise InvalidArgument(
             f"tensor '{name}': {len(raw)} bytes of raw contents, expected {expected} "
             f"for {datatype} shape {list(dims)}"
         )
+    check_shape(name, dims, max_elements)  # bytes match: only an honest but too large tensor is left
     arr = np.frombuffer(raw, dtype=dtype).reshape(dims)
     if datatype == "BOOL" and arr.size and arr.view(np.uint8).max() > 1:
         raise InvalidArgument(f"tensor '{name}': BOOL bytes must be 0 or 1")
