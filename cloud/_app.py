@@ -26,7 +26,9 @@ from ray.serve.grpc_util import RayServegRPCContext
 from cloud._batch import group_batches, run_group
 from cloud._service import SuffixService
 from cloud.config import CloudConfig
-from splitgate.errors import ResourceExhausted, SplitgateError
+from splitgate.errors import ResourceExhausted, SplitgateError, Unauthenticated
+from splitgate.security import TokenCheck, token_digest
+from splitgate.validate import Limits
 from splitgate.protocol import inference_pb2 as pb
 
 __all__ = ["InferenceDeployment", "build_app", "SERVICER_FUNCTION", "ENDPOINTS_EXTENSION"]
@@ -71,6 +73,11 @@ class InferenceDeployment:
         batch_wait_timeout_s: how long a batch waits for mates after its first request.
         max_message_bytes: largest ModelInfer request accepted (RESOURCE_EXHAUSTED above).
         compute_threads: threads that run suffix batches concurrently.
+        token_digests: sha256 of the accepted bearer tokens (None = no token auth);
+            every RPC without one is answered UNAUTHENTICATED.
+        nan_policy: ``"allow"`` or ``"reject"`` NaN/Inf in float cut tensors.
+        publish_endpoints: list the replicas' direct-ingress endpoints in
+            ServerMetadata (off when clients must come through a TLS front).
     """
 
     def __init__(
@@ -81,8 +88,16 @@ class InferenceDeployment:
         batch_wait_timeout_s: float = 0.002,
         max_message_bytes: int = 64 * 1024 * 1024,
         compute_threads: int = 1,
+        token_digests: Sequence[str] | None = None,
+        nan_policy: str = "allow",
+        publish_endpoints: bool = True,
     ) -> None:
-        self._service = SuffixService(bundle_dirs, intra_op_threads=intra_op_threads)
+        self._service = SuffixService(
+            bundle_dirs, intra_op_threads=intra_op_threads,
+            limits=Limits(nan_policy=nan_policy, max_request_bytes=int(max_message_bytes)),
+        )
+        self._auth = TokenCheck(digests=token_digests) if token_digests else None
+        self._publish = publish_endpoints
         self._max_batch = max(int(max_batch_size), 1)
         self._max_bytes = int(max_message_bytes)
         self._pool = ThreadPoolExecutor(max_workers=max(compute_threads, 1), thread_name_prefix="suffix")
@@ -96,16 +111,33 @@ class InferenceDeployment:
 
     # -- health and metadata ------------------------------------------------
 
+    def _denied(self, grpc_context: RayServegRPCContext) -> bool:
+        """Check the bearer token (when auth is on); set UNAUTHENTICATED and return True if bad."""
+        if self._auth is None:
+            return False
+        try:
+            self._auth.check(grpc_context.invocation_metadata())
+        except Unauthenticated as exc:
+            _fail(grpc_context, exc)
+            return True
+        return False
+
     def ServerLive(self, request: pb.ServerLiveRequest, grpc_context: RayServegRPCContext):
+        if self._denied(grpc_context):
+            return pb.ServerLiveResponse()
         return _answer(grpc_context, pb.ServerLiveResponse(), self._service.server_live)
 
     def ServerReady(self, request: pb.ServerReadyRequest, grpc_context: RayServegRPCContext):
+        if self._denied(grpc_context):
+            return pb.ServerReadyResponse()
         return _answer(grpc_context, pb.ServerReadyResponse(), self._service.server_ready)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, grpc_context: RayServegRPCContext):
+        if self._denied(grpc_context):
+            return pb.ServerMetadataResponse()
         try:
             response = self._service.server_metadata()
-            endpoints = await self._direct_endpoints()
+            endpoints = await self._direct_endpoints() if self._publish else []
             if endpoints:
                 response.extensions.append(ENDPOINTS_EXTENSION + ",".join(endpoints))
             return response
@@ -114,9 +146,13 @@ class InferenceDeployment:
             return pb.ServerMetadataResponse()
 
     def ModelReady(self, request: pb.ModelReadyRequest, grpc_context: RayServegRPCContext):
+        if self._denied(grpc_context):
+            return pb.ModelReadyResponse()
         return _answer(grpc_context, pb.ModelReadyResponse(), lambda: self._service.model_ready(request))
 
     def ModelMetadata(self, request: pb.ModelMetadataRequest, grpc_context: RayServegRPCContext):
+        if self._denied(grpc_context):
+            return pb.ModelMetadataResponse()
         return _answer(
             grpc_context, pb.ModelMetadataResponse(), lambda: self._service.model_metadata(request)
         )
@@ -124,6 +160,8 @@ class InferenceDeployment:
     # -- inference ------------------------------------------------------------
 
     async def ModelInfer(self, request: pb.ModelInferRequest, grpc_context: RayServegRPCContext):
+        if self._denied(grpc_context):
+            return pb.ModelInferResponse()
         self._in_flight += 1
         depth = self._in_flight
         try:
@@ -234,4 +272,7 @@ def build_app(bundle_dirs: Sequence[str] | CloudConfig, **overrides: Any):
         config.batch_wait_timeout_s,
         config.max_message_bytes,
         config.compute_threads,
+        [token_digest(t) for t in config.auth_tokens] + list(config.auth_token_digests) or None,
+        config.nan_policy,
+        config.tls is None,  # behind a TLS front, the plaintext replica ports are not advertised
     )

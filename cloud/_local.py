@@ -48,12 +48,19 @@ def _free_port_block(rng: random.Random | None = None) -> int:
 
 
 class LocalCloud:
-    """A running embedded cloud tier. Use as a context manager or call :meth:`stop`."""
+    """A running embedded cloud tier. Use as a context manager or call :meth:`stop`.
 
-    def __init__(self, config: CloudConfig, started_ray: bool) -> None:
+    ``address`` is where clients connect: the TLS front when ``config.tls`` is
+    set, else Ray Serve's gRPC proxy. ``plain_address`` is always the proxy
+    (plaintext; keep it off the network when TLS is on).
+    """
+
+    def __init__(self, config: CloudConfig, started_ray: bool, front: object | None = None) -> None:
         self.config = config
         self._started_ray = started_ray
-        self.address = f"127.0.0.1:{config.grpc_port}"
+        self._front = front
+        self.plain_address = f"127.0.0.1:{config.grpc_port}"
+        self.address = front.address if front is not None else self.plain_address  # type: ignore[attr-defined]
 
     @property
     def endpoints(self) -> list[str]:
@@ -70,6 +77,8 @@ class LocalCloud:
         import ray
 
         try:
+            if self._front is not None:
+                self._front.stop()  # type: ignore[attr-defined]
             serve.shutdown()
         finally:
             if self._started_ray and ray.is_initialized():
@@ -82,25 +91,33 @@ class LocalCloud:
         self.stop()
 
 
-def _wait_ready(address: str, model_names: list[str], timeout_s: float, *, endpoints: bool = False) -> None:
+def _wait_ready(
+    address: str, model_names: list[str], timeout_s: float, *, endpoints: bool = False, token: str | None = None
+) -> None:
     """Wait until ``address`` answers ServerReady/ModelReady (and, with ``endpoints``,
     ServerMetadata lists the replicas' direct-ingress endpoints)."""
     from cloud._app import ENDPOINTS_EXTENSION
 
+    from splitgate.security import auth_metadata
+
+    md = auth_metadata(token)
     deadline = time.monotonic() + timeout_s
     last: object = None
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         while time.monotonic() < deadline:
             try:
-                if stub.ServerReady(pb.ServerReadyRequest(), timeout=5).ready and all(
-                    stub.ModelReady(pb.ModelReadyRequest(name=m), timeout=5).ready for m in model_names
+                if stub.ServerReady(pb.ServerReadyRequest(), timeout=5, metadata=md).ready and all(
+                    stub.ModelReady(pb.ModelReadyRequest(name=m), timeout=5, metadata=md).ready
+                    for m in model_names
                 ):
-                    meta = stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=5)
+                    meta = stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=5, metadata=md)
                     if not endpoints or any(e.startswith(ENDPOINTS_EXTENSION) for e in meta.extensions):
                         return
                     last = "no direct-ingress endpoints published yet"
             except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED and token is None:
+                    return  # auth by digest only: a replica answered, that is all we can tell
                 last = exc
             time.sleep(0.2)
     raise TimeoutError(f"cloud tier at {address} not ready after {timeout_s:.0f}s: {last}")
@@ -182,9 +199,24 @@ def start_local(config: CloudConfig, *, ready_timeout_s: float = 120.0) -> Local
     app = build_app(replace(config, bundles=[os.path.abspath(b) for b in config.bundles]))
     # route_prefix must be set: apps without one are not exposed on the gRPC proxy.
     serve.run(app, name=config.app_name, route_prefix="/")
-    cloud = LocalCloud(config, started_ray)
+    front = None
     try:
-        _wait_ready(cloud.address, names, ready_timeout_s, endpoints=config.direct_ingress)
+        if config.tls is not None:
+            from splitgate.security import TlsConfig, TlsFront
+
+            tls = TlsConfig.from_dict(config.tls)
+            assert tls is not None
+            front = TlsFront(f"127.0.0.1:{config.grpc_port}", tls, port=config.tls_port).start()
+    except BaseException:
+        LocalCloud(config, started_ray).stop()
+        raise
+    cloud = LocalCloud(config, started_ray, front)
+    try:
+        _wait_ready(
+            cloud.plain_address, names, ready_timeout_s,
+            endpoints=config.direct_ingress and config.tls is None,
+            token=config.auth_tokens[0] if config.auth_tokens else None,
+        )
     except BaseException:
         cloud.stop()
         raise

@@ -43,6 +43,15 @@ class CloudConfig:
         ray_address: an existing Ray cluster to join (None = start a local Ray).
         ray_num_cpus: CPUs given to the embedded local Ray (None = all).
         app_name: the Ray Serve application name.
+        tls: serve TLS: a ``splitgate.security.TlsConfig`` mapping (``cert``,
+            ``key``; ``ca`` + ``require_client_cert`` for mutual TLS). Ray Serve's
+            gRPC ingress has no TLS option, so the embedded tier terminates TLS
+            in a front on ``tls_port`` and clients use that address (README "Security").
+        tls_port: port of the TLS front (0 = a free one).
+        auth_tokens: bearer tokens accepted on every RPC (UNAUTHENTICATED
+            otherwise); only their sha256 reaches the replicas. Empty = no token auth.
+        auth_token_digests: accepted tokens given as sha256 hex instead.
+        nan_policy: ``"allow"`` or ``"reject"`` NaN/Inf in float cut tensors.
     """
 
     bundles: list[str] = field(default_factory=list)
@@ -64,6 +73,11 @@ class CloudConfig:
     ray_address: str | None = None
     ray_num_cpus: int | None = None
     app_name: str = "splitgate"
+    tls: dict[str, Any] | None = None
+    tls_port: int = 0
+    auth_tokens: list[str] = field(default_factory=list)
+    auth_token_digests: list[str] = field(default_factory=list)
+    nan_policy: str = "allow"
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> CloudConfig:

@@ -32,7 +32,7 @@ from edge._sessions import SessionCache
 from edge.config import GatewayConfig
 from planner import Conditions, Partition, PlanBundle
 from splitgate.errors import BundleError, InvalidArgument, NotFound, SplitgateError
-from splitgate.security import TlsConfig
+from splitgate.security import TlsConfig, raw_input_leaks
 from splitgate.validate import Limits, validate_inputs
 
 __all__ = ["Gateway", "AsyncGateway", "Result", "Trace"]
@@ -101,6 +101,8 @@ class _Core:
         self.config = config
         self.bundles: dict[str, PlanBundle] = {}
         self.refused: dict[str, dict[str, str]] = {}
+        self.previous: dict[str, tuple[PlanBundle, dict[str, str]]] = {}  # for rollback_bundle
+        self._swap_lock = threading.Lock()
         for b in bundles:
             self.add_bundle(b)
         self.client = CloudClient(
@@ -141,6 +143,66 @@ class _Core:
         self.bundles[bundle.model_name] = bundle
         self.refused[bundle.model_name] = refused
         return bundle
+
+    def update_bundle(self, source: str | Path, *, smoke: bool = True) -> PlanBundle:
+        """Load a new version of a model's bundle next to the old one and switch
+        atomically; the old one is kept for :meth:`rollback_bundle`.
+
+        Unlike :meth:`add_bundle`, a new version must be whole (every sha256
+        matches) and, with ``smoke``, run the full model once on zeros.
+
+        Raises:
+            BundleError: integrity or smoke failure; the old version keeps serving.
+        """
+        bundle = PlanBundle.load(source)
+        if smoke:
+            self._smoke(bundle)
+        with self._swap_lock:
+            old = self.bundles.get(bundle.model_name)
+            if old is not None:
+                self.previous[bundle.model_name] = (old, self.refused.get(bundle.model_name, {}))
+                if old.root.resolve() == bundle.root.resolve():
+                    self._evict_sessions(old)  # rebuilt in place: cached sessions are the old files
+            self.refused[bundle.model_name] = {}
+            self.bundles[bundle.model_name] = bundle  # one assignment: requests see old or new, whole
+        return bundle
+
+    def rollback_bundle(self, model: str) -> PlanBundle:
+        """Switch ``model`` back to the version before the last :meth:`update_bundle`."""
+        with self._swap_lock:
+            if model not in self.previous:
+                raise NotFound(f"model '{model}' has no previous bundle version to roll back to")
+            bundle, refused = self.previous.pop(model)
+            self.refused[model] = refused
+            self.bundles[model] = bundle
+        return bundle
+
+    def _smoke(self, bundle: PlanBundle) -> None:
+        from splitgate.codec import numpy_dtype
+
+        feeds = {
+            s.name: np.zeros([d if d >= 0 else 1 for d in s.shape], dtype=numpy_dtype(s.datatype, tensor=s.name))
+            for s in bundle.inputs
+        }
+        try:
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+            session.run(None, feeds)
+        except Exception as exc:  # noqa: BLE001 - any failure refuses the new version
+            raise BundleError(
+                f"bundle {bundle.root}: smoke inference of '{bundle.model_name}' failed, keeping the "
+                f"current version: {type(exc).__name__}: {exc}"
+            ) from None
+
+    def _evict_sessions(self, bundle: PlanBundle) -> None:
+        cache = getattr(self, "sessions", None)
+        if cache is None:
+            return
+        paths = {p for part in bundle.partitions.values() for p in (part.prefix_path, part.suffix_path) if p}
+        with cache._lock:  # noqa: SLF001 - drop sessions of files replaced on disk
+            for path in paths:
+                cache._sessions.pop(path, None)  # noqa: SLF001
 
     def bundle(self, model: str) -> PlanBundle:
         try:
@@ -268,7 +330,7 @@ class _Core:
         part, fallback = self._select(bundle, partition, private)
         trace = Trace(model=model, partition=part.id, fallback=fallback)
         try:
-            outputs = self._run(bundle, part, feeds, trace, deadline)
+            outputs = self._run(bundle, part, feeds, trace, deadline, private=private)
         except SplitgateError:
             self.metrics.record(trace, outcome="error")
             raise
@@ -278,12 +340,22 @@ class _Core:
             self.cache.put(key, outputs)  # type: ignore[union-attr]
         return Result(outputs=outputs, trace=trace)
 
-    def _run(self, bundle: PlanBundle, part: Partition, feeds: dict, trace: Trace, deadline: float) -> dict:
+    def _run(
+        self, bundle: PlanBundle, part: Partition, feeds: dict, trace: Trace, deadline: float,
+        *, private: bool = False,
+    ) -> dict:
         cut = feeds
         if part.prefix_path is not None:
             cut, trace.device_ms = self._device(part.prefix_path, feeds)
         if part.suffix_path is None:
             return cut
+        if private and raw_input_leaks(feeds, cut):
+            # The privacy floor, enforced on the bytes: a cut tensor that still
+            # holds a raw input verbatim (e.g. after Reshape/Identity) stays here.
+            trace.fallback = "privacy"
+            outputs, ms = self._local_suffix(bundle, part, cut)
+            trace.device_ms += ms
+            return outputs
         reply, local = self._cloud_leg(bundle, part, cut, trace, deadline)
         if reply is not None:
             self._observe(reply)
@@ -420,6 +492,15 @@ class Gateway:
     def add_bundle(self, source: str | Path | PlanBundle) -> PlanBundle:
         """Load (or replace) a model's bundle at run time."""
         return self._core.add_bundle(source)
+
+    def update_bundle(self, source: str | Path, *, smoke: bool = True) -> PlanBundle:
+        """Switch a model to a new bundle version atomically (verified and
+        smoke-tested first; on failure BundleError and the old version stays)."""
+        return self._core.update_bundle(source, smoke=smoke)
+
+    def rollback_bundle(self, model: str) -> PlanBundle:
+        """Switch a model back to the version before the last :meth:`update_bundle`."""
+        return self._core.rollback_bundle(model)
 
     def refused_partitions(self, model: str) -> dict[str, str]:
         """Partitions refused at load (corrupt or missing files): id -> reason."""

@@ -14,6 +14,8 @@ from splitgate import __version__, codec
 from splitgate.errors import InvalidArgument, SplitgateError
 from splitgate.protocol import inference_pb2 as pb
 from splitgate.protocol import inference_pb2_grpc as pb_grpc
+from splitgate.security import AuthInterceptor, TlsConfig, TokenCheck, add_inference_servicer, secure_server_port
+from splitgate.validate import check_deadline_ms, validate_outputs
 
 __all__ = ["EdgeServicer", "serve_edge"]
 
@@ -68,23 +70,22 @@ class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ModelInfer(self, request, context):
         def run() -> pb.ModelInferResponse:
             params = codec.read_params(request.parameters)
-            deadline = params.get(PARAM_DEADLINE_MS)
-            if deadline is not None and not isinstance(deadline, (int, float)):
-                raise InvalidArgument(f"parameter {PARAM_DEADLINE_MS} must be a number, got {deadline!r}")
+            deadline = check_deadline_ms(params.get(PARAM_DEADLINE_MS), name=f"parameter {PARAM_DEADLINE_MS}")
+            private = params.get(PARAM_PRIVATE, False)
+            if not isinstance(private, bool):
+                raise InvalidArgument(f"parameter {PARAM_PRIVATE} must be a bool, got {private!r}")
+            bundle = self.gateway.bundle(request.model_name)
+            wanted = validate_outputs(
+                [o.name for o in request.outputs], [o.name for o in bundle.outputs],
+                where=f"model '{request.model_name}'",
+            )
             result = self.gateway.infer(
                 request.model_name,
                 codec.read_inputs(request),
                 partition=str(params[PARAM_PARTITION]) if PARAM_PARTITION in params else None,
-                deadline_ms=float(deadline) if deadline is not None else None,
-                private=bool(params.get(PARAM_PRIVATE, False)),
+                deadline_ms=deadline,
+                private=private,
             )
-            wanted = [o.name for o in request.outputs] or list(result.outputs)
-            missing = [n for n in wanted if n not in result.outputs]
-            if missing:
-                raise InvalidArgument(
-                    f"model '{request.model_name}': unknown requested output {missing[0]!r}; "
-                    f"outputs are {list(result.outputs)}"
-                )
             response = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
             codec.add_outputs(response, {n: result.outputs[n] for n in wanted})
             t = result.trace
@@ -113,8 +114,16 @@ def serve_edge(
     metrics_port: int | None = None,
     max_workers: int = 8,
     max_message_bytes: int = 64 * 1024 * 1024,
+    tls: TlsConfig | None = None,
+    auth: TokenCheck | None = None,
+    insecure: bool = False,
 ) -> tuple[grpc.Server, int, Any]:
     """Start the edge OIP server (and a Prometheus endpoint if ``metrics_port`` is set).
+
+    ``tls`` serves TLS (mutual with ``tls.require_client_cert``); ``auth``
+    answers UNAUTHENTICATED to calls without an accepted bearer token.
+    Plaintext is served on a loopback ``host`` only, unless ``insecure=True``.
+    Requests whose bytes do not parse get INVALID_ARGUMENT.
 
     Returns:
         (server, bound port, metrics HTTP server or None; its ``server_port`` is
@@ -122,13 +131,14 @@ def serve_edge(
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
+        interceptors=[AuthInterceptor(auth)] if auth is not None else None,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ],
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(EdgeServicer(gateway), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    add_inference_servicer(EdgeServicer(gateway), server)
+    bound = secure_server_port(server, f"{host}:{port}", tls=tls, insecure=insecure)
     server.start()
     metrics_server = None
     if metrics_port is not None:

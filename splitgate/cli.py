@@ -78,6 +78,10 @@ def _cmd_cloud_serve(args: argparse.Namespace) -> int:
         )
     if not config.bundles:
         raise SplitgateError("no plan bundles given: pass BUNDLE directories or a config file with 'bundles'")
+    tls, tokens = _server_security(args)
+    if tls is not None:  # TLS front on the public port; Serve's plaintext proxy on a free one
+        config.tls, config.tls_port, config.grpc_port = tls, config.grpc_port, 0
+    config.auth_tokens = [*config.auth_tokens, *tokens]
     cloud = start_local(config)
     print(f"cloud tier serving {len(config.bundles)} bundle(s) on {cloud.address} (Ctrl-C to stop)", flush=True)
     stop = threading.Event()
@@ -100,6 +104,56 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
         raise SplitgateError(str(exc)) from None
 
 
+def _add_security_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("security (TLS or --insecure is required)")
+    g.add_argument("--tls-cert", default=None, help="server certificate chain (PEM); with --tls-key serves TLS")
+    g.add_argument("--tls-key", default=None, help="server private key (PEM)")
+    g.add_argument("--tls-ca", default=None, help="CA of client certificates (with --mtls)")
+    g.add_argument("--mtls", action="store_true", help="mutual TLS: refuse clients without a certificate from --tls-ca")
+    g.add_argument("--token", action="append", default=[], help="accepted bearer token (repeatable); off = no token auth")
+    g.add_argument("--token-file", default=None, help="file with accepted bearer tokens, one per line")
+    g.add_argument("--insecure", action="store_true", help="serve plaintext gRPC (explicitly, never by default)")
+
+
+def _server_security(args: argparse.Namespace) -> tuple[dict | None, list[str]]:
+    """(TLS mapping or None, accepted tokens) from the flags; refuses implicit plaintext."""
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise SplitgateError("TLS needs both --tls-cert and --tls-key")
+        tls = {"cert": args.tls_cert, "key": args.tls_key, "ca": args.tls_ca, "require_client_cert": args.mtls}
+    elif not args.insecure:
+        raise SplitgateError(
+            "refusing to serve without TLS: pass --tls-cert/--tls-key (dev certs: `splitgate certs -o certs`), "
+            "or --insecure for plaintext"
+        )
+    tokens = list(args.token)
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as fh:
+            tokens += [line.strip() for line in fh if line.strip()]
+    return tls, tokens
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from splitgate.security import generate_dev_certs
+
+    written = generate_dev_certs(args.output, hosts=args.host or ("localhost", "127.0.0.1", "::1"), days=args.days)
+    for path in written.values():
+        print(path)
+    return 0
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from experiments.runner import run_experiments
+
+    engines = ["analytic", "live"] if args.engine == "both" else [args.engine]
+    try:
+        run_experiments(args.specs, engines=engines, out_dir=args.out, cloud=args.cloud, repeats=args.repeats)
+    except (ValueError, KeyError) as exc:
+        raise SplitgateError(f"experiment spec: {exc}") from None
+    return 0
+
+
 def _cmd_edge_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -114,8 +168,18 @@ def _cmd_edge_serve(args: argparse.Namespace) -> int:
         config.deadline_ms = args.deadline_ms
     if not args.bundles:
         raise SplitgateError("no plan bundles given: pass BUNDLE directories")
+    from splitgate.security import TlsConfig, TokenCheck
+
+    tls, tokens = _server_security(args)
+    if args.cloud_ca or args.cloud_cert:
+        config.cloud_tls = {"ca": args.cloud_ca, "cert": args.cloud_cert, "key": args.cloud_key}
+    config.cloud_token = args.cloud_token or config.cloud_token
+    config.cloud_insecure = args.cloud_insecure or config.cloud_insecure
     gateway = Gateway(args.bundles, config=config)
-    server, port, _ = serve_edge(gateway, port=args.port, metrics_port=args.metrics_port)
+    server, port, _ = serve_edge(
+        gateway, port=args.port, metrics_port=args.metrics_port, tls=TlsConfig.from_dict(tls),
+        auth=TokenCheck(tokens) if tokens else None, insecure=args.insecure,
+    )
     where = f"cloud {config.cloud}" if config.cloud else "device only"
     metrics = f", Prometheus metrics on 127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else ""
     print(f"edge gateway serving {gateway.models} on 127.0.0.1:{port} ({where}){metrics}; Ctrl-C to stop", flush=True)
@@ -178,7 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
     eserve.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: off)")
     eserve.add_argument("--deadline-ms", type=float, default=None, help="per-request deadline")
     eserve.add_argument("--config", default=None, help="TOML or YAML file with [edge] settings")
+    _add_security_flags(eserve)
+    eserve.add_argument("--cloud-ca", default=None, help="CA that verifies the cloud tier (TLS to the cloud)")
+    eserve.add_argument("--cloud-cert", default=None, help="client certificate for mutual TLS to the cloud")
+    eserve.add_argument("--cloud-key", default=None, help="client key for mutual TLS to the cloud")
+    eserve.add_argument("--cloud-token", default=None, help="bearer token sent to the cloud tier")
+    eserve.add_argument("--cloud-insecure", action="store_true", help="allow plaintext to a non-loopback cloud")
     eserve.set_defaults(func=_cmd_edge_serve)
+
+    certs = sub.add_parser("certs", help="write a dev CA, server and client certificate (TLS / mutual TLS)")
+    certs.add_argument("-o", "--output", required=True, help="directory to write the PEM files to")
+    certs.add_argument("--host", action="append", default=[], help="server name/IP (repeatable; default localhost, 127.0.0.1, ::1)")
+    certs.add_argument("--days", type=int, default=30, help="validity in days")
+    certs.set_defaults(func=_cmd_certs)
 
     cloud = sub.add_parser("cloud", help="the Ray Serve cloud tier")
     cloud_sub = cloud.add_subparsers(dest="cloud_command", required=True)
@@ -193,9 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-message-bytes", type=int, default=None, help="largest request (default 64 MiB)")
     serve.add_argument("--no-direct-ingress", action="store_true", help="proxy only: replicas get no gRPC port of their own")
     serve.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    _add_security_flags(serve)
     serve.set_defaults(func=_cmd_cloud_serve)
 
     from loadtests._options import add_arguments as add_loadtest_arguments  # argparse only: cheap
+
+    exp = sub.add_parser("experiment", help="network-condition experiment(s): analytic and live engines, CSV, PNG")
+    exp.add_argument("specs", nargs="+", help="experiment spec YAML file(s), e.g. experiments/specs/*.yaml")
+    exp.add_argument("--engine", choices=["analytic", "live", "both"], default="both", help="which engine(s) to run")
+    exp.add_argument("--out", default="experiment-results", help="output directory (default: experiment-results)")
+    exp.add_argument("--cloud", default=None, help="host:port of a running cloud tier serving the specs' bundles")
+    exp.add_argument("--repeats", type=int, default=None, help="analytic trace replays (default: the spec's)")
+    exp.set_defaults(func=_cmd_experiment)
 
     loadtest = sub.add_parser("loadtest", help="locust load test of the cloud tier (reports: CSV, HTML, PNG)")
     add_loadtest_arguments(loadtest)

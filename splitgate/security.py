@@ -48,6 +48,7 @@ __all__ = [
     "generate_dev_certs",
     "add_inference_servicer",
     "secure_server_port",
+    "raw_input_leaks",
 ]
 
 AUTH_METADATA_KEY = "authorization"
@@ -490,3 +491,27 @@ def secure_server_port(server: grpc.Server, address: str, *, tls: TlsConfig | No
             "(--insecure) to accept unencrypted traffic from other hosts"
         )
     return server.add_insecure_port(address)
+
+
+# -- privacy ------------------------------------------------------------------------
+
+
+def raw_input_leaks(inputs: dict[str, Any], cut: dict[str, Any]) -> list[str]:
+    """Names of cut tensors that carry a raw input's bytes verbatim.
+
+    The privacy floor says raw inputs never leave the device; a cut right
+    after a layout-only op (Identity, Reshape, Flatten, Squeeze) would send
+    them anyway. Catches byte-identical copies (also inside a larger tensor);
+    a transposed or re-typed copy is not detected (the planner's floor is
+    what excludes such cuts).
+    """
+    import numpy as np
+
+    raws = [np.ascontiguousarray(a).tobytes() for a in inputs.values()]
+    raws = [r for r in raws if len(r) >= 16]  # too short to mean anything
+    leaks = []
+    for name, value in cut.items():
+        data = np.ascontiguousarray(value).tobytes()
+        if any(len(data) >= len(r) and r in data for r in raws):
+            leaks.append(name)
+    return leaks

@@ -1,0 +1,271 @@
+"""The analytic engine: trace-driven simulation from the bundle's measured profile.
+
+Each policy runs closed-loop over the trace in virtual time, exactly like the
+live engine's request threads: a request starts, takes its predicted latency,
+the next starts at the next slot of the spec's ``interval_ms`` grid. Per request:
+
+* device compute = the profile's ``device_ms`` of the partition
+  (``PlanBundle.estimate``'s input, measured by the planner);
+* the cut tensors (+ a small gRPC/HTTP2 framing overhead) cross the uplink by
+  integrating the trace's step-wise bandwidth (:meth:`Trace.transfer_end`;
+  zero during outages), then half the RTT, jitter (the max of one uniform draw
+  per 16 KB chunk, as the proxy keeps order) and loss (one RTO per lost
+  packet, as the proxy); the cloud computes ``cloud_ms``; the reply crosses the
+  downlink the same way. Without steps or loss this is exactly
+  ``PlanBundle.estimate(...).latency_ms``;
+* the Gateway's deadline hedge: if the cloud leg is later than
+  ``hedge_after`` (``0.8 x remaining``, then ``remaining - 1.2 x`` the local
+  suffix EWMA), the local suffix races it (fallback ``hedged``);
+* ``neurosurgeon`` and ``adaptive`` decide on a *monitored* estimate: the
+  Gateway's own :class:`edge._monitor.LinkMonitor` (fed the same observations a
+  live Gateway gets, on a virtual clock, with probes when stale) and, for
+  ``adaptive``, the Gateway's own :class:`edge._policy.Policy` (hysteresis).
+
+It runs thousands of requests per second of wall time; ``repeats`` replays
+the trace with different jitter/loss seeds.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from edge._monitor import Ewma, LinkMonitor
+from edge._policy import Policy
+from experiments._records import Record, energy_model, request_energy_mj
+from experiments.policies import neurosurgeon_choice, static_partition
+from experiments.spec import ExperimentSpec
+from netsim._proxy import MSS, LinkConditions
+from netsim.traces import Trace, TracePoint
+from planner import Conditions, PlanBundle
+
+__all__ = ["run_analytic", "simulate_policy", "UP_OVERHEAD", "DOWN_OVERHEAD"]
+
+#: Bytes a request adds to its cut tensors on the wire (HTTP/2 HEADERS + DATA
+#: frame headers, gRPC prefix, protobuf fields); measured through the proxy.
+UP_OVERHEAD = 400
+DOWN_OVERHEAD = 300
+_CHUNK = 16 * 1024
+# Assumed before the first measurement (the Gateway's defaults).
+_DEFAULT_UP, _DEFAULT_RTT = 10.0, 50.0
+
+Progress = Callable[[int], None]
+
+
+def warm_partitions(bundle: PlanBundle, policy: str, nominal: Conditions) -> list[str]:
+    """Partitions a policy may run (warmed up before the live run, in this order)."""
+    fixed = static_partition(policy, bundle, nominal)
+    if fixed is not None:
+        return [fixed]
+    profiled = (bundle.profile or {}).get("partitions", {})
+    return [pid for pid in bundle.partitions if pid in profiled]
+
+
+@dataclass
+class _State:
+    now: float = 0.0
+    probing: bool = False
+    local: Ewma = field(default_factory=Ewma)
+    pending: list[tuple[float, int, str, tuple]] = field(default_factory=list)
+    counter: int = 0
+
+    def later(self, t: float, kind: str, *args: object) -> None:
+        self.counter += 1
+        heapq.heappush(self.pending, (t, self.counter, kind, args))
+
+
+class _Sim:
+    """One policy over one trace replay."""
+
+    def __init__(self, spec: ExperimentSpec, bundle: PlanBundle, trace: Trace, policy: str, rng: random.Random):
+        self.spec, self.bundle, self.trace, self.policy, self.rng = spec, bundle, trace, policy, rng
+        self.entries = bundle.profile["partitions"]  # type: ignore[index]
+        self.em = energy_model(bundle)
+        self.st = _State()
+        self.monitor = LinkMonitor(stale_after_s=spec.probe_interval_s, clock=lambda: self.st.now)
+        self.gw_policy = Policy(spec.hysteresis)
+        self.fixed = static_partition(policy, bundle, spec.nominal)
+        self.device_full = float(self.entries["device"]["device_ms"])
+
+    # -- the network -------------------------------------------------------------
+
+    def _leg(self, t: float, nbytes: int, direction: str) -> float:
+        """Arrival time of ``nbytes`` sent at ``t`` (bandwidth, delay, jitter, loss, outages)."""
+        end = self.trace.transfer_end(t, nbytes, direction)
+        if math.isinf(end):
+            return end
+        p = self.trace.at(end)
+        extra = p.rtt_ms / 2
+        if p.jitter_ms:
+            n = max(1, math.ceil(nbytes / _CHUNK))
+            extra += p.jitter_ms * self.rng.random() ** (1.0 / n)
+        if p.loss:
+            packets = max(1, math.ceil(nbytes / MSS))
+            lost = sum(1 for _ in range(packets) if self.rng.random() < p.loss) if packets < 2000 else \
+                int(round(self.rng.gauss(packets * p.loss, math.sqrt(packets * p.loss * (1 - p.loss)))))
+            extra += max(lost, 0) * LinkConditions(rtt_ms=p.rtt_ms).rto_ms
+        return self.trace.outage_end(end + extra / 1e3)
+
+    def _round_trip(self, t: float, up: int, down: int, cloud_ms: float) -> float:
+        arrive = self._leg(t, up, "up")
+        if math.isinf(arrive):
+            return arrive
+        return self._leg(arrive + cloud_ms / 1e3, down, "down")
+
+    # -- monitor ------------------------------------------------------------------
+
+    def _apply_pending(self) -> None:
+        st = self.st
+        while st.pending and st.pending[0][0] <= st.now:
+            t, _, kind, args = heapq.heappop(st.pending)
+            saved, st.now = st.now, t
+            if kind == "rtt":
+                self.monitor.observe_rtt(*args)
+            elif kind == "obs":
+                self.monitor.observe(*args)
+            elif kind == "probe_done":
+                st.probing = False
+            st.now = saved
+
+    def _probe(self, t: float, sync: bool) -> float:
+        """A Gateway probe started at ``t``: ServerLive RTT, then a payload. Returns its end time."""
+        rt_end = self._round_trip(t, UP_OVERHEAD // 2, DOWN_OVERHEAD // 2, 0.0)
+        if math.isinf(rt_end):
+            return rt_end
+        bw_end = self._round_trip(rt_end, self.spec.probe_bytes + UP_OVERHEAD, DOWN_OVERHEAD, 0.0)
+        if sync:
+            self.monitor.observe_rtt((rt_end - t) * 1e3)
+            if not math.isinf(bw_end):
+                self.monitor.observe(self.spec.probe_bytes, 0, (bw_end - rt_end) * 1e3)
+        else:
+            self.st.later(rt_end, "rtt", (rt_end - t) * 1e3)
+            if not math.isinf(bw_end):
+                self.st.later(bw_end, "obs", self.spec.probe_bytes, 0, (bw_end - rt_end) * 1e3)
+            self.st.later(bw_end if not math.isinf(bw_end) else rt_end + 10.0, "probe_done")
+        return bw_end
+
+    def _monitored(self) -> Conditions:
+        est = self.monitor.estimate()
+        return Conditions(
+            uplink_mbps=est.uplink_mbps or _DEFAULT_UP, downlink_mbps=est.downlink_mbps,
+            rtt_ms=est.rtt_ms if est.rtt_ms is not None else _DEFAULT_RTT, battery_pct=100.0,
+        )
+
+    def warm_up(self, partitions: list[str]) -> None:
+        """What the live engine's warm-up teaches the Gateway (through the initial link)."""
+        if self.policy not in ("adaptive", "neurosurgeon"):
+            return
+        for pid in partitions:
+            e = self.entries[pid]
+            if pid == "device":
+                continue
+            for _ in range(2):
+                up, down = int(e["up_bytes"]), int(e["down_bytes"])
+                end = self._round_trip(0.0, up + UP_OVERHEAD, down + DOWN_OVERHEAD, float(e["cloud_ms"]))
+                if not math.isinf(end):
+                    self.monitor.observe(up + UP_OVERHEAD, down + DOWN_OVERHEAD, end * 1e3 - float(e["cloud_ms"]))
+        self._probe(0.0, sync=True)
+
+    # -- one request ------------------------------------------------------------------
+
+    def _choose(self) -> tuple[str, float]:
+        """(partition, ms spent probing first)."""
+        if self.fixed is not None:
+            return self.fixed, 0.0
+        p = self.trace.at(self.st.now)
+        if self.policy == "mincut":
+            return self.bundle.choose(Conditions(uplink_mbps=p.uplink_mbps, downlink_mbps=p.downlink_mbps,
+                                                 rtt_ms=p.rtt_ms)), 0.0
+        extra = 0.0
+        est = self.monitor.estimate()
+        if self.policy == "adaptive" and (est.rtt_ms is None or est.uplink_mbps is None):
+            end = self._probe(self.st.now, sync=True)
+            extra = (end - self.st.now) * 1e3
+        elif self.monitor.stale() and not self.st.probing:
+            self.st.probing = True
+            self._probe(self.st.now, sync=False)
+        if self.policy == "neurosurgeon":
+            return neurosurgeon_choice(self.bundle, self._monitored()), extra
+        return self.gw_policy.choose(self.bundle, self._monitored()), extra
+
+    def request(self, rep: int, seq: int) -> Record:
+        st = self.st
+        self._apply_pending()
+        start = st.now
+        point: TracePoint = self.trace.at(start)
+        pid, probe_ms = self._choose()
+        e = self.entries[pid]
+        t0 = start + probe_ms / 1e3
+        dev = float(e["device_ms"])
+        cloud = float(e["cloud_ms"])
+        up, down = int(e["up_bytes"]), int(e["down_bytes"])
+        fallback, network_ms, sent, received = "", 0.0, 0, 0
+        if pid == "device":
+            latency = probe_ms + dev
+        else:
+            t1 = t0 + dev / 1e3
+            back = self._round_trip(t1, up + UP_OVERHEAD, down + DOWN_OVERHEAD, cloud)
+            cloud_leg = (back - t1) * 1e3
+            remaining = self.spec.deadline_ms - dev - probe_ms
+            local_ms = max(self.device_full - dev, 0.0)
+            hedge = self.spec.gateway.get("hedge", True)
+            hedge_after = (max(remaining - 1.2 * st.local.value, 0.0) if st.local.value else 0.8 * remaining) \
+                if hedge else remaining
+            if cloud_leg <= hedge_after or (hedge and cloud_leg <= hedge_after + local_ms):
+                latency = probe_ms + dev + cloud_leg
+                network_ms = cloud_leg - cloud
+                sent, received = up + UP_OVERHEAD, down + DOWN_OVERHEAD
+                self.monitor.observe(sent, received, network_ms)
+            else:
+                fallback = "hedged" if hedge else "deadline_exceeded"
+                latency = probe_ms + dev + hedge_after + local_ms
+                st.local.add(local_ms)
+                if cloud_leg <= remaining:  # the late reply still teaches the monitors
+                    st.later(back, "obs", up + UP_OVERHEAD, down + DOWN_OVERHEAD, cloud_leg - cloud)
+                dev += local_ms
+                cloud = 0.0
+        energy = request_energy_mj(
+            self.em, point.radio, device_ms=dev, latency_ms=latency, bytes_sent=sent, bytes_received=received,
+            uplink_mbps=point.uplink_mbps, downlink_mbps=point.downlink_mbps,
+        )
+        st.now = self.spec.next_start(start + latency / 1e3)
+        return Record("analytic", self.policy, rep, seq, round(start, 4), point.label, point.uplink_mbps,
+                      point.downlink_mbps, point.rtt_ms, point.outage, pid, latency, energy, dev, network_ms,
+                      cloud, sent, received, fallback)
+
+
+def simulate_policy(spec: ExperimentSpec, bundle: PlanBundle, policy: str, *, rep: int = 0,
+                    seed: int = 0) -> list[Record]:
+    """One closed-loop run of ``policy`` over the spec's trace."""
+    sim = _Sim(spec, bundle, spec.trace, policy, random.Random(seed * 1009 + rep * 7919 + zlib.crc32(policy.encode())))
+    sim.warm_up(warm_partitions(bundle, policy, spec.nominal))
+    out, seq = [], 0
+    while sim.st.now < spec.trace.duration_s:
+        out.append(sim.request(rep, seq))
+        seq += 1
+    return out
+
+
+def run_analytic(spec: ExperimentSpec, bundle: PlanBundle, *, repeats: int | None = None,
+                 progress: Progress | None = None) -> list[Record]:
+    """All the spec's policies over ``repeats`` replays of its trace.
+
+    Raises:
+        splitgate.errors.BundleError: the bundle has no profile.
+    """
+    if not bundle.has_profile:
+        from splitgate.errors import BundleError
+
+        raise BundleError(f"bundle {bundle.root} has no profile; the analytic engine needs one")
+    n = spec.analytic_repeats if repeats is None else repeats
+    records: list[Record] = []
+    for rep in range(n):
+        for policy in spec.policies:
+            records += simulate_policy(spec, bundle, policy, rep=rep, seed=spec.seed)
+        if progress is not None:
+            progress(1)
+    return records

@@ -1,0 +1,48 @@
+"""The policies compared: which partition each runs for a request.
+
+* ``device``       -- everything on the device (edge-only).
+* ``cloud``        -- everything in the cloud (raw inputs sent).
+* ``neurosurgeon`` -- Neurosurgeon-style (Kang et al., ASPLOS'17): scan the
+  *chain* cuts (single-tensor ``cut-K``, plus device and cloud) and take the one
+  with the lowest predicted latency for the bandwidth measured now.
+* ``dads``         -- DADS-style (Hu et al., INFOCOM'19) static min-cut: the
+  bundle's min-cut choice for the spec's *nominal* conditions, made once and
+  never changed.
+* ``adaptive``     -- splitgate: the Gateway's own policy (decision table +
+  hysteresis over the monitored link estimate).
+* ``mincut``       -- an oracle: the min-cut choice for the *true* current
+  conditions (what DADS evaluates per bandwidth); used by the reproduction.
+"""
+
+from __future__ import annotations
+
+from planner import Conditions, PlanBundle
+
+__all__ = ["POLICIES", "STATIC", "chain_partitions", "neurosurgeon_choice", "static_partition"]
+
+POLICIES = ("device", "cloud", "neurosurgeon", "dads", "adaptive", "mincut")
+#: Policies that run one partition for the whole run.
+STATIC = ("device", "cloud", "dads")
+
+
+def chain_partitions(bundle: PlanBundle) -> list[str]:
+    """The bundle's profiled chain-cut partitions, with ``device`` and ``cloud``."""
+    profiled = set((bundle.profile or {}).get("partitions", {}))
+    return [pid for pid, p in bundle.partitions.items()
+            if pid in profiled and (p.kind != "split" or pid.startswith("cut-"))]
+
+
+def neurosurgeon_choice(bundle: PlanBundle, c: Conditions) -> str:
+    """The chain cut with the lowest predicted latency under ``c``."""
+    return min(chain_partitions(bundle), key=lambda pid: bundle.estimate(pid, c).latency_ms)
+
+
+def static_partition(policy: str, bundle: PlanBundle, nominal: Conditions) -> str | None:
+    """The fixed partition of a static policy (None for dynamic ones)."""
+    if policy == "device":
+        return "device"
+    if policy == "cloud":
+        return "cloud"
+    if policy == "dads":
+        return bundle.choose(nominal)
+    return None

@@ -1,0 +1,225 @@
+"""``splitgate experiment``: plan, run both engines, write CSV, tables and plots."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from experiments._records import Record, Summary, adaptive_vs_static, summarize, write_csv
+from experiments.spec import ExperimentSpec, load_spec
+from planner import PlanBundle
+
+__all__ = ["ExperimentResult", "prepare_bundle", "run_experiments", "summary_table", "DADS_PUBLISHED"]
+
+#: DADS (INFOCOM'19) speedup of its min-cut vs edge-only, per uplink (the issue's reference).
+DADS_PUBLISHED = {"cat1": 1.46, "3g": 4.14, "4g": 7.23, "wifi": 8.32}
+
+
+@dataclass
+class ExperimentResult:
+    """What one spec produced."""
+
+    spec: ExperimentSpec
+    records: list[Record]
+    summaries: list[Summary]
+    out_dir: Path
+    files: list[Path] = field(default_factory=list)
+    reproduction: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def prepare_bundle(spec: ExperimentSpec, workdir: Path, progress=None) -> PlanBundle:  # type: ignore[no-untyped-def]
+    """Export (zoo) and plan the spec's model for its device; reuse a bundle planned
+    with the same options in ``workdir``."""
+    from planner import build_bundle, load_bundle
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    opts = {"reference_cuts": 6, **spec.plan, "device_slowdown": spec.device_slowdown}
+    if spec.device_profile:
+        opts["device_profile"] = spec.device_profile
+    key = json.dumps({"model": spec.model, **opts}, sort_keys=True, default=str)
+    root = workdir / f"{spec.model_name}.bundle"
+    stamp = workdir / f"{spec.model_name}.options.json"
+    if (root / "manifest.json").is_file() and stamp.is_file() and stamp.read_text() == key:
+        return load_bundle(root)
+    if spec.model.endswith(".onnx"):
+        model = Path(spec.model)
+    else:
+        from planner.zoo import export_zoo_model
+
+        model = export_zoo_model(spec.model, workdir / f"{spec.model}.onnx", seed=0)
+    bundle = build_bundle(model, root, model_name=spec.model_name, progress=progress, **opts)
+    stamp.write_text(key)
+    return bundle
+
+
+def summary_table(result: ExperimentResult) -> Table:
+    """Per engine and policy: requests, latency, energy, bytes, fallbacks, partitions."""
+    t = Table(title=f"experiment '{result.spec.name}' ({result.spec.trace.name}, {result.spec.trace.duration_s:g} s)")
+    for col in ("engine", "policy", "n", "mean ms", "p50 ms", "p95 ms", "energy mJ", "KB sent", "fallbacks",
+                "partitions"):
+        t.add_column(col, justify="left" if col in ("engine", "policy", "partitions") else "right")
+    for s in result.summaries:
+        t.add_row(s.engine, s.policy, str(s.n), f"{s.mean_ms:.1f}", f"{s.p50_ms:.1f}", f"{s.p95_ms:.1f}",
+                  f"{s.energy_mj:.1f}", f"{s.kb_sent:.1f}", str(s.fallbacks), s.partitions)
+    return t
+
+
+def reproduction_rows(summaries_by_label: dict[str, list[Summary]], engine: str) -> list[dict]:
+    """DADS-style table rows: per trace label, edge-only / cloud-only / min-cut latency and speedups."""
+    rows = []
+    for label, sums in summaries_by_label.items():
+        by = {s.policy: s for s in sums if s.engine == engine}
+        best = by.get("mincut") or by.get("adaptive")
+        if best is None or "device" not in by or "cloud" not in by:
+            continue
+        rows.append({
+            "engine": engine, "link": label, "edge_ms": round(by["device"].mean_ms, 1),
+            "cloud_ms": round(by["cloud"].mean_ms, 1), "split_ms": round(best.mean_ms, 1),
+            "split_partition": best.partitions,
+            "speedup_vs_edge": round(by["device"].mean_ms / best.mean_ms, 2),
+            "speedup_vs_cloud": round(by["cloud"].mean_ms / best.mean_ms, 2),
+            "dads_published_vs_edge": DADS_PUBLISHED.get(label),
+        })
+    return rows
+
+
+def _write(result: ExperimentResult, console: Console) -> None:
+    from experiments import plots
+
+    out = result.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    result.files.append(write_csv(result.records, out / "records.csv"))
+    summary_path = out / "summary.csv"
+    with summary_path.open("w") as fh:
+        fields = list(asdict(result.summaries[0]).keys()) if result.summaries else []
+        fh.write(",".join(fields) + "\n")
+        for s in result.summaries:
+            fh.write(",".join(f'"{v}"' if isinstance(v, str) and "," in v else f"{v:.3f}" if isinstance(v, float)
+                              else str(v) for v in asdict(s).values()) + "\n")
+    result.files.append(summary_path)
+    result.files += plots.plot_all(result.records, result.spec, out)
+    console.print(summary_table(result))
+    for engine in dict.fromkeys(s.engine for s in result.summaries):
+        cmp = adaptive_vs_static(result.summaries, engine)
+        if cmp:
+            best, ms, ratio = cmp
+            console.print(f"  {engine}: adaptive {ratio * ms:.1f} ms vs best static '{best}' {ms:.1f} ms "
+                          f"-> [bold]{100 * (ratio - 1):+.1f}%[/]")
+    if result.spec.report == "dads":
+        by_label: dict[str, list[Record]] = {}
+        for r in result.records:
+            by_label.setdefault(r.label, []).append(r)
+        sums = {label: summarize(rs) for label, rs in by_label.items()}
+        for engine in dict.fromkeys(r.engine for r in result.records):
+            result.reproduction += reproduction_rows(sums, engine)
+        t = Table(title="DADS reproduction: speedup of the min-cut partition")
+        for col in ("engine", "link", "edge ms", "cloud ms", "split ms", "partition", "vs edge", "vs cloud",
+                    "DADS vs edge"):
+            t.add_column(col)
+        for row in result.reproduction:
+            t.add_row(row["engine"], row["link"], str(row["edge_ms"]), str(row["cloud_ms"]), str(row["split_ms"]),
+                      row["split_partition"], f"{row['speedup_vs_edge']:.2f}x", f"{row['speedup_vs_cloud']:.2f}x",
+                      f"{row['dads_published_vs_edge']}x" if row["dads_published_vs_edge"] else "-")
+        console.print(t)
+        path = out / "reproduction.json"
+        path.write_text(json.dumps(result.reproduction, indent=1) + "\n")
+        result.files.append(path)
+    for note in result.notes:
+        console.print(f"  [dim]{note}[/]")
+    console.print(f"  wrote {', '.join(str(p) for p in result.files)}")
+
+
+def run_experiments(
+    specs: Sequence[str | Path | ExperimentSpec],
+    *,
+    engines: Sequence[str] = ("analytic", "live"),
+    out_dir: str | Path = "experiment-results",
+    cloud: str | None = None,
+    repeats: int | None = None,
+    console: Console | None = None,
+) -> list[ExperimentResult]:
+    """Run specs in the given engines; write ``OUT/<name>/{records.csv, summary.csv, *.png}``.
+
+    Args:
+        specs: spec files or parsed specs.
+        engines: ``analytic`` and/or ``live``.
+        out_dir: output directory (bundles are planned into ``OUT/bundles``).
+        cloud: a running cloud tier serving the specs' bundles (default: start a local one for ``live``).
+        repeats: override the specs' analytic repeats.
+        console: where to print.
+    """
+    console = console or Console()
+    out = Path(out_dir)
+    parsed = [s if isinstance(s, ExperimentSpec) else load_spec(s) for s in specs]
+    bad = [e for e in engines if e not in ("analytic", "live")]
+    if bad:
+        raise ValueError(f"unknown engines {bad} (analytic, live)")
+    results = []
+    bundles: dict[str, PlanBundle] = {}
+    with _progress(console) as prog:
+        task = prog.add_task("plan bundles", total=len(parsed))
+        for spec in parsed:
+            bundles[spec.name] = prepare_bundle(spec, out / "bundles")
+            prog.advance(task)
+    for spec in parsed:
+        results.append(ExperimentResult(spec, [], [], out / spec.name))
+    if "analytic" in engines:
+        from experiments.analytic import run_analytic
+
+        with _progress(console) as prog:
+            for res in results:
+                n = res.spec.analytic_repeats if repeats is None else repeats
+                task = prog.add_task(f"analytic {res.spec.name}", total=n)
+                t0 = time.perf_counter()
+                recs = run_analytic(res.spec, bundles[res.spec.name], repeats=n,
+                                    progress=lambda k, task=task: prog.advance(task, k))
+                dt = time.perf_counter() - t0
+                res.records += recs
+                res.notes.append(f"analytic: {len(recs)} requests in {dt:.2f} s ({len(recs) / max(dt, 1e-9):.0f} req/s)")
+    if "live" in engines:
+        _run_live_all(results, bundles, cloud, console)
+    for res in results:
+        res.summaries = summarize(res.records)
+        _write(res, console)
+    return results
+
+
+def _run_live_all(results: list[ExperimentResult], bundles: dict[str, PlanBundle], cloud: str | None,
+                  console: Console) -> None:
+    from experiments.live import run_live
+
+    tier = None
+    if cloud is None:
+        from cloud import CloudConfig, start_local
+
+        roots = sorted({str(b.root) for b in bundles.values()})
+        with console.status("starting a local Ray Serve cloud tier"):
+            tier = start_local(CloudConfig(bundles=roots, grpc_port=0))
+        cloud = tier.address
+    try:
+        with _progress(console) as prog:
+            for res in results:
+                task = prog.add_task(f"live {res.spec.name}", total=res.spec.trace.duration_s)
+                t0 = time.perf_counter()
+                recs = run_live(res.spec, bundles[res.spec.name], cloud,
+                                progress=lambda s, task=task: prog.update(task, completed=s),
+                                log=lambda m, res=res: res.notes.append(f"live: {m}"))
+                prog.update(task, completed=res.spec.trace.duration_s)
+                res.records += recs
+                res.notes.append(f"live: {len(recs)} requests in {time.perf_counter() - t0:.1f} s wall")
+    finally:
+        if tier is not None:
+            tier.stop()
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f}"),
+                    TimeElapsedColumn(), console=console, transient=False)
