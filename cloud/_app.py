@@ -27,14 +27,17 @@ from cloud._batch import group_batches, run_group
 from cloud._service import SuffixService
 from cloud.config import CloudConfig
 from splitgate.errors import ResourceExhausted, SplitgateError, Unauthenticated
-from splitgate.security import TokenCheck, token_digest
+from splitgate.security import TokenCheck, malformed_message, token_digest
 from splitgate.validate import Limits
 from splitgate.protocol import inference_pb2 as pb
 
 __all__ = ["InferenceDeployment", "build_app", "SERVICER_FUNCTION", "ENDPOINTS_EXTENSION"]
 
 # What Ray Serve's gRPC ingress must import to expose the OIP service.
-SERVICER_FUNCTION = "splitgate.protocol.inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
+# (splitgate's registration: like the generated add_..._to_server, but bytes that
+# do not parse reach the deployment as a marker answered INVALID_ARGUMENT
+# instead of gRPC's UNKNOWN / INTERNAL.)
+SERVICER_FUNCTION = "splitgate.security.add_inference_servicer"
 # ServerMetadata.extensions entry that lists the replicas' direct-ingress gRPC
 # endpoints: "splitgate.endpoints=host:port,host:port" (absent without direct ingress).
 ENDPOINTS_EXTENSION = "splitgate.endpoints="
@@ -111,29 +114,34 @@ class InferenceDeployment:
 
     # -- health and metadata ------------------------------------------------
 
-    def _denied(self, grpc_context: RayServegRPCContext) -> bool:
-        """Check the bearer token (when auth is on); set UNAUTHENTICATED and return True if bad."""
-        if self._auth is None:
-            return False
-        try:
-            self._auth.check(grpc_context.invocation_metadata())
-        except Unauthenticated as exc:
-            _fail(grpc_context, exc)
+    def _denied(self, grpc_context: RayServegRPCContext, request: object = None) -> bool:
+        """Check the bearer token (when auth is on) and that the request parsed;
+        set UNAUTHENTICATED / INVALID_ARGUMENT and return True if not."""
+        if self._auth is not None:
+            try:
+                self._auth.check(grpc_context.invocation_metadata())
+            except Unauthenticated as exc:
+                _fail(grpc_context, exc)
+                return True
+        message = malformed_message(request)
+        if message is not None:
+            grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            grpc_context.set_details(message)
             return True
         return False
 
     def ServerLive(self, request: pb.ServerLiveRequest, grpc_context: RayServegRPCContext):
-        if self._denied(grpc_context):
+        if self._denied(grpc_context, request):
             return pb.ServerLiveResponse()
         return _answer(grpc_context, pb.ServerLiveResponse(), self._service.server_live)
 
     def ServerReady(self, request: pb.ServerReadyRequest, grpc_context: RayServegRPCContext):
-        if self._denied(grpc_context):
+        if self._denied(grpc_context, request):
             return pb.ServerReadyResponse()
         return _answer(grpc_context, pb.ServerReadyResponse(), self._service.server_ready)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, grpc_context: RayServegRPCContext):
-        if self._denied(grpc_context):
+        if self._denied(grpc_context, request):
             return pb.ServerMetadataResponse()
         try:
             response = self._service.server_metadata()
@@ -146,12 +154,12 @@ class InferenceDeployment:
             return pb.ServerMetadataResponse()
 
     def ModelReady(self, request: pb.ModelReadyRequest, grpc_context: RayServegRPCContext):
-        if self._denied(grpc_context):
+        if self._denied(grpc_context, request):
             return pb.ModelReadyResponse()
         return _answer(grpc_context, pb.ModelReadyResponse(), lambda: self._service.model_ready(request))
 
     def ModelMetadata(self, request: pb.ModelMetadataRequest, grpc_context: RayServegRPCContext):
-        if self._denied(grpc_context):
+        if self._denied(grpc_context, request):
             return pb.ModelMetadataResponse()
         return _answer(
             grpc_context, pb.ModelMetadataResponse(), lambda: self._service.model_metadata(request)
@@ -160,7 +168,7 @@ class InferenceDeployment:
     # -- inference ------------------------------------------------------------
 
     async def ModelInfer(self, request: pb.ModelInferRequest, grpc_context: RayServegRPCContext):
-        if self._denied(grpc_context):
+        if self._denied(grpc_context, request):
             return pb.ModelInferResponse()
         self._in_flight += 1
         depth = self._in_flight

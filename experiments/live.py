@@ -8,15 +8,16 @@ duration. Static policies and the chain scan pass ``partition=``; the
 ``adaptive`` policy is the Gateway's own (monitors, decision table, hysteresis,
 probes, hedging).
 
-The emulated device: the planner measured each partition's prefix on this
-machine and multiplied it by the spec's slowdown. Just before the run the
-engine times every prefix again (interleaved, median of many runs) and sets the
-Gateway's ``device_slowdown`` per request to ``planned / now`` of the partition
-about to run, so the live device reproduces the *planned* per-partition device
-times even when this shared machine is busier (or idler) than it was at
-planning time. (For ``adaptive`` the partition is predicted from the Gateway's
-own policy state; a request whose partition differs uses that prediction's
-factor — rare, and reported.)
+The emulated device (:class:`DeviceEmulator`): the planner measured each
+partition's prefix on this machine and multiplied it by the spec's slowdown.
+Just before the run the engine times every prefix again (interleaved, median
+of many runs), and during the run it tracks how much slower the device runs
+are than that calibration (this machine is shared and its load moves). It sets
+the Gateway's ``device_slowdown`` per request to ``planned / (calibrated x
+load)`` for the partition about to run, so the live device reproduces the
+*planned* per-partition device times. (For ``adaptive`` the partition is
+predicted from the Gateway's own policy state; a request whose partition
+differs uses that prediction's factor — rare, and reported.)
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from experiments.spec import ExperimentSpec
 from netsim import ScheduleDriver, ShapingProxy
 from planner import Conditions, PlanBundle
 
-__all__ = ["run_live", "calibrate_device"]
+__all__ = ["run_live", "calibrate_device", "DeviceEmulator"]
 
 Progress = Callable[[float], None]
 
@@ -57,8 +58,7 @@ def model_inputs(bundle: PlanBundle, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def calibrate_device(bundle: PlanBundle, *, rounds: int = 40, threads: int = 1) -> dict[str, float]:
-    """``device_slowdown`` per partition so that this machine, now, runs each
-    prefix in the profile's planned ``device_ms``: planned / median time now.
+    """Median ms of each profiled prefix on this machine now (``device`` = the full model).
 
     Prefixes are timed round-robin (so all see the same machine load) with the
     planner's device thread count.
@@ -79,16 +79,50 @@ def calibrate_device(bundle: PlanBundle, *, rounds: int = 40, threads: int = 1) 
             t0 = time.perf_counter()
             s.run(None, feeds)
             times[pid].append((time.perf_counter() - t0) * 1e3)
-    return {pid: max(1.0, float(entries[pid]["device_ms"]) / statistics.median(ts)) for pid, ts in times.items()}
+    return {pid: statistics.median(ts) for pid, ts in times.items()}
+
+
+class DeviceEmulator:
+    """Per-request ``device_slowdown`` so the emulated device runs each partition in its
+    planned time, tracking this shared machine's load as the run goes.
+
+    ``factor(p) = planned_ms(p) / (calibrated_ms(p) x load)``, where ``load`` is the
+    median, over the last ``window`` device runs of all policies, of (real compute
+    ms / calibrated ms). The real compute of a run is the Gateway's reported
+    ``device_ms`` divided by the factor it ran with.
+    """
+
+    def __init__(self, bundle: PlanBundle, window: int = 25) -> None:
+        self.planned = {pid: float(e["device_ms"]) for pid, e in bundle.profile["partitions"].items()}  # type: ignore[index]
+        self.calibrated = calibrate_device(bundle)
+        self.window = window
+        self._ratios: list[float] = []
+        self._lock = threading.Lock()
+
+    def load(self) -> float:
+        with self._lock:
+            return statistics.median(self._ratios) if self._ratios else 1.0
+
+    def factor(self, pid: str) -> float:
+        if pid not in self.calibrated:
+            return 1.0
+        return max(1.0, self.planned[pid] / (self.calibrated[pid] * self.load()))
+
+    def observe(self, pid: str, device_ms: float, factor: float) -> None:
+        if pid not in self.calibrated or device_ms <= 0 or factor < 1.0:
+            return
+        with self._lock:
+            self._ratios.append(device_ms / factor / self.calibrated[pid])
+            del self._ratios[:-self.window]
 
 
 class _Runner:
     """One policy's closed loop against its own Gateway and link."""
 
     def __init__(self, spec: ExperimentSpec, bundle: PlanBundle, policy: str, gw: Gateway,
-                 factors: dict[str, float], driver: ScheduleDriver, x: dict[str, np.ndarray]) -> None:
+                 device: DeviceEmulator, driver: ScheduleDriver, x: dict[str, np.ndarray]) -> None:
         self.spec, self.bundle, self.policy, self.gw = spec, bundle, policy, gw
-        self.factors, self.driver, self.x = factors, driver, x
+        self.device, self.driver, self.x = device, driver, x
         self.model = bundle.model_name
         self.fixed = static_partition(policy, bundle, spec.nominal)
         self.records: list[Record] = []
@@ -147,13 +181,16 @@ class _Runner:
             point = self.driver.trace.at(start_t)
             pid = self._choose()
             predicted = pid or self._predict_adaptive()
-            self.gw.config.device_slowdown = self.factors.get(predicted, self.spec.device_slowdown)
+            factor = self.device.factor(predicted)
+            self.gw.config.device_slowdown = factor
             t0 = time.perf_counter()
             result = self.gw.infer(self.model, self.x, partition=pid)
             latency = (time.perf_counter() - t0) * 1e3
             tr = result.trace
             if pid is None and tr.partition != predicted and not tr.fallback:
                 self.mispredicted += 1
+            elif not tr.fallback:
+                self.device.observe(tr.partition, tr.device_ms, factor)
             if tr.bytes_sent:
                 self._last_obs = time.monotonic()
             energy = request_energy_mj(
@@ -193,9 +230,9 @@ def run_live(
     """
     say = log or (lambda msg: None)
     x = model_inputs(bundle, spec.seed)
-    factors = calibrate_device(bundle)
-    say("device slowdown per partition (planned / now): "
-        + ", ".join(f"{k} {v:.0f}" for k, v in sorted(factors.items())))
+    device = DeviceEmulator(bundle)
+    say("device slowdown per partition at start (planned / now): "
+        + ", ".join(f"{k} {device.factor(k):.0f}" for k in sorted(device.calibrated)))
     first = spec.trace.points[0].conditions()
     proxies: dict[str, ShapingProxy] = {}
     gateways: dict[str, Gateway] = {}
@@ -211,9 +248,9 @@ def run_live(
                 [bundle], cloud=proxies[policy].address, intra_op_threads=1, battery_pct=100.0,
                 device_slowdown=1.0, hedge=bool(spec.gateway.get("hedge", True)), **settings,
             )
-        _warm_up(spec, bundle, gateways, x)
+        _warm_up(spec, bundle, gateways, x, device)
         driver = ScheduleDriver(spec.trace, proxies.values())
-        runners = [_Runner(spec, bundle, p, gateways[p], factors, driver, x) for p in spec.policies]
+        runners = [_Runner(spec, bundle, p, gateways[p], device, driver, x) for p in spec.policies]
         threads = [threading.Thread(target=r.run, name=f"policy-{r.policy}", daemon=True) for r in runners]
         driver.start()
         for t in threads:
@@ -223,6 +260,7 @@ def run_live(
             if progress is not None:
                 progress(min(driver.elapsed(), spec.trace.duration_s))
         driver.stop()
+        say(f"machine load during the run: device compute {device.load():.2f}x its calibration (tracked)")
         for r in runners:
             if r.error is not None:
                 raise RuntimeError(f"live engine: policy '{r.policy}' failed: {r.error!r}") from r.error
@@ -238,17 +276,21 @@ def run_live(
             proxy.stop()
 
 
-def _warm_up(spec: ExperimentSpec, bundle: PlanBundle, gateways: dict[str, Gateway], x: dict) -> None:
+def _warm_up(spec: ExperimentSpec, bundle: PlanBundle, gateways: dict[str, Gateway], x: dict,
+             device: DeviceEmulator) -> None:
     """Load every session a policy may use (device and cloud side), at slowdown 1,
-    through the trace's first conditions; then one probe, so monitors start sane."""
+    through the trace's first conditions; then one probe, so monitors start sane.
+    The second run of each partition seeds the device emulator's load estimate."""
     model = bundle.model_name
     errors: list[BaseException] = []
 
     def warm(policy: str, gw: Gateway) -> None:
         try:
             for pid in warm_partitions(bundle, policy, spec.nominal):
-                for _ in range(2):
-                    gw.infer(model, x, partition=pid)
+                for i in range(3):
+                    tr = gw.infer(model, x, partition=pid).trace
+                    if i and not tr.fallback:
+                        device.observe(pid, tr.device_ms, 1.0)
             if policy in ("adaptive", "neurosurgeon"):
                 gw.probe()
         except BaseException as exc:  # noqa: BLE001

@@ -13,8 +13,9 @@ Only loopback addresses are used. The path of a connection::
 
 Path-based unix sockets cross network namespaces, so nothing but the netns's
 own ``lo`` carries the shaped bytes. ``lo`` gets MTU 1500 so that tbf's burst
-stays above the MTU. Root qdisc: ``prio`` with a ``tbf`` per band and two u32
-filters (dport -> uplink band, sport -> downlink band).
+stays above the MTU. Root qdisc: ``htb`` (classification only; this kernel has
+no ``prio``) with a ``tbf`` leaf per direction and two u32 filters (dport ->
+uplink class, sport -> downlink class).
 """
 
 from __future__ import annotations
@@ -138,7 +139,10 @@ class TbfLink:
                 self.stop()
                 raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()}")
         try:
-            self._tc("qdisc", "add", "dev", "lo", "root", "handle", "1:", "prio", "bands", "3")
+            # htb only classifies (its classes are never the limit); the tbf leaves shape.
+            self._tc("qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb", "default", "30")
+            for cls in ("1:1", "1:2", "1:30"):
+                self._tc("class", "add", "dev", "lo", "parent", "1:", "classid", cls, "htb", "rate", "10gbit")
             self._band("add", "10:", "1:1", self._conditions.uplink_mbps)
             self._band("add", "20:", "1:2", self._conditions.downlink_mbps)
             p = str(self._inner_port)

@@ -123,15 +123,23 @@ def chain_cuts(g: ModelGraph) -> list[Cut]:
         n = idom[n]
     position = {name: i for i, name in enumerate(g.order)}
     cuts: list[Cut] = []
+    # The chain nodes are nested (each is an ancestor of the next), so their
+    # ancestor sets grow: one backward search over the whole walk, not one per cut.
+    closed: set[str] = set()
+    preds = g.graph.pred
     for name in sorted(chain, key=position.__getitem__):
+        stack = [name]
+        while stack:
+            v = stack.pop()
+            if v not in closed:
+                closed.add(v)
+                stack.extend(p for p in preds[v] if p not in closed)
         used = [
             t for t in g.node_outputs(name)
             if not g.is_constant(t) and (t in outputs or g.consumers.get(t))
         ]
-        if len(used) != 1 or used[0] in outputs:
+        if len(used) != 1 or used[0] in outputs or len(closed) >= total:
             continue
-        device_set = frozenset(nx.ancestors(g.graph, name) | {name})
-        if len(device_set) >= total:
-            continue
+        device_set = frozenset(closed)
         cuts.append(Cut(len(cuts) + 1, used[0], len(device_set), device_set))
     return cuts

@@ -26,6 +26,13 @@ single-consumer tensors is replaced by two vertices whose three possible
 states (all device, all cloud, split at the chain's best tensor) cost what the
 chain would. Chains are where most nodes of CNNs and transformers sit, so the
 flow network shrinks several-fold without losing optimality.
+
+Then the coarse graph is grouped by dominators (:mod:`planner._blocks`): the
+segments every input-to-output path passes through split it into small
+independent blocks (a residual block, an Inception module, a DenseNet layer),
+each solved on its own, mostly by enumerating its few closed subsets. One
+global flow over a DenseNet-121 is a long chain of blocks that
+Boykov-Kolmogorov augments path by path; block by block it is linear.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from dataclasses import dataclass
 import networkx as nx
 from networkx.algorithms.flow import boykov_kolmogorov
 
+from planner._blocks import CLOUD, DEVICE, SPLIT, Block, Link, decompose, whole
 from planner._graph import ModelGraph
 from splitgate.errors import InvalidArgument
 
@@ -77,6 +85,9 @@ class CutProblem:
         outputs: tensors that are graph outputs.
         nbytes: tensor -> bytes per sample.
         segments: the chain coarsening: lists of units, each a maximal chain.
+        segment_of: unit -> index of its segment.
+        links: tensors between segments (:class:`planner._blocks.Link`).
+        blocks: the dominator grouping (:func:`planner._blocks.decompose`).
     """
 
     def __init__(self, g: ModelGraph, tensor_bytes: Mapping[str, int] | None = None) -> None:
@@ -120,6 +131,10 @@ class CutProblem:
         assert unit_set >= {p for ps in self.preds.values() for p in ps}
         self.segments: list[list[str]] = self._chains()
         self.segment_of: dict[str, int] = {u: i for i, seg in enumerate(self.segments) for u in seg}
+        self.links: list[Link] = self._links()
+        splittable = [len(seg) > 1 for seg in self.segments]
+        self.blocks: list[Block] = decompose(len(self.segments), self.links, splittable)
+        self._whole: Block | None = None
 
     # -- structure --------------------------------------------------------------
 
@@ -148,6 +163,25 @@ class CutProblem:
             segments.append(seg)
         return segments
 
+    def _links(self) -> list[Link]:
+        """Tensors between segments (internal chain tensors left out)."""
+        links = []
+        for t in self.tensors:
+            p = self.producer[t]
+            ps = -1 if p is None else self.segment_of[p]
+            cons = tuple(dict.fromkeys(self.segment_of[c] for c in self.consumers.get(t, ())))
+            if ps >= 0 and cons == (ps,) and t not in self.outputs:
+                continue  # inside a chain: the segment's own split point
+            links.append(Link(t, ps, cons, t in self.outputs))
+        return links
+
+    @property
+    def whole_block(self) -> Block:
+        """The whole problem as one block (for ``min_cut(..., decompose=False)``)."""
+        if self._whole is None:
+            self._whole = whole(len(self.segments), self.links, [len(seg) > 1 for seg in self.segments])
+        return self._whole
+
     def crossing(self, device_set: frozenset[str] | set[str]) -> tuple[str, ...]:
         """Tensors crossing from ``device_set`` to the rest, inputs first then topological.
 
@@ -175,7 +209,9 @@ class CutProblem:
         return all(self.preds[u] <= device_set for u in device_set)
 
     def stats(self) -> dict[str, int]:
-        """Sizes before and after coarsening (nodes, units, segments, flow vertices)."""
+        """Sizes before and after coarsening: nodes, units, segments, vertices of the
+        whole-graph flow network, articulations, non-empty blocks, the largest
+        block, and blocks left to min-cut (too many closed subsets to enumerate)."""
         chains = sum(1 for s in self.segments if len(s) > 1)
         return {
             "nodes": self.g.total_nodes,
@@ -183,6 +219,10 @@ class CutProblem:
             "segments": len(self.segments),
             "flow_vertices": len(self.segments) + chains
             + sum(1 for t in self.tensors if len(self.consumers.get(t, ())) + (t in self.outputs) > 1) + 2,
+            "articulations": len(self.blocks) - 1,
+            "blocks": sum(1 for b in self.blocks if b.segs),
+            "max_block_segments": max((len(b.segs) for b in self.blocks), default=0),
+            "flow_blocks": sum(1 for b in self.blocks if b.assignments is None),
         }
 
 
@@ -209,77 +249,90 @@ def partition_cost(
     return total
 
 
-def min_cut(
+def _segment_costs(
     problem: CutProblem,
     device_cost: Mapping[str, float],
     cloud_cost: Mapping[str, float],
     tensor_cost: Mapping[str, float],
-) -> DagCut:
-    """Optimal predecessor-closed partition by s-t min-cut (DADS, INFOCOM'19).
-
-    Args:
-        problem: the model's :class:`CutProblem`.
-        device_cost: unit -> cost of running it on the device (>= 0; missing = 0).
-        cloud_cost: unit -> cost of running it in the cloud (>= 0; missing = 0).
-        tensor_cost: tensor -> cost of sending it once (>= 0; missing = 0).
-
-    Returns:
-        The cheapest partition. Its device set may be every unit (then its cut
-        is the graph outputs) or empty (the cut is the graph inputs).
+) -> tuple[list[float], list[float], list[float], list[int]]:
+    """Per segment: all-device cost, all-cloud cost, best inner split (value, units on device).
 
     Raises:
         InvalidArgument: a negative cost.
     """
-    inf_edges: list[tuple[object, object]] = []
-    cap: dict[tuple[object, object], float] = {}
-
-    def add(u: object, v: object, c: float) -> None:
-        if c < 0:
-            raise InvalidArgument(f"min-cut costs must be >= 0, got {c} on {u}->{v}")
-        if c > 0:
-            cap[(u, v)] = cap.get((u, v), 0.0) + c
-
-    split_at: dict[int, int] = {}
-    head: dict[int, object] = {}
-    tail: dict[int, object] = {}
-    for i, seg in enumerate(problem.segments):
+    for costs, what in ((device_cost, "device"), (cloud_cost, "cloud"), (tensor_cost, "tensor")):
+        bad = next((k for k, v in costs.items() if v < 0), None)
+        if bad is not None:
+            raise InvalidArgument(f"min-cut costs must be >= 0, got {what} cost {costs[bad]} for {bad!r}")
+    d_all, c_all, split_val, split_k = [], [], [], []
+    inf = float("inf")
+    for seg in problem.segments:
         d = [device_cost.get(u, 0.0) for u in seg]
         c = [cloud_cost.get(u, 0.0) for u in seg]
-        if len(seg) == 1:
-            head[i] = tail[i] = ("u", i)
-            add("s", ("u", i), c[0])
-            add(("u", i), "t", d[0])
-            continue
-        d_all, c_all = sum(d), sum(c)
-        best, best_k, dp, cs = float("inf"), 1, 0.0, c_all
+        dsum, csum = sum(d), sum(c)
+        best, best_k, dp, cs = inf, 0, 0.0, csum
         for k in range(1, len(seg)):
             dp += d[k - 1]
             cs -= c[k - 1]
-            t = problem.writes[seg[k - 1]][0]
-            val = dp + tensor_cost.get(t, 0.0) + cs
+            val = dp + tensor_cost.get(problem.writes[seg[k - 1]][0], 0.0) + cs
             if val < best:
                 best, best_k = val, k
-        split_at[i] = best_k
-        a, b = ("a", i), ("b", i)
-        head[i], tail[i] = a, b
-        add("s", a, c_all)
-        add(b, "t", d_all)
-        add(a, b, best)
+        d_all.append(dsum)
+        c_all.append(csum)
+        split_val.append(best)
+        split_k.append(best_k)
+    return d_all, c_all, split_val, split_k
+
+
+def _flow_states(
+    problem: CutProblem, blk: Block, d_all: list[float], c_all: list[float], split_val: list[float],
+    tensor_cost: Mapping[str, float],
+) -> tuple[int, ...]:
+    """Optimal segment states of a block by s-t min-cut (DADS), the block's ends pinned.
+
+    Each segment is a vertex (a chain: two, ``head -> tail`` carrying its best
+    inner split, with an infinite ``tail -> head`` edge so a chain is never
+    "tail on the device, head in the cloud"); ``s -> head`` carries its cloud
+    cost, ``tail -> t`` its device cost; a tensor read by several segments gets
+    an auxiliary vertex so it is paid once; consumers point back at producers
+    with infinite edges (closure). Tensors of the pinned left end come from
+    ``s``; reads by the pinned right end (and graph outputs) go to ``t``.
+    """
+    cap: dict[tuple[object, object], float] = {}
+    inf_edges: list[tuple[object, object]] = []
+
+    def add(u: object, v: object, c: float) -> None:
+        if c > 0:
+            cap[(u, v)] = cap.get((u, v), 0.0) + c
+
+    head: list[object] = []
+    tail: list[object] = []
+    for k, s in enumerate(blk.segs):
+        if len(problem.segments[s]) == 1:
+            head.append(("u", k))
+            tail.append(("u", k))
+            add("s", ("u", k), c_all[s])
+            add(("u", k), "t", d_all[s])
+            continue
+        a, b = ("a", k), ("b", k)
+        head.append(a)
+        tail.append(b)
+        add("s", a, c_all[s])
+        add(b, "t", d_all[s])
+        add(a, b, split_val[s])
         inf_edges.append((b, a))
-    for t in problem.tensors:
-        p = problem.producer[t]
-        src = "s" if p is None else tail[problem.segment_of[p]]
-        cons = problem.consumers.get(t, [])
-        if p is not None and cons and problem.segment_of[cons[0]] == problem.segment_of[p]:
-            continue  # internal chain tensor: inside the segment's gadget
-        targets: list[object] = [head[problem.segment_of[c]] for c in cons]
-        if t in problem.outputs:
+    for i, link in enumerate(blk.links):
+        src: object = "s" if blk.source[i] < 0 else tail[blk.source[i]]
+        targets: list[object] = [head[c] for c in blk.local[i]]
+        if blk.external[i]:
             targets.append("t")
-        cost = tensor_cost.get(t, 0.0)
+        if not targets:
+            continue
+        cost = tensor_cost.get(link.name, 0.0)
         if len(targets) == 1:
             add(src, targets[0], cost)
         else:
-            x = ("x", t)
+            x = ("x", i)
             add(src, x, cost)
             inf_edges.extend((x, v) for v in targets)
         if src != "s":
@@ -295,14 +348,122 @@ def min_cut(
         if u != v:
             flow.add_edge(u, v)  # no 'capacity' attribute: infinite in networkx
     _, (source_side, _) = nx.minimum_cut(flow, "s", "t", flow_func=boykov_kolmogorov)
-    device: set[str] = set()
-    for i, seg in enumerate(problem.segments):
-        if head[i] not in source_side:
-            continue
-        if tail[i] in source_side:
-            device.update(seg)
-        else:
-            device.update(seg[: split_at[i]])
+    return tuple(
+        (DEVICE if tail[k] in source_side else SPLIT) if head[k] in source_side else CLOUD
+        for k in range(len(blk.segs))
+    )
+
+
+def _less(v: float, best: float) -> bool:
+    """``v < best`` by more than round-off (so the first of equal options wins)."""
+    return v < best and (best == float("inf") or v < best - 1e-12 * abs(best))
+
+
+def _block_cost(blk: Block, states: tuple[int, ...], seg_costs: list[tuple[float, float, float]],
+                tcs: list[float]) -> float:
+    total = sum(sc[st] for sc, st in zip(seg_costs, states))
+    for i, (src, cons, ext) in enumerate(zip(blk.source, blk.local, blk.external)):
+        if (src < 0 or states[src] == DEVICE) and (ext or any(states[c] == CLOUD for c in cons)):
+            total += tcs[i]
+    return total
+
+
+def _solve_block(
+    problem: CutProblem, blk: Block, d_all: list[float], c_all: list[float], split_val: list[float],
+    tensor_cost: Mapping[str, float],
+) -> tuple[float, tuple[int, ...]]:
+    """Cheapest states of a block's segments (enumerated, or by min-cut when too many)."""
+    seg_costs = [(c_all[s], split_val[s], d_all[s]) for s in blk.segs]
+    tcs = [tensor_cost.get(link.name, 0.0) for link in blk.links]
+    if blk.assignments is None or blk.crossings is None:
+        states = _flow_states(problem, blk, d_all, c_all, split_val, tensor_cost)
+        return _block_cost(blk, states, seg_costs, tcs), states
+    best, arg = float("inf"), blk.assignments[0]
+    for states, crossing in zip(blk.assignments, blk.crossings):
+        v = sum(sc[st] for sc, st in zip(seg_costs, states)) + sum(tcs[i] for i in crossing)
+        if _less(v, best):
+            best, arg = v, states
+    return best, arg
+
+
+def min_cut(
+    problem: CutProblem,
+    device_cost: Mapping[str, float],
+    cloud_cost: Mapping[str, float],
+    tensor_cost: Mapping[str, float],
+    *,
+    decompose: bool = True,
+) -> DagCut:
+    """Optimal predecessor-closed partition by s-t min-cut (DADS, INFOCOM'19).
+
+    By default the problem is solved block by block between articulation
+    segments (dominator grouping, see :mod:`planner._blocks`): for each
+    articulation, the best split of its chain with everything before on the
+    device and everything after in the cloud; for each block, its best closed
+    subset with the articulation before it on the device and the one after
+    it in the cloud. Blocks are solved by enumeration (their closed subsets are
+    listed once in :class:`CutProblem`) or, when large, by min-cut; the answer
+    is the same as one min-cut over the whole graph, in time linear in the
+    number of blocks.
+
+    Args:
+        problem: the model's :class:`CutProblem`.
+        device_cost: unit -> cost of running it on the device (>= 0; missing = 0).
+        cloud_cost: unit -> cost of running it in the cloud (>= 0; missing = 0).
+        tensor_cost: tensor -> cost of sending it once (>= 0; missing = 0).
+        decompose: False solves one s-t min-cut over the whole chain-collapsed
+            graph instead (the plain DADS construction; slower, same optimum).
+
+    Returns:
+        The cheapest partition. Its device set may be every unit (then its cut
+        is the graph outputs) or empty (the cut is the graph inputs). Among
+        equally cheap partitions, one with fewer device units is preferred.
+
+    Raises:
+        InvalidArgument: a negative cost.
+    """
+    segs = problem.segments
+    d_all, c_all, split_val, split_k = _segment_costs(problem, device_cost, cloud_cost, tensor_cost)
+    device: list[str] = []
+    if not decompose:
+        blk = problem.whole_block
+        _, states = _solve_block(problem, blk, d_all, c_all, split_val, tensor_cost)
+        upto = -1
+    else:
+        n = len(segs)
+        before = [0.0] * (n + 1)  # device cost of segments < i
+        after = [0.0] * (n + 1)  # cloud cost of segments >= i
+        for i in range(n):
+            before[i + 1] = before[i] + d_all[i]
+        for i in range(n - 1, -1, -1):
+            after[i] = after[i + 1] + c_all[i]
+        best = float("inf")
+        choice: tuple[Block | None, int, tuple[int, ...]] = (None, -1, ())
+        for blk in problem.blocks:
+            a = blk.left
+            if a >= 0 and len(segs[a]) > 1:
+                v = before[a] + split_val[a] + after[a + 1]
+                if _less(v, best):
+                    best, choice = v, (None, a, ())
+            v, states = _solve_block(problem, blk, d_all, c_all, split_val, tensor_cost)
+            v += before[a + 1] + after[blk.right]
+            if _less(v, best):
+                best, choice = v, (blk, a, states)
+        chosen, a, states = choice
+        if chosen is None:  # split inside articulation a
+            for s in range(a):
+                device.extend(segs[s])
+            device.extend(segs[a][: split_k[a]])
+            dset = frozenset(device)
+            return DagCut(dset, _cut_of(problem, dset), partition_cost(problem, dset, device_cost, cloud_cost, tensor_cost))
+        blk, upto = chosen, a
+    for s in range(upto + 1):
+        device.extend(segs[s])
+    for s, st in zip(blk.segs, states):
+        if st == DEVICE:
+            device.extend(segs[s])
+        elif st == SPLIT:
+            device.extend(segs[s][: split_k[s]])
     dset = frozenset(device)
     return DagCut(dset, _cut_of(problem, dset), partition_cost(problem, dset, device_cost, cloud_cost, tensor_cost))
 

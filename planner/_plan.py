@@ -35,7 +35,7 @@ from planner._decide import DecisionTable, Grid, build_table, search_candidates
 from planner._extract import Extractor
 from planner._graph import ModelGraph, dummy_inputs
 from planner._mincut import CutProblem
-from planner._profile import NodeProfile, profile_nodes, time_partition
+from planner._profile import NodeProfile, profile_nodes, time_partitions
 from splitgate.errors import InvalidArgument
 
 __all__ = ["PlanOptions", "PlannedPartition", "Plan", "plan_model", "partition_estimate"]
@@ -269,14 +269,14 @@ def plan_model(g: ModelGraph, options: PlanOptions, extractor: Extractor, progre
     feeds = dummy_inputs(g.inputs, dynamic=options.batch)
     down = _bytes(problem, list(g.output_names))
     inputs = set(g.input_names)
-    for i, p in enumerate(parts):
-        report("measure partitions", i, len(parts))
-        pre_model = g.model if p.kind == "device" else p.prefix
-        suf_model = g.model if p.kind == "cloud" else p.suffix
-        dev_t, cloud_t = time_partition(
-            pre_model, suf_model, feeds, device_threads=options.device_threads,
-            cloud_threads=options.cloud_threads, warmup=options.warmup, repeats=options.repeats,
-        )
+    # all partitions measured together, round by round (load drift hits them alike)
+    sides = [(g.model if p.kind == "device" else p.prefix, g.model if p.kind == "cloud" else p.suffix) for p in parts]
+    timings = time_partitions(
+        sides, feeds, device_threads=options.device_threads, cloud_threads=options.cloud_threads,
+        warmup=options.warmup, repeats=options.repeats,
+        progress=lambda done, total: report("measure partitions", done, total),
+    )
+    for p, (pre_model, _), (dev_t, cloud_t) in zip(parts, sides, timings):
         est_d = dev_prof.sum(p.device_set)
         est_c = cloud_prof.sum(u for u in problem.units if u not in p.device_set)
         device_ms = 0.0
@@ -301,7 +301,6 @@ def plan_model(g: ModelGraph, options: PlanOptions, extractor: Extractor, progre
             "device_mem_bytes": _mem_bytes(problem, pre_model if p.kind != "cloud" else None, p.device_set),
             "reference": p.reference,
         }
-    report("measure partitions", len(parts), len(parts))
 
     report("decision table", 0, 1)
     t0 = time.perf_counter()

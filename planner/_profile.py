@@ -10,7 +10,8 @@ latency of the fused blocks a runtime actually executes:
    spread over the attributed ones). The sum over a prefix estimates it.
 2. :func:`time_partition` — the real thing. The actual prefix and suffix models
    of a partition run in their own sessions (warm-up, repeats, median and
-   10th/90th percentiles).
+   10th/90th percentiles); :func:`time_partitions` measures several
+   partitions interleaved, round by round, so load drift hits them alike.
 
 Device and cloud are profiled separately: the device side with its own thread
 count and an optional slowdown factor, or from a :class:`NodeProfile` measured
@@ -22,11 +23,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import statistics
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ import onnx
 from planner._graph import ModelGraph, dummy_inputs
 from splitgate.errors import BundleError, InvalidArgument
 
-__all__ = ["Timing", "NodeProfile", "profile_nodes", "time_session", "time_partition", "make_session"]
+__all__ = ["Timing", "NodeProfile", "profile_nodes", "time_session", "time_partition", "time_partitions", "make_session"]
 
 _FUSED_SUFFIX = re.compile(r"(_nchwc|_token_\d+|_fused|_bn|_mul|_add|_relu)$")
 
@@ -277,6 +279,82 @@ def profile_nodes(
         node_ms = {n: v * k for n, v in node_ms.items()}
     share = attributed / (attributed + unattributed) if attributed + unattributed > 0 else 1.0
     return NodeProfile(node_ms, timing.median_ms, threads, share, source, {"batch": batch, "repeats": repeats})
+
+
+def time_partitions(
+    partitions: Sequence[tuple[onnx.ModelProto | Path | None, onnx.ModelProto | Path | None]],
+    feeds: Mapping[str, np.ndarray],
+    *,
+    device_threads: int = 1,
+    cloud_threads: int = 2,
+    warmup: int = 2,
+    repeats: int = 10,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[tuple[Timing | None, Timing | None]]:
+    """Measure several partitions' real prefix and suffix sessions, interleaved.
+
+    Every session is created first; then each round runs every session once,
+    in a shuffled order. Timing one partition after another lets machine load
+    that drifts during planning (other processes, thermal or frequency
+    changes) land on some partitions and not others, and the decision table
+    compares partitions with each other; interleaved, drift hits them alike,
+    and each session runs after others as it will on a device between
+    requests (caches not hot from its own previous run).
+
+    Args:
+        partitions: ``(prefix, suffix)`` per partition; None for an absent side
+            (cloud-only has no prefix, device-only no suffix).
+        feeds: the model's inputs; each suffix is fed its prefix's real outputs.
+        device_threads: intra-op threads of the prefix sessions.
+        cloud_threads: intra-op threads of the suffix sessions.
+        warmup: untimed rounds.
+        repeats: timed rounds.
+        seed: seed of the round order.
+        progress: ``callback(done, total)`` per round.
+
+    Returns:
+        ``(device timing, cloud timing)`` per partition, None for an absent side.
+
+    Raises:
+        BundleError: onnxruntime cannot load or run a side.
+    """
+    runs: list[tuple[int, int, Any, list[str], dict[str, np.ndarray]]] = []
+    try:
+        for i, (prefix, suffix) in enumerate(partitions):
+            cut: dict[str, np.ndarray] = dict(feeds)
+            for side, model, threads in ((0, prefix, device_threads), (1, suffix, cloud_threads)):
+                if model is None:
+                    continue
+                s = make_session(model, threads)
+                names = [o.name for o in s.get_outputs()]
+                args = {x.name: cut[x.name] for x in s.get_inputs()}
+                out = s.run(names, args)
+                if side == 0:
+                    cut = dict(zip(names, out))
+                runs.append((i, side, s, names, args))
+        samples: dict[tuple[int, int], list[float]] = {(i, side): [] for i, side, *_ in runs}
+        rng = random.Random(seed)
+        total = max(0, warmup) + max(1, repeats)
+        for r in range(total):
+            order = list(runs)
+            rng.shuffle(order)
+            for i, side, s, names, args in order:
+                t0 = time.perf_counter()
+                s.run(names, args)
+                if r >= warmup:
+                    samples[(i, side)].append((time.perf_counter() - t0) * 1e3)
+            if progress is not None:
+                progress(r + 1, total)
+    except BundleError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - ORT run failures
+        raise BundleError(f"onnxruntime failed while timing a partition: {str(exc).splitlines()[0]}") from exc
+    out_t: list[tuple[Timing | None, Timing | None]] = []
+    for i in range(len(partitions)):
+        dev, cloud = samples.get((i, 0)), samples.get((i, 1))
+        out_t.append((Timing.of(dev) if dev else None, Timing.of(cloud) if cloud else None))
+    return out_t
 
 
 def time_partition(

@@ -133,7 +133,7 @@ def train_module(spec: Any, name: str, *, seed: int = 0, steps: int = 150, batch
         return {**blob["stats"], "cached": 1.0}
     torch.manual_seed(seed)
     opt = torch.optim.Adam(module.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 0.05)
     module.train()
     correct = seen = 0
     for step in range(steps):

@@ -49,6 +49,7 @@ __all__ = [
     "add_inference_servicer",
     "secure_server_port",
     "raw_input_leaks",
+    "malformed_message",
 ]
 
 AUTH_METADATA_KEY = "authorization"
@@ -436,6 +437,11 @@ class _Malformed:
 
     def __init__(self, type_name: str, error: Exception) -> None:
         self.message = f"malformed {type_name}: the request bytes are not a valid protobuf message ({error})"
+
+
+def malformed_message(request: object) -> str | None:
+    """The INVALID_ARGUMENT message for a request that did not parse, else None."""
+    return request.message if isinstance(request, _Malformed) else None
 
 
 def _lenient(cls: Any):

@@ -1,0 +1,207 @@
+"""(cut, encoding) candidates: bytes, encode/decode time and the accuracy guard, measured.
+
+For every measured split partition ``P`` and every lossy or lossless encoding
+``E`` in :attr:`planner.PlanOptions.encodings` the planner adds a candidate
+``P@E`` (e.g. ``cut-12@int8``, ``dag-2@fp16``). ``P`` itself is the raw one
+(``"raw"`` is never written into an id); ``device`` and ``cloud`` have no
+encoded twins (the cloud partition sends the model's own inputs). An encoded
+candidate shares its raw twin's prefix and suffix ONNX files.
+
+Measured on the real prefix/suffix sessions over calibration requests
+(:mod:`planner._accuracy`):
+
+* **bytes**: :func:`splitgate.encoding.encoded_nbytes` of the real cut tensors
+  of each request (payload plus int8c companion scales), median over the
+  requests; non-float tensors travel raw except under ``zstd``, as
+  :func:`splitgate.encoding.add_encoded_inputs` sends them. The candidate's
+  ``up_bytes`` is its raw twin's (shape-inferred) bytes times the measured
+  encoded/raw ratio, so both are counted alike;
+* **encode/decode time**: building the OIP request with
+  :func:`~splitgate.encoding.add_encoded_inputs` (the edge's path) and
+  :func:`~splitgate.encoding.read_decoded_inputs` (the cloud's path), median
+  after warm-up; encode time (times ``device_slowdown``) is added to the
+  twin's device time, decode time to its cloud time;
+* **accuracy**: suffix outputs on decoded tensors vs. on raw tensors;
+  encodings failing the :class:`~planner._accuracy.Guard` are dropped and
+  listed with the reason in ``profile.json`` (``encodings.dropped``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from planner._accuracy import Calibration, Guard, check, compare_outputs
+from planner._profile import Timing, make_session
+from splitgate.encoding import ENCODINGS, add_encoded_inputs, encoded_nbytes, read_decoded_inputs
+from splitgate.errors import BundleError, InvalidArgument
+from splitgate.protocol import inference_pb2 as pb
+
+__all__ = ["SEP", "candidate_id", "split_id", "check_encodings", "wire_nbytes", "EncodingResult", "measure_encodings"]
+
+#: separates a partition id from its encoding in a candidate id
+SEP = "@"
+
+
+def candidate_id(base: str, encoding: str) -> str:
+    """``cut-12`` + ``int8`` -> ``cut-12@int8``; raw keeps the base id."""
+    return base if encoding == "raw" else f"{base}{SEP}{encoding}"
+
+
+def split_id(pid: str) -> tuple[str, str]:
+    """``cut-12@int8`` -> (``cut-12``, ``int8``); ``cut-12`` -> (``cut-12``, ``raw``)."""
+    base, _, enc = pid.partition(SEP)
+    return base, enc or "raw"
+
+
+def check_encodings(encodings: Sequence[str]) -> None:
+    """Raises InvalidArgument on an unknown encoding name."""
+    bad = [e for e in encodings if e not in ENCODINGS]
+    if bad:
+        raise InvalidArgument(f"unknown encodings {bad}; expected some of {list(ENCODINGS)}")
+
+
+def wire_nbytes(arrays: Mapping[str, np.ndarray], encoding: str) -> int:
+    """Bytes ``arrays`` put on the wire in ``encoding`` (as ``add_encoded_inputs`` sends them)."""
+    total = 0
+    for a in arrays.values():
+        a = np.asarray(a)
+        use = encoding if a.dtype.kind == "f" or encoding == "zstd" else "raw"
+        total += encoded_nbytes(a, use)
+    return total
+
+
+@dataclass
+class EncodingResult:
+    """One encoding of one split, measured.
+
+    Attributes:
+        encoding: the encoding name.
+        wire_bytes: median bytes per request on the wire.
+        raw_bytes: median raw bytes per request (same requests).
+        encode: timing of building the request on the device.
+        decode: timing of decoding it in the cloud.
+        accuracy: per-output metrics (:func:`planner._accuracy.compare_outputs`).
+        dropped: why the guard dropped it, or None.
+    """
+
+    encoding: str
+    wire_bytes: int
+    raw_bytes: int
+    encode: Timing
+    decode: Timing
+    accuracy: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dropped: str | None = None
+
+    @property
+    def ratio(self) -> float:
+        """raw bytes / wire bytes."""
+        return self.raw_bytes / self.wire_bytes if self.wire_bytes else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {
+            "wire_bytes": self.wire_bytes,
+            "raw_bytes": self.raw_bytes,
+            "ratio": round(self.ratio, 3),
+            "encode_timing": self.encode.to_dict(),
+            "decode_timing": self.decode.to_dict(),
+            "accuracy": {k: {m: (round(v, 6) if isinstance(v, float) else v) for m, v in row.items()}
+                         for k, row in self.accuracy.items()},
+            "dropped": self.dropped,
+        }
+
+
+def _time(fn: Any, warmup: int, repeats: int) -> tuple[Timing, Any]:
+    out = None
+    for _ in range(max(0, warmup)):
+        out = fn()
+    samples = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        out = fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return Timing.of(samples), out
+
+
+def _roundtrip(cut: Mapping[str, np.ndarray], encoding: str) -> dict[str, np.ndarray]:
+    request = pb.ModelInferRequest()
+    add_encoded_inputs(request, cut, encoding)
+    return read_decoded_inputs(request)
+
+
+def measure_encodings(
+    prefix: onnx.ModelProto,
+    suffix: onnx.ModelProto,
+    calibration: Calibration,
+    encodings: Sequence[str],
+    guard: Guard,
+    *,
+    device_threads: int = 1,
+    cloud_threads: int = 2,
+    warmup: int = 2,
+    repeats: int = 10,
+) -> dict[str, EncodingResult]:
+    """Measure each non-raw encoding of one split partition (see module docs).
+
+    Args:
+        prefix, suffix: the partition's models.
+        calibration: the calibration requests.
+        encodings: encodings to measure (``"raw"`` is skipped: it is the twin).
+        guard: accuracy thresholds.
+        device_threads, cloud_threads: session threads.
+        warmup, repeats: of the encode/decode timings.
+
+    Returns:
+        encoding -> result (dropped ones included, with the reason).
+
+    Raises:
+        BundleError: onnxruntime cannot run a side.
+    """
+    wanted = [e for e in dict.fromkeys(encodings) if e != "raw"]
+    if not wanted:
+        return {}
+    pre = make_session(prefix, device_threads)
+    suf = make_session(suffix, cloud_threads)
+    pre_out = [o.name for o in pre.get_outputs()]
+    suf_in = [i.name for i in suf.get_inputs()]
+    suf_out = [o.name for o in suf.get_outputs()]
+    pre_in = [i.name for i in pre.get_inputs()]
+    try:
+        cuts: list[dict[str, np.ndarray]] = []
+        for feeds in calibration.requests:
+            produced = dict(zip(pre_out, pre.run(pre_out, {k: feeds[k] for k in pre_in})))
+            cuts.append({k: produced[k] if k in produced else feeds[k] for k in suf_in})
+        ref = [dict(zip(suf_out, suf.run(suf_out, c))) for c in cuts]
+        raw_bytes = int(statistics.median(wire_nbytes(c, "raw") for c in cuts))
+        results: dict[str, EncodingResult] = {}
+        for enc in wanted:
+            try:
+                enc_t, request = _time(lambda: _build(cuts[0], enc), warmup, repeats)
+                dec_t, _ = _time(lambda: read_decoded_inputs(request), warmup, repeats)
+                decoded = [_roundtrip(c, enc) for c in cuts]
+                nbytes = int(statistics.median(wire_nbytes(c, enc) for c in cuts))
+            except InvalidArgument as exc:  # e.g. int8c of a tensor without a channel axis
+                none = Timing(0.0, 0.0, 0.0, 0)
+                results[enc] = EncodingResult(enc, raw_bytes, raw_bytes, none, none, {}, f"not applicable: {exc}")
+                continue
+            got = [dict(zip(suf_out, suf.run(suf_out, d))) for d in decoded]
+            metrics = compare_outputs(ref, got, output_kind=guard.output_kind)
+            results[enc] = EncodingResult(enc, nbytes, raw_bytes, enc_t, dec_t, metrics, check(metrics, guard))
+    except BundleError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - ORT run failures
+        raise BundleError(f"onnxruntime failed while measuring encodings: {str(exc).splitlines()[0]}") from exc
+    return results
+
+
+def _build(cut: Mapping[str, np.ndarray], encoding: str) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest()
+    add_encoded_inputs(request, cut, encoding)
+    return request

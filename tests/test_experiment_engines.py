@@ -1,0 +1,99 @@
+"""Experiment specs, the analytic engine, and the engines-agree check (real Ray Serve tier,
+real gRPC, real ShapingProxy, real Gateways)."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import pytest
+
+from experiments import ExperimentSpec, load_spec
+from experiments.analytic import run_analytic, simulate_policy
+from experiments.policies import chain_partitions, neurosurgeon_choice
+from netsim import traces
+from planner import Conditions
+
+SPECS = sorted((Path(__file__).resolve().parents[1] / "experiments" / "specs").glob("*.yaml"))
+
+
+def _spec(bundle, trace, **kw) -> ExperimentSpec:
+    base = dict(name="t", model=bundle.model_name, trace=trace, device_slowdown=1.0,
+                nominal=Conditions(uplink_mbps=0.4, downlink_mbps=1.0, rtt_ms=300.0), analytic_repeats=2)
+    base.update(kw)
+    return ExperimentSpec(**base)
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_bundled_specs_parse(path: Path) -> None:
+    spec = load_spec(path)
+    assert spec.trace.duration_s > 0 and spec.policies
+    assert spec.trace.duration_s <= 100, "keep bundled live runs short"
+
+
+def test_analytic_on_a_constant_link_is_the_plan_estimate(slow_device_bundle) -> None:
+    b = slow_device_bundle
+    tr = traces.constant("3g", 20, uplink_mbps=2.0, downlink_mbps=2.0, rtt_ms=80.0, jitter_ms=0.0)
+    spec = _spec(b, tr, interval_ms=500)
+    c = Conditions(uplink_mbps=2.0, downlink_mbps=2.0, rtt_ms=80.0)
+    for policy, pid in (("device", "device"), ("cloud", "cloud"), ("dads", b.choose(spec.nominal))):
+        recs = simulate_policy(spec, b, policy)
+        assert {r.partition for r in recs} == {pid}
+        want = b.estimate(pid, c).latency_ms
+        # the only difference: a few hundred bytes of gRPC/HTTP2 framing per request
+        assert statistics.fmean(r.latency_ms for r in recs) == pytest.approx(want, rel=0.02, abs=2.0)
+        assert all(r.energy_mj > 0 for r in recs)
+
+
+def test_chain_scan_uses_chain_cuts_only_and_adaptive_follows_steps(slow_device_bundle) -> None:
+    b = slow_device_bundle
+    chain = chain_partitions(b)
+    assert all(p in ("device", "cloud") or p.startswith("cut-") for p in chain)
+    for up in (0.13, 1.1, 5.85, 18.88, 100.0):
+        assert neurosurgeon_choice(b, Conditions(uplink_mbps=up, rtt_ms=50)) in chain
+    tr = traces.steps([("wifi", 15), ("cat1", 15)])
+    spec = _spec(b, tr, interval_ms=300, gateway={"probe_interval_s": 2})
+    recs = simulate_policy(spec, b, "adaptive")
+    late_wifi = [r.partition for r in recs if 8 < r.t_s < 15]
+    late_cat1 = [r.partition for r in recs if r.t_s > 24]
+    best = lambda p: b.choose(Conditions(uplink_mbps=p.uplink_mbps, downlink_mbps=p.downlink_mbps, rtt_ms=p.rtt_ms))  # noqa: E731
+    assert statistics.mode(late_wifi) == best(tr.at(10)) and statistics.mode(late_cat1) == best(tr.at(25))
+
+
+def test_analytic_replays_outages_as_gateway_hedges(slow_device_bundle) -> None:
+    b = slow_device_bundle
+    tr = traces.with_outages(traces.constant("wifi", 20), [(5, 10)])
+    spec = _spec(b, tr, interval_ms=500, gateway={"deadline_ms": 2000})
+    recs = run_analytic(spec, b, repeats=1)
+    cloud_in_outage = [r for r in recs if r.policy == "cloud" and 5 <= r.t_s < 13]
+    assert cloud_in_outage and all(r.fallback == "hedged" for r in cloud_in_outage)
+    assert all(not r.fallback for r in recs if r.policy == "device")
+
+
+@pytest.mark.integration
+def test_live_and_analytic_engines_agree_within_10_percent(slow_device_bundle, cloud_tier) -> None:
+    """The issue's check: on a short, network-dominated spec the live engine (real
+    Gateway -> ShapingProxy -> Ray Serve) and the analytic engine give the same
+    latency per policy within 10% (device emulated at the planned profile).
+
+    Compared on the median per policy: the emulated device multiplies sub-ms real
+    compute by ~600, so one scheduling hiccup of this shared 2-core machine
+    becomes a second-long outlier that moves a mean of ~15 requests; both means
+    and medians are in the failure message."""
+    from experiments.live import run_live
+
+    b = slow_device_bundle
+    spec = load_spec(Path(__file__).resolve().parents[1] / "experiments" / "specs" / "agreement.yaml")
+    spec.model = b.model_name
+    live = run_live(spec, b, cloud_tier.address)
+    analytic = run_analytic(spec, b, repeats=10)
+    rows = []
+    for policy in spec.policies:
+        lv = [r.latency_ms for r in live if r.policy == policy]
+        an = [r.latency_ms for r in analytic if r.policy == policy]
+        assert len(lv) >= 10, f"{policy}: only {len(lv)} live requests"
+        rows.append((policy, statistics.fmean(lv), statistics.fmean(an), statistics.median(lv), statistics.median(an)))
+    report = "; ".join(f"{p}: live {lm:.0f} / analytic {am:.0f} ms (medians {l2:.0f}/{a2:.0f})" for p, lm, am, l2, a2 in rows)
+    for policy, _, _, lmed, amed in rows:
+        assert abs(lmed - amed) <= 0.10 * amed, f"{policy} disagrees: {report}"
+    assert all(not r.fallback for r in live), "no fallbacks expected on a steady link"
