@@ -239,7 +239,7 @@ def main() -> int:
     ap.add_argument("--slowdown", type=float, default=30.0, help="device slowdown at plan time and in the Gateway")
     ap.add_argument("--repeats", type=int, default=9, help="measured requests per partition")
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured requests per partition")
-    ap.add_argument("--plan-repeats", type=int, default=20, help="timed runs per session while planning")
+    ap.add_argument("--plan-repeats", type=int, default=30, help="timed runs per session while planning")
     ap.add_argument("--rtt-probes", type=int, default=9)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
@@ -271,8 +271,15 @@ def main() -> int:
             print(f"planning {name} ...", file=sys.stderr, flush=True)
             bundles.append(build_bundle(path, work / f"{name}.bundle", model_name=name,
                                         device_slowdown=args.slowdown, repeats=args.plan_repeats))
-        out["plans"] = {b.model_name: {"candidates": b.candidates, "partitions": list(b.partitions),
-                                       "planning_ms": b.profile["planning_ms"]} for b in bundles}
+        out["plans"] = {
+            b.model_name: {
+                "candidates": b.candidates,
+                "planning_ms": b.profile["planning_ms"],
+                "partitions": {pid: {k: e.get(k) for k in ("device_ms", "cloud_ms", "up_bytes", "device_timing", "cloud_timing")}
+                               for pid, e in b.profile["partitions"].items()},
+            }
+            for b in bundles
+        }
         print("starting the cloud tier ...", file=sys.stderr, flush=True)
         tier = start_local(CloudConfig(bundles=[str(b.root) for b in bundles], grpc_port=0))
         try:

@@ -97,7 +97,8 @@ class InferenceDeployment:
     ) -> None:
         self._service = SuffixService(
             bundle_dirs, intra_op_threads=intra_op_threads,
-            limits=Limits(nan_policy=nan_policy, max_request_bytes=int(max_message_bytes)),
+            # Decoded bytes: compressed cut tensors (zstd, int8) may inflate past the wire limit.
+            limits=Limits(nan_policy=nan_policy, max_request_bytes=4 * int(max_message_bytes)),
         )
         self._auth = TokenCheck(digests=token_digests) if token_digests else None
         self._publish = publish_endpoints

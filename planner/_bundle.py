@@ -75,7 +75,9 @@ class Partition:
         id: ``"device"`` (all on the device), ``"cloud"`` (all in the cloud),
             ``"cut-<n>"`` (split at chain cut n: one tensor crosses) or
             ``"dag-<k>"`` (a DAG cut: several tensors cross; k numbers a
-            bundle's DAG partitions by device node count).
+            bundle's DAG partitions by device node count); a split id followed
+            by ``"@<encoding>"`` (``"cut-12@int8"``) is the same split sending
+            its cut tensors in that encoding.
         kind: ``"device"``, ``"cloud"`` or ``"split"``.
         device_nodes: nodes run on the device.
         total_nodes: nodes in the full model.
@@ -84,7 +86,14 @@ class Partition:
         prefix_path: the device model, or None (``"cloud"``).
         suffix_path: the cloud model, or None (``"device"``).
         cut_bytes: bytes per sample sent to the cloud (dynamic dims counted as 1;
-            0 for ``"device"``), or None if not fixed-size (e.g. strings).
+            0 for ``"device"``), or None if not fixed-size (e.g. strings); for
+            an encoded candidate, the measured encoded bytes.
+        encoding: the wire encoding the plan measured for the cut tensors of
+            an encoded candidate (``"cut-K@int8"`` -> ``"int8"``; see
+            :mod:`planner._encoding`), or None for raw cut tensors (older
+            bundles, raw candidates): then the edge's configured default
+            applies (``GatewayConfig.encoding``, normally ``"raw"``). An
+            encoded candidate shares its raw twin's prefix/suffix files.
     """
 
     id: str
@@ -95,6 +104,12 @@ class Partition:
     prefix_path: Path | None
     suffix_path: Path | None
     cut_bytes: int | None
+    encoding: str | None = None
+
+    @property
+    def wire_encoding(self) -> str:
+        """The encoding the plan expects on the wire (``"raw"`` when none is named)."""
+        return self.encoding or "raw"
 
 
 def plan_digest(manifest: dict[str, Any]) -> str:
@@ -213,6 +228,7 @@ def build_bundle(
         total = g.total_nodes
         parts: list[dict[str, Any]] = []
         inputs = [s.to_dict() for s in g.inputs]
+        saved: set[PurePosixPath] = set()  # an encoded candidate shares its raw twin's files
         for i, p in enumerate(plan.partitions):
             report("write partitions", i, len(plan.partitions))
             entry: dict[str, Any] = {"id": p.id, "kind": p.kind, "total_nodes": total}
@@ -223,10 +239,13 @@ def build_bundle(
                 entry.update(device_nodes=total, cut_tensors=[], prefix=MODEL_FILE, suffix=None, cut_bytes=0)
             else:
                 assert p.prefix is not None and p.suffix is not None
-                rel = PurePosixPath("partitions") / p.id
+                base = getattr(p, "base", None)
+                rel = PurePosixPath("partitions") / (base or p.id)
                 specs = [extractor.tensor_spec(t) for t in p.tensors]
-                written += _save_model(p.prefix, tmp / rel / "prefix.onnx")
-                written += _save_model(p.suffix, tmp / rel / "suffix.onnx")
+                if rel not in saved:
+                    saved.add(rel)
+                    written += _save_model(p.prefix, tmp / rel / "prefix.onnx")
+                    written += _save_model(p.suffix, tmp / rel / "suffix.onnx")
                 entry.update(
                     device_nodes=len({n.name for n in p.prefix.graph.node}),
                     cut_tensors=[s.to_dict() for s in specs],
@@ -234,6 +253,8 @@ def build_bundle(
                     suffix=str(rel / "suffix.onnx"),
                     cut_bytes=_cut_bytes(specs),
                 )
+                if base:
+                    entry.update(encoding=p.encoding, cut_bytes=int(p.stats["up_bytes"]))
             parts.append(entry)
         report("write partitions", len(plan.partitions), len(plan.partitions))
         report("write bundle", 0, 1)
@@ -307,7 +328,7 @@ class PlanBundle:
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{root / MANIFEST}: malformed manifest ({exc!r})") from exc
         order = {"cloud": 0, "split": 1, "device": 2}
-        parts.sort(key=lambda p: (p.device_nodes, order.get(p.kind, 1)))
+        parts.sort(key=lambda p: (p.device_nodes, order.get(p.kind, 1), p.encoding is not None))
         self.partitions: dict[str, Partition] = {p.id: p for p in parts}
         self.profile: dict[str, Any] | None = None
         self.decision_table: DecisionTable | None = None
@@ -484,6 +505,7 @@ class PlanBundle:
             prefix_path=path_of(data["prefix"]),
             suffix_path=path_of(data["suffix"]),
             cut_bytes=None if data["cut_bytes"] is None else int(data["cut_bytes"]),
+            encoding=_encoding_of(data),
         )
 
     @property
@@ -522,6 +544,18 @@ class PlanBundle:
 
     def __repr__(self) -> str:
         return f"<PlanBundle {self.model_name!r} at {self.root}: {len(self.partitions)} partitions, digest {self.plan_digest[:12]}>"
+
+
+def _encoding_of(data: dict[str, Any]) -> str | None:
+    """A manifest partition's ``encoding`` (absent in older bundles and raw candidates)."""
+    from splitgate.encoding import ENCODINGS
+
+    enc = data.get("encoding")
+    if enc is None or enc == "raw":
+        return None
+    if enc not in ENCODINGS:
+        raise ValueError(f"partition {data.get('id')!r}: unknown encoding {enc!r}")
+    return str(enc)
 
 
 def load_bundle(root: str | os.PathLike[str], *, verify: bool = True) -> PlanBundle:

@@ -30,20 +30,33 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
-from planner._accuracy import Calibration, Guard, check, compare_outputs
+from planner._accuracy import Calibration, Guard, check, compare_outputs, load_calibration
 from planner._profile import Timing, make_session
 from splitgate.encoding import ENCODINGS, add_encoded_inputs, encoded_nbytes, read_decoded_inputs
 from splitgate.errors import BundleError, InvalidArgument
 from splitgate.protocol import inference_pb2 as pb
 
-__all__ = ["SEP", "candidate_id", "split_id", "check_encodings", "wire_nbytes", "EncodingResult", "measure_encodings"]
+__all__ = [
+    "SEP",
+    "candidate_id",
+    "split_id",
+    "check_encodings",
+    "wire_nbytes",
+    "EncodingResult",
+    "measure_encodings",
+    "add_encoded",
+]
+
+if TYPE_CHECKING:
+    from planner._graph import ModelGraph
+    from planner._plan import PlannedPartition, PlanOptions
 
 #: separates a partition id from its encoding in a candidate id
 SEP = "@"
@@ -205,3 +218,70 @@ def _build(cut: Mapping[str, np.ndarray], encoding: str) -> pb.ModelInferRequest
     request = pb.ModelInferRequest()
     add_encoded_inputs(request, cut, encoding)
     return request
+
+
+def add_encoded(
+    g: ModelGraph,
+    parts: list[PlannedPartition],
+    options: PlanOptions,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[list[PlannedPartition], dict[str, Any]]:
+    """Add the encoded twins of the measured split partitions that pass the guard.
+
+    Args:
+        g: the model.
+        parts: measured partitions (``stats`` filled in).
+        options: planning options (encodings, calibration, guard, threads, repeats).
+        progress: ``callback(step, done, total)``.
+
+    Returns:
+        (``parts`` with each split followed by its surviving encoded twins,
+        the ``encodings`` section of ``profile.json``: options, calibration,
+        every measured candidate's figures and the dropped ones with reasons).
+    """
+    report = progress or (lambda step, done, total: None)
+    encs = [e for e in dict.fromkeys(options.encodings) if e != "raw"]
+    guard = options.guard()
+    splits = [p for p in parts if p.kind == "split" and p.prefix is not None and p.suffix is not None]
+    info: dict[str, Any] = {"encodings": list(options.encodings), "guard": guard.to_dict(),
+                            "calibration": None, "measured": {}, "dropped": {}}
+    if not encs or not splits:
+        return parts, info
+    calib = load_calibration(options.calibration, g.inputs, samples=options.calibration_samples, batch=options.batch)
+    info["calibration"] = {"source": calib.source, "samples": calib.samples, "requests": len(calib.requests)}
+    slowdown = options.device_slowdown if options.device_profile is None else 1.0
+    out: list[PlannedPartition] = []
+    done = 0
+    for p in parts:
+        out.append(p)
+        if p not in splits:
+            continue
+        report("measure encodings", done, len(splits))
+        done += 1
+        results = measure_encodings(
+            p.prefix, p.suffix, calib, encs, guard, device_threads=options.device_threads,
+            cloud_threads=options.cloud_threads, warmup=options.warmup, repeats=options.repeats,
+        )
+        for enc, r in results.items():
+            pid = candidate_id(p.id, enc)
+            info["measured"][pid] = r.to_dict()
+            if r.dropped:
+                info["dropped"][pid] = r.dropped
+                continue
+            raw_up = float(p.stats["up_bytes"])
+            enc_ms = r.encode.median_ms * slowdown
+            stats = dict(p.stats)
+            stats.update(
+                encoding=enc,
+                base=p.id,
+                up_bytes=int(round(raw_up * r.wire_bytes / r.raw_bytes)) if r.raw_bytes else r.wire_bytes,
+                device_ms=round(float(p.stats["device_ms"]) + enc_ms, 4),
+                cloud_ms=round(float(p.stats["cloud_ms"]) + r.decode.median_ms, 4),
+                encode_ms=round(enc_ms, 4),
+                decode_ms=round(r.decode.median_ms, 4),
+                wire_ratio=round(r.ratio, 3),
+                reference=False,
+            )
+            out.append(replace(p, id=pid, encoding=enc, base=p.id, stats=stats, reference=False))
+    report("measure encodings", len(splits), len(splits))
+    return out, info

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,9 @@ import onnx
 
 from planner._cost import Conditions, Constraints, EnergyModel, Estimate, estimate
 from planner._cuts import chain_cuts
+from planner._accuracy import Guard
 from planner._decide import DecisionTable, Grid, build_table, search_candidates
+from planner._encoding import add_encoded, check_encodings
 from planner._extract import Extractor
 from planner._graph import ModelGraph, dummy_inputs
 from planner._mincut import CutProblem
@@ -68,6 +70,19 @@ class PlanOptions:
         energy: device power figures.
         constraints: latency SLO and device memory.
         grid: the decision table's condition grid.
+        encodings: wire encodings of cut tensors to plan with (see
+            :mod:`planner._encoding`): every measured split ``P`` also becomes
+            ``P@E`` for each non-raw ``E`` that passes the accuracy guard.
+            ``("raw",)`` plans raw cut tensors only.
+        calibration: calibration inputs for the accuracy guard, bytes and
+            encode/decode timings: an ``.npz`` file or a mapping input name ->
+            array (samples on axis 0); None = ``calibration_samples`` seeded
+            random requests (meaningless for accuracy; pass real inputs).
+        calibration_samples: requests generated when ``calibration`` is None.
+        min_top1_agreement: guard for classifier outputs (argmax unchanged).
+        min_cosine: guard for other float outputs (worst per-sample cosine).
+        max_rel_error: guard for other float outputs (``max|dy| / max|y|``; None = off).
+        output_kind: ``"auto"``, ``"classifier"`` or ``"other"`` (see :mod:`planner._accuracy`).
     """
 
     candidates: str = "optimal"
@@ -84,6 +99,17 @@ class PlanOptions:
     energy: EnergyModel = field(default_factory=EnergyModel)
     constraints: Constraints = field(default_factory=Constraints)
     grid: Grid = field(default_factory=Grid)
+    encodings: tuple[str, ...] = ("raw", "fp16", "int8", "int8c", "zstd")
+    calibration: str | os.PathLike[str] | Mapping[str, Any] | None = field(default=None, compare=False)
+    calibration_samples: int = 16
+    min_top1_agreement: float = 0.99
+    min_cosine: float = 0.999
+    max_rel_error: float | None = None
+    output_kind: str = "auto"
+
+    def guard(self) -> Guard:
+        """The accuracy guard these options describe."""
+        return Guard(self.min_top1_agreement, self.min_cosine, self.max_rel_error, self.output_kind)
 
     def validate(self) -> None:
         """Raises InvalidArgument on a bad option value."""
@@ -93,6 +119,10 @@ class PlanOptions:
             raise InvalidArgument("device_slowdown must be > 0 and thread counts >= 1")
         if self.repeats < 1 or self.warmup < 0 or self.max_candidates < 0 or self.reference_cuts < 0:
             raise InvalidArgument("repeats must be >= 1; warmup, max_candidates, reference_cuts >= 0")
+        check_encodings(self.encodings)
+        self.guard().validate()
+        if self.calibration_samples < 1:
+            raise InvalidArgument("calibration_samples must be >= 1")
 
 
 @dataclass
@@ -106,6 +136,9 @@ class PlannedPartition:
         device_set: non-constant nodes on the device.
         prefix, suffix: extracted models (None where the full model is used or absent).
         stats: its profile entry (bytes, timings, estimates), once measured.
+        reference: a reference chain cut (kept even where it never wins).
+        encoding: wire encoding of the cut tensors (``"raw"`` or see :mod:`planner._encoding`).
+        base: for an encoded candidate, the id of its raw twin (same files).
     """
 
     id: str
@@ -116,6 +149,8 @@ class PlannedPartition:
     suffix: onnx.ModelProto | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     reference: bool = False
+    encoding: str = "raw"
+    base: str | None = None
 
 
 @dataclass
@@ -281,9 +316,9 @@ def plan_model(g: ModelGraph, options: PlanOptions, extractor: Extractor, progre
         est_c = cloud_prof.sum(u for u in problem.units if u not in p.device_set)
         device_ms = 0.0
         if dev_t is not None:
-            device_ms = dev_t.median_ms * options.device_slowdown
+            device_ms = dev_t.typical_ms * options.device_slowdown
             if imported is not None:
-                correction = dev_t.median_ms / est_d if est_d > 0 else 1.0
+                correction = dev_t.typical_ms / est_d if est_d > 0 else 1.0
                 device_ms = imported.sum(p.device_set) * correction
         p.stats = {
             "kind": p.kind,
@@ -293,7 +328,7 @@ def plan_model(g: ModelGraph, options: PlanOptions, extractor: Extractor, progre
             "down_bytes": down if p.kind != "device" else 0,
             "sends_input": bool(inputs & set(p.tensors)),
             "device_ms": round(device_ms, 4),
-            "cloud_ms": round(cloud_t.median_ms, 4) if cloud_t is not None else 0.0,
+            "cloud_ms": round(cloud_t.typical_ms, 4) if cloud_t is not None else 0.0,
             "device_timing": dev_t.to_dict() if dev_t else None,
             "cloud_timing": cloud_t.to_dict() if cloud_t else None,
             "est_device_ms": round(est_d, 4),
@@ -301,6 +336,7 @@ def plan_model(g: ModelGraph, options: PlanOptions, extractor: Extractor, progre
             "device_mem_bytes": _mem_bytes(problem, pre_model if p.kind != "cloud" else None, p.device_set),
             "reference": p.reference,
         }
+    parts, enc_profile = add_encoded(g, parts, options, report)
 
     report("decision table", 0, 1)
     t0 = time.perf_counter()
@@ -327,8 +363,10 @@ def plan_model(g: ModelGraph, options: PlanOptions, extractor: Extractor, progre
     report("decision table", 1, 1)
 
     winners = set(table.candidates)
-    kept = [p for p in parts if p.id in winners or p.reference or p.kind != "split"]
-    measured = [p for p in parts if p.kind == "split"] + [p for p in parts if p.kind != "split"]
+    keep = {p.id for p in parts if p.id in winners or p.reference or p.kind != "split"}
+    keep |= {p.base for p in parts if p.base and p.id in keep}  # an encoded winner keeps its raw twin
+    kept = [p for p in parts if p.id in keep]
+    measured = [p for p in parts if p.kind == "split" and not p.base] + [p for p in parts if p.kind != "split"]
     profile = {
         "version": 1,
         "batch": options.batch,
@@ -350,6 +388,7 @@ def plan_model(g: ModelGraph, options: PlanOptions, extractor: Extractor, progre
         "estimate_error": _errors(measured),
         "graph": problem.stats(),
         "partitions": {p.id: p.stats for p in kept},
+        "encodings": enc_profile,
         "node_ms": {
             "device": {k: round(v, 5) for k, v in dev_prof.node_ms.items()},
             "cloud": {k: round(v, 5) for k, v in cloud_prof.node_ms.items()},

@@ -45,6 +45,7 @@ __all__ = [
     "channel_credentials",
     "open_channel",
     "is_loopback",
+    "is_local_address",
     "generate_dev_certs",
     "add_inference_servicer",
     "secure_server_port",
@@ -136,6 +137,32 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+_LOCAL_CACHE: dict[str, bool] = {}
+
+
+def is_local_address(address: str) -> bool:
+    """True when connecting to ``address`` stays on this host: loopback, or an
+    IP assigned to one of this host's interfaces (Ray advertises the node IP
+    for direct-ingress replicas even on a single machine). Not for binds:
+    serving on such an address is reachable from the network."""
+    if is_loopback(address):
+        return True
+    host = address[1 : address.index("]")] if address.startswith("[") else address.rsplit(":", 1)[0]
+    if host not in _LOCAL_CACHE:
+        try:
+            ip = ipaddress.ip_address(host)
+            if ip.is_unspecified:
+                raise ValueError(host)
+            import socket
+
+            with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET) as sock:
+                sock.bind((host, 0))  # succeeds only for an address of this host
+            _LOCAL_CACHE[host] = True
+        except (ValueError, OSError):
+            _LOCAL_CACHE[host] = False
+    return _LOCAL_CACHE[host]
+
+
 def open_channel(
     address: str,
     *,
@@ -145,8 +172,9 @@ def open_channel(
 ) -> grpc.Channel:
     """A grpcio channel to ``address``: TLS with ``tls``, else plaintext.
 
-    Plaintext is allowed to loopback addresses (embedded, single-host use) or
-    when ``insecure=True`` is passed explicitly.
+    Plaintext is allowed to addresses of this host (loopback, or the node IP
+    Ray advertises for local replicas: embedded, single-host use) or when
+    ``insecure=True`` is passed explicitly.
 
     Raises:
         ConfigError: plaintext to a non-loopback address without ``insecure``,
@@ -157,7 +185,7 @@ def open_channel(
         if tls.server_name:
             opts.append(("grpc.ssl_target_name_override", tls.server_name))
         return grpc.secure_channel(address, channel_credentials(tls), options=opts)
-    if not insecure and not is_loopback(address):
+    if not insecure and not is_local_address(address):
         raise ConfigError(
             f"refusing a plaintext gRPC channel to {address}: pass TLS settings, or insecure=True "
             "(--insecure) to send unencrypted traffic off this host"

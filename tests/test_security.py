@@ -67,7 +67,7 @@ def test_loopback_rule() -> None:
     with pytest.raises(ConfigError, match="plaintext"):
         secure_server_port(server, "0.0.0.0:0", tls=None)
     with pytest.raises(ConfigError, match="insecure"):
-        CloudClient("192.0.2.1:9000")
+        CloudClient("203.0.113.7:9000")
 
 
 def test_baseline_tls_mutual_tls_and_tokens(zoo_bundle, certs, other_ca) -> None:
