@@ -7,6 +7,8 @@ Public API:
     GatewayConfig  -- deadlines, breaker, hedging, cache, privacy, ... (file or code).
     Result, Trace  -- outputs, and where a request ran and what it cost.
     CloudClient    -- a numpy-in, numpy-out OIP gRPC client for the cloud tier.
+    Policy, LinkMonitor, LinkEstimate -- the decision and link-estimation parts,
+                      for experiments that drive them directly.
 
 The edge needs only onnxruntime, numpy, grpcio, protobuf (and prometheus_client
 for metrics); never Ray or torch.
@@ -16,6 +18,19 @@ from __future__ import annotations
 
 from edge._client import CloudClient, CloudReply
 from edge._gateway import AsyncGateway, Gateway, Result, Trace
+from edge._monitor import LinkEstimate, LinkMonitor
+from edge._policy import Policy
 from edge.config import GatewayConfig
 
-__all__ = ["Gateway", "AsyncGateway", "GatewayConfig", "Result", "Trace", "CloudClient", "CloudReply"]
+__all__ = [
+    "Gateway",
+    "AsyncGateway",
+    "GatewayConfig",
+    "Result",
+    "Trace",
+    "CloudClient",
+    "CloudReply",
+    "Policy",
+    "LinkMonitor",
+    "LinkEstimate",
+]

@@ -287,16 +287,29 @@ class _Core:
 
     # -- running --------------------------------------------------------------
 
-    def _device(self, path: Path, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+    def _device(
+        self, path: Path, feeds: dict[str, np.ndarray], target_ms: float | None = None
+    ) -> tuple[dict[str, np.ndarray], float]:
         t0 = time.perf_counter()
         out = self.sessions.run(path, feeds)
         elapsed = time.perf_counter() - t0
-        if self.config.device_slowdown > 1.0:
+        if target_ms is not None:
+            time.sleep(max(target_ms / 1e3 - elapsed, 0.0))
+        elif self.config.device_slowdown > 1.0:
             time.sleep(elapsed * (self.config.device_slowdown - 1.0))
         return out, (time.perf_counter() - t0) * 1e3
 
+    def _planned_device_ms(self, bundle: PlanBundle, part_id: str) -> float | None:
+        """The profile's device time of a partition's prefix, when emulating it."""
+        if not (self.config.device_time_from_profile and bundle.has_profile):
+            return None
+        return bundle.estimate(part_id, Conditions(uplink_mbps=DEFAULT_UPLINK_MBPS)).device_ms
+
     def _local_suffix(self, bundle: PlanBundle, part: Partition, cut: dict[str, np.ndarray]):
-        out, ms = self._device(part.suffix_path, cut)  # type: ignore[arg-type]
+        target = None
+        if (full := self._planned_device_ms(bundle, "device")) is not None:
+            target = max(full - (self._planned_device_ms(bundle, part.id) or 0.0), 0.0)
+        out, ms = self._device(part.suffix_path, cut, target)  # type: ignore[arg-type]
         key = (bundle.model_name, part.id)
         self._local_suffix_ms.setdefault(key, Ewma()).add(ms)
         return out, ms
@@ -346,7 +359,9 @@ class _Core:
     ) -> dict:
         cut = feeds
         if part.prefix_path is not None:
-            cut, trace.device_ms = self._device(part.prefix_path, feeds)
+            cut, trace.device_ms = self._device(
+                part.prefix_path, feeds, self._planned_device_ms(bundle, part.id)
+            )
         if part.suffix_path is None:
             return cut
         if private and raw_input_leaks(feeds, cut):
@@ -525,6 +540,15 @@ class Gateway:
     def probe(self) -> None:
         """Measure the link now (RTT and uplink bandwidth)."""
         self._core.probe()
+
+    def current_partition(self, model: str) -> str | None:
+        """The partition the policy last chose for ``model`` (None before the first request)."""
+        return self._core.policy.current(model)
+
+    @property
+    def link(self) -> LinkMonitor:
+        """The link monitor (read its ``estimate()``; experiments may feed it)."""
+        return self._core.link
 
     @property
     def breaker_state(self) -> str:

@@ -61,6 +61,7 @@ class LinkEstimate:
     downlink_mbps: float | None
     rtt_ms: float | None
     age_s: float
+    bandwidth_age_s: float = math.inf
 
 
 class LinkMonitor:
@@ -73,7 +74,9 @@ class LinkMonitor:
 
     Parameters:
         min_bandwidth_bytes: payload size below which a call is treated as an RTT sample.
-        stale_after_s: how old an estimate may get before a probe is due.
+        stale_after_s: how old the *bandwidth* estimate may get before a probe
+            is due. RTT samples from small calls do not refresh it: an edge
+            running a small cut would otherwise never notice the link recover.
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class LinkMonitor:
         self._up = Ewma()
         self._down = Ewma()
         self._updated = -math.inf
+        self._bandwidth_updated = -math.inf
         self._lock = threading.Lock()
 
     def observe(self, bytes_sent: int, bytes_received: int, network_ms: float) -> None:
@@ -101,6 +105,7 @@ class LinkMonitor:
             if not big_up and not big_down:
                 self._rtt.add(network_ms)
                 return
+            self._bandwidth_updated = self._updated
             rtt = self._rtt.value or 0.0
             transfer_ms = max(network_ms - rtt, 0.05)
             # Attribute the transfer time to the larger direction; the other
@@ -125,10 +130,12 @@ class LinkMonitor:
                 downlink_mbps=self._down.value,
                 rtt_ms=self._rtt.value,
                 age_s=self._clock() - self._updated,
+                bandwidth_age_s=self._clock() - self._bandwidth_updated,
             )
 
     def stale(self) -> bool:
-        return self.estimate().age_s > self.stale_after_s
+        """Is a bandwidth probe due (no bandwidth sample for ``stale_after_s``)?"""
+        return self.estimate().bandwidth_age_s > self.stale_after_s
 
 
 def _mbps(nbytes: int, ms: float) -> float:

@@ -29,6 +29,9 @@ class GatewayConfig:
         private_models: models whose raw inputs must never leave the device.
         device_slowdown: emulate a slower device by stretching device compute
             time by this factor (experiments only; 1.0 = off).
+        device_time_from_profile: emulate the planned device exactly: pad each
+            device leg to the time the bundle's profile gives it (experiments
+            only; steadier than ``device_slowdown`` on a loaded machine).
         battery_pct: fixed battery level (None = read from the OS).
         encoding: wire encoding of cut tensors when the plan names none
             ("raw", "fp16", "int8", "int8c", "zstd"; see splitgate.encoding).
@@ -52,6 +55,7 @@ class GatewayConfig:
     probe_bytes: int = 64 * 1024
     private_models: list[str] = field(default_factory=list)
     device_slowdown: float = 1.0
+    device_time_from_profile: bool = False
     battery_pct: float | None = None
     encoding: str = "raw"
     cloud_tls: dict[str, Any] | None = None

@@ -124,3 +124,15 @@ def test_edge_serve_speaks_oip_with_clear_errors(zoo_bundle, sample) -> None:
         if metrics is not None:
             metrics.shutdown()
         gw.close()
+
+
+def test_device_time_from_profile_pads_to_the_planned_device(slow_device_bundle) -> None:
+    from planner import Conditions
+
+    bundle = slow_device_bundle
+    (spec,) = bundle.inputs
+    x = np.zeros([d if d >= 0 else 1 for d in spec.shape], dtype=np.float32)
+    planned = bundle.estimate("device", Conditions(uplink_mbps=10)).device_ms
+    with Gateway([bundle], device_time_from_profile=True) as gw:
+        r = gw.infer(bundle.model_name, {spec.name: x}, partition="device")
+    assert r.trace.device_ms >= planned

@@ -100,3 +100,15 @@ def test_result_cache_is_lru_and_keyed_by_content() -> None:
     cache.put(("m", "p", "c"), {"y": np.ones(1)})
     assert cache.get(("m", "p", "b")) is None
     assert cache.get(("m", "p", "a")) is not None and cache.get(("m", "p", "c")) is not None
+
+
+def test_small_calls_do_not_hide_a_stale_bandwidth_estimate() -> None:
+    clock = FakeClock()
+    m = LinkMonitor(min_bandwidth_bytes=1000, stale_after_s=5, clock=clock)
+    m.observe(1_000_000, 100, 840.0)
+    assert not m.stale()
+    for t in range(1, 10):
+        clock.now = float(t)
+        m.observe(100, 100, 40.0)  # small cut: an RTT sample only
+    assert m.estimate().age_s == 0.0
+    assert m.stale(), "bandwidth not measured for 9 s must make a probe due"
