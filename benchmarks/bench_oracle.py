@@ -240,7 +240,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=9, help="measured requests per partition")
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured requests per partition")
     ap.add_argument("--plan-repeats", type=int, default=30, help="timed runs per session while planning")
-    ap.add_argument("--rtt-probes", type=int, default=9)
+    ap.add_argument("--rtt-probes", type=int, default=15)
+    ap.add_argument("--encodings", default="raw",
+                    help="cut-tensor encodings to plan with (raw = partitions only; e.g. raw,fp16,int8,int8c,zstd)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
     ap.add_argument("-o", "--output", default=None, help="also write the JSON here")
@@ -260,7 +262,7 @@ def main() -> int:
     out: dict[str, Any] = {
         "config": {"models": names, "networks": {n: networks[n] for n in nets}, "device_slowdown": args.slowdown,
                    "repeats": args.repeats, "warmup": args.warmup, "plan_repeats": args.plan_repeats,
-                   "rtt_probes": args.rtt_probes},
+                   "rtt_probes": args.rtt_probes, "encodings": args.encodings},
         "cells": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -270,7 +272,8 @@ def main() -> int:
             path = _model_path(name, work)
             print(f"planning {name} ...", file=sys.stderr, flush=True)
             bundles.append(build_bundle(path, work / f"{name}.bundle", model_name=name,
-                                        device_slowdown=args.slowdown, repeats=args.plan_repeats))
+                                        device_slowdown=args.slowdown, repeats=args.plan_repeats,
+                                        encodings=tuple(args.encodings.split(","))))
         out["plans"] = {
             b.model_name: {
                 "candidates": b.candidates,

@@ -3,9 +3,13 @@
 Prints one JSON document (and writes it with ``-o``):
 
 * ``planning``: per model, the median (after a warm-up) of the planning steps
-  that run after profiling — chain cuts, the min-cut candidate search over the
-  condition space, and the decision table — with the graph sizes before and
-  after coarsening. Per-node times come from one real profile (excluded).
+  that run after profiling — coarsening (chains, dominator blocks), chain
+  cuts, the min-cut candidate search over the condition space, and the
+  decision table — with the graph sizes before and after coarsening, and one
+  min-cut solved block by block (``min_cut_ms``) next to one flow over the
+  whole chain-collapsed graph (``min_cut_whole_flow_ms``, the plain DADS
+  construction), timed alternately. Per-node times come from one real
+  profile (excluded).
 * ``estimate_error``: per model, how far the summed per-node onnxruntime
   profile is from the measured prefix/suffix sessions (median and max |error| %).
 * ``bundle_bytes``: bundle sizes with ``candidates="optimal"`` (default) and
@@ -34,9 +38,9 @@ def _dir_bytes(path: Path) -> int:
 
 def bench_planning(path: Path, repeats: int = 5) -> dict:
     from planner import Conditions, ModelGraph, chain_cuts, profile_nodes
-    from planner._cost import EnergyModel, estimate
+    from planner._cost import EnergyModel, estimate, linear_costs
     from planner._decide import Grid, build_table, search_candidates
-    from planner._mincut import CutProblem
+    from planner._mincut import CutProblem, min_cut
 
     g = ModelGraph.load(path)
     dev = profile_nodes(g, threads=1, repeats=3)
@@ -75,9 +79,23 @@ def bench_planning(path: Path, repeats: int = 5) -> dict:
         for key, v in (("coarsen_ms", t1 - t0), ("chain_cuts_ms", t2 - t1), ("search_ms", t3 - t2),
                        ("table_ms", t4 - t3), ("total_ms", t4 - t0)):
             samples[key].append(v * 1e3)
+    # one min-cut, block by block (default) vs one flow over the whole chain-collapsed graph
+    lc = linear_costs(Conditions(uplink_mbps=5.85), energy, estimate(sum(dev_u.values()), 0, 0, 0,
+                                                                     Conditions(uplink_mbps=5.85), energy, offload=False))
+    dc = {u: lc.device_per_ms * v for u, v in dev_u.items()}
+    cc = {u: lc.cloud_per_ms * v for u, v in cloud_u.items()}
+    tc = {t: lc.per_byte * problem.nbytes[t] for t in problem.tensors}
+    cut_ms: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(3):
+        for decompose in (True, False):
+            t0 = time.perf_counter()
+            min_cut(problem, dc, cc, tc, decompose=decompose)
+            cut_ms[decompose].append((time.perf_counter() - t0) * 1e3)
     return {
         "model": path.name,
         **problem.stats(),
+        "min_cut_ms": round(statistics.median(cut_ms[True]), 2),
+        "min_cut_whole_flow_ms": round(statistics.median(cut_ms[False]), 2),
         "candidates_found": len(found),
         **{k: round(statistics.median(v), 2) for k, v in samples.items()},
         "total_ms_max": round(max(samples["total_ms"]), 2),

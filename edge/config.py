@@ -25,7 +25,11 @@ class GatewayConfig:
             than the current one before the policy switches.
         cache_size: entries of the opt-in LRU result cache (0 = off).
         probe_interval_s: probe the link when idle or estimates are older than this.
-        probe_bytes: payload of a bandwidth probe.
+        probe_bytes: payload of a bandwidth probe (32 KB: twice the monitor's
+            16 KB bandwidth-sample floor, and short enough that on a 3G-class
+            uplink, 0.2-1 Mbps, one probe takes 0.3-1.3 s rather than 0.5-2.6 s,
+            so the estimate is not an average over a window as long as the
+            probe interval).
         private_models: models whose raw inputs must never leave the device.
         device_slowdown: emulate a slower device by stretching device compute
             time by this factor (experiments only; 1.0 = off).
@@ -52,7 +56,7 @@ class GatewayConfig:
     hysteresis: float = 0.1
     cache_size: int = 0
     probe_interval_s: float = 5.0
-    probe_bytes: int = 64 * 1024
+    probe_bytes: int = 32 * 1024
     private_models: list[str] = field(default_factory=list)
     device_slowdown: float = 1.0
     device_time_from_profile: bool = False

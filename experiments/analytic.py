@@ -17,9 +17,9 @@ the next starts at the next slot of the spec's ``interval_ms`` grid. Per request
   ``hedge_after`` (``0.8 x remaining``, then ``remaining - 1.2 x`` the local
   suffix EWMA), the local suffix races it (fallback ``hedged``);
 * ``neurosurgeon`` and ``adaptive`` decide on a *monitored* estimate: the
-  Gateway's own :class:`edge._monitor.LinkMonitor` (fed the same observations a
+  Gateway's own :class:`edge.LinkMonitor` (fed the same observations a
   live Gateway gets, on a virtual clock, with probes when stale) and, for
-  ``adaptive``, the Gateway's own :class:`edge._policy.Policy` (hysteresis).
+  ``adaptive``, the Gateway's own :class:`edge.Policy` (hysteresis).
 
 It runs thousands of requests per second of wall time; ``repeats`` replays
 the trace with different jitter/loss seeds.
@@ -34,8 +34,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from edge._monitor import Ewma, LinkMonitor
-from edge._policy import Policy
+from edge import LinkMonitor, Policy
 from experiments._records import Record, energy_model, request_energy_mj
 from experiments.policies import neurosurgeon_choice, static_partition
 from experiments.spec import ExperimentSpec
@@ -69,7 +68,7 @@ def warm_partitions(bundle: PlanBundle, policy: str, nominal: Conditions) -> lis
 class _State:
     now: float = 0.0
     probing: bool = False
-    local: Ewma = field(default_factory=Ewma)
+    local_ms: float | None = None  # the Gateway's local-suffix EWMA (alpha 0.5); steady here
     pending: list[tuple[float, int, str, tuple]] = field(default_factory=list)
     counter: int = 0
 
@@ -213,7 +212,7 @@ class _Sim:
             remaining = self.spec.deadline_ms - dev - probe_ms
             local_ms = max(self.device_full - dev, 0.0)
             hedge = self.spec.gateway.get("hedge", True)
-            hedge_after = (max(remaining - 1.2 * st.local.value, 0.0) if st.local.value else 0.8 * remaining) \
+            hedge_after = (max(remaining - 1.2 * st.local_ms, 0.0) if st.local_ms else 0.8 * remaining) \
                 if hedge else remaining
             if cloud_leg <= hedge_after or (hedge and cloud_leg <= hedge_after + local_ms):
                 latency = probe_ms + dev + cloud_leg
@@ -223,7 +222,7 @@ class _Sim:
             else:
                 fallback = "hedged" if hedge else "deadline_exceeded"
                 latency = probe_ms + dev + hedge_after + local_ms
-                st.local.add(local_ms)
+                st.local_ms = local_ms if st.local_ms is None else 0.5 * (local_ms + st.local_ms)
                 if cloud_leg <= remaining:  # the late reply still teaches the monitors
                     st.later(back, "obs", up + UP_OVERHEAD, down + DOWN_OVERHEAD, cloud_leg - cloud)
                 dev += local_ms

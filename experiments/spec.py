@@ -34,12 +34,16 @@ from typing import Any
 
 import yaml
 
+from edge.config import GatewayConfig
 from netsim import profile as net_profile
 from netsim import traces
 from netsim.traces import Trace
 from planner import Conditions
 
 __all__ = ["ExperimentSpec", "load_spec", "build_trace"]
+
+#: The Gateway's defaults, so the analytic engine models the policy a live Gateway runs.
+_GW_DEFAULTS = GatewayConfig()
 
 _KNOWN = {"name", "model", "device", "plan", "trace", "nominal", "policies", "think_ms", "interval_ms", "gateway",
           "analytic", "live", "seed", "report", "description"}
@@ -137,19 +141,19 @@ class ExperimentSpec:
 
     @property
     def hysteresis(self) -> float:
-        return float(self.gateway.get("hysteresis", 0.1))
+        return float(self.gateway.get("hysteresis", _GW_DEFAULTS.hysteresis))
 
     @property
     def deadline_ms(self) -> float:
-        return float(self.gateway.get("deadline_ms", 10_000.0))
+        return float(self.gateway.get("deadline_ms", _GW_DEFAULTS.deadline_ms))
 
     @property
     def probe_interval_s(self) -> float:
-        return float(self.gateway.get("probe_interval_s", 5.0))
+        return float(self.gateway.get("probe_interval_s", _GW_DEFAULTS.probe_interval_s))
 
     @property
     def probe_bytes(self) -> int:
-        return int(self.gateway.get("probe_bytes", 64 * 1024))
+        return int(self.gateway.get("probe_bytes", _GW_DEFAULTS.probe_bytes))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], base: Path | None = None) -> ExperimentSpec:

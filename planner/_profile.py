@@ -190,8 +190,16 @@ class NodeProfile:
         return cls.from_dict(data)
 
 
-def make_session(model: onnx.ModelProto | str | os.PathLike[str], threads: int, *, profile_dir: str | None = None):
+def make_session(
+    model: onnx.ModelProto | str | os.PathLike[str], threads: int, *, profile_dir: str | None = None,
+    spinning: bool = True,
+):
     """A quiet CPU onnxruntime session with ``threads`` intra-op threads (full optimisation).
+
+    ``spinning=False`` makes the session's worker threads block instead of
+    busy-waiting for work after a run (``session.intra_op.allow_spinning``):
+    needed when several sessions take turns, where one session's spinning
+    threads would steal the CPU from the next.
 
     Raises:
         BundleError: onnxruntime refuses the model.
@@ -202,6 +210,8 @@ def make_session(model: onnx.ModelProto | str | os.PathLike[str], threads: int, 
     opts.intra_op_num_threads = max(1, int(threads))
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_dir is not None:
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(profile_dir, "ort")
@@ -348,7 +358,7 @@ def time_partitions(
             for side, model, threads in ((0, prefix, device_threads), (1, suffix, cloud_threads)):
                 if model is None:
                     continue
-                s = make_session(model, threads)
+                s = make_session(model, threads, spinning=False)
                 names = [o.name for o in s.get_outputs()]
                 args = {x.name: cut[x.name] for x in s.get_inputs()}
                 out = s.run(names, args)
