@@ -107,7 +107,7 @@ class _Core:
             self.add_bundle(b)
         self.client = CloudClient(
             config.cloud, timeout_s=config.deadline_ms / 1e3, tls=TlsConfig.from_dict(config.cloud_tls),
-            token=config.cloud_token, insecure=config.cloud_insecure,
+            token=config.cloud_token, insecure=config.cloud_insecure, discover=config.cloud_discover,
         ) if config.cloud else None
         self.limits = Limits(nan_policy=config.nan_policy)
         self.sessions = SessionCache(config.intra_op_threads)

@@ -44,6 +44,9 @@ class GatewayConfig:
         cloud_token: bearer token sent to the cloud tier on every call.
         cloud_insecure: allow plaintext to a non-loopback cloud address.
         nan_policy: ``"allow"`` or ``"reject"`` NaN/Inf in float inputs (INVALID_ARGUMENT).
+        cloud_discover: call the replicas' direct-ingress ports found through
+            the tier (faster; falls back to ``cloud``). Leave off when ``cloud``
+            is a shaping proxy or any front the replicas' ports would bypass.
     """
 
     cloud: str | None = None
@@ -66,6 +69,7 @@ class GatewayConfig:
     cloud_token: str | None = None
     cloud_insecure: bool = False
     nan_policy: str = "allow"
+    cloud_discover: bool = False
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> GatewayConfig:

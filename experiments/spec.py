@@ -34,7 +34,6 @@ from typing import Any
 
 import yaml
 
-from edge.config import GatewayConfig
 from netsim import profile as net_profile
 from netsim import traces
 from netsim.traces import Trace
@@ -42,8 +41,13 @@ from planner import Conditions
 
 __all__ = ["ExperimentSpec", "load_spec", "build_trace"]
 
-#: The Gateway's defaults, so the analytic engine models the policy a live Gateway runs.
-_GW_DEFAULTS = GatewayConfig()
+
+def _gw_default(name: str) -> Any:
+    """A :class:`edge.GatewayConfig` default, so the analytic engine models the
+    policy a live Gateway runs (imported lazily: ``edge`` loads onnxruntime)."""
+    from edge.config import GatewayConfig
+
+    return getattr(GatewayConfig, name)
 
 _KNOWN = {"name", "model", "device", "plan", "trace", "nominal", "policies", "think_ms", "interval_ms", "gateway",
           "analytic", "live", "seed", "report", "description"}
@@ -141,19 +145,19 @@ class ExperimentSpec:
 
     @property
     def hysteresis(self) -> float:
-        return float(self.gateway.get("hysteresis", _GW_DEFAULTS.hysteresis))
+        return float(self.gateway.get("hysteresis", _gw_default("hysteresis")))
 
     @property
     def deadline_ms(self) -> float:
-        return float(self.gateway.get("deadline_ms", _GW_DEFAULTS.deadline_ms))
+        return float(self.gateway.get("deadline_ms", _gw_default("deadline_ms")))
 
     @property
     def probe_interval_s(self) -> float:
-        return float(self.gateway.get("probe_interval_s", _GW_DEFAULTS.probe_interval_s))
+        return float(self.gateway.get("probe_interval_s", _gw_default("probe_interval_s")))
 
     @property
     def probe_bytes(self) -> int:
-        return int(self.gateway.get("probe_bytes", _GW_DEFAULTS.probe_bytes))
+        return int(self.gateway.get("probe_bytes", _gw_default("probe_bytes")))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], base: Path | None = None) -> ExperimentSpec:

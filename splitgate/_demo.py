@@ -85,10 +85,11 @@ def _run_requests(console: Console, bundle, address: str, requests: int) -> bool
     expected = dict(zip([o.name for o in reference.get_outputs()], reference.run(None, inputs)))
 
     table = Table(title=f"{bundle.model_name}: median of {requests} requests after {WARMUP} warm-up")
-    for col in ("partition", "bytes sent", "device ms", "network ms", "cloud ms", "total ms", "max|Δ|", "match"):
-        table.add_column(col, justify="left" if col == "partition" else "right")
+    for col in ("partition", "bytes sent", "device ms", "net ms", "cloud ms", "total ms", "max|Δ|", "match"):
+        table.add_column(col, justify="left" if col == "partition" else "right", no_wrap=True)
     all_ok = True
-    with Gateway([bundle], cloud=address) as gateway:
+    # cloud_discover: call the replicas' own gRPC ports (Ray direct ingress), the fast path.
+    with Gateway([bundle], cloud=address, cloud_discover=True) as gateway:
         for pid in _pick_partitions(bundle):
             traces = []
             for i in range(WARMUP + requests):
@@ -104,7 +105,7 @@ def _run_requests(console: Console, bundle, address: str, requests: int) -> bool
             def med(field: str) -> float:
                 return statistics.median(getattr(t, field) for t in traces)
 
-            label = pid or f"auto → {result.trace.partition}"
+            label = pid or f"auto:{result.trace.partition}"
             table.add_row(
                 label,
                 f"{int(med('bytes_sent')):,}",

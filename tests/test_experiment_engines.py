@@ -72,16 +72,14 @@ def test_analytic_replays_outages_as_gateway_hedges(slow_device_bundle) -> None:
 
 @pytest.mark.integration
 def test_live_and_analytic_engines_agree_within_10_percent(slow_device_bundle, cloud_tier) -> None:
-    """The issue's check: on a short, network-dominated spec the live engine (real
-    Gateway -> ShapingProxy -> Ray Serve) and the analytic engine give the same
-    mean latency per policy within 10% (device emulated at the planned profile).
-
-    Network-bound policies (the device computes < 25% of the predicted latency)
-    must agree on the mean. Device-bound ones are checked on the median and, if
-    they miss, reported as an expected failure: the Gateway emulates the slow
-    device by multiplying real sub-ms compute by ~600, so scheduler noise of this
-    shared 2-core machine is amplified into second-long outliers (see the report
-    in the xfail message; needs a target-time device emulation in edge)."""
+    """The issue's check: on a shared spec (``experiments/specs/agreement.yaml``: a
+    steady 0.4 Mbps / 300 ms link, 24 s) the live engine (real Gateway ->
+    ShapingProxy -> Ray Serve, device emulated at the profile's planned times by
+    ``GatewayConfig.device_time_from_profile``) and the analytic engine give the
+    same mean latency for every policy within 10%: device-bound (``device``,
+    the small cuts) and network-bound (``cloud``) alike. The link is steady, so
+    each policy's latency is nearly constant and the mean over its 16-48 live
+    requests is a stable statistic even on a loaded machine."""
     from experiments.live import run_live
 
     b = slow_device_bundle
@@ -91,20 +89,14 @@ def test_live_and_analytic_engines_agree_within_10_percent(slow_device_bundle, c
     analytic = run_analytic(spec, b, repeats=10)
     rows = []
     for policy in spec.policies:
-        lv = [r for r in live if r.policy == policy]
-        an = [r for r in analytic if r.policy == policy]
+        lv = [r.latency_ms for r in live if r.policy == policy]
+        an = [r.latency_ms for r in analytic if r.policy == policy]
         assert len(lv) >= 10, f"{policy}: only {len(lv)} live requests"
-        dev_share = statistics.fmean(r.device_ms for r in an) / statistics.fmean(r.latency_ms for r in an)
-        rows.append((policy, dev_share, statistics.fmean(r.latency_ms for r in lv),
-                     statistics.fmean(r.latency_ms for r in an), statistics.median(r.latency_ms for r in lv),
-                     statistics.median(r.latency_ms for r in an)))
-    report = "; ".join(f"{p}: live {lm:.0f} / analytic {am:.0f} ms (medians {l2:.0f}/{a2:.0f})"
-                       for p, _, lm, am, l2, a2 in rows)
-    network_bound = [r for r in rows if r[1] < 0.25]
-    assert network_bound, f"the spec must have network-bound policies: {report}"
-    for policy, _, lm, am, _, _ in network_bound:
-        assert abs(lm - am) <= 0.10 * am, f"{policy} disagrees: {report}"
-    assert all(not r.fallback for r in live), "no fallbacks expected on a steady link"
-    missed = [p for p, share, _, _, lmed, amed in rows if share >= 0.25 and abs(lmed - amed) > 0.10 * amed]
-    if missed:
-        pytest.xfail(f"device-bound {missed} off by > 10% (emulated-device noise): {report}")
+        rows.append((policy, statistics.fmean(lv), statistics.fmean(an), statistics.median(lv),
+                     statistics.median(an)))
+    report = "; ".join(f"{p}: live {lm:.0f} / analytic {am:.0f} ms ({100 * (lm / am - 1):+.1f}%, medians "
+                       f"{l2:.0f}/{a2:.0f})" for p, lm, am, l2, a2 in rows)
+    print(report)
+    assert all(not r.fallback for r in live), f"no fallbacks expected on a steady link: {report}"
+    off = [p for p, lm, am, _, _ in rows if abs(lm - am) > 0.10 * am]
+    assert not off, f"engines disagree by more than 10% on {off}: {report}"
