@@ -85,7 +85,7 @@ def _run_requests(console: Console, bundle, address: str, requests: int) -> bool
     expected = dict(zip([o.name for o in reference.get_outputs()], reference.run(None, inputs)))
 
     table = Table(title=f"{bundle.model_name}: median of {requests} requests after {WARMUP} warm-up")
-    for col in ("partition", "bytes sent", "device ms", "net ms", "cloud ms", "total ms", "max|Δ|", "match"):
+    for col in ("partition", "bytes sent", "device ms", "network ms", "cloud ms", "total ms", "max|Δ|", "match"):
         table.add_column(col, justify="left" if col == "partition" else "right", no_wrap=True)
     all_ok = True
     # cloud_discover: call the replicas' own gRPC ports (Ray direct ingress), the fast path.
