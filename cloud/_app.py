@@ -14,6 +14,8 @@ and ``splitgate.queue_depth`` counts real waiting work.
 from __future__ import annotations
 
 import asyncio
+import collections
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -81,6 +83,13 @@ class InferenceDeployment:
         nan_policy: ``"allow"`` or ``"reject"`` NaN/Inf in float cut tensors.
         publish_endpoints: list the replicas' direct-ingress endpoints in
             ServerMetadata (off when clients must come through a TLS front).
+        batcher: ``"drain"`` (default): the event loop only hands the parsed
+            request to the compute threads, which decode, validate, run and
+            encode; each compute thread takes *everything* queued (up to
+            ``max_batch_size`` rows) when it becomes free, so batches grow with
+            the queue and an idle replica runs a lone request at once, with no
+            timer. ``"serve"``: Ray's ``@serve.batch`` queue with
+            ``batch_wait_timeout_s``, decode/validate/encode on the event loop.
     """
 
     def __init__(
@@ -94,6 +103,7 @@ class InferenceDeployment:
         token_digests: Sequence[str] | None = None,
         nan_policy: str = "allow",
         publish_endpoints: bool = True,
+        batcher: str = "drain",
     ) -> None:
         self._service = SuffixService(
             bundle_dirs, intra_op_threads=intra_op_threads,
@@ -105,6 +115,10 @@ class InferenceDeployment:
         self._max_batch = max(int(max_batch_size), 1)
         self._max_bytes = int(max_message_bytes)
         self._pool = ThreadPoolExecutor(max_workers=max(compute_threads, 1), thread_name_prefix="suffix")
+        if batcher not in ("drain", "serve"):
+            raise ValueError(f"batcher must be 'drain' or 'serve', not {batcher!r}")
+        self._batcher = batcher
+        self._drain = _DrainQueue(self._work, self._max_batch, max(compute_threads, 1)) if batcher == "drain" else None
         self._in_flight = 0
         self._endpoints: list[str] = []
         self._endpoints_at = 0.0
@@ -173,6 +187,15 @@ class InferenceDeployment:
             return pb.ModelInferResponse()
         self._in_flight += 1
         depth = self._in_flight
+        if self._drain is not None:
+            try:
+                ok, value = await self._drain.submit(request, depth)
+                if ok:
+                    return value
+                _fail(grpc_context, value)
+                return pb.ModelInferResponse()
+            finally:
+                self._in_flight -= 1
         try:
             size = _request_bytes(request)
             if size > self._max_bytes:
@@ -228,6 +251,37 @@ class InferenceDeployment:
                 results[i] = (True, values, cloud_ms, rows)
         return results
 
+    def _work(self, entries: list) -> list[tuple]:
+        """Compute thread, drain batcher: (request, depth) pairs -> (ok, response | error)."""
+        out: list[tuple] = [None] * len(entries)  # type: ignore[list-item]
+        prepared: list = []
+        where: list[int] = []
+        for i, (request, _depth) in enumerate(entries):
+            try:
+                size = _request_bytes(request)
+                if size > self._max_bytes:
+                    raise ResourceExhausted(
+                        f"ModelInfer request of {size} bytes exceeds the cloud tier's limit of "
+                        f"{self._max_bytes} bytes (max_message_bytes)"
+                    )
+                prepared.append(self._service.prepare(request))
+                where.append(i)
+            except Exception as exc:  # noqa: BLE001 - answered per request
+                out[i] = (False, exc)
+        if prepared:
+            results = self._run_batch(prepared) if len(prepared) > 1 else [self._run_single(prepared[0].item)]
+            for i, p, (ok, values, cloud_ms, rows) in zip(where, prepared, results):
+                if not ok:
+                    out[i] = (False, values)
+                    continue
+                try:
+                    out[i] = (True, self._service.respond(
+                        p, values, cloud_ms=cloud_ms, queue_depth=entries[i][1], batch_size=rows
+                    ))
+                except Exception as exc:  # noqa: BLE001
+                    out[i] = (False, exc)
+        return out
+
     def _run_single(self, item) -> tuple:
         start = time.perf_counter()
         try:
@@ -253,6 +307,76 @@ class InferenceDeployment:
         return self._endpoints
 
 
+class _DrainQueue:
+    """Continuous batching without timers: compute threads take all queued work.
+
+    The event loop appends ``(request, depth)`` and awaits a future; a free
+    compute thread pops up to ``max_rows`` requests (whatever arrived while it
+    was busy), runs ``work(entries)`` and settles all futures with one
+    ``call_soon_threadsafe``. Under load the batch size follows the queue
+    depth; when idle a request runs at once.
+    """
+
+    def __init__(self, work: Callable[[list], list], max_rows: int, threads: int) -> None:
+        self._work = work
+        self._max = max(int(max_rows), 1)
+        self._queue: collections.deque = collections.deque()
+        self._cv = threading.Condition()
+        for k in range(threads):
+            threading.Thread(target=self._loop, name=f"suffix-drain-{k}", daemon=True).start()
+
+    def submit(self, request: Any, depth: int) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._cv:
+            self._queue.append((request, depth, future, loop))
+            self._cv.notify()
+        return future
+
+    def _take(self) -> list:
+        with self._cv:
+            while not self._queue:
+                self._cv.wait()
+            taken = [self._queue.popleft()]
+            rows = _rows(taken[0][0])
+            while self._queue and rows + _rows(self._queue[0][0]) <= self._max:
+                entry = self._queue.popleft()
+                rows += _rows(entry[0])
+                taken.append(entry)
+            return taken
+
+    def _loop(self) -> None:
+        while True:
+            taken = self._take()
+            try:
+                results = self._work([(e[0], e[1]) for e in taken])
+            except BaseException as exc:  # noqa: BLE001 - a bug must still answer, never hang
+                results = [(False, exc)] * len(taken)
+            by_loop: dict[Any, list] = {}
+            for entry, result in zip(taken, results):
+                by_loop.setdefault(entry[3], []).append((entry[2], result))
+            for loop, settled in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(_settle, settled)
+                except RuntimeError:  # loop closed: the replica is stopping
+                    pass
+
+
+def _rows(request: Any) -> int:
+    """Rows a request adds to a batch (its first input's first dimension; 1 if unknown)."""
+    try:
+        shape = request.inputs[0].shape
+        return max(int(shape[0]), 1) if shape else 1
+    except Exception:  # noqa: BLE001 - malformed requests fail later, one row
+        return 1
+
+
+def _settle(settled: list) -> None:
+    for future, result in settled:
+        if not future.done():
+            future.set_result(result)
+
+
 def build_app(bundle_dirs: Sequence[str] | CloudConfig, **overrides: Any):
     """Return the bound Ray Serve application serving plan bundles.
 
@@ -269,6 +393,8 @@ def build_app(bundle_dirs: Sequence[str] | CloudConfig, **overrides: Any):
     options: dict[str, Any] = {
         "max_ongoing_requests": config.max_ongoing_requests,
         "health_check_period_s": config.health_check_period_s,
+        # Serve writes one access-log line per request on the replica's event loop.
+        "logging_config": {"enable_access_log": bool(config.access_log)},
     }
     if config.autoscaling:
         options["autoscaling_config"] = dict(config.autoscaling)
@@ -284,4 +410,5 @@ def build_app(bundle_dirs: Sequence[str] | CloudConfig, **overrides: Any):
         [token_digest(t) for t in config.auth_tokens] + list(config.auth_token_digests) or None,
         config.nan_policy,
         config.tls is None,  # behind a TLS front, the plaintext replica ports are not advertised
+        config.batcher,
     )

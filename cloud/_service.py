@@ -185,6 +185,10 @@ class SuffixService:
         opts = ort.SessionOptions()
         if self._threads:
             opts.intra_op_num_threads = self._threads
+        # No busy-waiting intra-op threads: on a shared host a spinning pool thread
+        # takes the core the gRPC/event-loop thread needs (same for every host of
+        # this service, so the Ray tier and the plain baseline stay comparable).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if f"{rel}.data" in files:  # external weights: ORT resolves them next to the file
             return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])

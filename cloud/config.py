@@ -26,6 +26,11 @@ class CloudConfig:
         max_message_bytes: largest ModelInfer request (RESOURCE_EXHAUSTED above it).
         intra_op_threads: onnxruntime threads per session (0 = ORT default).
         compute_threads: threads per replica running suffix batches concurrently.
+        batcher: ``"drain"`` (compute threads take all queued requests, batches
+            grow with the queue, decode/encode off the event loop) or ``"serve"``
+            (Ray's ``@serve.batch`` with ``batch_wait_timeout_s``).
+        access_log: Serve's per-request access log lines (off: they cost the
+            replica's event loop time on every request).
         direct_ingress: let each replica serve gRPC on its own port (Ray 2.60
             ``RAY_SERVE_ENABLE_DIRECT_INGRESS``); clients discover the ports via
             ServerMetadata and keep the proxy as the fallback.
@@ -65,6 +70,8 @@ class CloudConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     intra_op_threads: int = 0
     compute_threads: int = 1
+    batcher: str = "drain"
+    access_log: bool = False
     direct_ingress: bool = True
     throughput_optimized: bool = True
     direct_ingress_port: int = 0

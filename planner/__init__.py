@@ -13,6 +13,7 @@ Public API::
     build_bundle(model_path, out_dir, options=PlanOptions(...) | **overrides) -> PlanBundle
     load_bundle(dir) / PlanBundle.load(dir) -> PlanBundle  (verified)
     PlanBundle.candidates / has_profile / estimate(pid, c) / choose(c) / explain()
+    (cut, encoding) candidates "cut-K@int8" (PlanOptions.encodings, calibration, guard; Partition.encoding)
 
 The model zoo (torch) lives in :mod:`planner.zoo` and is not imported here, so
 ``import planner`` needs only onnx, onnxruntime, networkx and numpy.

@@ -308,7 +308,7 @@ def plan_model(g: ModelGraph, options: PlanOptions, extractor: Extractor, progre
     sides = [(g.model if p.kind == "device" else p.prefix, g.model if p.kind == "cloud" else p.suffix) for p in parts]
     timings = time_partitions(
         sides, feeds, device_threads=options.device_threads, cloud_threads=options.cloud_threads,
-        warmup=options.warmup, repeats=options.repeats,
+        warmup=options.warmup, repeats=options.repeats, device_gap_ms=10.0,
         progress=lambda done, total: report("measure partitions", done, total),
     )
     for p, (pre_model, _), (dev_t, cloud_t) in zip(parts, sides, timings):

@@ -322,6 +322,7 @@ def time_partitions(
     warmup: int = 2,
     repeats: int = 10,
     seed: int = 0,
+    device_gap_ms: float = 0.0,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[tuple[Timing | None, Timing | None]]:
     """Measure several partitions' real prefix and suffix sessions, interleaved.
@@ -343,6 +344,11 @@ def time_partitions(
         warmup: untimed rounds.
         repeats: timed rounds.
         seed: seed of the round order.
+        device_gap_ms: idle time before each prefix run. The edge runs a
+            prefix after waiting on the network or the app, with caches taken
+            by other work and clocks down; back-to-back runs are faster than
+            that (0.6 vs 0.9 ms for the zoo MobileNet on the dev VM), and a
+            device slowdown multiplies the difference.
         progress: ``callback(done, total)`` per round.
 
     Returns:
@@ -372,6 +378,8 @@ def time_partitions(
             order = list(runs)
             rng.shuffle(order)
             for i, side, s, names, args in order:
+                if side == 0 and device_gap_ms > 0:
+                    time.sleep(device_gap_ms / 1e3)
                 t0 = time.perf_counter()
                 s.run(names, args)
                 if r >= warmup:
