@@ -49,6 +49,7 @@ def _gw_default(name: str) -> Any:
 
     return getattr(GatewayConfig, name)
 
+
 _KNOWN = {"name", "model", "device", "plan", "trace", "nominal", "policies", "think_ms", "interval_ms", "gateway",
           "analytic", "live", "seed", "report", "description"}
 
