@@ -33,6 +33,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         cloud_threads=args.cloud_threads, device_slowdown=args.device_slowdown, device_profile=args.device_profile,
         repeats=args.repeats, energy=EnergyModel(radio=args.radio),
         constraints=Constraints(slo_ms=args.slo_ms, device_memory_mb=args.device_memory_mb),
+        encodings=tuple(e.strip() for e in args.encodings.split(",") if e.strip()),
+        calibration=args.calibration, min_top1_agreement=args.min_top1, min_cosine=args.min_cosine,
     )
     console = Console()
     with progress_callback(console) as progress:
@@ -47,7 +49,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_zoo(args: argparse.Namespace) -> int:
     from planner.zoo import export_zoo_model
 
-    path = export_zoo_model(args.name, args.output, seed=args.seed)
+    path = export_zoo_model(args.name, args.output, seed=args.seed, trained=args.trained)
     print(f"exported zoo model '{args.name}' to {path}")
     return 0
 
@@ -222,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--radio", default="auto", help="device radio for energy: wifi, lte, 3g, auto")
     plan.add_argument("--slo-ms", type=float, default=None, help="latency SLO")
     plan.add_argument("--device-memory-mb", type=float, default=None, help="device memory for the prefix")
+    plan.add_argument("--encodings", default="raw,fp16,int8,int8c,zstd",
+                      help="cut-tensor wire encodings to consider (comma-separated)")
+    plan.add_argument("--calibration", default=None, help=".npz of calibration inputs (samples on axis 0)")
+    plan.add_argument("--min-top1", type=float, default=0.99, help="accuracy guard: top-1 agreement for classifiers")
+    plan.add_argument("--min-cosine", type=float, default=0.999, help="accuracy guard: cosine for other outputs")
     plan.add_argument("--explain", action="store_true", help="show why each partition wins where it does")
     plan.add_argument("--rtt-ms", type=float, default=20.0, help="RTT of the --explain view")
     plan.add_argument("--battery", type=float, default=100.0, help="battery %% of the --explain view")
@@ -231,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("name", help="zoo model name, e.g. mobilenet, resnet18, vggchain")
     zoo.add_argument("-o", "--output", required=True, help=".onnx file to write")
     zoo.add_argument("--seed", type=int, default=0)
+    zoo.add_argument("--trained", action="store_true", help="train briefly on a synthetic task first (cached)")
     zoo.set_defaults(func=_cmd_zoo)
 
     edge = sub.add_parser("edge", help="the device-side gateway")
