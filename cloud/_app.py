@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -72,8 +73,6 @@ def _grpc_enforces(limit: int) -> bool:
     ``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE`` in this process's environment) already
     refuse requests over ``limit`` bytes with RESOURCE_EXHAUSTED before parsing,
     so measuring each request again (``ByteSize``, ~60 us at 600 KB) is redundant."""
-    import os
-
     try:
         return int(os.environ.get("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "")) <= limit
     except ValueError:
@@ -128,6 +127,7 @@ class InferenceDeployment:
         self._max_batch = max(int(max_batch_size), 1)
         self._max_bytes = int(max_message_bytes)
         self._check_size = not _grpc_enforces(self._max_bytes)
+        self._inline = os.environ.get("SPLITGATE_CLOUD_INLINE_IDLE", "1") == "1"
         self._pool = ThreadPoolExecutor(max_workers=max(compute_threads, 1), thread_name_prefix="suffix")
         if batcher not in ("drain", "serve"):
             raise ValueError(f"batcher must be 'drain' or 'serve', not {batcher!r}")
@@ -203,7 +203,13 @@ class InferenceDeployment:
         depth = self._in_flight
         if self._drain is not None:
             try:
-                ok, value = await self._drain.submit(request, depth)
+                if depth == 1 and self._inline:
+                    # Nothing else in flight: no batch mates to wait for, and two
+                    # thread hops (loop -> compute thread -> loop) cost more than
+                    # the short block of the loop while the suffix runs.
+                    ((ok, value),) = self._work([(request, depth)])
+                else:
+                    ok, value = await self._drain.submit(request, depth)
                 if ok:
                     return value
                 _fail(grpc_context, value)
