@@ -132,7 +132,9 @@ class InferenceDeployment:
         if batcher not in ("drain", "serve"):
             raise ValueError(f"batcher must be 'drain' or 'serve', not {batcher!r}")
         self._batcher = batcher
-        self._drain = _DrainQueue(self._work, self._max_batch, max(compute_threads, 1)) if batcher == "drain" else None
+        self._drain = _DrainQueue(
+            self._work, self._max_batch, max(compute_threads, 1), batch_wait_timeout_s
+        ) if batcher == "drain" else None
         self._in_flight = 0
         self._endpoints: list[str] = []
         self._endpoints_at = 0.0
@@ -308,7 +310,8 @@ class InferenceDeployment:
             values = self._service.run(item.key, item.outputs, item.feeds)
         except Exception as exc:  # noqa: BLE001
             return (False, exc, 0.0, 1)
-        return (True, values, (time.perf_counter() - start) * 1e3, 1)
+        rows = item.batch_size if item.signature() else 1
+        return (True, values, (time.perf_counter() - start) * 1e3, rows)
 
     # -- discovery --------------------------------------------------------------
 
@@ -337,9 +340,12 @@ class _DrainQueue:
     depth; when idle a request runs at once.
     """
 
-    def __init__(self, work: Callable[[list], list], max_rows: int, threads: int) -> None:
+    def __init__(self, work: Callable[[list], list], max_rows: int, threads: int, wait_s: float = 0.0) -> None:
         self._work = work
         self._max = max(int(max_rows), 1)
+        self._wait = max(float(wait_s), 0.0)
+        self._gap = float("inf")  # smoothed time between arrivals
+        self._last = 0.0
         self._queue: collections.deque = collections.deque()
         self._cv = threading.Condition()
         for k in range(threads):
@@ -348,7 +354,11 @@ class _DrainQueue:
     def submit(self, request: Any, depth: int) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        now = time.monotonic()
         with self._cv:
+            gap = now - self._last
+            self._last = now
+            self._gap = gap if self._gap == float("inf") else 0.8 * self._gap + 0.2 * gap
             self._queue.append((request, depth, future, loop))
             self._cv.notify()
         return future
@@ -359,10 +369,21 @@ class _DrainQueue:
                 self._cv.wait()
             taken = [self._queue.popleft()]
             rows = _rows(taken[0][0])
-            while self._queue and rows + _rows(self._queue[0][0]) <= self._max:
-                entry = self._queue.popleft()
-                rows += _rows(entry[0])
-                taken.append(entry)
+            # Requests arriving closer together than the batch wait: wait (at most
+            # that long) for mates; at a slower pace a lone request runs at once.
+            deadline = time.monotonic() + self._wait if self._gap < self._wait else 0.0
+            while rows < self._max:
+                if self._queue:
+                    if rows + _rows(self._queue[0][0]) > self._max:
+                        break
+                    entry = self._queue.popleft()
+                    rows += _rows(entry[0])
+                    taken.append(entry)
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
             return taken
 
     def _loop(self) -> None:

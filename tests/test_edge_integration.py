@@ -37,20 +37,37 @@ def test_switches_to_new_best_partition_within_three_requests(slow_device_bundle
     bundle = slow_device_bundle
     model = bundle.model_name
     x = _input(bundle)
+    hysteresis = 0.05
     with ShapingProxy(cloud_tier.address, WIFI) as link, Gateway(
-        [bundle], cloud=link.address, device_slowdown=SLOW_DEVICE, hysteresis=0.05
+        [bundle], cloud=link.address, device_slowdown=SLOW_DEVICE, hysteresis=hysteresis
     ) as gw:
         for _ in range(6):  # settle on WiFi
             wifi_choice = gw.infer(model, x).trace.partition
         rtt = gw.conditions().rtt_ms
-        assert wifi_choice == bundle.choose(Conditions(uplink_mbps=18.88, downlink_mbps=50.0, rtt_ms=rtt))
-        best_3g = bundle.choose(Conditions(uplink_mbps=1.1, downlink_mbps=2.0, rtt_ms=rtt + 90))
-        assert best_3g != wifi_choice, "the step must change the best partition for this test to mean anything"
+        wifi = Conditions(uplink_mbps=18.88, downlink_mbps=50.0, rtt_ms=rtt)
+        three_g = Conditions(uplink_mbps=1.1, downlink_mbps=2.0, rtt_ms=rtt + 90)
+        assert _near_best(bundle, wifi_choice, wifi, hysteresis)
+        best_3g = bundle.choose(three_g)
+        assert not _near_best(bundle, wifi_choice, three_g, hysteresis), (
+            "the step must change the best partition for this test to mean anything"
+        )
         link.set(THREE_G)
         chosen = [gw.infer(model, x).trace.partition for _ in range(3)]
-        assert chosen[-1] == best_3g, f"after WiFi->3G the gateway ran {chosen}, best is {best_3g}"
+        assert _near_best(bundle, chosen[-1], three_g, hysteresis), (
+            f"after WiFi->3G the gateway ran {chosen}, best is {best_3g}"
+        )
         est = gw.conditions()
         assert est.uplink_mbps < 5, f"uplink estimate {est.uplink_mbps} did not follow the step"
+
+
+def _near_best(bundle, partition: str, c: Conditions, hysteresis: float) -> bool:
+    """Is ``partition`` predicted within the policy's hysteresis of the table's best?
+
+    Two encodings of one cut (cut-10@fp16 vs cut-10@int8) can be near-tied;
+    the policy rightly keeps either.
+    """
+    best = bundle.estimate(bundle.choose(c), c).latency_ms
+    return bundle.estimate(partition, c).latency_ms <= best * (1 + hysteresis) + 1e-9
 
 
 def test_cloud_killed_mid_run_loses_nothing_and_breaker_bounds_latency(zoo_bundle, cloud_tier) -> None:
