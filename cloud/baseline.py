@@ -110,8 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Prints ``listening on HOST:PORT`` once ready (benchmarks read that line).
     """
     import argparse
-    import signal
-    import threading
+    from splitgate._signals import wait_for_stop
 
     parser = argparse.ArgumentParser(prog="python -m cloud.baseline", description=__doc__)
     parser.add_argument("bundles", nargs="+")
@@ -121,12 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     server = start_baseline(args.bundles, port=args.port, workers=args.workers, intra_op_threads=args.threads)
     print(f"listening on {server.address}", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
+        wait_for_stop()
     finally:
         server.stop()
     return 0

@@ -55,8 +55,7 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def _cmd_cloud_serve(args: argparse.Namespace) -> int:
-    import signal
-    import threading
+    from splitgate._signals import wait_for_stop
 
     from cloud import CloudConfig, start_local
 
@@ -86,12 +85,8 @@ def _cmd_cloud_serve(args: argparse.Namespace) -> int:
     config.auth_tokens = [*config.auth_tokens, *tokens]
     cloud = start_local(config)
     print(f"cloud tier serving {len(config.bundles)} bundle(s) on {cloud.address} (Ctrl-C to stop)", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
+        wait_for_stop()
     finally:
         cloud.stop()
     return 0
@@ -157,8 +152,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def _cmd_edge_serve(args: argparse.Namespace) -> int:
-    import signal
-    import threading
+    from splitgate._signals import wait_for_stop
 
     from edge import Gateway, GatewayConfig
     from edge._serve import serve_edge
@@ -185,12 +179,8 @@ def _cmd_edge_serve(args: argparse.Namespace) -> int:
     where = f"cloud {config.cloud}" if config.cloud else "device only"
     metrics = f", Prometheus metrics on 127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else ""
     print(f"edge gateway serving {gateway.models} on 127.0.0.1:{port} ({where}){metrics}; Ctrl-C to stop", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
+        wait_for_stop()
     finally:
         server.stop(grace=2).wait()
         gateway.close()

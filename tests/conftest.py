@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,6 +62,36 @@ def cloud_tier(zoo_bundle, slow_device_bundle) -> Iterator[object]:
         yield tier
     finally:
         tier.stop()
+
+
+@pytest.fixture()
+def echo_server() -> Iterator[str]:
+    """A TCP echo server on loopback; yields its ``host:port``."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    stop = threading.Event()
+
+    def serve() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=_echo, args=(conn,), daemon=True).start()
+
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{srv.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    srv.close()
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import math
 import socket
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,35 +13,6 @@ import pytest
 from netsim import LinkConditions, ScheduleDriver, ShapingProxy, TbfLink, profile, tbf_available, traces
 from netsim.profiles import DADS_UPLINKS, PROFILES
 from planner import RADIOS
-
-
-@pytest.fixture()
-def echo_server() -> Iterator[str]:
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen()
-    stop = threading.Event()
-
-    def serve() -> None:
-        srv.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except TimeoutError:
-                continue
-            threading.Thread(target=_echo, args=(conn,), daemon=True).start()
-
-    def _echo(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield f"127.0.0.1:{srv.getsockname()[1]}"
-    stop.set()
-    thread.join()
-    srv.close()
 
 
 def _roundtrip(port: int, payload: bytes) -> float:
