@@ -45,6 +45,8 @@ SERVICER_FUNCTION = "splitgate.security.add_inference_servicer"
 # endpoints: "splitgate.endpoints=host:port,host:port" (absent without direct ingress).
 ENDPOINTS_EXTENSION = "splitgate.endpoints="
 _ENDPOINTS_TTL_S = 2.0
+# A ModelInfer starting this long after the previous one finished found the replica idle.
+_IDLE_S = 0.0003
 
 
 def _fail(context: RayServegRPCContext, exc: BaseException) -> None:
@@ -127,7 +129,8 @@ class InferenceDeployment:
         self._max_batch = max(int(max_batch_size), 1)
         self._max_bytes = int(max_message_bytes)
         self._check_size = not _grpc_enforces(self._max_bytes)
-        self._inline = os.environ.get("SPLITGATE_CLOUD_INLINE_IDLE", "1") == "1"
+        self._inline = os.environ.get("SPLITGATE_CLOUD_INLINE_IDLE", "0") == "1"
+        self._last_done = 0.0
         self._pool = ThreadPoolExecutor(max_workers=max(compute_threads, 1), thread_name_prefix="suffix")
         if batcher not in ("drain", "serve"):
             raise ValueError(f"batcher must be 'drain' or 'serve', not {batcher!r}")
@@ -205,10 +208,13 @@ class InferenceDeployment:
         depth = self._in_flight
         if self._drain is not None:
             try:
-                if depth == 1 and self._inline:
-                    # Nothing else in flight: no batch mates to wait for, and two
-                    # thread hops (loop -> compute thread -> loop) cost more than
-                    # the short block of the loop while the suffix runs.
+                if depth == 1 and self._inline and time.monotonic() - self._last_done > _IDLE_S:
+                    # Nothing else in flight and the replica has been idle: no batch
+                    # mates to wait for, and two thread hops (loop -> compute thread
+                    # -> loop) cost more than blocking the loop while the suffix runs.
+                    # (A request that starts right after the previous one finished was
+                    # most likely waiting behind it: it goes to the queue, so a backlog
+                    # is batched instead of served one by one on the loop.)
                     ((ok, value),) = self._work([(request, depth)])
                 else:
                     ok, value = await self._drain.submit(request, depth)
@@ -218,6 +224,7 @@ class InferenceDeployment:
                 return pb.ModelInferResponse()
             finally:
                 self._in_flight -= 1
+                self._last_done = time.monotonic()
         try:
             size = _request_bytes(request)
             if size > self._max_bytes:

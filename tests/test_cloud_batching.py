@@ -90,3 +90,39 @@ def test_graph_mixing_rows_falls_back_to_single_runs() -> None:
     assert calls == [6, 2, 2, 2], "batched output had 1 row, not 6: rerun singly"
     for x, (y,) in zip(xs, results):
         np.testing.assert_allclose(y, sess.run(["y"], {"x": x})[0], rtol=1e-6)
+
+
+def test_drain_queue_batches_what_queued_while_busy_and_answers_each() -> None:
+    """The replica's drain batcher: a compute thread that was busy takes every
+    request queued meanwhile as one batch; each caller gets its own result, and
+    a failing batch answers every caller instead of hanging."""
+    import asyncio
+    import threading
+
+    from cloud._app import _DrainQueue
+
+    started, gate = threading.Event(), threading.Event()
+    batches: list[list[str]] = []
+
+    def work(entries: list) -> list:
+        started.set()
+        gate.wait(30)
+        batches.append([request for request, _ in entries])
+        if any(request == "boom" for request, _ in entries):
+            raise RuntimeError("bug")
+        return [(True, (request, depth)) for request, depth in entries]
+
+    async def main() -> list:
+        queue = _DrainQueue(work, max_rows=8, threads=1)
+        first = queue.submit("a", 1)
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 30)
+        rest = [queue.submit(f"r{i}", i + 2) for i in range(5)]
+        gate.set()
+        answers = await asyncio.gather(first, *rest)
+        failed = await queue.submit("boom", 1)
+        return [answers, failed]
+
+    answers, failed = asyncio.run(main())
+    assert batches[:2] == [["a"], ["r0", "r1", "r2", "r3", "r4"]]
+    assert answers == [(True, ("a", 1))] + [(True, (f"r{i}", i + 2)) for i in range(5)]
+    assert failed[0] is False and isinstance(failed[1], RuntimeError)
