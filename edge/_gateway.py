@@ -253,17 +253,23 @@ class _Core:
     # -- probing --------------------------------------------------------------
 
     def _maybe_probe(self) -> None:
-        """Measure the link before the first decision, and in the background when stale."""
+        """Measure the link before the first decision and right after a step in
+        it (synchronously: this request's choice needs it), and in the
+        background when the bandwidth estimate gets stale."""
         est = self.link.estimate()
         if est.rtt_ms is None or est.uplink_mbps is None:
             self.probe()
+        elif self.link.shifted():
+            self.probe(reset=True)
         elif self.link.stale() and not self._probing:
             self._probing = True
             self._pool.submit(self.probe)
 
-    def probe(self) -> None:
+    def probe(self, reset: bool = False) -> None:
         """One RTT probe (ServerLive) and one bandwidth probe (a payload the
-        server rejects as NOT_FOUND after receiving it)."""
+        server rejects as NOT_FOUND after receiving it). ``reset`` replaces the
+        estimates instead of averaging into them (after a step in the link)."""
+        self.link.clear_shift()
         if self.client is None or not self.breaker.allow():
             self._probing = False
             return
@@ -271,14 +277,14 @@ class _Core:
             try:
                 t0 = time.perf_counter()
                 self.client.server_live(timeout_s=2.0)
-                self.link.observe_rtt((time.perf_counter() - t0) * 1e3)
+                self.link.observe_rtt((time.perf_counter() - t0) * 1e3, reset=reset)
                 payload = {"probe": np.zeros(self.config.probe_bytes, dtype=np.uint8)}
                 t0 = time.perf_counter()
                 try:
                     self.client.infer(PROBE_MODEL, payload, timeout_s=10.0)
                 except NotFound:
                     pass
-                self.link.observe(self.config.probe_bytes, 0, (time.perf_counter() - t0) * 1e3)
+                self.link.observe(self.config.probe_bytes, 0, (time.perf_counter() - t0) * 1e3, reset=reset)
                 self.breaker.record_success()
             except SplitgateError:
                 self.breaker.record_failure()

@@ -27,6 +27,8 @@ class Ewma:
         self.value: float | None = None
         self._pending: float | None = None
         self.samples = 0
+        # Set when a confirmed step replaced the mean; the owner clears it.
+        self.jumped = False
 
     def _is_outlier(self, x: float) -> bool:
         assert self.value is not None
@@ -47,10 +49,19 @@ class Ewma:
             if pending is not None and (pending > self.value) == (x > self.value):
                 self.value = math.sqrt(pending * x) if pending > 0 and x > 0 else x
                 self._pending = None
+                self.jumped = True
             return self.value
         self._pending = None
         self.value = self.alpha * x + (1 - self.alpha) * self.value
         return self.value
+
+    def reset(self, x: float) -> float:
+        """Forget the history: the mean becomes ``x`` (after a re-measurement)."""
+        if math.isfinite(x):
+            self.value = x
+            self._pending = None
+            self.samples += 1
+        return self.value if self.value is not None else x
 
 
 @dataclass(frozen=True)
@@ -96,8 +107,8 @@ class LinkMonitor:
         self._bandwidth_updated = -math.inf
         self._lock = threading.Lock()
 
-    def observe(self, bytes_sent: int, bytes_received: int, network_ms: float) -> None:
-        """Record one cloud call's transfer."""
+    def observe(self, bytes_sent: int, bytes_received: int, network_ms: float, *, reset: bool = False) -> None:
+        """Record one cloud call's transfer (``reset``: replace the bandwidth estimate)."""
         with self._lock:
             self._updated = self._clock()
             big_up = bytes_sent >= self.min_bandwidth_bytes
@@ -112,16 +123,37 @@ class LinkMonitor:
             # direction's share is estimated from its own current rate.
             if bytes_sent >= bytes_received:
                 other = _ms(bytes_received, self._down.value)
-                self._up.add(_mbps(bytes_sent, max(transfer_ms - other, 0.05)))
+                sample, ewma = _mbps(bytes_sent, max(transfer_ms - other, 0.05)), self._up
             else:
                 other = _ms(bytes_sent, self._up.value)
-                self._down.add(_mbps(bytes_received, max(transfer_ms - other, 0.05)))
+                sample, ewma = _mbps(bytes_received, max(transfer_ms - other, 0.05)), self._down
+            if reset:
+                ewma.reset(sample)
+            else:
+                ewma.add(sample)
 
-    def observe_rtt(self, rtt_ms: float) -> None:
-        """Record a probe's round trip (no payload)."""
+    def observe_rtt(self, rtt_ms: float, *, reset: bool = False) -> None:
+        """Record a probe's round trip (no payload); ``reset`` replaces the estimate."""
         with self._lock:
             self._updated = self._clock()
-            self._rtt.add(rtt_ms)
+            if reset:
+                self._rtt.reset(rtt_ms)
+            else:
+                self._rtt.add(rtt_ms)
+
+    def shifted(self) -> bool:
+        """Did a confirmed step (e.g. WiFi to 3G) move an estimate since :meth:`clear_shift`?
+
+        After a step, the other estimates are stale too (a bandwidth drop
+        usually comes with a longer RTT that the passive samples wrongly
+        count as transfer time), so the edge re-measures before deciding.
+        """
+        with self._lock:
+            return self._rtt.jumped or self._up.jumped or self._down.jumped
+
+    def clear_shift(self) -> None:
+        with self._lock:
+            self._rtt.jumped = self._up.jumped = self._down.jumped = False
 
     def estimate(self) -> LinkEstimate:
         with self._lock:

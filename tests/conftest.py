@@ -37,25 +37,15 @@ def zoo_bundle(zoo_model: Path):
 
 
 @pytest.fixture(scope="session")
-def slow_device_factor(zoo_model: Path) -> float:
-    """Slowdown that makes the zoo model's device-only run take ~SLOW_DEVICE_MS here, now."""
-    import time
+def slow_device_factor(zoo_bundle) -> float:
+    """Slowdown that makes the zoo model's planned device-only time ~SLOW_DEVICE_MS.
 
-    import numpy as np
-    import onnxruntime as ort
+    Taken from the planner's own measurement (same warm-up, threads and idle
+    gaps as the plan), so the planned device time lands near the target.
+    """
+    from planner import Conditions
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1  # as the planner's device sessions
-    session = ort.InferenceSession(str(zoo_model), opts, providers=["CPUExecutionProvider"])
-    (spec,) = session.get_inputs()
-    x = np.zeros([d if isinstance(d, int) else 1 for d in spec.shape], dtype=np.float32)
-    times = []
-    for i in range(45):
-        t0 = time.perf_counter()
-        session.run(None, {spec.name: x})
-        if i >= 5:
-            times.append((time.perf_counter() - t0) * 1e3)
-    return SLOW_DEVICE_MS / float(np.percentile(times, 25))
+    return SLOW_DEVICE_MS / zoo_bundle.estimate("device", Conditions(uplink_mbps=10.0)).device_ms
 
 
 @pytest.fixture(scope="session")

@@ -90,29 +90,35 @@ def test_cloud_killed_mid_run_loses_nothing_and_breaker_bounds_latency(zoo_bundl
         serve.delete(cloud_tier.config.app_name)  # the cloud dies mid-run
         device_ms = []
         try:
-            for _ in range(25):
+            for _ in range(40):
                 try:
                     results.append(gw.infer(model, x, partition=cut))
                 except Exception:  # noqa: BLE001 - counting, the assert says what failed
                     failures += 1
+                    results.append(None)
                 # Device-only, interleaved so both see the same machine load.
                 device_ms.append(gw.infer(model, x, partition="device").trace.total_ms)
         finally:
             # Bring the cloud back for the tests after this one.
             serve.run(build_app(cloud_tier.config), name=cloud_tier.config.app_name, route_prefix="/")
         assert failures == 0
+        assert len(results) == 40
         for r in results:
             np.testing.assert_allclose(r.outputs[next(iter(r.outputs))], want, rtol=1e-4, atol=1e-5)
         reasons = [r.trace.fallback for r in results]
         assert all(reasons), f"every request after the kill must have fallen back: {reasons}"
         assert gw.breaker_state == "open"
         assert reasons[-1] == "breaker-open"
-        after_open = [r.trace.total_ms for r in results if r.trace.fallback == "breaker-open"]
-        assert len(after_open) >= 20
-        ratio = statistics.median(after_open) / statistics.median(device_ms)
+        # Each breaker-open request against the device-only one right after it:
+        # pairs see the same load, so Ray's background work on 2 cores cancels out.
+        pairs = [
+            r.trace.total_ms / d for r, d in zip(results, device_ms) if r.trace.fallback == "breaker-open"
+        ]
+        assert len(pairs) >= 30
+        ratio = statistics.median(pairs)
         assert ratio <= 1.2, f"open-breaker latency {ratio:.2f}x device-only"
         snap = gw.metrics.snapshot()
-        assert snap[f"splitgate_fallbacks_total{{model={model},partition=device,reason=breaker-open}}"] >= 20
+        assert snap[f"splitgate_fallbacks_total{{model={model},partition=device,reason=breaker-open}}"] >= 30
 
 
 def test_deadline_falls_back_to_local_suffix(slow_device_bundle, cloud_tier) -> None:

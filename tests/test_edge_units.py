@@ -112,3 +112,18 @@ def test_small_calls_do_not_hide_a_stale_bandwidth_estimate() -> None:
         m.observe(100, 100, 40.0)  # small cut: an RTT sample only
     assert m.estimate().age_s == 0.0
     assert m.stale(), "bandwidth not measured for 9 s must make a probe due"
+
+
+def test_a_confirmed_step_flags_a_shift_and_reset_replaces_the_estimate() -> None:
+    m = LinkMonitor(min_bandwidth_bytes=1000)
+    m.observe_rtt(30.0)
+    for _ in range(3):
+        m.observe(1_000_000, 0, 30.0 + 400.0)      # 20 Mbps
+    assert not m.shifted()
+    m.observe(1_000_000, 0, 30.0 + 8000.0)         # one sample at 1 Mbps: held back
+    assert not m.shifted()
+    m.observe(1_000_000, 0, 30.0 + 8000.0)         # confirmed: a step
+    assert m.shifted()
+    m.clear_shift()
+    m.observe_rtt(120.0, reset=True)
+    assert m.estimate().rtt_ms == 120.0 and not m.shifted()
