@@ -18,7 +18,6 @@ from cloud._service import SuffixService
 from splitgate.errors import SplitgateError
 from splitgate.security import AuthInterceptor, TlsConfig, TokenCheck, add_inference_servicer, secure_server_port
 from splitgate.validate import Limits
-from splitgate.protocol import inference_pb2 as pb
 from splitgate.protocol import inference_pb2_grpc as pb_grpc
 
 __all__ = ["BaselineServer", "start_baseline"]
