@@ -86,7 +86,8 @@ def _run_requests(console: Console, bundle, address: str, requests: int) -> bool
 
     table = Table(title=f"{bundle.model_name}: median of {requests} requests after {WARMUP} warm-up")
     for col in ("partition", "bytes sent", "device ms", "network ms", "cloud ms", "total ms", "max|Δ|", "match"):
-        table.add_column(col, justify="left" if col == "partition" else "right", no_wrap=True)
+        # Headers may wrap on a narrow terminal; partition ids must not.
+        table.add_column(col, justify="left" if col == "partition" else "right", no_wrap=col == "partition")
     all_ok = True
     # cloud_discover: call the replicas' own gRPC ports (Ray direct ingress), the fast path.
     with Gateway([bundle], cloud=address, cloud_discover=True) as gateway:
@@ -113,7 +114,7 @@ def _run_requests(console: Console, bundle, address: str, requests: int) -> bool
                 f"{med('network_ms'):.2f}",
                 f"{med('cloud_ms'):.2f}",
                 f"{med('total_ms'):.2f}",
-                f"{diff:.0e}",
+                f"{diff:.0g}",
                 "[green]yes[/]" if ok else "[red]NO[/]",
             )
     console.print(table)
