@@ -41,6 +41,7 @@ def test_switches_to_new_best_partition_within_three_requests(slow_device_bundle
     with ShapingProxy(cloud_tier.address, WIFI) as link, Gateway(
         [bundle], cloud=link.address, device_time_from_profile=True, hysteresis=hysteresis
     ) as gw:
+        gw.probe()  # an idle-time probe, as the gateway does when estimates age
         for _ in range(6):  # settle on WiFi
             wifi_choice = gw.infer(model, x).trace.partition
         rtt = gw.conditions().rtt_ms
