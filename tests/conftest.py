@@ -60,14 +60,27 @@ def slow_device_bundle(zoo_model: Path, slow_device_factor: float):
 
 
 @pytest.fixture(scope="session")
-def cloud_tier(zoo_bundle, slow_device_bundle) -> Iterator[object]:
+def switch_bundle(zoo_model: Path, slow_device_factor: float):
+    """The model planned for a ~2*SLOW_DEVICE_MS device (``mobilenet_switch``): slow
+    enough that offloading clearly wins on WiFi even when the Serve proxy adds
+    100+ ms, and clearly loses on 3G."""
+    from planner import build_bundle
+
+    return build_bundle(
+        zoo_model, zoo_model.parent / "mobilenet_switch.bundle",
+        model_name="mobilenet_switch", device_slowdown=2 * slow_device_factor,
+    )
+
+
+@pytest.fixture(scope="session")
+def cloud_tier(zoo_bundle, slow_device_bundle, switch_bundle) -> Iterator[object]:
     """A real local Ray Serve tier with gRPC ingress serving both bundles."""
     pytest.importorskip("ray")
     from cloud import CloudConfig, start_local
 
     tier = start_local(
         CloudConfig(
-            bundles=[str(zoo_bundle.root), str(slow_device_bundle.root)],
+            bundles=[str(zoo_bundle.root), str(slow_device_bundle.root), str(switch_bundle.root)],
             grpc_port=0,
             max_message_bytes=CLOUD_MAX_MESSAGE_BYTES,
         )

@@ -32,8 +32,8 @@ def _expected(bundle, inputs):
     return session.run(None, inputs)[0]
 
 
-def test_switches_to_new_best_partition_within_three_requests(slow_device_bundle, cloud_tier) -> None:
-    bundle = slow_device_bundle
+def test_switches_to_new_best_partition_within_three_requests(switch_bundle, cloud_tier) -> None:
+    bundle = switch_bundle
     model = bundle.model_name
     x = _input(bundle)
     hysteresis = 0.05

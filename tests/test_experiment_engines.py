@@ -76,7 +76,9 @@ def test_live_and_analytic_engines_agree_within_10_percent(slow_device_bundle, c
     steady 0.4 Mbps / 300 ms link, 24 s) the live engine (real Gateway ->
     ShapingProxy -> Ray Serve, device emulated at the profile's planned times by
     ``GatewayConfig.device_time_from_profile``) and the analytic engine give the
-    same mean latency for every policy within 10%: device-bound (``device``,
+    same median latency for every policy within 10% (medians, the project's
+    convention: a preempted request on this 2-core box must not decide it):
+    device-bound (``device``,
     and the policies that choose it on this link) and network-bound (``cloud``)
     alike. The link is steady, so each policy's latency is nearly constant and
     the mean over its 16-48 live requests is stable even on a loaded machine.
@@ -102,5 +104,5 @@ def test_live_and_analytic_engines_agree_within_10_percent(slow_device_bundle, c
                        f"{l2:.0f}/{a2:.0f})" for p, lm, am, l2, a2 in rows)
     print(report)
     assert all(not r.fallback for r in live), f"no fallbacks expected on a steady link: {report}"
-    off = [p for p, lm, am, _, _ in rows if abs(lm - am) > 0.10 * am]
+    off = [p for p, _, _, lmed, amed in rows if abs(lmed - amed) > 0.10 * amed]
     assert not off, f"engines disagree by more than 10% on {off}: {report}"
