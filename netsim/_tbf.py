@@ -32,6 +32,7 @@ import uuid
 from pathlib import Path
 
 from netsim._proxy import LinkConditions
+from netsim._tbf_relay import _join  # the same byte pump the namespace side runs
 
 __all__ = ["TbfLink", "tbf_available"]
 
@@ -169,26 +170,13 @@ class TbfLink:
     def _start_host_relays(self) -> None:
         ready = threading.Event()
 
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            try:
-                while data := await r.read(65536):
-                    w.write(data)
-                    await w.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                w.close()
-
-        async def join(r1, w1, r2, w2) -> None:  # type: ignore[no-untyped-def]
-            await asyncio.gather(pipe(r1, w2), pipe(r2, w1))
-
         async def from_client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             try:
                 r2, w2 = await asyncio.open_unix_connection(str(self._in))
             except OSError:
                 w.close()
                 return
-            await join(r, w, r2, w2)
+            await _join(r, w, r2, w2)
 
         async def to_upstream(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             try:
@@ -196,7 +184,7 @@ class TbfLink:
             except OSError:
                 w.close()
                 return
-            await join(r, w, r2, w2)
+            await _join(r, w, r2, w2)
 
         async def main() -> None:
             tcp = await asyncio.start_server(from_client, "127.0.0.1", 0)
