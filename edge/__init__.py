@@ -19,7 +19,7 @@ from __future__ import annotations
 from edge._client import CloudClient, CloudReply
 from edge._gateway import AsyncGateway, Gateway, Result, Trace
 from edge._monitor import LinkEstimate, LinkMonitor
-from edge._policy import Policy
+from edge._policy import Policy, hedge_delay_ms
 from edge.config import GatewayConfig
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "CloudClient",
     "CloudReply",
     "Policy",
+    "hedge_delay_ms",
     "LinkMonitor",
     "LinkEstimate",
 ]

@@ -27,7 +27,7 @@ from edge._cache import ResultCache, input_digest
 from edge._client import CloudClient, CloudReply
 from edge._metrics import GatewayMetrics
 from edge._monitor import BatteryMonitor, CloudLoadMonitor, Ewma, LinkMonitor
-from edge._policy import Policy
+from edge._policy import Policy, hedge_delay_ms
 from edge._sessions import SessionCache
 from edge.config import GatewayConfig
 from planner import Conditions, Partition, PlanBundle
@@ -253,47 +253,46 @@ class _Core:
     # -- probing --------------------------------------------------------------
 
     def _maybe_probe(self) -> None:
-        """Measure the link before the first decision and right after a step in
-        it (synchronously: this request's choice needs it), and in the
-        background when the bandwidth estimate gets stale."""
-        est = self.link.estimate()
-        if est.rtt_ms is None or est.uplink_mbps is None:
+        """Measure the link before the first decision (synchronously: this
+        request's choice needs it), and in the background after a step in it
+        (replacing the estimates), or when the bandwidth estimate is stale or
+        drifting. A step is followed at once by the estimate that saw it; a
+        synchronous re-measurement on a slow link would cost the request ~1 s."""
+        why = self.link.probe_needed()
+        if why == "first":
             self.probe()
-        elif self.link.shifted():
-            self.probe(reset=True)
-        elif self.link.stale() and not self._probing:
+        elif why is not None and not self._probing:
             self._probing = True
-            self._pool.submit(self.probe)
+            self._pool.submit(self.probe, why == "shift")
 
     def probe(self, reset: bool = False) -> None:
         """Two RTT probes (ServerLive) and two bandwidth probes (a payload the
-        server rejects as NOT_FOUND after receiving it), the faster of each
-        counted. ``reset`` replaces the
-        estimates instead of averaging into them (after a step in the link)."""
+        server rejects as NOT_FOUND after receiving it), fed to
+        :meth:`LinkMonitor.observe_probe`. ``reset`` replaces the estimates
+        instead of averaging into them (after a step in the link)."""
         self.link.clear_shift()
         if self.client is None or not self.breaker.allow():
             self._probing = False
             return
         with self._probe_lock:
             try:
-                # Two round trips, keep the faster: the first call on a fresh
-                # channel also pays for the TCP and HTTP/2 handshakes.
+                # The first call on a fresh channel also pays for the TCP and
+                # HTTP/2 handshakes; the monitor keeps the faster of each pair.
                 rtts = []
                 for _ in range(2):
                     t0 = time.perf_counter()
                     self.client.server_live(timeout_s=2.0)
                     rtts.append((time.perf_counter() - t0) * 1e3)
-                self.link.observe_rtt(min(rtts), reset=reset)
                 payload = {"probe": np.zeros(self.config.probe_bytes, dtype=np.uint8)}
                 sends = []
-                for _ in range(2):  # keep the faster: one stall must not set the estimate
+                for _ in range(2):
                     t0 = time.perf_counter()
                     try:
                         self.client.infer(PROBE_MODEL, payload, timeout_s=10.0)
                     except NotFound:
                         pass
                     sends.append((time.perf_counter() - t0) * 1e3)
-                self.link.observe(self.config.probe_bytes, 0, min(sends), reset=reset)
+                self.link.observe_probe(rtts, self.config.probe_bytes, sends, reset=reset)
                 self.breaker.record_success()
             except SplitgateError:
                 self.breaker.record_failure()
@@ -417,6 +416,7 @@ class _Core:
             encoding=getattr(part, "encoding", None) or self.config.encoding,
         )
         hedge_after = self._hedge_after(bundle, part, remaining)
+        sent_at = time.perf_counter()
         try:
             return future.result(timeout=hedge_after), None
         except FutureTimeout:
@@ -437,17 +437,24 @@ class _Core:
             self.breaker.record_failure()
             trace.fallback = exc.code.name.lower() if isinstance(exc, SplitgateError) else "error"
         else:
-            # Count a cloud that stays slower than the device as a failure, but
-            # let the call finish in the background and teach the monitors.
+            # The cloud stayed slower than the device: the link is at least that
+            # slow (the next request must not walk into the same outage); let
+            # the call finish in the background and teach the monitors.
+            self.link.observe_late(part.cut_bytes, 0, (time.perf_counter() - sent_at) * 1e3)
             future.add_done_callback(lambda f: None if f.exception() else self._observe(f.result()))
         return None, local.result()
 
     def _hedge_after(self, bundle: PlanBundle, part: Partition, remaining: float) -> float | None:
+        """Seconds to wait for the cloud before racing the local suffix (:func:`hedge_delay_ms`)."""
         if not self.config.hedge:
             return remaining
         ewma = self._local_suffix_ms.get((bundle.model_name, part.id))
-        local_s = (ewma.value if ewma and ewma.value else 0.0) / 1e3 * 1.2
-        return max(remaining - local_s, 0.0) if local_s else remaining * 0.8
+        predicted = None
+        if self.config.hedge_factor > 0 and bundle.has_profile:
+            est = bundle.estimate(part.id, self.conditions(False))
+            predicted = est.transfer_ms + est.cloud_ms
+        local = ewma.value if ewma and ewma.value else None
+        return hedge_delay_ms(remaining * 1e3, local, predicted, self.config.hedge_factor) / 1e3
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

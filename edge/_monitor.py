@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 __all__ = ["Ewma", "LinkEstimate", "LinkMonitor", "BatteryMonitor", "CloudLoadMonitor"]
@@ -18,17 +18,26 @@ class Ewma:
     A sample further than ``outlier_ratio`` times from the mean (either way) is
     held back; if the next sample confirms the jump (also far, same side) both
     are accepted and the mean resets to them — so a real step change (WiFi to
-    3G) is followed within two samples while a single spike is ignored.
+    3G) is followed within two samples while a single spike is ignored. A
+    sample that is itself a confirmed measurement (two probes that agree) is
+    accepted at once.
+
+    Two samples in a row more than ``drift_ratio`` off the mean on the same side
+    (a smaller change than a step, or a step seen only through RTT samples) set
+    :attr:`drifted`: not enough to trust, enough to measure again.
     """
 
-    def __init__(self, alpha: float = 0.5, outlier_ratio: float = 4.0) -> None:
+    def __init__(self, alpha: float = 0.5, outlier_ratio: float = 4.0, drift_ratio: float = 1.4) -> None:
         self.alpha = alpha
         self.outlier_ratio = outlier_ratio
+        self.drift_ratio = drift_ratio
         self.value: float | None = None
         self._pending: float | None = None
+        self._drift_side = 0
         self.samples = 0
-        # Set when a confirmed step replaced the mean; the owner clears it.
+        # Set when a confirmed step replaced the mean / when the mean drifted; the owner clears them.
         self.jumped = False
+        self.drifted = False
 
     def _is_outlier(self, x: float) -> bool:
         assert self.value is not None
@@ -37,12 +46,27 @@ class Ewma:
         ratio = x / self.value
         return ratio > self.outlier_ratio or ratio < 1 / self.outlier_ratio
 
-    def add(self, x: float) -> float:
+    def _track_drift(self, x: float) -> None:
+        assert self.value is not None
+        side = 0
+        if self.value > 0 and x > 0:
+            ratio = x / self.value
+            side = 1 if ratio > self.drift_ratio else -1 if ratio < 1 / self.drift_ratio else 0
+        if side and side == self._drift_side:
+            self.drifted = True
+        self._drift_side = side
+
+    def add(self, x: float, *, confirmed: bool = False) -> float:
+        """Add a sample; ``confirmed``: it is a checked measurement, take a step at once."""
         if not math.isfinite(x):
             return self.value if self.value is not None else x
         self.samples += 1
         if self.value is None:
             self.value = x
+            return x
+        self._track_drift(x)
+        if confirmed and self._is_outlier(x):
+            self.value, self._pending, self.jumped = x, None, True
             return x
         if self._is_outlier(x):
             pending, self._pending = self._pending, x
@@ -60,6 +84,7 @@ class Ewma:
         if math.isfinite(x):
             self.value = x
             self._pending = None
+            self._drift_side = 0
             self.samples += 1
         return self.value if self.value is not None else x
 
@@ -107,39 +132,81 @@ class LinkMonitor:
         self._bandwidth_updated = -math.inf
         self._lock = threading.Lock()
 
-    def observe(self, bytes_sent: int, bytes_received: int, network_ms: float, *, reset: bool = False) -> None:
-        """Record one cloud call's transfer (``reset``: replace the bandwidth estimate)."""
+    def observe(
+        self, bytes_sent: int, bytes_received: int, network_ms: float, *, reset: bool = False,
+        confirmed: bool = False,
+    ) -> None:
+        """Record one cloud call's transfer (``reset``: replace the bandwidth
+        estimate; ``confirmed``: a checked measurement, accept a step at once)."""
         with self._lock:
             self._updated = self._clock()
-            big_up = bytes_sent >= self.min_bandwidth_bytes
-            big_down = bytes_received >= self.min_bandwidth_bytes
-            if not big_up and not big_down:
-                self._rtt.add(network_ms)
+            sample, ewma = self._bandwidth_sample(bytes_sent, bytes_received, network_ms)
+            if ewma is None:
+                self._rtt.add(network_ms, confirmed=confirmed)
                 return
             self._bandwidth_updated = self._updated
-            rtt = self._rtt.value or 0.0
-            transfer_ms = max(network_ms - rtt, 0.05)
-            # Attribute the transfer time to the larger direction; the other
-            # direction's share is estimated from its own current rate.
-            if bytes_sent >= bytes_received:
-                other = _ms(bytes_received, self._down.value)
-                sample, ewma = _mbps(bytes_sent, max(transfer_ms - other, 0.05)), self._up
-            else:
-                other = _ms(bytes_sent, self._up.value)
-                sample, ewma = _mbps(bytes_received, max(transfer_ms - other, 0.05)), self._down
             if reset:
                 ewma.reset(sample)
             else:
-                ewma.add(sample)
+                ewma.add(sample, confirmed=confirmed)
 
-    def observe_rtt(self, rtt_ms: float, *, reset: bool = False) -> None:
+    def _bandwidth_sample(self, bytes_sent: int, bytes_received: int, network_ms: float) -> tuple[float, Ewma | None]:
+        """(Mbps, the direction's Ewma) of a call, or (0, None) for an RTT-sized one."""
+        if bytes_sent < self.min_bandwidth_bytes and bytes_received < self.min_bandwidth_bytes:
+            return 0.0, None
+        transfer_ms = max(network_ms - (self._rtt.value or 0.0), 0.05)
+        # Attribute the transfer time to the larger direction; the other
+        # direction's share is estimated from its own current rate.
+        if bytes_sent >= bytes_received:
+            other = _ms(bytes_received, self._down.value)
+            return _mbps(bytes_sent, max(transfer_ms - other, 0.05)), self._up
+        other = _ms(bytes_sent, self._up.value)
+        return _mbps(bytes_received, max(transfer_ms - other, 0.05)), self._down
+
+    def observe_rtt(self, rtt_ms: float, *, reset: bool = False, confirmed: bool = False) -> None:
         """Record a probe's round trip (no payload); ``reset`` replaces the estimate."""
         with self._lock:
             self._updated = self._clock()
             if reset:
                 self._rtt.reset(rtt_ms)
             else:
-                self._rtt.add(rtt_ms)
+                self._rtt.add(rtt_ms, confirmed=confirmed)
+
+    def observe_probe(
+        self, rtts_ms: Sequence[float], probe_bytes: int = 0, sends_ms: Sequence[float] = (), *, reset: bool = False,
+        agree_ratio: float = 1.5,
+    ) -> None:
+        """Record a probe: a few empty round trips and a few payload sends.
+
+        The fastest of each counts (a fresh channel's handshake or one stall
+        must not set the estimate). When they agree within ``agree_ratio`` the
+        measurement is taken as confirmed: a step it shows is followed at once
+        rather than after the next probe, seconds later.
+        """
+        if rtts_ms:
+            best = min(rtts_ms)
+            self.observe_rtt(best, reset=reset, confirmed=len(rtts_ms) > 1 and max(rtts_ms) <= agree_ratio * best)
+        if sends_ms:
+            best = min(sends_ms)
+            self.observe(probe_bytes, 0, best, reset=reset,
+                         confirmed=len(sends_ms) > 1 and max(sends_ms) <= agree_ratio * best)
+
+    def observe_late(self, bytes_sent: int, bytes_received: int, elapsed_ms: float) -> None:
+        """A call still unanswered after ``elapsed_ms`` (the edge gave up on it).
+
+        A censored sample: the link is at least this slow. The estimate moves
+        to it at once if it was more optimistic (so the next request does not
+        walk into the same outage), and a probe becomes due.
+        """
+        with self._lock:
+            self._updated = self._clock()
+            sample, ewma = self._bandwidth_sample(bytes_sent, bytes_received, elapsed_ms)
+            if ewma is None:
+                if self._rtt.value is None or elapsed_ms > self._rtt.value:
+                    self._rtt.reset(elapsed_ms)
+            elif ewma.value is None or sample < ewma.value:
+                ewma.reset(sample)
+            self._bandwidth_updated = -math.inf
 
     def shifted(self) -> bool:
         """Did a confirmed step (e.g. WiFi to 3G) move an estimate since :meth:`clear_shift`?
@@ -152,8 +219,34 @@ class LinkMonitor:
             return self._rtt.jumped or self._up.jumped or self._down.jumped
 
     def clear_shift(self) -> None:
+        """Forget steps and drifts seen so far (a probe is starting)."""
         with self._lock:
-            self._rtt.jumped = self._up.jumped = self._down.jumped = False
+            for ewma in (self._rtt, self._up, self._down):
+                ewma.jumped = ewma.drifted = False
+
+    def probe_needed(self) -> str | None:
+        """Why the link should be measured now, or None.
+
+        * ``"first"``: nothing measured yet (measure before deciding);
+        * ``"shift"``: a confirmed step moved an estimate (re-measure, replacing
+          the estimates, before deciding);
+        * ``"stale"``: no bandwidth sample for ``stale_after_s`` (in the background);
+        * ``"drift"``: an estimate drifted (:class:`Ewma`) and the bandwidth is
+          older than a second (in the background) -- how an edge running a small
+          cut, which sees only RTT samples, notices the link get better or worse.
+        """
+        est = self.estimate()
+        if est.rtt_ms is None or est.uplink_mbps is None:
+            return "first"
+        if self.shifted():
+            return "shift"
+        if est.bandwidth_age_s > self.stale_after_s:
+            return "stale"
+        with self._lock:
+            drifted = self._rtt.drifted or self._up.drifted or self._down.drifted
+        if drifted and est.bandwidth_age_s > min(1.0, self.stale_after_s / 2):
+            return "drift"
+        return None
 
     def estimate(self) -> LinkEstimate:
         with self._lock:

@@ -6,7 +6,7 @@ import threading
 
 from planner import Conditions, PlanBundle
 
-__all__ = ["Policy"]
+__all__ = ["Policy", "hedge_delay_ms"]
 
 
 class Policy:
@@ -45,3 +45,33 @@ class Policy:
                         best = current
             self._current[model] = best
         return best
+
+
+def hedge_delay_ms(
+    remaining_ms: float, local_suffix_ms: float | None, predicted_leg_ms: float | None, factor: float = 3.0,
+    floor_ms: float = 20.0,
+) -> float:
+    """How long to wait for a cloud call before racing the local suffix against it.
+
+    The later of two rules' earliest: the deadline rule (start early enough for
+    the local suffix to finish in the budget: ``remaining - 1.2 x`` its measured
+    time, or ``0.8 x remaining`` before it was ever measured), and the latency
+    rule (``factor x`` the predicted cloud leg, at least ``floor_ms``): a call
+    that late is more likely stuck in a tunnel than slow, and waiting out the
+    deadline there costs seconds (hedged requests, Dean & Barroso, "The Tail at
+    Scale", CACM 2013). The local suffix only races the call: if the cloud
+    answers first its answer is used.
+
+    Parameters:
+        remaining_ms: budget left when the call starts.
+        local_suffix_ms: the measured local suffix time, None if never measured.
+        predicted_leg_ms: the planner's estimate of this call (transfer + cloud), None: no latency rule.
+        factor: multiple of the prediction to wait; 0 turns the latency rule off.
+        floor_ms: never hedge earlier than this.
+    Returns:
+        milliseconds after the call starts (>= 0).
+    """
+    deadline_rule = max(remaining_ms - 1.2 * local_suffix_ms, 0.0) if local_suffix_ms else 0.8 * remaining_ms
+    if predicted_leg_ms is None or factor <= 0:
+        return deadline_rule
+    return min(deadline_rule, max(factor * predicted_leg_ms, floor_ms))

@@ -21,6 +21,8 @@ class GatewayConfig:
         breaker_failures: consecutive cloud failures that open the circuit breaker.
         breaker_reset_s: how long the breaker stays open before a probe.
         hedge: start the local suffix when the cloud is late and the deadline near.
+        hedge_factor: also race the local suffix once a call takes this many
+            times its predicted time (``edge.hedge_delay_ms``; 0: deadline rule only).
         hysteresis: a new partition must be predicted this much faster (fraction)
             than the current one before the policy switches.
         cache_size: entries of the opt-in LRU result cache (0 = off).
@@ -56,6 +58,7 @@ class GatewayConfig:
     breaker_failures: int = 3
     breaker_reset_s: float = 5.0
     hedge: bool = True
+    hedge_factor: float = 3.0
     hysteresis: float = 0.1
     cache_size: int = 0
     probe_interval_s: float = 5.0

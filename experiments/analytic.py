@@ -34,7 +34,9 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from edge import LinkMonitor, Policy
+from edge import LinkMonitor, Policy, hedge_delay_ms
+from edge._gateway import DEFAULT_RTT_MS as _DEFAULT_RTT
+from edge._gateway import DEFAULT_UPLINK_MBPS as _DEFAULT_UP
 from experiments._records import Record, energy_model, request_energy_mj
 from experiments.policies import neurosurgeon_choice, static_partition
 from experiments.spec import ExperimentSpec
@@ -49,8 +51,6 @@ __all__ = ["run_analytic", "simulate_policy", "UP_OVERHEAD", "DOWN_OVERHEAD"]
 UP_OVERHEAD = 400
 DOWN_OVERHEAD = 300
 _CHUNK = 16 * 1024
-# Assumed before the first measurement (the Gateway's defaults).
-_DEFAULT_UP, _DEFAULT_RTT = 10.0, 50.0
 
 Progress = Callable[[int], None]
 
@@ -126,26 +126,44 @@ class _Sim:
                 self.monitor.observe_rtt(*args)
             elif kind == "obs":
                 self.monitor.observe(*args)
+            elif kind == "probe":
+                rtts, sends, reset = args
+                self.monitor.observe_probe(rtts, self.spec.probe_bytes, sends, reset=reset)
             elif kind == "probe_done":
                 st.probing = False
             st.now = saved
 
-    def _probe(self, t: float, sync: bool) -> float:
-        """A Gateway probe started at ``t``: ServerLive RTT, then a payload. Returns its end time."""
-        rt_end = self._round_trip(t, UP_OVERHEAD // 2, DOWN_OVERHEAD // 2, 0.0)
-        if math.isinf(rt_end):
-            return rt_end
-        bw_end = self._round_trip(rt_end, self.spec.probe_bytes + UP_OVERHEAD, DOWN_OVERHEAD, 0.0)
+    def _probe(self, t: float, sync: bool, reset: bool = False) -> float:
+        """A Gateway probe started at ``t`` (:meth:`edge.Gateway.probe`): two
+        ServerLive round trips (2 s timeout each), then two payload sends (10 s
+        timeout), fed to :meth:`LinkMonitor.observe_probe`. Returns its end time."""
+        self.monitor.clear_shift()
+        now, rtts, sends = t, [], []
+        for nbytes, down, timeout_s, into in ((UP_OVERHEAD // 2, DOWN_OVERHEAD // 2, 2.0, rtts),) * 2 + \
+                ((self.spec.probe_bytes + UP_OVERHEAD, DOWN_OVERHEAD, 10.0, sends),) * 2:
+            end = self._round_trip(now, nbytes, down, 0.0)
+            if end - now > timeout_s:  # the probe fails; nothing is observed
+                now += timeout_s
+                rtts = sends = None
+                break
+            into.append((end - now) * 1e3)
+            now = end
         if sync:
-            self.monitor.observe_rtt((rt_end - t) * 1e3)
-            if not math.isinf(bw_end):
-                self.monitor.observe(self.spec.probe_bytes, 0, (bw_end - rt_end) * 1e3)
+            if rtts is not None:
+                self._at(now, self.monitor.observe_probe, rtts, self.spec.probe_bytes, sends, reset=reset)
         else:
-            self.st.later(rt_end, "rtt", (rt_end - t) * 1e3)
-            if not math.isinf(bw_end):
-                self.st.later(bw_end, "obs", self.spec.probe_bytes, 0, (bw_end - rt_end) * 1e3)
-            self.st.later(bw_end if not math.isinf(bw_end) else rt_end + 10.0, "probe_done")
-        return bw_end
+            if rtts is not None:
+                self.st.later(now, "probe", rtts, sends, reset)
+            self.st.later(now, "probe_done")
+        return now
+
+    def _at(self, t: float, fn: Callable[..., None], *args: object, **kwargs: object) -> None:
+        """Call a monitor method as if at virtual time ``t``."""
+        saved, self.st.now = self.st.now, t
+        try:
+            fn(*args, **kwargs)
+        finally:
+            self.st.now = saved
 
     def _monitored(self) -> Conditions:
         est = self.monitor.estimate()
@@ -180,16 +198,24 @@ class _Sim:
             return self.bundle.choose(Conditions(uplink_mbps=p.uplink_mbps, downlink_mbps=p.downlink_mbps,
                                                  rtt_ms=p.rtt_ms)), 0.0
         extra = 0.0
-        est = self.monitor.estimate()
-        if self.policy == "adaptive" and (est.rtt_ms is None or est.uplink_mbps is None):
+        why = self.monitor.probe_needed()  # the Gateway's rule (Gateway._maybe_probe)
+        if self.policy == "adaptive" and why == "first":
             end = self._probe(self.st.now, sync=True)
             extra = (end - self.st.now) * 1e3
-        elif self.monitor.stale() and not self.st.probing:
+        elif why is not None and not self.st.probing:
             self.st.probing = True
-            self._probe(self.st.now, sync=False)
+            self._probe(self.st.now, sync=False, reset=why == "shift")
         if self.policy == "neurosurgeon":
             return neurosurgeon_choice(self.bundle, self._monitored()), extra
         return self.gw_policy.choose(self.bundle, self._monitored()), extra
+
+    def _hedge_after(self, pid: str, remaining_ms: float) -> float:
+        """The Gateway's hedge delay (:func:`edge.hedge_delay_ms`) on the monitored link."""
+        predicted = None
+        if self.spec.hedge_factor > 0:
+            est = self.bundle.estimate(pid, self._monitored())
+            predicted = est.transfer_ms + est.cloud_ms
+        return hedge_delay_ms(remaining_ms, self.st.local_ms, predicted, self.spec.hedge_factor)
 
     def request(self, rep: int, seq: int) -> Record:
         st = self.st
@@ -211,9 +237,8 @@ class _Sim:
             cloud_leg = (back - t1) * 1e3
             remaining = self.spec.deadline_ms - dev - probe_ms
             local_ms = max(self.device_full - dev, 0.0)
-            hedge = self.spec.gateway.get("hedge", True)
-            hedge_after = (max(remaining - 1.2 * st.local_ms, 0.0) if st.local_ms else 0.8 * remaining) \
-                if hedge else remaining
+            hedge = self.spec.hedge
+            hedge_after = self._hedge_after(pid, remaining) if hedge else remaining
             if cloud_leg <= hedge_after or (hedge and cloud_leg <= hedge_after + local_ms):
                 latency = probe_ms + dev + cloud_leg
                 network_ms = cloud_leg - cloud
@@ -223,6 +248,9 @@ class _Sim:
                 fallback = "hedged" if hedge else "deadline_exceeded"
                 latency = probe_ms + dev + hedge_after + local_ms
                 st.local_ms = local_ms if st.local_ms is None else 0.5 * (local_ms + st.local_ms)
+                if hedge:  # the Gateway tells the monitor the link is at least this slow
+                    self._at(t1 + (hedge_after + local_ms) / 1e3, self.monitor.observe_late,
+                             up, 0, hedge_after + local_ms)
                 if cloud_leg <= remaining:  # the late reply still teaches the monitors
                     st.later(back, "obs", up + UP_OVERHEAD, down + DOWN_OVERHEAD, cloud_leg - cloud)
                 dev += local_ms

@@ -157,6 +157,14 @@ class ExperimentSpec:
         return float(self.gateway.get("probe_interval_s", _gw_default("probe_interval_s")))
 
     @property
+    def hedge(self) -> bool:
+        return bool(self.gateway.get("hedge", _gw_default("hedge")))
+
+    @property
+    def hedge_factor(self) -> float:
+        return float(self.gateway.get("hedge_factor", _gw_default("hedge_factor")))
+
+    @property
     def probe_bytes(self) -> int:
         return int(self.gateway.get("probe_bytes", _gw_default("probe_bytes")))
 
