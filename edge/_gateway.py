@@ -559,9 +559,10 @@ class Gateway:
         """The conditions the policy sees now (link estimate, battery, cloud load)."""
         return self._core.conditions(private)
 
-    def probe(self) -> None:
-        """Measure the link now (RTT and uplink bandwidth)."""
-        self._core.probe()
+    def probe(self, reset: bool = False) -> None:
+        """Measure the link now (RTT and uplink bandwidth); ``reset`` replaces
+        the estimates instead of averaging into them."""
+        self._core.probe(reset)
 
     def current_partition(self, model: str) -> str | None:
         """The partition the policy last chose for ``model`` (None before the first request)."""

@@ -49,7 +49,7 @@ class Policy:
 
 def hedge_delay_ms(
     remaining_ms: float, local_suffix_ms: float | None, predicted_leg_ms: float | None, factor: float = 3.0,
-    floor_ms: float = 20.0,
+    floor_ms: float = 200.0,
 ) -> float:
     """How long to wait for a cloud call before racing the local suffix against it.
 
@@ -67,7 +67,8 @@ def hedge_delay_ms(
         local_suffix_ms: the measured local suffix time, None if never measured.
         predicted_leg_ms: the planner's estimate of this call (transfer + cloud), None: no latency rule.
         factor: multiple of the prediction to wait; 0 turns the latency rule off.
-        floor_ms: never hedge earlier than this.
+        floor_ms: the latency rule never hedges earlier than this (a busy
+            server's or a loaded link's ordinary tail is not an outage).
     Returns:
         milliseconds after the call starts (>= 0).
     """

@@ -68,10 +68,10 @@ class _Runner:
         self._probing = threading.Event()
         self.em = energy_model(bundle)
 
-    def _background_probe(self) -> None:
+    def _background_probe(self, reset: bool = False) -> None:
         def run() -> None:
             try:
-                self.gw.probe()
+                self.gw.probe(reset=reset)
             finally:
                 self._probing.clear()
 
@@ -86,9 +86,11 @@ class _Runner:
             return self.bundle.choose(Conditions(uplink_mbps=p.uplink_mbps, downlink_mbps=p.downlink_mbps,
                                                  rtt_ms=p.rtt_ms))
         if self.policy == "neurosurgeon":
-            # the Gateway's own staleness rule (bandwidth age), as the analytic engine
-            if self.gw.link.stale() and not self._probing.is_set():
-                self._background_probe()
+            # the Gateway's own probing rule (LinkMonitor.probe_needed), in the
+            # background, as the analytic engine
+            why = self.gw.link.probe_needed()
+            if why is not None and not self._probing.is_set():
+                self._background_probe(reset=why == "shift")
             return neurosurgeon_choice(self.bundle, self.gw.conditions())
         return None  # adaptive: the Gateway decides
 

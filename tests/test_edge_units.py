@@ -127,3 +127,68 @@ def test_a_confirmed_step_flags_a_shift_and_reset_replaces_the_estimate() -> Non
     m.clear_shift()
     m.observe_rtt(120.0, reset=True)
     assert m.estimate().rtt_ms == 120.0 and not m.shifted()
+
+
+def test_a_probe_whose_samples_agree_confirms_a_step_at_once() -> None:
+    m = LinkMonitor(min_bandwidth_bytes=1000)
+    m.observe_probe([20.0, 21.0], 100_000, [20.0 + 800.0, 20.0 + 820.0])       # ~1 Mbps
+    assert m.estimate().uplink_mbps == pytest.approx(1.0, rel=0.05)
+    m.observe_probe([20.0, 22.0], 100_000, [20.0 + 160.0, 20.0 + 165.0])       # 5 Mbps, both sends agree
+    assert m.estimate().uplink_mbps == pytest.approx(5.0, rel=0.05), "two agreeing sends must confirm the step"
+    assert m.shifted()
+    m.clear_shift()
+    m.observe_probe([20.0, 22.0], 100_000, [20.0 + 800.0, 20.0 + 3000.0])      # disagree: one sample, held back
+    assert m.estimate().uplink_mbps == pytest.approx(5.0, rel=0.05)
+    assert not m.shifted()
+
+
+def test_rtt_samples_drifting_make_a_probe_due() -> None:
+    clock = FakeClock()
+    m = LinkMonitor(min_bandwidth_bytes=1000, stale_after_s=5, clock=clock)
+    m.observe_probe([150.0, 150.0], 100_000, [950.0, 950.0])
+    for t, rtt in ((1.5, 150.0), (2.0, 160.0), (2.5, 75.0)):
+        clock.now = t
+        m.observe(500, 500, rtt)  # a small cut: RTT samples only
+    assert m.probe_needed() is None, "one low sample is not a drift"
+    clock.now = 3.0
+    m.observe(500, 500, 75.0)
+    assert m.probe_needed() == "drift"
+    m.clear_shift()
+    assert m.probe_needed() is None
+
+
+def test_probe_needed_reasons_in_order() -> None:
+    clock = FakeClock()
+    m = LinkMonitor(min_bandwidth_bytes=1000, stale_after_s=2, clock=clock)
+    assert m.probe_needed() == "first"
+    m.observe_probe([50.0, 50.0], 100_000, [850.0, 850.0])
+    assert m.probe_needed() is None
+    clock.now = 2.5
+    assert m.probe_needed() == "stale"
+    m.observe(100_000, 0, 50.0 + 8000.0)
+    m.observe(100_000, 0, 50.0 + 8000.0)
+    assert m.probe_needed() == "shift"
+
+
+def test_a_late_call_moves_an_optimistic_estimate_at_once() -> None:
+    clock = FakeClock()
+    m = LinkMonitor(min_bandwidth_bytes=1000, stale_after_s=5, clock=clock)
+    m.observe_probe([40.0, 40.0], 100_000, [40.0 + 80.0, 40.0 + 80.0])        # 10 Mbps
+    m.observe_late(500, 0, 900.0)                                               # small cut stuck 900 ms
+    assert m.estimate().rtt_ms == 900.0
+    assert m.probe_needed() == "stale", "after a late call the link must be measured again"
+    m.observe_late(500, 0, 300.0)                                               # less than known: no change
+    assert m.estimate().rtt_ms == 900.0
+    m.observe_late(100_000, 0, 900.0 + 800.0)                                   # big cut: bandwidth <= 1 Mbps
+    assert m.estimate().uplink_mbps == pytest.approx(1.0, rel=0.05)
+
+
+def test_hedge_delay_is_the_earlier_of_the_deadline_and_latency_rules() -> None:
+    from edge import hedge_delay_ms
+
+    assert hedge_delay_ms(3000.0, None, None) == pytest.approx(2400.0)          # deadline rule, suffix unknown
+    assert hedge_delay_ms(3000.0, 500.0, None) == pytest.approx(2400.0)         # 3000 - 1.2 x 500
+    assert hedge_delay_ms(3000.0, 500.0, 200.0) == pytest.approx(600.0)         # 3 x predicted leg
+    assert hedge_delay_ms(3000.0, 500.0, 200.0, factor=0) == pytest.approx(2400.0)
+    assert hedge_delay_ms(3000.0, 500.0, 2.0) == pytest.approx(200.0)           # floor
+    assert hedge_delay_ms(300.0, 500.0, 2000.0) == 0.0                          # no time left: race at once
