@@ -16,7 +16,8 @@ from experiments._records import Record, Summary, adaptive_vs_static, summarize,
 from experiments.spec import ExperimentSpec, load_spec
 from planner import PlanBundle
 
-__all__ = ["ExperimentResult", "prepare_bundle", "run_experiments", "summary_table", "DADS_PUBLISHED"]
+__all__ = ["ExperimentResult", "prepare_bundle", "run_experiments", "summary_table", "adaptive_verdict",
+           "overview_table", "DADS_PUBLISHED"]
 
 #: DADS (INFOCOM'19) speedup of its min-cut vs edge-only, per uplink (the issue's reference).
 DADS_PUBLISHED = {"cat1": 1.46, "3g": 4.14, "4g": 7.23, "wifi": 8.32}
@@ -107,12 +108,14 @@ def _write(result: ExperimentResult, console: Console) -> None:
     result.files.append(summary_path)
     result.files += plots.plot_all(result.records, result.spec, out)
     console.print(summary_table(result))
-    for engine in dict.fromkeys(s.engine for s in result.summaries):
-        cmp = adaptive_vs_static(result.summaries, engine)
-        if cmp:
-            best, ms, ratio = cmp
-            console.print(f"  {engine}: adaptive {ratio * ms:.1f} ms vs best static '{best}' {ms:.1f} ms "
-                          f"-> [bold]{100 * (ratio - 1):+.1f}%[/]")
+    verdict = adaptive_verdict(result)
+    for engine, v in verdict.items():
+        console.print(f"  {engine}: adaptive {v['adaptive_mean_ms']:.1f} ms vs best static '{v['best_static']}' "
+                      f"{v['best_static_mean_ms']:.1f} ms -> [bold]{v['adaptive_vs_best_static_pct']:+.1f}%[/]")
+    if verdict:
+        path = out / "adaptive.json"
+        path.write_text(json.dumps(verdict, indent=1) + "\n")
+        result.files.append(path)
     if result.spec.report == "dads":
         by_label: dict[str, list[Record]] = {}
         for r in result.records:
@@ -135,6 +138,34 @@ def _write(result: ExperimentResult, console: Console) -> None:
     for note in result.notes:
         console.print(f"  [dim]{note}[/]")
     console.print(f"  wrote {', '.join(str(p) for p in result.files)}")
+
+
+def adaptive_verdict(result: ExperimentResult) -> dict[str, dict[str, object]]:
+    """Per engine: adaptive's mean latency against the best static policy's
+    (device, cloud or the DADS plan), and whether it is within 5 %."""
+    out: dict[str, dict[str, object]] = {}
+    for engine in dict.fromkeys(s.engine for s in result.summaries):
+        cmp = adaptive_vs_static(result.summaries, engine)
+        if cmp:
+            best, ms, ratio = cmp
+            out[engine] = {"best_static": best, "best_static_mean_ms": round(ms, 2),
+                           "adaptive_mean_ms": round(ratio * ms, 2),
+                           "adaptive_vs_best_static_pct": round(100 * (ratio - 1), 2),
+                           "within_5pct": ratio <= 1.05}
+    return out
+
+
+def overview_table(results: Sequence[ExperimentResult]) -> Table:
+    """One row per spec and engine: adaptive vs the best static policy."""
+    t = Table(title="adaptive vs the best static policy (mean latency)")
+    for col in ("spec", "engine", "best static", "its mean ms", "adaptive ms", "adaptive vs best", "within 5%"):
+        t.add_column(col)
+    for res in results:
+        for engine, v in adaptive_verdict(res).items():
+            t.add_row(res.spec.name, engine, str(v["best_static"]), f"{v['best_static_mean_ms']:.1f}",
+                      f"{v['adaptive_mean_ms']:.1f}", f"{v['adaptive_vs_best_static_pct']:+.1f}%",
+                      "yes" if v["within_5pct"] else "[red]no[/]")
+    return t
 
 
 def run_experiments(
@@ -189,6 +220,8 @@ def run_experiments(
     for res in results:
         res.summaries = summarize(res.records)
         _write(res, console)
+    if len(results) > 1:
+        console.print(overview_table(results))
     return results
 
 
