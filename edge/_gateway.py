@@ -111,7 +111,7 @@ class _Core:
         ) if config.cloud else None
         self.limits = Limits(nan_policy=config.nan_policy)
         self.sessions = SessionCache(config.intra_op_threads)
-        self.link = LinkMonitor(stale_after_s=config.probe_interval_s)
+        self.link = LinkMonitor(stale_after_s=config.probe_interval_s, probe_bytes=config.probe_bytes)
         self.battery = BatteryMonitor(config.battery_pct)
         self.load = CloudLoadMonitor()
         self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s)

@@ -113,6 +113,13 @@ class LinkMonitor:
         stale_after_s: how old the *bandwidth* estimate may get before a probe
             is due. RTT samples from small calls do not refresh it: an edge
             running a small cut would otherwise never notice the link recover.
+        probe_bytes: the payload of one bandwidth probe send (a probe sends two).
+        probe_duty: the most link time probes may take: on a slow link the
+            probe interval grows so probes stay under this share (at 0.2 Mbps
+            two 32 KB sends take 2.6 s, and a request queued behind them waits).
+            Drift still triggers a probe sooner. While no request has used the
+            link for ``stale_after_s`` (the edge runs on the device) probes
+            delay nobody and keep the plain interval.
     """
 
     def __init__(
@@ -120,16 +127,21 @@ class LinkMonitor:
         *,
         min_bandwidth_bytes: int = 16 * 1024,
         stale_after_s: float = 5.0,
+        probe_bytes: int = 32 * 1024,
+        probe_duty: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.min_bandwidth_bytes = min_bandwidth_bytes
         self.stale_after_s = stale_after_s
+        self.probe_bytes = probe_bytes
+        self.probe_duty = probe_duty
         self._clock = clock
         self._rtt = Ewma()
         self._up = Ewma()
         self._down = Ewma()
         self._updated = -math.inf
         self._bandwidth_updated = -math.inf
+        self._last_call = -math.inf  # the last request (not probe) that used the link
         self._lock = threading.Lock()
 
     def observe(
@@ -139,16 +151,20 @@ class LinkMonitor:
         """Record one cloud call's transfer (``reset``: replace the bandwidth
         estimate; ``confirmed``: a checked measurement, accept a step at once)."""
         with self._lock:
-            self._updated = self._clock()
-            sample, ewma = self._bandwidth_sample(bytes_sent, bytes_received, network_ms)
-            if ewma is None:
-                self._rtt.add(network_ms, confirmed=confirmed)
-                return
-            self._bandwidth_updated = self._updated
-            if reset:
-                ewma.reset(sample)
-            else:
-                ewma.add(sample, confirmed=confirmed)
+            self._observe(bytes_sent, bytes_received, network_ms, reset, confirmed)
+            self._last_call = self._updated
+
+    def _observe(self, bytes_sent: int, bytes_received: int, network_ms: float, reset: bool, confirmed: bool) -> None:
+        self._updated = self._clock()
+        sample, ewma = self._bandwidth_sample(bytes_sent, bytes_received, network_ms)
+        if ewma is None:
+            self._rtt.add(network_ms, confirmed=confirmed)
+            return
+        self._bandwidth_updated = self._updated
+        if reset:
+            ewma.reset(sample)
+        else:
+            ewma.add(sample, confirmed=confirmed)
 
     def _bandwidth_sample(self, bytes_sent: int, bytes_received: int, network_ms: float) -> tuple[float, Ewma | None]:
         """(Mbps, the direction's Ewma) of a call, or (0, None) for an RTT-sized one."""
@@ -188,8 +204,8 @@ class LinkMonitor:
             self.observe_rtt(best, reset=reset, confirmed=len(rtts_ms) > 1 and max(rtts_ms) <= agree_ratio * best)
         if sends_ms:
             best = min(sends_ms)
-            self.observe(probe_bytes, 0, best, reset=reset,
-                         confirmed=len(sends_ms) > 1 and max(sends_ms) <= agree_ratio * best)
+            with self._lock:
+                self._observe(probe_bytes, 0, best, reset, len(sends_ms) > 1 and max(sends_ms) <= agree_ratio * best)
 
     def observe_late(self, bytes_sent: int, bytes_received: int, elapsed_ms: float) -> None:
         """A call still unanswered after ``elapsed_ms`` (the edge gave up on it).
@@ -230,23 +246,37 @@ class LinkMonitor:
         * ``"first"``: nothing measured yet (measure before deciding);
         * ``"shift"``: a confirmed step moved an estimate (re-measure, replacing
           the estimates, before deciding);
-        * ``"stale"``: no bandwidth sample for ``stale_after_s`` (in the background);
+        * ``"stale"``: no bandwidth sample for :meth:`probe_interval_s` (in the background);
         * ``"drift"``: an estimate drifted (:class:`Ewma`) and the bandwidth is
-          older than a second (in the background) -- how an edge running a small
-          cut, which sees only RTT samples, notices the link get better or worse.
+          older than a quarter of that, at least a second (in the background) --
+          how an edge running a small cut, which sees only RTT samples, notices
+          the link get better or worse.
         """
         est = self.estimate()
         if est.rtt_ms is None or est.uplink_mbps is None:
             return "first"
         if self.shifted():
             return "shift"
-        if est.bandwidth_age_s > self.stale_after_s:
+        interval = self._probe_interval(est)
+        if est.bandwidth_age_s > interval:
             return "stale"
         with self._lock:
             drifted = self._rtt.drifted or self._up.drifted or self._down.drifted
-        if drifted and est.bandwidth_age_s > min(1.0, self.stale_after_s / 2):
+        if drifted and est.bandwidth_age_s > max(1.0, interval / 4):
             return "drift"
         return None
+
+    def probe_interval_s(self) -> float:
+        """How old the bandwidth estimate may get: ``stale_after_s``, or longer
+        where a probe would take more than ``probe_duty`` of the link's time."""
+        return self._probe_interval(self.estimate())
+
+    def _probe_interval(self, est: LinkEstimate) -> float:
+        idle = self._clock() - self._last_call > self.stale_after_s
+        if idle or not est.uplink_mbps or self.probe_duty <= 0:
+            return self.stale_after_s
+        probe_s = 2 * (_ms(self.probe_bytes, est.uplink_mbps) + 2 * (est.rtt_ms or 0.0)) / 1e3
+        return max(self.stale_after_s, probe_s / self.probe_duty)
 
     def estimate(self) -> LinkEstimate:
         with self._lock:
@@ -259,8 +289,9 @@ class LinkMonitor:
             )
 
     def stale(self) -> bool:
-        """Is a bandwidth probe due (no bandwidth sample for ``stale_after_s``)?"""
-        return self.estimate().bandwidth_age_s > self.stale_after_s
+        """Is a bandwidth probe due (no bandwidth sample for :meth:`probe_interval_s`)?"""
+        est = self.estimate()
+        return est.bandwidth_age_s > self._probe_interval(est)
 
 
 def _mbps(nbytes: int, ms: float) -> float:

@@ -85,18 +85,33 @@ class _Sim:
         self.entries = bundle.profile["partitions"]  # type: ignore[index]
         self.em = energy_model(bundle)
         self.st = _State()
-        self.monitor = LinkMonitor(stale_after_s=spec.probe_interval_s, clock=lambda: self.st.now)
+        self.monitor = LinkMonitor(stale_after_s=spec.probe_interval_s, probe_bytes=spec.probe_bytes,
+                                   clock=lambda: self.st.now)
         self.gw_policy = Policy(spec.hysteresis)
         self.fixed = static_partition(policy, bundle, spec.nominal)
         self.device_full = float(self.entries["device"]["device_ms"])
+        # (start, end) of transfers on each direction's bottleneck; off during warm-up
+        self.busy: dict[str, list[tuple[float, float]]] = {"up": [], "down": []}
+        self.contention = False
 
     # -- the network -------------------------------------------------------------
 
     def _leg(self, t: float, nbytes: int, direction: str) -> float:
-        """Arrival time of ``nbytes`` sent at ``t`` (bandwidth, delay, jitter, loss, outages)."""
-        end = self.trace.transfer_end(t, nbytes, direction)
+        """Arrival time of ``nbytes`` sent at ``t`` (bandwidth, delay, jitter, loss, outages).
+
+        Transfers share the link first come, first served: bytes sent while a
+        background probe's payload is still crossing wait behind it, as they do
+        in the shaping proxy (the probe's bytes sit ahead in the socket buffers).
+        """
+        start = self._queued_start(t, direction)
+        end = self.trace.transfer_end(start, nbytes, direction)
         if math.isinf(end):
             return end
+        if self.contention:
+            busy = self.busy[direction]
+            busy.append((start, end))
+            if len(busy) > 64:
+                del busy[:32]
         p = self.trace.at(end)
         extra = p.rtt_ms / 2
         if p.jitter_ms:
@@ -108,6 +123,15 @@ class _Sim:
                 int(round(self.rng.gauss(packets * p.loss, math.sqrt(packets * p.loss * (1 - p.loss)))))
             extra += max(lost, 0) * LinkConditions(rtt_ms=p.rtt_ms).rto_ms
         return self.trace.outage_end(end + extra / 1e3)
+
+    def _queued_start(self, t: float, direction: str) -> float:
+        start, moved = t, True
+        while moved:
+            moved = False
+            for s0, e0 in self.busy[direction]:
+                if s0 <= start < e0:
+                    start, moved = e0, True
+        return start
 
     def _round_trip(self, t: float, up: int, down: int, cloud_ms: float) -> float:
         arrive = self._leg(t, up, "up")
@@ -173,7 +197,13 @@ class _Sim:
         )
 
     def warm_up(self, partitions: list[str]) -> None:
-        """What the live engine's warm-up teaches the Gateway (through the initial link)."""
+        """What the live engine's warm-up teaches the Gateway (through the initial link, before t = 0)."""
+        try:
+            self._warm_up(partitions)
+        finally:
+            self.contention = True
+
+    def _warm_up(self, partitions: list[str]) -> None:
         if self.policy not in ("adaptive", "neurosurgeon"):
             return
         for pid in partitions:

@@ -161,9 +161,16 @@ def test_probe_needed_reasons_in_order() -> None:
     clock = FakeClock()
     m = LinkMonitor(min_bandwidth_bytes=1000, stale_after_s=2, clock=clock)
     assert m.probe_needed() == "first"
-    m.observe_probe([50.0, 50.0], 100_000, [850.0, 850.0])
+    m.observe_probe([50.0, 50.0], 100_000, [850.0, 850.0])                      # 1 Mbps, 50 ms
     assert m.probe_needed() is None
-    clock.now = 2.5
+    assert m.probe_interval_s() == 2.0, "no request uses the link: probes delay nobody"
+    for t in (0.5, 1.0, 1.5, 2.0, 2.5):
+        clock.now = t
+        m.observe(500, 500, 50.0)                                               # a small cut in use
+    # two 32 KB sends + 4 RTTs take ~0.72 s: at most 10 % of the link's time
+    assert m.probe_interval_s() == pytest.approx(2 * (32 * 1024 * 8 / 1e6 + 0.1) / 0.1, rel=1e-3)
+    assert m.probe_needed() is None, "on a slow link in use probes must keep to their share of it"
+    clock.now = 7.5
     assert m.probe_needed() == "stale"
     m.observe(100_000, 0, 50.0 + 8000.0)
     m.observe(100_000, 0, 50.0 + 8000.0)
