@@ -5,12 +5,18 @@ Nothing is downloaded: each model is defined here, initialised from a seed
 seeded random inputs, so outputs are not degenerate), put in eval mode and exported with ``torch.onnx``. torch is
 imported only inside the functions, so ``import planner.zoo`` works without it.
 
-Models (all classifiers with 10 classes and output ``"logits"`` ``[batch, 10]``;
-the image models take ``"input"`` float32 ``[batch, 3, 64, 64]``):
+Models (all classifiers with output ``"logits"`` ``[batch, classes]``, 10
+classes unless noted; the image models take ``"input"`` float32
+``[batch, 3, 64, 64]`` unless noted):
 
 * ``"mobilenet"`` - MobileNetV2-style (inverted residuals, ReLU6), width 0.5.
 * ``"resnet18"``  - the ResNet-18 layout (BasicBlocks 2-2-2-2, 1x1 projection
   shortcuts), base width 16 (channels 16-128) to keep bundles small.
+* ``"resnet18_224"`` - the real ResNet-18 (torchvision layout: base width 64,
+  channels 64-512, ``"input"`` ``[batch, 3, 224, 224]``, 1000 classes,
+  11.7 M parameters, ~47 MB ONNX, ~1.8 GMAC per image) for like-for-like
+  latency studies (e.g. the DADS reproduction); untrained (seeded weights),
+  not in :data:`IMAGE_MODELS`.
 * ``"vggchain"``  - a plain VGG-style conv chain (every layer is a cut point).
 * ``"transformer"`` - a 2-layer pre-norm transformer encoder (d_model 32, 4
   heads, attention written out so any exporter handles it) over int64 token
@@ -45,7 +51,9 @@ __all__ = [
 ]
 
 NUM_CLASSES = 10
+#: the (C, H, W) image shape of the small image models (``resnet18_224`` uses IMAGE_224)
 IMAGE = (3, 64, 64)
+IMAGE_224 = (3, 224, 224)
 
 
 @dataclass
@@ -149,7 +157,8 @@ def _mobilenet() -> ZooSpec:
     return _image_spec(nn.Sequential(*layers))
 
 
-def _resnet18() -> ZooSpec:
+def _resnet18(width: int = 16, image: tuple[int, int, int] = IMAGE, classes: int = NUM_CLASSES) -> ZooSpec:
+    """ResNet-18 layout; defaults: the small zoo ``resnet18`` (width 16, 64x64, 10 classes)."""
     import torch.nn as nn
 
     class BasicBlock(nn.Module):
@@ -164,15 +173,19 @@ def _resnet18() -> ZooSpec:
             identity = x if self.down is None else self.down(x)
             return self.relu(self.conv2(self.conv1(x)) + identity)
 
-    width = 16
     layers: list[Any] = [_conv_bn(3, width, 7, stride=2), nn.MaxPool2d(3, stride=2, padding=1)]
     cin = width
     for stage, cout in enumerate([width, width * 2, width * 4, width * 8]):
         for i in range(2):
             layers.append(BasicBlock(cin, cout, 2 if (i == 0 and stage > 0) else 1))
             cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, NUM_CLASSES)]
-    return _image_spec(nn.Sequential(*layers))
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
+    return _image_spec(nn.Sequential(*layers), image)
+
+
+def _resnet18_224() -> ZooSpec:
+    """The real ResNet-18: width 64 (channels 64-512), 224x224x3 input, 1000 classes."""
+    return _resnet18(width=64, image=IMAGE_224, classes=1000)
 
 
 def _vggchain() -> ZooSpec:
@@ -246,22 +259,24 @@ def _lstm() -> ZooSpec:
     return ZooSpec(Net(), (torch.randn(2, 8, 16),), ["input"], ["logits"], {"input": {1: "seq"}})
 
 
-def _image_spec(module: Any) -> ZooSpec:
+def _image_spec(module: Any, image: tuple[int, int, int] = IMAGE) -> ZooSpec:
     import torch
 
-    return ZooSpec(module, (torch.randn(2, *IMAGE),), ["input"], ["logits"])
+    return ZooSpec(module, (torch.randn(2, *image),), ["input"], ["logits"])
 
 
 _BUILDERS: dict[str, Callable[[], ZooSpec]] = {
     "mobilenet": _mobilenet,
     "resnet18": _resnet18,
+    "resnet18_224": _resnet18_224,
     "vggchain": _vggchain,
     "transformer": _transformer,
     "lstm": _lstm,
 }
 
 ZOO_MODELS: tuple[str, ...] = tuple(_BUILDERS)
-#: the image classifiers, which :func:`train_zoo_module` can train
+#: the image classifiers, which :func:`train_zoo_module` can train (not ``resnet18_224``:
+#: its 224x224 / 1000-class head does not fit the 64x64 gratings10 task)
 IMAGE_MODELS: tuple[str, ...] = ("mobilenet", "resnet18", "vggchain")
 # training (steps, learning rate) per image model
 _RECIPES: dict[str, tuple[int, float]] = {"mobilenet": (120, 5e-3), "resnet18": (40, 3e-3), "vggchain": (40, 3e-3)}
