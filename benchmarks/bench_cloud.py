@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import SIZES, payload_bundle, summarize  # noqa: E402
+from _common import SIZES, payload_bundle, summarize
 
 
 def _request_bytes(model: str, payload_bytes: int, rows: int = 1) -> bytes:
@@ -214,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batcher", choices=["drain", "serve"], default="drain",
                         help="Ray tier batching: drain queue on compute threads, or @serve.batch")
     parser.add_argument("--compute-threads", type=int, default=1, help="Ray replica threads running suffixes")
+    parser.add_argument("--worker-niceness", type=int, default=0,
+                        help="niceness of Ray's workers (replicas); -1 = Ray's default (15). The "
+                        "baseline runs at the benchmark's own niceness")
+    parser.add_argument("--no-inline-idle", action="store_true",
+                        help="always hop to the compute thread, even on an idle replica")
     parser.add_argument("--no-direct-ingress", action="store_true", help="proxy only (Ray's default)")
     parser.add_argument("--no-throughput-optimized", action="store_true", help="Ray Serve's default profile")
     parser.add_argument("--skip-throughput", action="store_true")
@@ -236,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         intra_op_threads=args.threads,
         batcher=args.batcher,
         compute_threads=args.compute_threads,
+        worker_niceness=None if args.worker_niceness < 0 else args.worker_niceness,
+        inline_idle=not args.no_inline_idle,
         direct_ingress=not args.no_direct_ingress,
         throughput_optimized=not args.no_throughput_optimized,
     )
@@ -268,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
                 # round's ratio compares runs seconds apart; report the medians and spread.
                 runs: dict[str, list[dict]] = {n: [] for n in paths}
                 for r in range(args.tp_rounds):
-                    for name, addrs in paths.items():
+                    # Alternate the order (A B, B A, ...) so a drift within a round
+                    # does not always favour the path that runs first.
+                    order = list(paths.items()) if r % 2 == 0 else list(paths.items())[::-1]
+                    for name, addrs in order:
                         print(f"[{label}] throughput {name} round {r + 1}/{args.tp_rounds} ...",
                               file=sys.stderr, flush=True)
                         runs[name].append(

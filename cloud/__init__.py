@@ -19,7 +19,7 @@ from typing import Any
 
 from cloud.config import CloudConfig
 
-__all__ = ["CloudConfig", "start_local", "build_app", "LocalCloud", "SuffixService"]
+__all__ = ["CloudConfig", "LocalCloud", "SuffixService", "build_app", "start_local"]
 
 
 def __getattr__(name: str) -> Any:

@@ -30,11 +30,11 @@ from cloud._batch import group_batches, run_group
 from cloud._service import SuffixService
 from cloud.config import CloudConfig
 from splitgate.errors import ResourceExhausted, SplitgateError, Unauthenticated
+from splitgate.protocol import inference_pb2 as pb
 from splitgate.security import TokenCheck, malformed_message, token_digest
 from splitgate.validate import Limits
-from splitgate.protocol import inference_pb2 as pb
 
-__all__ = ["InferenceDeployment", "build_app", "SERVICER_FUNCTION", "ENDPOINTS_EXTENSION"]
+__all__ = ["ENDPOINTS_EXTENSION", "SERVICER_FUNCTION", "InferenceDeployment", "build_app"]
 
 # What Ray Serve's gRPC ingress must import to expose the OIP service.
 # (splitgate's registration: like the generated add_..._to_server, but bytes that
@@ -45,8 +45,8 @@ SERVICER_FUNCTION = "splitgate.security.add_inference_servicer"
 # endpoints: "splitgate.endpoints=host:port,host:port" (absent without direct ingress).
 ENDPOINTS_EXTENSION = "splitgate.endpoints="
 _ENDPOINTS_TTL_S = 2.0
-# A ModelInfer starting this long after the previous one finished found the replica idle.
-_IDLE_S = 0.0003
+# A ModelInfer starting within this long of the previous one's end was queued behind it.
+_BACKLOG_GAP_S = 0.001
 
 
 def _fail(context: RayServegRPCContext, exc: BaseException) -> None:
@@ -104,6 +104,13 @@ class InferenceDeployment:
             the queue and an idle replica runs a lone request at once, with no
             timer. ``"serve"``: Ray's ``@serve.batch`` queue with
             ``batch_wait_timeout_s``, decode/validate/encode on the event loop.
+        inline_idle: with the drain batcher, run a ModelInfer directly on the
+            event loop (no hop to the compute thread and back) when the replica is
+            idle: nothing else in flight, still nothing after one yield to the loop,
+            and none of the last ~16 calls found company in flight or started
+            within 1 ms of the previous call's end (the sign of a backlog hidden by
+            a blocked loop). Any sign of concurrency switches back to the queue,
+            where batches form.
     """
 
     def __init__(
@@ -118,6 +125,7 @@ class InferenceDeployment:
         nan_policy: str = "allow",
         publish_endpoints: bool = True,
         batcher: str = "drain",
+        inline_idle: bool = True,
     ) -> None:
         self._service = SuffixService(
             bundle_dirs, intra_op_threads=intra_op_threads,
@@ -129,7 +137,10 @@ class InferenceDeployment:
         self._max_batch = max(int(max_batch_size), 1)
         self._max_bytes = int(max_message_bytes)
         self._check_size = not _grpc_enforces(self._max_bytes)
-        self._inline = os.environ.get("SPLITGATE_CLOUD_INLINE_IDLE", "0") == "1"
+        self._inline = bool(inline_idle) and batcher == "drain"
+        # Share of recent ModelInfers that found another one in flight (smoothed over
+        # ~16 calls); starts "busy" so a fresh replica batches until it has seen idleness.
+        self._busy = 1.0
         self._last_done = 0.0
         self._pool = ThreadPoolExecutor(max_workers=max(compute_threads, 1), thread_name_prefix="suffix")
         if batcher not in ("drain", "serve"):
@@ -208,13 +219,17 @@ class InferenceDeployment:
         depth = self._in_flight
         if self._drain is not None:
             try:
-                if depth == 1 and self._inline and time.monotonic() - self._last_done > _IDLE_S:
-                    # Nothing else in flight and the replica has been idle: no batch
-                    # mates to wait for, and two thread hops (loop -> compute thread
-                    # -> loop) cost more than blocking the loop while the suffix runs.
-                    # (A request that starts right after the previous one finished was
-                    # most likely waiting behind it: it goes to the queue, so a backlog
-                    # is batched instead of served one by one on the loop.)
+                # A call that starts right after the previous one finished was most
+                # likely waiting behind it (an inline run blocks the loop, which hides
+                # arrivals): count it as concurrency, like one that finds others in flight.
+                crowded = depth > 1 or time.monotonic() - self._last_done < _BACKLOG_GAP_S
+                self._busy += (crowded - self._busy) * 0.0625
+                idle = not crowded and self._inline and self._busy < 0.02
+                if idle:
+                    await asyncio.sleep(0)  # let requests already queued on the loop show up
+                if idle and self._in_flight == 1:
+                    # Truly idle: no batch mates to wait for, and two thread hops cost
+                    # more than blocking the loop for one suffix run.
                     ((ok, value),) = self._work([(request, depth)])
                 else:
                     ok, value = await self._drain.submit(request, depth)
@@ -267,7 +282,8 @@ class InferenceDeployment:
             rows = sum(m.batch_size if m.signature() else 1 for m in members)
             start = time.perf_counter()
             try:
-                per_item = run_group(members, lambda outs, feeds: self._service.run(members[0].key, outs, feeds))
+                key = members[0].key
+                per_item = run_group(members, lambda outs, feeds, key=key: self._service.run(key, outs, feeds))
             except Exception as exc:  # noqa: BLE001 - one bad group must not fail the others
                 if len(members) > 1:  # isolate the culprit: rerun singly
                     for i in group:
@@ -459,4 +475,5 @@ def build_app(bundle_dirs: Sequence[str] | CloudConfig, **overrides: Any):
         config.nan_policy,
         config.tls is None,  # behind a TLS front, the plaintext replica ports are not advertised
         config.batcher,
+        config.inline_idle,
     )

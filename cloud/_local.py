@@ -8,6 +8,7 @@ import random
 import socket
 import time
 from dataclasses import replace
+from typing import Self
 
 import grpc
 
@@ -16,7 +17,7 @@ from cloud.config import CloudConfig
 from splitgate.protocol import inference_pb2 as pb
 from splitgate.protocol import inference_pb2_grpc as pb_grpc
 
-__all__ = ["LocalCloud", "start_local", "ray_env"]
+__all__ = ["LocalCloud", "ray_env", "start_local"]
 
 
 _PORT_BLOCK = 50
@@ -73,8 +74,8 @@ class LocalCloud:
 
     def stop(self) -> None:
         """Shut down Serve, and Ray if this object started it."""
-        from ray import serve
         import ray
+        from ray import serve
 
         try:
             if self._front is not None:
@@ -84,7 +85,7 @@ class LocalCloud:
             if self._started_ray and ray.is_initialized():
                 ray.shutdown()
 
-    def __enter__(self) -> LocalCloud:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -97,7 +98,6 @@ def _wait_ready(
     """Wait until ``address`` answers ServerReady/ModelReady (and, with ``endpoints``,
     ServerMetadata lists the replicas' direct-ingress endpoints)."""
     from cloud._app import ENDPOINTS_EXTENSION
-
     from splitgate.security import auth_metadata
 
     md = auth_metadata(token)
@@ -135,6 +135,10 @@ def ray_env(config: CloudConfig) -> dict[str, str]:
         # with RESOURCE_EXHAUSTED before they reach a replica.
         "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(config.max_message_bytes),
     }
+    if config.worker_niceness is not None:
+        # Ray nices its workers (replicas included) to 15 by default: next to any
+        # other busy process on the host they get the CPU last.
+        env["RAY_worker_niceness"] = str(int(config.worker_niceness))
     env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1" if config.direct_ingress else "0"
     env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1" if config.throughput_optimized else "0"
     if config.direct_ingress:

@@ -22,18 +22,24 @@ from cloud._batch import Item
 from planner import PlanBundle
 from splitgate import codec
 from splitgate.encoding import read_decoded_inputs
-from splitgate.errors import BundleError, FailedPrecondition, InvalidArgument, NotFound, SplitgateError
+from splitgate.errors import (
+    BundleError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    SplitgateError,
+)
 from splitgate.protocol import inference_pb2 as pb
 from splitgate.validate import Limits, validate_inputs, validate_outputs
 
 __all__ = [
-    "SuffixService",
-    "Prepared",
+    "PARAM_BATCH_SIZE",
+    "PARAM_CLOUD_MS",
     "PARAM_PARTITION",
     "PARAM_PLAN_DIGEST",
-    "PARAM_CLOUD_MS",
     "PARAM_QUEUE_DEPTH",
-    "PARAM_BATCH_SIZE",
+    "Prepared",
+    "SuffixService",
 ]
 
 PARAM_PARTITION = "splitgate.partition"

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Self
 
 import grpc
 
 from cloud._service import SuffixService
 from splitgate.errors import SplitgateError
-from splitgate.security import AuthInterceptor, TlsConfig, TokenCheck, add_inference_servicer, secure_server_port
-from splitgate.validate import Limits
 from splitgate.protocol import inference_pb2_grpc as pb_grpc
+from splitgate.security import (
+    AuthInterceptor,
+    TlsConfig,
+    TokenCheck,
+    add_inference_servicer,
+    secure_server_port,
+)
+from splitgate.validate import Limits
 
 __all__ = ["BaselineServer", "start_baseline"]
 
@@ -64,7 +70,7 @@ class BaselineServer:
     def stop(self, grace_s: float = 1.0) -> None:
         self._server.stop(grace_s).wait()
 
-    def __enter__(self) -> BaselineServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -109,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Prints ``listening on HOST:PORT`` once ready (benchmarks read that line).
     """
     import argparse
+
     from splitgate._signals import wait_for_stop
 
     parser = argparse.ArgumentParser(prog="python -m cloud.baseline", description=__doc__)

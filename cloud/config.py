@@ -29,6 +29,10 @@ class CloudConfig:
         batcher: ``"drain"`` (compute threads take all queued requests, batches
             grow with the queue, decode/encode off the event loop) or ``"serve"``
             (Ray's ``@serve.batch`` with ``batch_wait_timeout_s``).
+        inline_idle: run a ModelInfer on the replica's event loop, skipping the
+            hops to the compute thread and back, when the replica is idle (nothing
+            else in flight, and no concurrency among the last ~16 calls); under
+            load requests still queue and batch (drain batcher only).
         access_log: Serve's per-request access log lines (off: they cost the
             replica's event loop time on every request).
         direct_ingress: let each replica serve gRPC on its own port (Ray 2.60
@@ -45,6 +49,10 @@ class CloudConfig:
             answering (Ray's default is 30 s, which also slows every shutdown).
         health_check_period_s: how often Serve checks a replica (a killed one is
             replaced after the check notices).
+        worker_niceness: CPU niceness of Ray's worker processes, replicas included
+            (Ray's ``RAY_worker_niceness``; Ray's own default is 15, which on a host
+            shared with other work starves the replicas; README "Cloud tier
+            performance"). None = Ray's default.
         ray_address: an existing Ray cluster to join (None = start a local Ray).
         ray_num_cpus: CPUs given to the embedded local Ray (None = all).
         app_name: the Ray Serve application name.
@@ -71,12 +79,14 @@ class CloudConfig:
     intra_op_threads: int = 0
     compute_threads: int = 1
     batcher: str = "drain"
+    inline_idle: bool = True
     access_log: bool = False
     direct_ingress: bool = True
     throughput_optimized: bool = True
     direct_ingress_port: int = 0
     drain_period_s: float = 1.0
     health_check_period_s: float = 2.0
+    worker_niceness: int | None = 0
     ray_address: str | None = None
     ray_num_cpus: int | None = None
     app_name: str = "splitgate"

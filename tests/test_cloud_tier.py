@@ -15,12 +15,17 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from conftest import CLOUD_MAX_MESSAGE_BYTES
+
 from edge import CloudClient
 from edge._client import _typed
 from splitgate import codec
-from splitgate.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable
+from splitgate.errors import (
+    FailedPrecondition,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from splitgate.protocol import inference_pb2 as pb
 from splitgate.protocol import inference_pb2_grpc as pb_grpc
 
@@ -119,6 +124,32 @@ def test_concurrent_requests_are_batched_and_answered_exactly(cloud_tier, zoo_bu
     assert max(batch_sizes) > max(x.shape[0] for x in inputs), f"no request shared a run: {batch_sizes}"
     assert max(depths) > 1, f"queue depth never showed concurrent work: {depths}"
     assert all(d >= 1 for d in depths)
+
+
+def test_burst_after_a_quiet_spell_is_still_batched(cloud_tier, zoo_bundle, cut) -> None:
+    """A replica that has been idle runs lone calls on its event loop (``inline_idle``);
+    that must not hide a burst that follows: its requests queue and share runs."""
+    part, spec, session, make = cut
+    model = zoo_bundle.model_name
+    with CloudClient(cloud_tier.address, discover=True) as client:
+        for _ in range(80):  # sequential: the replica sees no concurrency and goes "idle"
+            x = make()
+            reply = client.infer(model, {spec.name: x}, partition=part.id)
+            assert reply.params["splitgate.batch_size"] == 1
+            assert reply.params["splitgate.queue_depth"] == 1
+            np.testing.assert_allclose(
+                next(iter(reply.outputs.values())), session.run(None, {spec.name: x})[0], rtol=1e-4, atol=1e-5
+            )
+        inputs = [make(rows=1 + i % 2) for i in range(48)]
+        with ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(lambda x: (x, client.infer(model, {spec.name: x}, partition=part.id)), inputs))
+    batch_sizes = []
+    for x, reply in replies:
+        np.testing.assert_allclose(
+            next(iter(reply.outputs.values())), session.run(None, {spec.name: x})[0], rtol=1e-4, atol=1e-5
+        )
+        batch_sizes.append(reply.params["splitgate.batch_size"])
+    assert max(batch_sizes) > 2, f"the burst after a quiet spell never shared a run: {batch_sizes}"
 
 
 def test_client_falls_back_to_proxy_when_an_endpoint_is_gone(cloud_tier, zoo_bundle, cut) -> None:
