@@ -75,12 +75,18 @@ def _infer_fn(channel):
     )
 
 
-def _latency(paths: dict[str, list[str]], model: str, payload: int, warmup: int, requests: int, rounds: int):
-    """Sequential round trips per path, interleaved in ``rounds`` so drift hits all paths alike."""
+def _latency(paths: dict[str, list[str]], model: str, payload: int, warmup: int, requests: int, rounds: int,
+             routing: str = "sticky"):
+    """Sequential round trips per path, interleaved in ``rounds`` so drift hits all paths alike.
+
+    ``routing``: ``"sticky"`` sends a path's sequential calls to one endpoint, as
+    ``edge.CloudClient`` does (fewest calls in flight, then the last used);
+    ``"round-robin"`` alternates over the path's endpoints.
+    """
     body = _request_bytes(model, payload)
     calls = {}
     for name, addrs in paths.items():
-        chans = [_channel(a) for a in addrs]
+        chans = [_channel(a) for a in (addrs if routing == "round-robin" else addrs[:1])]
         calls[name] = [_infer_fn(c) for c in chans]
     samples: dict[str, list[float]] = {n: [] for n in paths}
     server_ms: dict[str, list[float]] = {n: [] for n in paths}
@@ -217,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-niceness", type=int, default=0,
                         help="niceness of Ray's workers (replicas); -1 = Ray's default (15). The "
                         "baseline runs at the benchmark's own niceness")
+    parser.add_argument("--latency-routing", choices=["sticky", "round-robin"], default="sticky",
+                        help="sequential calls to one replica endpoint (edge.CloudClient) or alternating")
     parser.add_argument("--no-inline-idle", action="store_true",
                         help="always hop to the compute thread, even on an idle replica")
     parser.add_argument("--no-direct-ingress", action="store_true", help="proxy only (Ray's default)")
@@ -265,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             model = bundles[label].model_name
             entry: dict = {"payload_bytes": size}
             print(f"[{label}] latency ...", file=sys.stderr, flush=True)
-            entry["latency"] = _latency(paths, model, size, args.warmup, args.requests, args.rounds)
+            entry["latency"] = _latency(paths, model, size, args.warmup, args.requests, args.rounds,
+                                        args.latency_routing)
             base = entry["latency"]["baseline"]["p50_ms"]
             entry["latency_p50_ratio_vs_baseline"] = {
                 n: round(v["p50_ms"] / base, 3) for n, v in entry["latency"].items() if n != "baseline"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -60,8 +61,9 @@ class CloudClient:
             It is always the fallback path.
         timeout_s: default per-call deadline.
         max_message_bytes: largest message sent or received.
-        endpoints: replica endpoints to call directly (``host:port``); calls are
-            spread round-robin over them and fall back to ``address``.
+        endpoints: replica endpoints to call directly (``host:port``); a call
+            goes to the one with the fewest calls in flight, the last used on a
+            tie, and falls back to ``address``.
         discover: ask ``address`` for the replicas' direct-ingress endpoints
             (ServerMetadata extension ``splitgate.endpoints=...``) and refresh
             them every ``refresh_s`` seconds.
@@ -105,7 +107,8 @@ class CloudClient:
         self._lock = threading.Lock()
         self._direct: dict[str, tuple[grpc.Channel, pb_grpc.GRPCInferenceServiceStub]] = {}
         self._down: dict[str, float] = {}
-        self._next = 0
+        self._in_flight: dict[str, int] = {}
+        self._last: str | None = None
         self._discover = discover
         self._refresh_s = refresh_s
         self._down_s = down_s
@@ -151,16 +154,28 @@ class CloudClient:
                     self._direct[new] = (channel, pb_grpc.GRPCInferenceServiceStub(channel))
 
     def _targets(self) -> list[tuple[str, pb_grpc.GRPCInferenceServiceStub]]:
-        """Healthy direct endpoints starting at the round-robin cursor, then the proxy."""
+        """The healthy direct endpoint to call, then the proxy.
+
+        The endpoint with the fewest of this client's calls in flight; on a tie
+        the one used last. Concurrent calls spread over the replicas (where
+        each batches its share), while sequential calls stay on one replica:
+        measured on the 2-replica tier, a replica that just answered serves the
+        next call faster than one woken from idle (600 KB p50 1.18-1.25x the
+        plain server vs 1.34-1.48x round-robin). A fresh client starts on a
+        random replica, so many sequential clients still spread out.
+        """
         if self._discover and time.monotonic() - self._refreshed_at > self._refresh_s:
             self.refresh_endpoints()
         now = time.monotonic()
         with self._lock:
             live = [(a, s) for a, (_, s) in self._direct.items() if self._down.get(a, 0.0) <= now]
-            if live:
-                self._next = (self._next + 1) % len(live)
-                live = live[self._next:] + live[: self._next]
-        return [*live[:1], (self.address, self._stub)]
+            if not live:
+                return [(self.address, self._stub)]
+            if self._last not in {a for a, _ in live}:
+                self._last = random.choice(live)[0]
+            pick = min(live, key=lambda t: (self._in_flight.get(t[0], 0), t[0] != self._last))
+            self._last = pick[0]
+        return [pick, (self.address, self._stub)]
 
     def close(self) -> None:
         with self._lock:
@@ -180,6 +195,8 @@ class CloudClient:
         targets = self._targets() if method == "ModelInfer" else [(self.address, self._stub)]
         for i, (address, stub) in enumerate(targets):
             remaining = max(deadline - time.monotonic(), 0.001)
+            with self._lock:
+                self._in_flight[address] = self._in_flight.get(address, 0) + 1
             try:
                 return getattr(stub, method)(request, timeout=remaining, metadata=self._metadata)
             except grpc.RpcError as exc:
@@ -191,6 +208,9 @@ class CloudClient:
                         self._refreshed_at = 0.0  # re-discover on the next call
                     continue
                 raise error from None
+            finally:
+                with self._lock:
+                    self._in_flight[address] -= 1
         raise AssertionError("unreachable: the proxy is always the last target")
 
     def server_live(self, timeout_s: float | None = None) -> bool:

@@ -199,3 +199,25 @@ def test_hedge_delay_is_the_earlier_of_the_deadline_and_latency_rules() -> None:
     assert hedge_delay_ms(3000.0, 500.0, 200.0, factor=0) == pytest.approx(2400.0)
     assert hedge_delay_ms(3000.0, 500.0, 2.0) == pytest.approx(200.0)           # floor
     assert hedge_delay_ms(300.0, 500.0, 2000.0) == 0.0                          # no time left: race at once
+
+
+def test_cloud_client_keeps_sequential_calls_on_one_replica_and_spreads_concurrent_ones() -> None:
+    from edge import CloudClient
+
+    eps = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+    with CloudClient("127.0.0.1:9", endpoints=eps) as client:
+        picks = {client._targets()[0][0] for _ in range(20)}
+        assert len(picks) == 1, "sequential calls must stay on the replica used last"
+        first = picks.pop()
+        assert client._targets()[-1][0] == "127.0.0.1:9", "the proxy is always the fallback"
+        client._in_flight[first] = 2          # two calls of ours in flight there
+        other = client._targets()[0][0]
+        assert other != first
+        client._in_flight[other] = 1
+        third = client._targets()[0][0]
+        assert third not in (first, other), "a third concurrent call goes to the idle replica"
+    clients = [CloudClient("127.0.0.1:9", endpoints=eps) for _ in range(40)]
+    starts = {c._targets()[0][0] for c in clients}
+    for c in clients:
+        c.close()
+    assert len(starts) > 1, "fresh clients must not all start on the same replica"
