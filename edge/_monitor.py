@@ -25,9 +25,24 @@ class Ewma:
     Two samples in a row more than ``drift_ratio`` off the mean on the same side
     (a smaller change than a step, or a step seen only through RTT samples) set
     :attr:`drifted`: not enough to trust, enough to measure again.
+
+    ``worse`` (``"high"`` for a delay, ``"low"`` for a bandwidth) makes the mean
+    believe bad news at once: a sample worse than the mean by more than
+    ``drift_ratio`` (and not an outlier) replaces it. Errors cost unequally: an
+    edge that thinks a degrading link is still good sends a large tensor into it
+    and waits seconds; one that thinks a link is worse than it is runs locally a
+    little longer, until the next sample or probe.
     """
 
-    def __init__(self, alpha: float = 0.5, outlier_ratio: float = 4.0, drift_ratio: float = 1.4) -> None:
+    #: the weight of a clearly worse sample (1: it replaces the mean)
+    worse_alpha = 1.0
+
+    def __init__(
+        self, alpha: float = 0.5, outlier_ratio: float = 4.0, drift_ratio: float = 1.4, worse: str | None = None,
+    ) -> None:
+        if worse not in (None, "high", "low"):
+            raise ValueError(f"worse must be 'high', 'low' or None, got {worse!r}")
+        self.worse = worse
         self.alpha = alpha
         self.outlier_ratio = outlier_ratio
         self.drift_ratio = drift_ratio
@@ -76,8 +91,16 @@ class Ewma:
                 self.jumped = True
             return self.value
         self._pending = None
-        self.value = self.alpha * x + (1 - self.alpha) * self.value
+        alpha = self.worse_alpha if self._is_clearly_worse(x) else self.alpha
+        self.value = alpha * x + (1 - alpha) * self.value
         return self.value
+
+    def _is_clearly_worse(self, x: float) -> bool:
+        assert self.value is not None
+        if self.worse is None or self.value <= 0 or x <= 0:
+            return False
+        ratio = x / self.value if self.worse == "high" else self.value / x
+        return ratio > self.drift_ratio
 
     def reset(self, x: float) -> float:
         """Forget the history: the mean becomes ``x`` (after a re-measurement)."""
@@ -128,7 +151,7 @@ class LinkMonitor:
         min_bandwidth_bytes: int = 16 * 1024,
         stale_after_s: float = 5.0,
         probe_bytes: int = 32 * 1024,
-        probe_duty: float = 0.1,
+        probe_duty: float = 0.2,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.min_bandwidth_bytes = min_bandwidth_bytes
@@ -136,9 +159,9 @@ class LinkMonitor:
         self.probe_bytes = probe_bytes
         self.probe_duty = probe_duty
         self._clock = clock
-        self._rtt = Ewma()
-        self._up = Ewma()
-        self._down = Ewma()
+        self._rtt = Ewma(worse="high")
+        self._up = Ewma(worse="low")
+        self._down = Ewma(worse="low")
         self._updated = -math.inf
         self._bandwidth_updated = -math.inf
         self._last_call = -math.inf  # the last request (not probe) that used the link
