@@ -1,0 +1,64 @@
+"""Adaptive vs the best static policy across plan bundles and traces (analytic engine), as JSON.
+
+    .venv/bin/python benchmarks/bench_adaptive.py BUNDLE_DIR... [--specs commute,walk_4g,...] [--repeats 8]
+
+A plan's measured profile moves the device/cloud trade-off (the same model
+planned twice on a shared machine differs by 10-40% in device time), so one
+experiment run says little about how close adaptive stays to the best static
+policy. This replays each bundled trace spec with each given bundle (e.g. the
+``OUT/bundles/*.bundle`` of several ``splitgate experiment`` runs) and reports,
+per (bundle, spec), adaptive's mean latency relative to the best of device-only,
+cloud-only and the DADS plan (``experiments._records.adaptive_vs_static``), plus
+the worst and mean over all. Without bundle arguments it plans the specs' model
+once (cached under ``--workdir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from experiments import load_spec
+from experiments._records import adaptive_vs_static, summarize
+from experiments.analytic import run_analytic
+from experiments.runner import prepare_bundle
+from planner import PlanBundle
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACE_SPECS = "commute,walk_4g,riiser_tram,ghent_car"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bundles", nargs="*", help="plan bundle directories (default: plan the specs' model)")
+    ap.add_argument("--specs", default=TRACE_SPECS, help="comma list of experiments/specs names")
+    ap.add_argument("--repeats", type=int, default=8, help="analytic replays per (bundle, spec)")
+    ap.add_argument("--workdir", default="/tmp/splitgate-bench-adaptive")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    args = ap.parse_args()
+    specs = [load_spec(ROOT / "experiments" / "specs" / f"{name}.yaml") for name in args.specs.split(",")]
+    bundles = [PlanBundle.load(b) for b in args.bundles] or [prepare_bundle(specs[0], Path(args.workdir))]
+    rows = []
+    for bundle in bundles:
+        device_ms = float(bundle.profile["partitions"]["device"]["device_ms"])  # type: ignore[index]
+        for spec in specs:
+            spec.model = bundle.model_name
+            best, best_ms, ratio = adaptive_vs_static(summarize(run_analytic(spec, bundle, repeats=args.repeats)),
+                                                      "analytic")
+            rows.append({"bundle": str(bundle.root), "device_ms": round(device_ms, 1), "spec": spec.name,
+                         "best_static": best, "best_static_mean_ms": round(best_ms, 2),
+                         "adaptive_vs_best_static_pct": round(100 * (ratio - 1), 2)})
+    pcts = [r["adaptive_vs_best_static_pct"] for r in rows]
+    doc = {"benchmark": "adaptive_vs_best_static", "repeats": args.repeats, "rows": rows,
+           "worst_pct": max(pcts), "mean_pct": round(statistics.fmean(pcts), 2),
+           "within_5pct": all(p <= 5.0 for p in pcts)}
+    text = json.dumps(doc, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
