@@ -123,6 +123,8 @@ class _Core:
         self._pool = ThreadPoolExecutor(max_workers=2 * config.max_concurrency + 1, thread_name_prefix="splitgate")
         self._probe_lock = threading.Lock()
         self._probing = False
+        # perf_counter() of the last background probe's start and end (end None while it runs)
+        self._probe_span: tuple[float, float | None] = (-1.0, -1.0)
 
     # -- bundles ------------------------------------------------------------
 
@@ -275,6 +277,7 @@ class _Core:
             self._probing = False
             return
         with self._probe_lock:
+            self._probe_span = (time.perf_counter(), None)
             try:
                 # The first call on a fresh channel also pays for the TCP and
                 # HTTP/2 handshakes; the monitor keeps the faster of each pair.
@@ -297,6 +300,7 @@ class _Core:
             except SplitgateError:
                 self.breaker.record_failure()
             finally:
+                self._probe_span = (self._probe_span[0], time.perf_counter())
                 self._probing = False
 
     # -- running --------------------------------------------------------------
@@ -398,6 +402,11 @@ class _Core:
         trace.device_ms += ms
         return outputs
 
+    def _overlaps_probe(self, started: float) -> bool:
+        """Did a probe share the link with a call started at ``started`` (perf_counter)?"""
+        _, end = self._probe_span
+        return end is None or end > started
+
     def _observe(self, reply: CloudReply) -> None:
         self.breaker.record_success()
         self.link.observe(reply.bytes_sent, reply.bytes_received, reply.network_ms)
@@ -440,7 +449,9 @@ class _Core:
             # The cloud stayed slower than the device: the link is at least that
             # slow (the next request must not walk into the same outage); let
             # the call finish in the background and teach the monitors.
-            self.link.observe_late(part.cut_bytes, 0, (time.perf_counter() - sent_at) * 1e3)
+            # (unless a probe shared the link: then the wait says little about it)
+            if not self._overlaps_probe(sent_at):
+                self.link.observe_late(part.cut_bytes, 0, (time.perf_counter() - sent_at) * 1e3)
             future.add_done_callback(lambda f: None if f.exception() else self._observe(f.result()))
         return None, local.result()
 

@@ -93,6 +93,7 @@ class _Sim:
         # (start, end) of transfers on each direction's bottleneck; off during warm-up
         self.busy: dict[str, list[tuple[float, float]]] = {"up": [], "down": []}
         self.contention = False
+        self.probe_spans: list[tuple[float, float]] = []  # background probes (Gateway._probe_span)
 
     # -- the network -------------------------------------------------------------
 
@@ -176,6 +177,7 @@ class _Sim:
             if rtts is not None:
                 self._at(now, self.monitor.observe_probe, rtts, self.spec.probe_bytes, sends, reset=reset)
         else:
+            self.probe_spans.append((t, now))
             if rtts is not None:
                 self.st.later(now, "probe", rtts, sends, reset)
             self.st.later(now, "probe_done")
@@ -239,6 +241,10 @@ class _Sim:
             return neurosurgeon_choice(self.bundle, self._monitored()), extra
         return self.gw_policy.choose(self.bundle, self._monitored()), extra
 
+    def _overlaps_probe(self, start: float, end: float) -> bool:
+        """Did a background probe share the link with a call (Gateway._overlaps_probe)?"""
+        return any(s0 < end and e0 > start for s0, e0 in self.probe_spans[-4:])
+
     def _hedge_after(self, pid: str, remaining_ms: float) -> float:
         """The Gateway's hedge delay (:func:`edge.hedge_delay_ms`) on the monitored link."""
         predicted = None
@@ -278,7 +284,8 @@ class _Sim:
                 fallback = "hedged" if hedge else "deadline_exceeded"
                 latency = probe_ms + dev + hedge_after + local_ms
                 st.local_ms = local_ms if st.local_ms is None else 0.5 * (local_ms + st.local_ms)
-                if hedge:  # the Gateway tells the monitor the link is at least this slow
+                # the Gateway tells the monitor the link is at least this slow (no probe in the way)
+                if hedge and not self._overlaps_probe(t1, t1 + (hedge_after + local_ms) / 1e3):
                     self._at(t1 + (hedge_after + local_ms) / 1e3, self.monitor.observe_late,
                              up, 0, hedge_after + local_ms)
                 if cloud_leg <= remaining:  # the late reply still teaches the monitors
