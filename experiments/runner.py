@@ -240,14 +240,20 @@ def _run_live_all(results: list[ExperimentResult], bundles: dict[str, PlanBundle
     try:
         with _progress(console) as prog:
             for res in results:
-                task = prog.add_task(f"live {res.spec.name}", total=res.spec.trace.duration_s)
+                n, dur = res.spec.live_repeats, res.spec.trace.duration_s
+                task = prog.add_task(f"live {res.spec.name}", total=n * dur)
                 t0 = time.perf_counter()
-                recs = run_live(res.spec, bundles[res.spec.name], cloud,
-                                progress=lambda s, task=task: prog.update(task, completed=s),
-                                log=lambda m, res=res: res.notes.append(f"live: {m}"))
-                prog.update(task, completed=res.spec.trace.duration_s)
-                res.records += recs
-                res.notes.append(f"live: {len(recs)} requests in {time.perf_counter() - t0:.1f} s wall")
+                count = 0
+                for rep in range(n):
+                    recs = run_live(res.spec, bundles[res.spec.name], cloud,
+                                    progress=lambda s, task=task, rep=rep: prog.update(task, completed=rep * dur + s),
+                                    log=lambda m, res=res: res.notes.append(f"live: {m}"))
+                    for r in recs:
+                        r.rep = rep
+                    res.records += recs
+                    count += len(recs)
+                prog.update(task, completed=n * dur)
+                res.notes.append(f"live: {count} requests in {n} replay(s), {time.perf_counter() - t0:.1f} s wall")
     finally:
         if tier is not None:
             tier.stop()

@@ -19,6 +19,7 @@ Example (``experiments/specs/commute.yaml``)::
     think_ms: 0                 # minimum pause after a request
     gateway: {hysteresis: 0.1, deadline_ms: 3000, probe_interval_s: 2}
     analytic: {repeats: 20}     # the analytic engine replays the trace this many times
+    live: {repeats: 1}          # ... and the live engine (in real time)
     seed: 0
 
 Relative paths (``model``, ``trace.path``) are resolved against the spec's
@@ -108,6 +109,9 @@ class ExperimentSpec:
         think_ms: minimum pause after a request.
         gateway: :class:`edge.GatewayConfig` fields (hysteresis, deadline_ms, probe_interval_s, ...).
         analytic_repeats: trace replays of the analytic engine.
+        live_repeats: real-time replays of the live engine (``live: {repeats: N}``,
+            default 1): a live run has tens of requests per policy, so on a
+            volatile trace a few unlucky ones move its mean by several percent.
         seed: jitter/loss seed.
         report: ``"dads"`` adds the DADS reproduction table (per trace label).
         source: the YAML file, if any.
@@ -125,6 +129,7 @@ class ExperimentSpec:
     think_ms: float = 0.0
     gateway: dict[str, Any] = field(default_factory=dict)
     analytic_repeats: int = 20
+    live_repeats: int = 1
     seed: int = 0
     report: str | None = None
     description: str = ""
@@ -206,6 +211,7 @@ class ExperimentSpec:
             think_ms=float(data.get("think_ms", 0.0)),
             gateway=dict(data.get("gateway") or {}),
             analytic_repeats=int((data.get("analytic") or {}).get("repeats", 20)),
+            live_repeats=max(int((data.get("live") or {}).get("repeats", 1)), 1),
             seed=int(data.get("seed", 0)),
             report=data.get("report"),
             description=str(data.get("description", "")),
