@@ -263,11 +263,17 @@ class _Core:
         why = self.link.probe_needed()
         if why == "first":
             self.probe()
-        elif why is not None and not self._probing:
+            return
+        if why == "shift":
+            # This decision needs the new RTT (calls carrying a tensor are
+            # bandwidth samples and leave the old RTT in place): two ServerLive
+            # round trips now, the bandwidth re-measured in the background.
+            self.probe(reset=True, rtt_only=True)
+        if why is not None and not self._probing:
             self._probing = True
             self._pool.submit(self.probe, why == "shift")
 
-    def probe(self, reset: bool = False) -> None:
+    def probe(self, reset: bool = False, rtt_only: bool = False) -> None:
         """Two RTT probes (ServerLive) and two bandwidth probes (a payload the
         server rejects as NOT_FOUND after receiving it), fed to
         :meth:`LinkMonitor.observe_probe`. ``reset`` replaces the estimates
@@ -286,6 +292,9 @@ class _Core:
                     t0 = time.perf_counter()
                     self.client.server_live(timeout_s=2.0)
                     rtts.append((time.perf_counter() - t0) * 1e3)
+                if rtt_only:
+                    self.link.observe_probe(rtts, reset=reset)
+                    return
                 payload = {"probe": np.zeros(self.config.probe_bytes, dtype=np.uint8)}
                 sends = []
                 for _ in range(2):

@@ -158,14 +158,16 @@ class _Sim:
                 st.probing = False
             st.now = saved
 
-    def _probe(self, t: float, sync: bool, reset: bool = False) -> float:
+    def _probe(self, t: float, sync: bool, reset: bool = False, rtt_only: bool = False) -> float:
         """A Gateway probe started at ``t`` (:meth:`edge.Gateway.probe`): two
         ServerLive round trips (2 s timeout each), then two payload sends (10 s
         timeout), fed to :meth:`LinkMonitor.observe_probe`. Returns its end time."""
         self.monitor.clear_shift()
         now, rtts, sends = t, [], []
-        for nbytes, down, timeout_s, into in ((UP_OVERHEAD // 2, DOWN_OVERHEAD // 2, 2.0, rtts),) * 2 + \
-                ((self.spec.probe_bytes + UP_OVERHEAD, DOWN_OVERHEAD, 10.0, sends),) * 2:
+        legs = ((UP_OVERHEAD // 2, DOWN_OVERHEAD // 2, 2.0, rtts),) * 2
+        if not rtt_only:
+            legs += ((self.spec.probe_bytes + UP_OVERHEAD, DOWN_OVERHEAD, 10.0, sends),) * 2
+        for nbytes, down, timeout_s, into in legs:
             end = self._round_trip(now, nbytes, down, 0.0)
             if end - now > timeout_s:  # the probe fails; nothing is observed
                 now += timeout_s
@@ -231,12 +233,13 @@ class _Sim:
                                                  rtt_ms=p.rtt_ms)), 0.0
         extra = 0.0
         why = self.monitor.probe_needed()  # the Gateway's rule (Gateway._maybe_probe)
-        if self.policy == "adaptive" and why == "first":
-            end = self._probe(self.st.now, sync=True)
+        if self.policy == "adaptive" and why in ("first", "shift"):
+            # first: a full probe; shift: the new RTT now, the bandwidth in the background
+            end = self._probe(self.st.now, sync=True, reset=why == "shift", rtt_only=why == "shift")
             extra = (end - self.st.now) * 1e3
-        elif why is not None and not self.st.probing:
+        if why is not None and not (self.policy == "adaptive" and why == "first") and not self.st.probing:
             self.st.probing = True
-            self._probe(self.st.now, sync=False, reset=why == "shift")
+            self._probe(self.st.now + extra / 1e3, sync=False, reset=why == "shift")
         if self.policy == "neurosurgeon":
             return neurosurgeon_choice(self.bundle, self._monitored()), extra
         return self.gw_policy.choose(self.bundle, self._monitored()), extra
