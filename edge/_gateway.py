@@ -27,7 +27,7 @@ from edge._cache import ResultCache, input_digest
 from edge._client import CloudClient, CloudReply
 from edge._metrics import GatewayMetrics
 from edge._monitor import BatteryMonitor, CloudLoadMonitor, Ewma, LinkMonitor
-from edge._policy import Policy, hedge_delay_ms
+from edge._policy import Policy, hedge_delay_ms, rtt_first
 from edge._sessions import SessionCache
 from edge.config import GatewayConfig
 from planner import Conditions, Partition, PlanBundle
@@ -125,6 +125,7 @@ class _Core:
         self._probing = False
         # perf_counter() of the last background probe's start and end (end None while it runs)
         self._probe_span: tuple[float, float | None] = (-1.0, -1.0)
+        self._hedged_in_a_row = 0  # cloud calls the device beat since the last reply in time
 
     # -- bundles ------------------------------------------------------------
 
@@ -237,7 +238,7 @@ class _Core:
         elif self.client is None:
             part = bundle.partition("device")
         else:
-            self._maybe_probe()
+            self._maybe_probe(bundle, private)
             part = bundle.partition(self.policy.choose(bundle, self.conditions(private)))
             if private and part.kind == "cloud":
                 part = bundle.partition("device")
@@ -254,21 +255,20 @@ class _Core:
 
     # -- probing --------------------------------------------------------------
 
-    def _maybe_probe(self) -> None:
+    def _maybe_probe(self, bundle: PlanBundle, private: bool) -> None:
         """Measure the link before the first decision (synchronously: this
         request's choice needs it), and in the background after a step in it
         (replacing the estimates), or when the bandwidth estimate is stale or
         drifting. A step is followed at once by the estimate that saw it; a
-        synchronous re-measurement on a slow link would cost the request ~1 s."""
+        synchronous re-measurement on a slow link would cost the request ~1 s,
+        so only the RTT is, and only when it can change this decision
+        (:func:`edge.rtt_first`)."""
         why = self.link.probe_needed()
         if why == "first":
             self.probe()
             return
-        if why == "shift":
-            # This decision needs the new RTT (calls carrying a tensor are
-            # bandwidth samples and leave the old RTT in place): two ServerLive
-            # round trips now, the bandwidth re-measured in the background.
-            self.probe(reset=True, rtt_only=True)
+        if why == "shift" and not self._probing and rtt_first(self.link, bundle, self.conditions(private)):
+            self.probe(reset=True, rtt_only=True)  # (a running probe would hold the lock for seconds)
         if why is not None and not self._probing:
             self._probing = True
             self._pool.submit(self.probe, why == "shift")
@@ -284,11 +284,12 @@ class _Core:
             return
         with self._probe_lock:
             self._probe_span = (time.perf_counter(), None)
+            leg_bytes, t0 = 0, time.perf_counter()
             try:
                 # The first call on a fresh channel also pays for the TCP and
                 # HTTP/2 handshakes; the monitor keeps the faster of each pair.
                 rtts = []
-                for _ in range(2):
+                for _ in range(1 if rtt_only else 2):  # after a step the channel is warm
                     t0 = time.perf_counter()
                     self.client.server_live(timeout_s=2.0)
                     rtts.append((time.perf_counter() - t0) * 1e3)
@@ -296,7 +297,7 @@ class _Core:
                     self.link.observe_probe(rtts, reset=reset)
                     return
                 payload = {"probe": np.zeros(self.config.probe_bytes, dtype=np.uint8)}
-                sends = []
+                sends, leg_bytes = [], self.config.probe_bytes
                 for _ in range(2):
                     t0 = time.perf_counter()
                     try:
@@ -307,6 +308,9 @@ class _Core:
                 self.link.observe_probe(rtts, self.config.probe_bytes, sends, reset=reset)
                 self.breaker.record_success()
             except SplitgateError:
+                # A probe stuck until its timeout is a censored sample, as a
+                # hedged call is: the link is at least this slow (a tunnel).
+                self.link.observe_late(leg_bytes, 0, (time.perf_counter() - t0) * 1e3)
                 self.breaker.record_failure()
             finally:
                 self._probe_span = (self._probe_span[0], time.perf_counter())
@@ -436,7 +440,9 @@ class _Core:
         hedge_after = self._hedge_after(bundle, part, remaining)
         sent_at = time.perf_counter()
         try:
-            return future.result(timeout=hedge_after), None
+            reply = future.result(timeout=hedge_after)
+            self._hedged_in_a_row = 0
+            return reply, None
         except FutureTimeout:
             pass
         except SplitgateError as exc:
@@ -448,6 +454,7 @@ class _Core:
         done, _ = wait([future, local], return_when=FIRST_COMPLETED)
         if future in done and future.exception() is None:
             local.cancel()
+            self._hedged_in_a_row = 0
             return future.result(), None
         trace.fallback = "hedged"
         exc = future.exception() if future.done() else None
@@ -458,8 +465,10 @@ class _Core:
             # The cloud stayed slower than the device: the link is at least that
             # slow (the next request must not walk into the same outage); let
             # the call finish in the background and teach the monitors.
-            # (unless a probe shared the link: then the wait says little about it)
-            if not self._overlaps_probe(sent_at):
+            # (Unless a probe shared the link: then the wait says little about
+            # it -- once. A probe's payload delays one call, not the next too.)
+            self._hedged_in_a_row += 1
+            if self._hedged_in_a_row > 1 or not self._overlaps_probe(sent_at):
                 self.link.observe_late(part.cut_bytes, 0, (time.perf_counter() - sent_at) * 1e3)
             future.add_done_callback(lambda f: None if f.exception() else self._observe(f.result()))
         return None, local.result()

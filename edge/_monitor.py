@@ -50,8 +50,10 @@ class Ewma:
         self._pending: float | None = None
         self._drift_side = 0
         self.samples = 0
-        # Set when a confirmed step replaced the mean / when the mean drifted; the owner clears them.
+        # Set when a confirmed step replaced the mean (``jumped_worse``: to a
+        # worse value) / when the mean drifted; the owner clears them.
         self.jumped = False
+        self.jumped_worse = False
         self.drifted = False
 
     def _is_outlier(self, x: float) -> bool:
@@ -81,19 +83,23 @@ class Ewma:
             return x
         self._track_drift(x)
         if confirmed and self._is_outlier(x):
-            self.value, self._pending, self.jumped = x, None, True
+            self._jump(x)
             return x
         if self._is_outlier(x):
             pending, self._pending = self._pending, x
             if pending is not None and (pending > self.value) == (x > self.value):
-                self.value = math.sqrt(pending * x) if pending > 0 and x > 0 else x
-                self._pending = None
-                self.jumped = True
+                self._jump(math.sqrt(pending * x) if pending > 0 and x > 0 else x)
             return self.value
         self._pending = None
         alpha = self.worse_alpha if self._is_clearly_worse(x) else self.alpha
         self.value = alpha * x + (1 - alpha) * self.value
         return self.value
+
+    def _jump(self, x: float) -> None:
+        assert self.value is not None
+        worse = (x > self.value) if self.worse == "high" else (x < self.value) if self.worse == "low" else False
+        self.value, self._pending, self.jumped = x, None, True
+        self.jumped_worse = self.jumped_worse or worse
 
     def _is_clearly_worse(self, x: float) -> bool:
         assert self.value is not None
@@ -257,11 +263,17 @@ class LinkMonitor:
         with self._lock:
             return self._rtt.jumped or self._up.jumped or self._down.jumped
 
+    def shifted_worse(self) -> bool:
+        """Did a confirmed step make an estimate worse (a longer RTT, a lower
+        bandwidth) since :meth:`clear_shift`?"""
+        with self._lock:
+            return self._rtt.jumped_worse or self._up.jumped_worse or self._down.jumped_worse
+
     def clear_shift(self) -> None:
         """Forget steps and drifts seen so far (a probe is starting)."""
         with self._lock:
             for ewma in (self._rtt, self._up, self._down):
-                ewma.jumped = ewma.drifted = False
+                ewma.jumped = ewma.jumped_worse = ewma.drifted = False
 
     def probe_needed(self) -> str | None:
         """Why the link should be measured now, or None.

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import threading
 
+from edge._monitor import LinkMonitor
 from planner import Conditions, PlanBundle
 
-__all__ = ["Policy", "hedge_delay_ms"]
+__all__ = ["Policy", "hedge_delay_ms", "rtt_first"]
 
 
 class Policy:
@@ -76,3 +77,18 @@ def hedge_delay_ms(
     if predicted_leg_ms is None or factor <= 0:
         return deadline_rule
     return min(deadline_rule, max(factor * predicted_leg_ms, floor_ms))
+
+
+def rtt_first(link: LinkMonitor, bundle: PlanBundle, conditions: Conditions) -> bool:
+    """After a confirmed step, should the RTT be re-measured before this decision?
+
+    Calls carrying a tensor are bandwidth samples and leave the old RTT in
+    place, so after WiFi -> 3G the edge sees 3G bandwidth with a WiFi RTT and
+    may pick a small cut where the device is now faster. A round trip on the
+    request path costs ~0.1-0.3 s on a slow link, so only when it can change
+    the decision: the step made the link worse (a longer RTT only makes cloud
+    partitions slower) and the table's choice under the current estimates
+    still uses the cloud. A better link, or a choice already on the device,
+    waits for the background probe.
+    """
+    return link.shifted_worse() and bundle.has_profile and bundle.choose(conditions) != "device"

@@ -34,7 +34,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from edge import LinkMonitor, Policy, hedge_delay_ms
+from edge import LinkMonitor, Policy, hedge_delay_ms, rtt_first
 from edge._gateway import DEFAULT_RTT_MS as _DEFAULT_RTT
 from edge._gateway import DEFAULT_UPLINK_MBPS as _DEFAULT_UP
 from experiments._records import Record, energy_model, request_energy_mj
@@ -69,6 +69,7 @@ class _State:
     now: float = 0.0
     probing: bool = False
     local_ms: float | None = None  # the Gateway's local-suffix EWMA (alpha 0.5); steady here
+    hedged_in_a_row: int = 0  # Gateway._hedged_in_a_row
     pending: list[tuple[float, int, str, tuple]] = field(default_factory=list)
     counter: int = 0
 
@@ -154,34 +155,43 @@ class _Sim:
             elif kind == "probe":
                 rtts, sends, reset = args
                 self.monitor.observe_probe(rtts, self.spec.probe_bytes, sends, reset=reset)
+            elif kind == "late":
+                self.monitor.observe_late(*args)
             elif kind == "probe_done":
                 st.probing = False
             st.now = saved
 
     def _probe(self, t: float, sync: bool, reset: bool = False, rtt_only: bool = False) -> float:
         """A Gateway probe started at ``t`` (:meth:`edge.Gateway.probe`): two
-        ServerLive round trips (2 s timeout each), then two payload sends (10 s
-        timeout), fed to :meth:`LinkMonitor.observe_probe`. Returns its end time."""
+        ServerLive round trips (2 s timeout each; one when ``rtt_only``), then
+        two payload sends (10 s timeout), fed to :meth:`LinkMonitor.observe_probe`.
+        Returns its end time."""
         self.monitor.clear_shift()
-        now, rtts, sends = t, [], []
-        legs = ((UP_OVERHEAD // 2, DOWN_OVERHEAD // 2, 2.0, rtts),) * 2
+        now, rtts, sends, late = t, [], [], None
+        probe_payload = self.spec.probe_bytes
+        legs = ((UP_OVERHEAD // 2, DOWN_OVERHEAD // 2, 2.0, rtts),) * (1 if rtt_only else 2)
         if not rtt_only:
             legs += ((self.spec.probe_bytes + UP_OVERHEAD, DOWN_OVERHEAD, 10.0, sends),) * 2
         for nbytes, down, timeout_s, into in legs:
             end = self._round_trip(now, nbytes, down, 0.0)
-            if end - now > timeout_s:  # the probe fails; nothing is observed
+            if end - now > timeout_s:  # the probe fails: a censored sample (Gateway.probe)
                 now += timeout_s
                 rtts = sends = None
+                late = (probe_payload if into is sends else 0, 0, timeout_s * 1e3)
                 break
             into.append((end - now) * 1e3)
             now = end
         if sync:
             if rtts is not None:
                 self._at(now, self.monitor.observe_probe, rtts, self.spec.probe_bytes, sends, reset=reset)
+            elif late is not None:
+                self._at(now, self.monitor.observe_late, *late)
         else:
             self.probe_spans.append((t, now))
             if rtts is not None:
                 self.st.later(now, "probe", rtts, sends, reset)
+            elif late is not None:
+                self.st.later(now, "late", *late)
             self.st.later(now, "probe_done")
         return now
 
@@ -233,7 +243,9 @@ class _Sim:
                                                  rtt_ms=p.rtt_ms)), 0.0
         extra = 0.0
         why = self.monitor.probe_needed()  # the Gateway's rule (Gateway._maybe_probe)
-        if self.policy == "adaptive" and why in ("first", "shift"):
+        sync = why == "first" or (
+            why == "shift" and not self.st.probing and rtt_first(self.monitor, self.bundle, self._monitored()))
+        if self.policy == "adaptive" and sync:
             # first: a full probe; shift: the new RTT now, the bandwidth in the background
             end = self._probe(self.st.now, sync=True, reset=why == "shift", rtt_only=why == "shift")
             extra = (end - self.st.now) * 1e3
@@ -283,12 +295,16 @@ class _Sim:
                 network_ms = cloud_leg - cloud
                 sent, received = up + UP_OVERHEAD, down + DOWN_OVERHEAD
                 self.monitor.observe(sent, received, network_ms)
+                st.hedged_in_a_row = 0
             else:
                 fallback = "hedged" if hedge else "deadline_exceeded"
                 latency = probe_ms + dev + hedge_after + local_ms
                 st.local_ms = local_ms if st.local_ms is None else 0.5 * (local_ms + st.local_ms)
-                # the Gateway tells the monitor the link is at least this slow (no probe in the way)
-                if hedge and not self._overlaps_probe(t1, t1 + (hedge_after + local_ms) / 1e3):
+                # the Gateway tells the monitor the link is at least this slow (no probe in the
+                # way, or a second hedge in a row: Gateway._cloud_leg)
+                st.hedged_in_a_row += 1
+                if hedge and (st.hedged_in_a_row > 1
+                              or not self._overlaps_probe(t1, t1 + (hedge_after + local_ms) / 1e3)):
                     self._at(t1 + (hedge_after + local_ms) / 1e3, self.monitor.observe_late,
                              up, 0, hedge_after + local_ms)
                 if cloud_leg <= remaining:  # the late reply still teaches the monitors
