@@ -61,6 +61,28 @@ def test_switches_to_new_best_partition_within_three_requests(switch_bundle, clo
         assert est.uplink_mbps < 5, f"uplink estimate {est.uplink_mbps} did not follow the step"
 
 
+def test_a_probe_stuck_in_an_outage_keeps_the_next_request_on_the_device(switch_bundle, cloud_tier) -> None:
+    bundle = switch_bundle
+    model = bundle.model_name
+    x = _input(bundle)
+    with ShapingProxy(cloud_tier.address, WIFI) as link, Gateway(
+        [bundle], cloud=link.address, device_time_from_profile=True
+    ) as gw:
+        gw.probe()
+        for _ in range(3):
+            on_wifi = gw.infer(model, x).trace
+        assert on_wifi.partition != "device" and on_wifi.fallback is None, "offloading must win on WiFi here"
+        link.set(LinkConditions(uplink_mbps=18.88, downlink_mbps=50.0, rtt_ms=10.0, outage=True))  # a tunnel
+        t0 = time.perf_counter()
+        gw.probe()  # ServerLive times out after 2 s
+        assert time.perf_counter() - t0 >= 1.5
+        assert gw.conditions().rtt_ms >= 1500, "a probe stuck until its timeout says the link is at least that slow"
+        in_tunnel = gw.infer(model, x).trace
+        assert in_tunnel.partition == "device" and in_tunnel.fallback is None, (
+            f"the request after the stuck probe ran {in_tunnel.partition} ({in_tunnel.fallback})"
+        )
+
+
 def _near_best(bundle, partition: str, c: Conditions, hysteresis: float) -> bool:
     """Is ``partition`` predicted within the policy's hysteresis of the table's best?
 

@@ -236,3 +236,43 @@ def test_bad_news_is_believed_at_once_good_news_averaged() -> None:
     assert rtt.value == 300.0
     rtt.add(3000.0)                      # a 10x spike is still held back
     assert rtt.value == 300.0
+
+
+def test_only_a_step_for_the_worse_flags_shifted_worse() -> None:
+    m = LinkMonitor(min_bandwidth_bytes=1000)
+    m.observe_probe([20.0, 21.0], 100_000, [20.0 + 800.0, 20.0 + 820.0])       # ~1 Mbps
+    m.observe_probe([20.0, 22.0], 100_000, [20.0 + 160.0, 20.0 + 165.0])       # 5 Mbps: better
+    assert m.shifted() and not m.shifted_worse()
+    m.clear_shift()
+    m.observe_probe([20.0, 22.0], 100_000, [20.0 + 4000.0, 20.0 + 4100.0])     # 0.2 Mbps: worse
+    assert m.shifted() and m.shifted_worse()
+    m.clear_shift()
+    assert not m.shifted() and not m.shifted_worse()
+
+
+class _TableBundle:
+    """A stand-in for a PlanBundle's decision table: device below ``cut_mbps``."""
+
+    has_profile = True
+
+    def __init__(self, cut_mbps: float) -> None:
+        self.cut_mbps = cut_mbps
+
+    def choose(self, c) -> str:
+        return "cut-5" if c.uplink_mbps >= self.cut_mbps else "device"
+
+
+def test_rtt_is_re_measured_first_only_when_it_can_change_the_decision() -> None:
+    from edge import rtt_first
+    from planner import Conditions
+
+    m = LinkMonitor(min_bandwidth_bytes=1000)
+    m.observe_probe([20.0, 21.0], 100_000, [20.0 + 160.0, 20.0 + 165.0])       # 5 Mbps
+    m.observe_probe([20.0, 22.0], 100_000, [20.0 + 800.0, 20.0 + 820.0])       # 1 Mbps: a step for the worse
+    now = Conditions(uplink_mbps=m.estimate().uplink_mbps, rtt_ms=20.0)
+    assert rtt_first(m, _TableBundle(cut_mbps=0.5), now), "a cloud choice on a worse link needs the new RTT"
+    assert not rtt_first(m, _TableBundle(cut_mbps=2.0), now), "a longer RTT cannot move a device choice"
+    m.clear_shift()
+    m.observe_probe([20.0, 21.0], 100_000, [20.0 + 160.0, 20.0 + 165.0])       # back to 5 Mbps: better
+    assert m.shifted()
+    assert not rtt_first(m, _TableBundle(cut_mbps=0.5), now), "a better link waits for the background probe"
