@@ -133,6 +133,7 @@ def run_live(
     bundle: PlanBundle,
     cloud: str,
     *,
+    rep: int = 0,
     progress: Progress | None = None,
     log: Callable[[str], None] | None = None,
 ) -> list[Record]:
@@ -142,6 +143,8 @@ def run_live(
         spec: the experiment.
         bundle: the plan bundle (served by the tier at ``cloud``).
         cloud: ``host:port`` of a running cloud tier serving ``bundle``.
+        rep: the replay's number: it seeds the links' jitter, so replays are
+            independent samples (as the analytic engine's are), not copies.
         progress: called with the trace seconds elapsed, about 4 times a second.
         log: called with notes (calibration, mispredictions).
 
@@ -159,7 +162,7 @@ def run_live(
     sys.setswitchinterval(0.0005)
     try:
         for i, policy in enumerate(spec.policies):
-            proxies[policy] = ShapingProxy(cloud, first, seed=spec.seed + i).start()
+            proxies[policy] = ShapingProxy(cloud, first, seed=spec.seed + 7919 * rep + i).start()
             settings = {k: v for k, v in spec.gateway.items() if k != "hedge"}
             gateways[policy] = Gateway(
                 [bundle], cloud=proxies[policy].address, intra_op_threads=1, battery_pct=100.0,

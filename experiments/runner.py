@@ -245,7 +245,7 @@ def _run_live_all(results: list[ExperimentResult], bundles: dict[str, PlanBundle
                 t0 = time.perf_counter()
                 count = 0
                 for rep in range(n):
-                    recs = run_live(res.spec, bundles[res.spec.name], cloud,
+                    recs = run_live(res.spec, bundles[res.spec.name], cloud, rep=rep,
                                     progress=lambda s, task=task, rep=rep: prog.update(task, completed=rep * dur + s),
                                     log=lambda m, res=res: res.notes.append(f"live: {m}"))
                     for r in recs:

@@ -166,7 +166,7 @@ def test_probe_needed_reasons_in_order() -> None:
     assert m.probe_interval_s() == 2.0, "no request uses the link: probes delay nobody"
     for t in (0.5, 1.0, 1.5, 2.0, 2.5):
         clock.now = t
-        m.observe(500, 500, 50.0)                                               # a small cut in use
+        m.observe(500, 500, 54.0)           # a small cut in use: 50 ms RTT + 4 ms for 500 B at 1 Mbps
     # two 32 KB sends + 4 RTTs take ~0.72 s: at most 20 % of the link's time
     assert m.probe_interval_s() == pytest.approx(2 * (32 * 1024 * 8 / 1e6 + 0.1) / 0.2, rel=1e-3)
     assert m.probe_needed() is None, "on a slow link in use probes must keep to their share of it"
@@ -276,3 +276,12 @@ def test_rtt_is_re_measured_first_only_when_it_can_change_the_decision() -> None
     m.observe_probe([20.0, 21.0], 100_000, [20.0 + 160.0, 20.0 + 165.0])       # back to 5 Mbps: better
     assert m.shifted()
     assert not rtt_first(m, _TableBundle(cut_mbps=0.5), now), "a better link waits for the background probe"
+
+
+def test_a_small_calls_transfer_time_is_not_counted_as_rtt() -> None:
+    m = LinkMonitor(min_bandwidth_bytes=16 * 1024)
+    m.observe_probe([120.0, 121.0], 32 * 1024, [120.0 + 280.0, 120.0 + 281.0])  # ~0.94 Mbps, 120 ms
+    for _ in range(4):
+        m.observe(8192, 40, 120.0 + 8192 * 8 / 0.94e3)     # an 8 KB cut: 120 ms RTT + 70 ms sending
+    assert m.estimate().rtt_ms == pytest.approx(120.0, rel=0.02), "the cut's transfer time is not RTT"
+    assert m.estimate().uplink_mbps == pytest.approx(0.94, rel=0.02)
