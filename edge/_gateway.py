@@ -27,7 +27,7 @@ from edge._cache import ResultCache, input_digest
 from edge._client import CloudClient, CloudReply
 from edge._metrics import GatewayMetrics
 from edge._monitor import BatteryMonitor, CloudLoadMonitor, Ewma, LinkMonitor
-from edge._policy import Policy, hedge_delay_ms, rtt_first
+from edge._policy import Policy, hedge_delay_ms, rtt_first, rtt_probe_timeout_s
 from edge._sessions import SessionCache
 from edge.config import GatewayConfig
 from planner import Conditions, Partition, PlanBundle
@@ -289,9 +289,10 @@ class _Core:
                 # The first call on a fresh channel also pays for the TCP and
                 # HTTP/2 handshakes; the monitor keeps the faster of each pair.
                 rtts = []
+                timeout_s = rtt_probe_timeout_s(self.link.estimate().rtt_ms) if rtt_only else 2.0
                 for _ in range(1 if rtt_only else 2):  # after a step the channel is warm
                     t0 = time.perf_counter()
-                    self.client.server_live(timeout_s=2.0)
+                    self.client.server_live(timeout_s=timeout_s)
                     rtts.append((time.perf_counter() - t0) * 1e3)
                 if rtt_only:
                     self.link.observe_probe(rtts, reset=reset)
@@ -311,7 +312,8 @@ class _Core:
                 # A probe stuck until its timeout is a censored sample, as a
                 # hedged call is: the link is at least this slow (a tunnel).
                 self.link.observe_late(leg_bytes, 0, (time.perf_counter() - t0) * 1e3)
-                self.breaker.record_failure()
+                if not rtt_only:  # (its short timeout says the link is slow, not that the cloud failed)
+                    self.breaker.record_failure()
             finally:
                 self._probe_span = (self._probe_span[0], time.perf_counter())
                 self._probing = False

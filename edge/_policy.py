@@ -7,7 +7,7 @@ import threading
 from edge._monitor import LinkMonitor
 from planner import Conditions, PlanBundle
 
-__all__ = ["Policy", "hedge_delay_ms", "rtt_first"]
+__all__ = ["Policy", "hedge_delay_ms", "rtt_first", "rtt_probe_timeout_s"]
 
 
 class Policy:
@@ -92,3 +92,12 @@ def rtt_first(link: LinkMonitor, bundle: PlanBundle, conditions: Conditions) -> 
     waits for the background probe.
     """
     return link.shifted_worse() and bundle.has_profile and bundle.choose(conditions) != "device"
+
+
+def rtt_probe_timeout_s(rtt_ms: float | None) -> float:
+    """How long the request-path RTT probe (:func:`rtt_first`) may wait: four
+    times the RTT known so far, 0.3-2 s. A ServerLive unanswered by then is
+    itself the measurement (a censored sample: the link is at least that
+    slow); waiting out 2 s in a tunnel would cost the request the time the
+    probe was meant to save."""
+    return min(2.0, max(0.3, 4 * (rtt_ms or 0.0) / 1e3))

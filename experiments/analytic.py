@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edge import LinkMonitor, Policy, hedge_delay_ms, rtt_first
+from edge._policy import rtt_probe_timeout_s
 from edge._gateway import DEFAULT_RTT_MS as _DEFAULT_RTT
 from edge._gateway import DEFAULT_UPLINK_MBPS as _DEFAULT_UP
 from experiments._records import Record, energy_model, request_energy_mj
@@ -163,21 +164,23 @@ class _Sim:
 
     def _probe(self, t: float, sync: bool, reset: bool = False, rtt_only: bool = False) -> float:
         """A Gateway probe started at ``t`` (:meth:`edge.Gateway.probe`): two
-        ServerLive round trips (2 s timeout each; one when ``rtt_only``), then
+        ServerLive round trips (2 s timeout each; when ``rtt_only`` one, with
+        :func:`edge._policy.rtt_probe_timeout_s`), then
         two payload sends (10 s timeout), fed to :meth:`LinkMonitor.observe_probe`.
         Returns its end time."""
         self.monitor.clear_shift()
         now, rtts, sends, late = t, [], [], None
         probe_payload = self.spec.probe_bytes
-        legs = ((UP_OVERHEAD // 2, DOWN_OVERHEAD // 2, 2.0, rtts),) * (1 if rtt_only else 2)
+        rtt_timeout = rtt_probe_timeout_s(self.monitor.estimate().rtt_ms) if rtt_only else 2.0
+        legs = ((UP_OVERHEAD // 2, DOWN_OVERHEAD // 2, rtt_timeout, rtts),) * (1 if rtt_only else 2)
         if not rtt_only:
             legs += ((self.spec.probe_bytes + UP_OVERHEAD, DOWN_OVERHEAD, 10.0, sends),) * 2
         for nbytes, down, timeout_s, into in legs:
             end = self._round_trip(now, nbytes, down, 0.0)
             if end - now > timeout_s:  # the probe fails: a censored sample (Gateway.probe)
                 now += timeout_s
-                rtts = sends = None
                 late = (probe_payload if into is sends else 0, 0, timeout_s * 1e3)
+                rtts = sends = None
                 break
             into.append((end - now) * 1e3)
             now = end
