@@ -7,8 +7,9 @@ Public API:
     GatewayConfig  -- deadlines, breaker, hedging, cache, privacy, ... (file or code).
     Result, Trace  -- outputs, and where a request ran and what it cost.
     CloudClient    -- a numpy-in, numpy-out OIP gRPC client for the cloud tier.
-    Policy, LinkMonitor, LinkEstimate, hedge_delay_ms, rtt_first -- the decision
-                      and link-estimation parts, for experiments that drive them directly.
+    Policy, LinkMonitor, LinkEstimate, LinkCalibration, hedge_delay_ms, rtt_first,
+    calibrated     -- the decision and link-estimation parts, for experiments
+                      that drive them directly.
 
 The edge needs only onnxruntime, numpy, grpcio, protobuf (and prometheus_client
 for metrics); never Ray or torch.
@@ -18,8 +19,8 @@ from __future__ import annotations
 
 from edge._client import CloudClient, CloudReply
 from edge._gateway import AsyncGateway, Gateway, Result, Trace
-from edge._monitor import LinkEstimate, LinkMonitor
-from edge._policy import Policy, hedge_delay_ms, rtt_first
+from edge._monitor import LinkCalibration, LinkEstimate, LinkMonitor
+from edge._policy import Policy, calibrated, hedge_delay_ms, rtt_first
 from edge.config import GatewayConfig
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "Policy",
     "hedge_delay_ms",
     "rtt_first",
+    "calibrated",
+    "LinkCalibration",
     "LinkMonitor",
     "LinkEstimate",
 ]

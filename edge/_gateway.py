@@ -26,8 +26,8 @@ from edge._breaker import CircuitBreaker
 from edge._cache import ResultCache, input_digest
 from edge._client import CloudClient, CloudReply
 from edge._metrics import GatewayMetrics
-from edge._monitor import BatteryMonitor, CloudLoadMonitor, Ewma, LinkMonitor
-from edge._policy import Policy, hedge_delay_ms, rtt_first, rtt_probe_timeout_s
+from edge._monitor import BatteryMonitor, CloudLoadMonitor, Ewma, LinkCalibration, LinkMonitor
+from edge._policy import Policy, calibrated, hedge_delay_ms, rtt_first, rtt_probe_timeout_s
 from edge._sessions import SessionCache
 from edge.config import GatewayConfig
 from planner import Conditions, Partition, PlanBundle
@@ -112,6 +112,7 @@ class _Core:
         self.limits = Limits(nan_policy=config.nan_policy)
         self.sessions = SessionCache(config.intra_op_threads)
         self.link = LinkMonitor(stale_after_s=config.probe_interval_s, probe_bytes=config.probe_bytes)
+        self.calibration = LinkCalibration()  # actual vs predicted network time of recent calls
         self.battery = BatteryMonitor(config.battery_pct)
         self.load = CloudLoadMonitor()
         self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s)
@@ -239,7 +240,8 @@ class _Core:
             part = bundle.partition("device")
         else:
             self._maybe_probe(bundle, private)
-            part = bundle.partition(self.policy.choose(bundle, self.conditions(private)))
+            now = calibrated(self.conditions(private), self.calibration.factor())
+            part = bundle.partition(self.policy.choose(bundle, now))
             if private and part.kind == "cloud":
                 part = bundle.partition("device")
         refused = self.refused.get(model, {})
@@ -406,7 +408,6 @@ class _Core:
             return outputs
         reply, local = self._cloud_leg(bundle, part, cut, trace, deadline)
         if reply is not None:
-            self._observe(reply)
             trace.cloud_ms = reply.cloud_ms
             trace.network_ms = reply.network_ms
             trace.bytes_sent = reply.bytes_sent
@@ -422,9 +423,9 @@ class _Core:
         _, end = self._probe_span
         return end is None or end > started
 
-    def _observe(self, reply: CloudReply) -> None:
+    def _observe(self, reply: CloudReply, shared: bool = False) -> None:
         self.breaker.record_success()
-        self.link.observe(reply.bytes_sent, reply.bytes_received, reply.network_ms)
+        self.link.observe(reply.bytes_sent, reply.bytes_received, reply.network_ms, shared=shared)
         self.load.observe(reply.cloud_ms, int(reply.params.get("splitgate.queue_depth", 0)))
 
     def _cloud_leg(self, bundle: PlanBundle, part: Partition, cut: dict, trace: Trace, deadline: float):
@@ -439,11 +440,13 @@ class _Core:
             partition=part.id, plan_digest=bundle.plan_digest, timeout_s=remaining,
             encoding=getattr(part, "encoding", None) or self.config.encoding,
         )
-        hedge_after = self._hedge_after(bundle, part, remaining)
+        predicted = bundle.estimate(part.id, self.conditions(False)) if bundle.has_profile else None
+        hedge_after = self._hedge_after(bundle, part, remaining, predicted)
         sent_at = time.perf_counter()
         try:
             reply = future.result(timeout=hedge_after)
             self._hedged_in_a_row = 0
+            self._observe_in_time(predicted, reply, sent_at)
             return reply, None
         except FutureTimeout:
             pass
@@ -457,6 +460,7 @@ class _Core:
         if future in done and future.exception() is None:
             local.cancel()
             self._hedged_in_a_row = 0
+            self._observe_in_time(predicted, future.result(), sent_at)
             return future.result(), None
         trace.fallback = "hedged"
         exc = future.exception() if future.done() else None
@@ -475,17 +479,26 @@ class _Core:
             future.add_done_callback(lambda f: None if f.exception() else self._observe(f.result()))
         return None, local.result()
 
-    def _hedge_after(self, bundle: PlanBundle, part: Partition, remaining: float) -> float | None:
-        """Seconds to wait for the cloud before racing the local suffix (:func:`hedge_delay_ms`)."""
+    def _observe_in_time(self, predicted, reply: CloudReply, sent_at: float) -> None:
+        """Teach the monitors a call answered in time, and :class:`LinkCalibration`
+        its actual against predicted network time -- unless a probe shared the
+        link: queued behind a probe's payload is not the link swinging."""
+        shared = self._overlaps_probe(sent_at)
+        self._observe(reply, shared=shared)
+        if predicted is not None and not shared:
+            self.calibration.observe(predicted.transfer_ms, reply.network_ms)
+
+    def _hedge_after(self, bundle: PlanBundle, part: Partition, remaining: float, predicted) -> float | None:
+        """Seconds to wait for the cloud before racing the local suffix (:func:`hedge_delay_ms`);
+        ``predicted``: the call's estimate on the current link (None without a profile)."""
         if not self.config.hedge:
             return remaining
         ewma = self._local_suffix_ms.get((bundle.model_name, part.id))
-        predicted = None
-        if self.config.hedge_factor > 0 and bundle.has_profile:
-            est = bundle.estimate(part.id, self.conditions(False))
-            predicted = est.transfer_ms + est.cloud_ms
+        leg = None
+        if self.config.hedge_factor > 0 and predicted is not None:
+            leg = predicted.transfer_ms + predicted.cloud_ms
         local = ewma.value if ewma and ewma.value else None
-        return hedge_delay_ms(remaining * 1e3, local, predicted, self.config.hedge_factor) / 1e3
+        return hedge_delay_ms(remaining * 1e3, local, leg, self.config.hedge_factor) / 1e3
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

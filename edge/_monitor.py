@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Ewma", "LinkEstimate", "LinkMonitor", "BatteryMonitor", "CloudLoadMonitor"]
+__all__ = ["Ewma", "LinkEstimate", "LinkMonitor", "LinkCalibration", "BatteryMonitor", "CloudLoadMonitor"]
 
 
 class Ewma:
@@ -73,8 +73,9 @@ class Ewma:
             self.drifted = True
         self._drift_side = side
 
-    def add(self, x: float, *, confirmed: bool = False) -> float:
-        """Add a sample; ``confirmed``: it is a checked measurement, take a step at once."""
+    def add(self, x: float, *, confirmed: bool = False, suspect: bool = False) -> float:
+        """Add a sample; ``confirmed``: it is a checked measurement, take a step at once;
+        ``suspect``: something else may explain it (averaged even when it is bad news)."""
         if not math.isfinite(x):
             return self.value if self.value is not None else x
         self.samples += 1
@@ -91,7 +92,7 @@ class Ewma:
                 self._jump(math.sqrt(pending * x) if pending > 0 and x > 0 else x)
             return self.value
         self._pending = None
-        alpha = self.worse_alpha if self._is_clearly_worse(x) else self.alpha
+        alpha = self.worse_alpha if not suspect and self._is_clearly_worse(x) else self.alpha
         self.value = alpha * x + (1 - alpha) * self.value
         return self.value
 
@@ -175,25 +176,31 @@ class LinkMonitor:
 
     def observe(
         self, bytes_sent: int, bytes_received: int, network_ms: float, *, reset: bool = False,
-        confirmed: bool = False,
+        confirmed: bool = False, shared: bool = False,
     ) -> None:
         """Record one cloud call's transfer (``reset``: replace the bandwidth
-        estimate; ``confirmed``: a checked measurement, accept a step at once)."""
+        estimate; ``confirmed``: a checked measurement, accept a step at once;
+        ``shared``: a probe shared the link, so a slow call may have queued
+        behind its payload: averaged in, not believed at once)."""
         with self._lock:
-            self._observe(bytes_sent, bytes_received, network_ms, reset, confirmed)
+            self._observe(bytes_sent, bytes_received, network_ms, reset, confirmed, shared)
             self._last_call = self._updated
 
-    def _observe(self, bytes_sent: int, bytes_received: int, network_ms: float, reset: bool, confirmed: bool) -> None:
+    def _observe(
+        self, bytes_sent: int, bytes_received: int, network_ms: float, reset: bool, confirmed: bool,
+        shared: bool = False,
+    ) -> None:
         self._updated = self._clock()
         sample, ewma = self._bandwidth_sample(bytes_sent, bytes_received, network_ms)
         if ewma is None:
-            self._rtt.add(self._rtt_sample(bytes_sent, bytes_received, network_ms), confirmed=confirmed)
+            rtt = self._rtt_sample(bytes_sent, bytes_received, network_ms)
+            self._rtt.add(rtt, confirmed=confirmed, suspect=shared)
             return
         self._bandwidth_updated = self._updated
         if reset:
             ewma.reset(sample)
         else:
-            ewma.add(sample, confirmed=confirmed)
+            ewma.add(sample, confirmed=confirmed, suspect=shared)
 
     def _rtt_sample(self, bytes_sent: int, bytes_received: int, network_ms: float) -> float:
         """A small call's round trip less its bytes' transfer time at the current
@@ -337,6 +344,57 @@ class LinkMonitor:
         """Is a bandwidth probe due (no bandwidth sample for :meth:`probe_interval_s`)?"""
         est = self.estimate()
         return est.bandwidth_age_s > self._probe_interval(est)
+
+
+class LinkCalibration:
+    """How much slower cloud calls have lately been than the link estimate
+    predicted: a factor >= 1 the edge applies to its estimate when it decides.
+
+    On a link that swings every second (a 3G tram, 0.2-2 Mbps) a probe that
+    lands on a peak says 2.4 Mbps and the next 49 KB upload meets 0.4 Mbps;
+    each estimate is right when measured and wrong when used. The geometric
+    mean of actual/predicted network time over recent calls (EWMA, ``alpha``)
+    measures that error; it decays back to 1 with ``half_life_s`` (a link that
+    settles is trusted again even while the edge runs on the device and makes
+    no calls). On a steady link calls take what was predicted and the factor
+    stays at 1. Only pessimism is kept: calls faster than predicted already
+    raise the estimate itself.
+
+    Parameters:
+        alpha: weight of the newest call.
+        half_life_s: time for the excess to halve without calls.
+        cap: the largest ratio one call can contribute.
+    """
+
+    def __init__(
+        self, alpha: float = 0.2, half_life_s: float = 8.0, cap: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.alpha = alpha
+        self.half_life_s = half_life_s
+        self.cap = cap
+        self._clock = clock
+        self._log_excess = 0.0
+        self._at = clock()
+        self._lock = threading.Lock()
+
+    def _decayed(self, now: float) -> float:
+        return self._log_excess * 0.5 ** (max(now - self._at, 0.0) / self.half_life_s)
+
+    def observe(self, predicted_ms: float, actual_ms: float) -> None:
+        """One cloud call: its predicted and actual network time (a lower bound if it was hedged)."""
+        if not (predicted_ms > 0 and actual_ms > 0 and math.isfinite(actual_ms)):
+            return
+        ratio = min(max(actual_ms / predicted_ms, 1 / self.cap), self.cap)
+        with self._lock:
+            now = self._clock()
+            self._log_excess = (1 - self.alpha) * self._decayed(now) + self.alpha * math.log(ratio)
+            self._at = now
+
+    def factor(self) -> float:
+        """Multiply predicted network times by this (>= 1)."""
+        with self._lock:
+            return max(1.0, math.exp(self._decayed(self._clock())))
 
 
 def _mbps(nbytes: int, ms: float) -> float:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 from edge._monitor import LinkMonitor
 from planner import Conditions, PlanBundle
 
-__all__ = ["Policy", "hedge_delay_ms", "rtt_first", "rtt_probe_timeout_s"]
+__all__ = ["Policy", "hedge_delay_ms", "rtt_first", "rtt_probe_timeout_s", "calibrated"]
 
 
 class Policy:
@@ -101,3 +102,15 @@ def rtt_probe_timeout_s(rtt_ms: float | None) -> float:
     slow); waiting out 2 s in a tunnel would cost the request the time the
     probe was meant to save."""
     return min(2.0, max(0.3, 4 * (rtt_ms or 0.0) / 1e3))
+
+
+def calibrated(conditions: Conditions, factor: float) -> Conditions:
+    """``conditions`` with every network time ``factor`` x longer (bandwidths
+    divided, RTT multiplied): the link as recent calls say it behaves
+    (:class:`edge.LinkCalibration`)."""
+    if factor <= 1.0:
+        return conditions
+    down = None if conditions.downlink_mbps is None else conditions.downlink_mbps / factor
+    return dataclasses.replace(
+        conditions, uplink_mbps=conditions.uplink_mbps / factor, downlink_mbps=down, rtt_ms=conditions.rtt_ms * factor
+    )

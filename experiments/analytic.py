@@ -34,7 +34,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from edge import LinkMonitor, Policy, hedge_delay_ms, rtt_first
+from edge import LinkCalibration, LinkMonitor, Policy, calibrated, hedge_delay_ms, rtt_first
 from edge._policy import rtt_probe_timeout_s
 from edge._gateway import DEFAULT_RTT_MS as _DEFAULT_RTT
 from edge._gateway import DEFAULT_UPLINK_MBPS as _DEFAULT_UP
@@ -90,6 +90,7 @@ class _Sim:
         self.monitor = LinkMonitor(stale_after_s=spec.probe_interval_s, probe_bytes=spec.probe_bytes,
                                    clock=lambda: self.st.now)
         self.gw_policy = Policy(spec.hysteresis)
+        self.calibration = LinkCalibration(clock=lambda: self.st.now)  # Gateway.calibration
         self.fixed = static_partition(policy, bundle, spec.nominal)
         self.device_full = float(self.entries["device"]["device_ms"])
         # (start, end) of transfers on each direction's bottleneck; off during warm-up
@@ -257,7 +258,7 @@ class _Sim:
             self._probe(self.st.now + extra / 1e3, sync=False, reset=why == "shift")
         if self.policy == "neurosurgeon":
             return neurosurgeon_choice(self.bundle, self._monitored()), extra
-        return self.gw_policy.choose(self.bundle, self._monitored()), extra
+        return self.gw_policy.choose(self.bundle, calibrated(self._monitored(), self.calibration.factor())), extra
 
     def _overlaps_probe(self, start: float, end: float) -> bool:
         """Did a background probe share the link with a call (Gateway._overlaps_probe)?"""
@@ -287,6 +288,7 @@ class _Sim:
             latency = probe_ms + dev
         else:
             t1 = t0 + dev / 1e3
+            predicted_ms = self.bundle.estimate(pid, self._monitored()).transfer_ms
             back = self._round_trip(t1, up + UP_OVERHEAD, down + DOWN_OVERHEAD, cloud)
             cloud_leg = (back - t1) * 1e3
             remaining = self.spec.deadline_ms - dev - probe_ms
@@ -297,7 +299,10 @@ class _Sim:
                 latency = probe_ms + dev + cloud_leg
                 network_ms = cloud_leg - cloud
                 sent, received = up + UP_OVERHEAD, down + DOWN_OVERHEAD
-                self.monitor.observe(sent, received, network_ms)
+                shared = self._overlaps_probe(t1, back)  # (Gateway._observe: queued behind a probe?)
+                self.monitor.observe(sent, received, network_ms, shared=shared)
+                if not shared:  # queued behind a probe is not the link swinging
+                    self.calibration.observe(predicted_ms, network_ms)
                 st.hedged_in_a_row = 0
             else:
                 fallback = "hedged" if hedge else "deadline_exceeded"

@@ -285,3 +285,38 @@ def test_a_small_calls_transfer_time_is_not_counted_as_rtt() -> None:
         m.observe(8192, 40, 120.0 + 8192 * 8 / 0.94e3)     # an 8 KB cut: 120 ms RTT + 70 ms sending
     assert m.estimate().rtt_ms == pytest.approx(120.0, rel=0.02), "the cut's transfer time is not RTT"
     assert m.estimate().uplink_mbps == pytest.approx(0.94, rel=0.02)
+
+
+def test_calibration_learns_a_swinging_link_and_forgets_it() -> None:
+    from edge import LinkCalibration, calibrated
+    from planner import Conditions
+
+    clock = FakeClock()
+    cal = LinkCalibration(alpha=0.2, half_life_s=8.0, cap=2.0, clock=clock)
+    for _ in range(10):
+        cal.observe(300.0, 300.0)                     # a steady link: calls take what was predicted
+    assert cal.factor() == 1.0
+    for _ in range(10):
+        clock.now += 1.0
+        cal.observe(300.0, 750.0)                     # each call 2.5x slower than its prediction
+    assert 1.5 < cal.factor() <= 2.0, "learned, and the cap bounds it"
+    high = cal.factor()
+    clock.now += 8.0
+    assert cal.factor() == pytest.approx(high ** 0.5, rel=1e-6), "the excess halves in a half-life"
+    cal.observe(300.0, 100.0)                         # faster than predicted: less pessimism, never below 1
+    assert 1.0 <= cal.factor() < high ** 0.5
+    c = Conditions(uplink_mbps=2.0, downlink_mbps=4.0, rtt_ms=100.0)
+    slow = calibrated(c, 2.0)
+    assert (slow.uplink_mbps, slow.downlink_mbps, slow.rtt_ms) == (1.0, 2.0, 200.0)
+    assert calibrated(c, 1.0) is c
+
+
+def test_a_slow_call_that_shared_the_link_with_a_probe_is_averaged_not_believed() -> None:
+    m = LinkMonitor(min_bandwidth_bytes=16 * 1024)
+    m.observe_probe([100.0, 101.0], 32 * 1024, [100.0 + 262.0, 100.0 + 263.0])  # ~1 Mbps, 100 ms
+    m.observe(3072, 40, 100.0 + 24.6 + 250.0, shared=True)  # a 3 KB cut queued 250 ms behind the probe
+    assert m.estimate().rtt_ms == pytest.approx(0.5 * 100.0 + 0.5 * 350.0, rel=0.02)
+    m2 = LinkMonitor(min_bandwidth_bytes=16 * 1024)
+    m2.observe_probe([100.0, 101.0], 32 * 1024, [100.0 + 262.0, 100.0 + 263.0])
+    m2.observe(3072, 40, 100.0 + 24.6 + 250.0)            # the same call alone on the link: bad news, believed
+    assert m2.estimate().rtt_ms == pytest.approx(350.0, rel=0.02)
