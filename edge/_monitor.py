@@ -243,7 +243,9 @@ class LinkMonitor:
         The fastest of each counts (a fresh channel's handshake or one stall
         must not set the estimate). When they agree within ``agree_ratio`` the
         measurement is taken as confirmed: a step it shows is followed at once
-        rather than after the next probe, seconds later.
+        rather than after the next probe, seconds later. A probe that measured
+        both RTT and bandwidth leaves nothing stale, so a step it shows does
+        not call for another probe (:meth:`shifted`).
         """
         if rtts_ms:
             best = min(rtts_ms)
@@ -252,6 +254,8 @@ class LinkMonitor:
             best = min(sends_ms)
             with self._lock:
                 self._observe(probe_bytes, 0, best, reset, len(sends_ms) > 1 and max(sends_ms) <= agree_ratio * best)
+            if rtts_ms:
+                self.clear_shift()
 
     def observe_late(self, bytes_sent: int, bytes_received: int, elapsed_ms: float) -> None:
         """A call still unanswered after ``elapsed_ms`` (the edge gave up on it).

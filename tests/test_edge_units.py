@@ -135,8 +135,7 @@ def test_a_probe_whose_samples_agree_confirms_a_step_at_once() -> None:
     assert m.estimate().uplink_mbps == pytest.approx(1.0, rel=0.05)
     m.observe_probe([20.0, 22.0], 100_000, [20.0 + 160.0, 20.0 + 165.0])       # 5 Mbps, both sends agree
     assert m.estimate().uplink_mbps == pytest.approx(5.0, rel=0.05), "two agreeing sends must confirm the step"
-    assert m.shifted()
-    m.clear_shift()
+    assert not m.shifted(), "a full probe measured both RTT and bandwidth: nothing is left to re-measure"
     m.observe_probe([20.0, 22.0], 100_000, [20.0 + 800.0, 20.0 + 3000.0])      # disagree: one sample, held back
     assert m.estimate().uplink_mbps == pytest.approx(5.0, rel=0.05)
     assert not m.shifted()
@@ -241,10 +240,10 @@ def test_bad_news_is_believed_at_once_good_news_averaged() -> None:
 def test_only_a_step_for_the_worse_flags_shifted_worse() -> None:
     m = LinkMonitor(min_bandwidth_bytes=1000)
     m.observe_probe([20.0, 21.0], 100_000, [20.0 + 800.0, 20.0 + 820.0])       # ~1 Mbps
-    m.observe_probe([20.0, 22.0], 100_000, [20.0 + 160.0, 20.0 + 165.0])       # 5 Mbps: better
+    m.observe_probe([], 100_000, [20.0 + 160.0, 20.0 + 165.0])                 # 5 Mbps: better
     assert m.shifted() and not m.shifted_worse()
     m.clear_shift()
-    m.observe_probe([20.0, 22.0], 100_000, [20.0 + 4000.0, 20.0 + 4100.0])     # 0.2 Mbps: worse
+    m.observe_probe([], 100_000, [20.0 + 4000.0, 20.0 + 4100.0])               # 0.2 Mbps: worse
     assert m.shifted() and m.shifted_worse()
     m.clear_shift()
     assert not m.shifted() and not m.shifted_worse()
@@ -268,12 +267,14 @@ def test_rtt_is_re_measured_first_only_when_it_can_change_the_decision() -> None
 
     m = LinkMonitor(min_bandwidth_bytes=1000)
     m.observe_probe([20.0, 21.0], 100_000, [20.0 + 160.0, 20.0 + 165.0])       # 5 Mbps
-    m.observe_probe([20.0, 22.0], 100_000, [20.0 + 800.0, 20.0 + 820.0])       # 1 Mbps: a step for the worse
+    for _ in range(2):
+        m.observe(100_000, 0, 20.0 + 800.0)                                     # 1 Mbps, twice: a step for the worse
     now = Conditions(uplink_mbps=m.estimate().uplink_mbps, rtt_ms=20.0)
     assert rtt_first(m, _TableBundle(cut_mbps=0.5), now), "a cloud choice on a worse link needs the new RTT"
     assert not rtt_first(m, _TableBundle(cut_mbps=2.0), now), "a longer RTT cannot move a device choice"
     m.clear_shift()
-    m.observe_probe([20.0, 21.0], 100_000, [20.0 + 160.0, 20.0 + 165.0])       # back to 5 Mbps: better
+    for _ in range(2):
+        m.observe(100_000, 0, 20.0 + 160.0)                                     # back to 5 Mbps: better
     assert m.shifted()
     assert not rtt_first(m, _TableBundle(cut_mbps=0.5), now), "a better link waits for the background probe"
 
