@@ -240,7 +240,8 @@ class _Core:
             part = bundle.partition("device")
         else:
             self._maybe_probe(bundle, private)
-            now = calibrated(self.conditions(private), self.calibration.factor())
+            factor = self.calibration.factor() if self.config.calibrate else 1.0
+            now = calibrated(self.conditions(private), factor)
             part = bundle.partition(self.policy.choose(bundle, now))
             if private and part.kind == "cloud":
                 part = bundle.partition("device")
@@ -292,7 +293,7 @@ class _Core:
                 # HTTP/2 handshakes; the monitor keeps the faster of each pair.
                 rtts = []
                 timeout_s = rtt_probe_timeout_s(self.link.estimate().rtt_ms) if rtt_only else 2.0
-                for _ in range(1 if rtt_only else 2):  # after a step the channel is warm
+                for _ in range(2):
                     t0 = time.perf_counter()
                     self.client.server_live(timeout_s=timeout_s)
                     rtts.append((time.perf_counter() - t0) * 1e3)

@@ -25,6 +25,8 @@ class GatewayConfig:
             times its predicted time (``edge.hedge_delay_ms``; 0: deadline rule only).
         hysteresis: a new partition must be predicted this much faster (fraction)
             than the current one before the policy switches.
+        calibrate: decide on the link as recent calls say it behaves
+            (``edge.LinkCalibration``: pessimistic on a link that swings).
         cache_size: entries of the opt-in LRU result cache (0 = off).
         probe_interval_s: probe the link when idle or estimates are older than this.
         probe_bytes: payload of a bandwidth probe (32 KB: twice the monitor's
@@ -60,6 +62,7 @@ class GatewayConfig:
     hedge: bool = True
     hedge_factor: float = 3.0
     hysteresis: float = 0.1
+    calibrate: bool = True
     cache_size: int = 0
     probe_interval_s: float = 5.0
     probe_bytes: int = 32 * 1024

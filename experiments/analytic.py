@@ -165,15 +165,15 @@ class _Sim:
 
     def _probe(self, t: float, sync: bool, reset: bool = False, rtt_only: bool = False) -> float:
         """A Gateway probe started at ``t`` (:meth:`edge.Gateway.probe`): two
-        ServerLive round trips (2 s timeout each; when ``rtt_only`` one, with
-        :func:`edge._policy.rtt_probe_timeout_s`), then
+        ServerLive round trips (2 s timeout each; when ``rtt_only`` the timeout
+        of :func:`edge._policy.rtt_probe_timeout_s`), then
         two payload sends (10 s timeout), fed to :meth:`LinkMonitor.observe_probe`.
         Returns its end time."""
         self.monitor.clear_shift()
         now, rtts, sends, late = t, [], [], None
         probe_payload = self.spec.probe_bytes
         rtt_timeout = rtt_probe_timeout_s(self.monitor.estimate().rtt_ms) if rtt_only else 2.0
-        legs = ((UP_OVERHEAD // 2, DOWN_OVERHEAD // 2, rtt_timeout, rtts),) * (1 if rtt_only else 2)
+        legs = ((UP_OVERHEAD // 2, DOWN_OVERHEAD // 2, rtt_timeout, rtts),) * 2
         if not rtt_only:
             legs += ((self.spec.probe_bytes + UP_OVERHEAD, DOWN_OVERHEAD, 10.0, sends),) * 2
         for nbytes, down, timeout_s, into in legs:
@@ -258,7 +258,8 @@ class _Sim:
             self._probe(self.st.now + extra / 1e3, sync=False, reset=why == "shift")
         if self.policy == "neurosurgeon":
             return neurosurgeon_choice(self.bundle, self._monitored()), extra
-        return self.gw_policy.choose(self.bundle, calibrated(self._monitored(), self.calibration.factor())), extra
+        factor = self.calibration.factor() if self.spec.calibrate else 1.0  # (Gateway._select)
+        return self.gw_policy.choose(self.bundle, calibrated(self._monitored(), factor)), extra
 
     def _overlaps_probe(self, start: float, end: float) -> bool:
         """Did a background probe share the link with a call (Gateway._overlaps_probe)?"""

@@ -170,6 +170,10 @@ class ExperimentSpec:
         return float(self.gateway.get("hedge_factor", _gw_default("hedge_factor")))
 
     @property
+    def calibrate(self) -> bool:
+        return bool(self.gateway.get("calibrate", _gw_default("calibrate")))
+
+    @property
     def probe_bytes(self) -> int:
         return int(self.gateway.get("probe_bytes", _gw_default("probe_bytes")))
 

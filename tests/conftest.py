@@ -61,14 +61,16 @@ def slow_device_bundle(zoo_model: Path, slow_device_factor: float):
 
 @pytest.fixture(scope="session")
 def switch_bundle(zoo_model: Path, slow_device_factor: float):
-    """The model planned for a ~2*SLOW_DEVICE_MS device (``mobilenet_switch``): slow
-    enough that offloading clearly wins on WiFi even when the Serve proxy adds
-    100+ ms, and clearly loses on 3G."""
+    """The model planned for a ~1.6*SLOW_DEVICE_MS device (``mobilenet_switch``):
+    slow enough that offloading clearly wins on WiFi even when the Serve proxy
+    adds 100+ ms (~150 ms vs ~320 ms), and clearly loses on 3G (~480 ms: the
+    49 KB input at 1.1 Mbps). At 2x the 3G margin was ~20%, inside the noise
+    of one planning run on a loaded box."""
     from planner import build_bundle
 
     return build_bundle(
         zoo_model, zoo_model.parent / "mobilenet_switch.bundle",
-        model_name="mobilenet_switch", device_slowdown=2 * slow_device_factor,
+        model_name="mobilenet_switch", device_slowdown=1.6 * slow_device_factor,
     )
 
 
