@@ -262,7 +262,9 @@ class LinkMonitor:
 
         A censored sample: the link is at least this slow. The estimate moves
         to it at once if it was more optimistic (so the next request does not
-        walk into the same outage), and a probe becomes due.
+        walk into the same outage), and a probe becomes due. A bandwidth far
+        below the estimate is a step for the worse (:meth:`shifted_worse`):
+        the RTT is re-measured before a decision it could change.
         """
         with self._lock:
             self._updated = self._clock()
@@ -271,6 +273,9 @@ class LinkMonitor:
                 if self._rtt.value is None or elapsed_ms > self._rtt.value:
                     self._rtt.reset(elapsed_ms)
             elif ewma.value is None or sample < ewma.value:
+                if ewma.value is not None and sample * ewma.drift_ratio < ewma.value:
+                    # a step for the worse, measured: the RTT is stale too (shifted_worse)
+                    ewma.jumped = ewma.jumped_worse = True
                 ewma.reset(sample)
             self._bandwidth_updated = -math.inf
 

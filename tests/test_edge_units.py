@@ -321,3 +321,14 @@ def test_a_slow_call_that_shared_the_link_with_a_probe_is_averaged_not_believed(
     m2.observe_probe([100.0, 101.0], 32 * 1024, [100.0 + 262.0, 100.0 + 263.0])
     m2.observe(3072, 40, 100.0 + 24.6 + 250.0)            # the same call alone on the link: bad news, believed
     assert m2.estimate().rtt_ms == pytest.approx(350.0, rel=0.02)
+
+
+def test_a_hedged_call_far_slower_than_the_estimate_is_a_step_for_the_worse() -> None:
+    m = LinkMonitor(min_bandwidth_bytes=16 * 1024)
+    m.observe_probe([20.0, 21.0], 100_000, [20.0 + 40.0, 20.0 + 41.0])         # ~20 Mbps (WiFi)
+    m.observe_late(49_152, 0, 400.0)                                            # hedged: at most ~1 Mbps
+    assert m.estimate().uplink_mbps < 1.2
+    assert m.shifted_worse(), "the RTT is the old link's: re-measure it before a decision it could change"
+    m.clear_shift()
+    m.observe_late(49_152, 0, 420.0)                                            # about the same: no new step
+    assert not m.shifted_worse()
