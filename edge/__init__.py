@@ -8,7 +8,7 @@ Public API:
     Result, Trace  -- outputs, and where a request ran and what it cost.
     CloudClient    -- a numpy-in, numpy-out OIP gRPC client for the cloud tier.
     Policy, LinkMonitor, LinkEstimate, LinkCalibration, hedge_delay_ms, rtt_first,
-    calibrated     -- the decision and link-estimation parts, for experiments
+    rtt_probe_timeout_s, calibrated -- the decision and link-estimation parts, for experiments
                       that drive them directly.
 
 The edge needs only onnxruntime, numpy, grpcio, protobuf (and prometheus_client
@@ -20,7 +20,7 @@ from __future__ import annotations
 from edge._client import CloudClient, CloudReply
 from edge._gateway import AsyncGateway, Gateway, Result, Trace
 from edge._monitor import LinkCalibration, LinkEstimate, LinkMonitor
-from edge._policy import Policy, calibrated, hedge_delay_ms, rtt_first
+from edge._policy import Policy, calibrated, hedge_delay_ms, rtt_first, rtt_probe_timeout_s
 from edge.config import GatewayConfig
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "Policy",
     "hedge_delay_ms",
     "rtt_first",
+    "rtt_probe_timeout_s",
     "calibrated",
     "LinkCalibration",
     "LinkMonitor",

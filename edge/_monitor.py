@@ -109,9 +109,12 @@ class Ewma:
         ratio = x / self.value if self.worse == "high" else self.value / x
         return ratio > self.drift_ratio
 
-    def reset(self, x: float) -> float:
-        """Forget the history: the mean becomes ``x`` (after a re-measurement)."""
+    def reset(self, x: float, *, step: bool = False) -> float:
+        """Forget the history: the mean becomes ``x`` (after a re-measurement);
+        ``step``: it is a measured step, flag it as :meth:`add` flags a confirmed one."""
         if math.isfinite(x):
+            if step and self.value is not None:
+                self._jump(x)
             self.value = x
             self._pending = None
             self._drift_side = 0
@@ -273,10 +276,8 @@ class LinkMonitor:
                 if self._rtt.value is None or elapsed_ms > self._rtt.value:
                     self._rtt.reset(elapsed_ms)
             elif ewma.value is None or sample < ewma.value:
-                if ewma.value is not None and sample * ewma.drift_ratio < ewma.value:
-                    # a step for the worse, measured: the RTT is stale too (shifted_worse)
-                    ewma.jumped = ewma.jumped_worse = True
-                ewma.reset(sample)
+                # far below: a step for the worse, measured -- the RTT is stale too (shifted_worse)
+                ewma.reset(sample, step=ewma.value is not None and sample * ewma.drift_ratio < ewma.value)
             self._bandwidth_updated = -math.inf
 
     def shifted(self) -> bool:

@@ -34,8 +34,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from edge import LinkCalibration, LinkMonitor, Policy, calibrated, hedge_delay_ms, rtt_first
-from edge._policy import rtt_probe_timeout_s
+from edge import LinkCalibration, LinkMonitor, Policy, calibrated, hedge_delay_ms, rtt_first, rtt_probe_timeout_s
 from edge._gateway import DEFAULT_RTT_MS as _DEFAULT_RTT
 from edge._gateway import DEFAULT_UPLINK_MBPS as _DEFAULT_UP
 from experiments._records import Record, energy_model, request_energy_mj
@@ -43,7 +42,7 @@ from experiments.policies import neurosurgeon_choice, static_partition
 from experiments.spec import ExperimentSpec
 from netsim._proxy import MSS, LinkConditions
 from netsim.traces import Trace, TracePoint
-from planner import Conditions, PlanBundle
+from planner import Conditions, Estimate, PlanBundle
 
 __all__ = ["run_analytic", "simulate_policy", "UP_OVERHEAD", "DOWN_OVERHEAD"]
 
@@ -166,12 +165,11 @@ class _Sim:
     def _probe(self, t: float, sync: bool, reset: bool = False, rtt_only: bool = False) -> float:
         """A Gateway probe started at ``t`` (:meth:`edge.Gateway.probe`): two
         ServerLive round trips (2 s timeout each; when ``rtt_only`` the timeout
-        of :func:`edge._policy.rtt_probe_timeout_s`), then
+        of :func:`edge.rtt_probe_timeout_s`), then
         two payload sends (10 s timeout), fed to :meth:`LinkMonitor.observe_probe`.
         Returns its end time."""
         self.monitor.clear_shift()
         now, rtts, sends, late = t, [], [], None
-        probe_payload = self.spec.probe_bytes
         rtt_timeout = rtt_probe_timeout_s(self.monitor.estimate().rtt_ms) if rtt_only else 2.0
         legs = ((UP_OVERHEAD // 2, DOWN_OVERHEAD // 2, rtt_timeout, rtts),) * 2
         if not rtt_only:
@@ -180,7 +178,7 @@ class _Sim:
             end = self._round_trip(now, nbytes, down, 0.0)
             if end - now > timeout_s:  # the probe fails: a censored sample (Gateway.probe)
                 now += timeout_s
-                late = (probe_payload if into is sends else 0, 0, timeout_s * 1e3)
+                late = (self.spec.probe_bytes if into is sends else 0, 0, timeout_s * 1e3)
                 rtts = sends = None
                 break
             into.append((end - now) * 1e3)
@@ -265,13 +263,11 @@ class _Sim:
         """Did a background probe share the link with a call (Gateway._overlaps_probe)?"""
         return any(s0 < end and e0 > start for s0, e0 in self.probe_spans[-4:])
 
-    def _hedge_after(self, pid: str, remaining_ms: float) -> float:
-        """The Gateway's hedge delay (:func:`edge.hedge_delay_ms`) on the monitored link."""
-        predicted = None
-        if self.spec.hedge_factor > 0:
-            est = self.bundle.estimate(pid, self._monitored())
-            predicted = est.transfer_ms + est.cloud_ms
-        return hedge_delay_ms(remaining_ms, self.st.local_ms, predicted, self.spec.hedge_factor)
+    def _hedge_after(self, predicted: Estimate, remaining_ms: float) -> float:
+        """The Gateway's hedge delay (:func:`edge.hedge_delay_ms`); ``predicted``:
+        the call's estimate on the monitored link."""
+        leg = predicted.transfer_ms + predicted.cloud_ms if self.spec.hedge_factor > 0 else None
+        return hedge_delay_ms(remaining_ms, self.st.local_ms, leg, self.spec.hedge_factor)
 
     def request(self, rep: int, seq: int) -> Record:
         st = self.st
@@ -289,13 +285,13 @@ class _Sim:
             latency = probe_ms + dev
         else:
             t1 = t0 + dev / 1e3
-            predicted_ms = self.bundle.estimate(pid, self._monitored()).transfer_ms
+            predicted = self.bundle.estimate(pid, self._monitored())  # (Gateway._cloud_leg)
             back = self._round_trip(t1, up + UP_OVERHEAD, down + DOWN_OVERHEAD, cloud)
             cloud_leg = (back - t1) * 1e3
             remaining = self.spec.deadline_ms - dev - probe_ms
             local_ms = max(self.device_full - dev, 0.0)
             hedge = self.spec.hedge
-            hedge_after = self._hedge_after(pid, remaining) if hedge else remaining
+            hedge_after = self._hedge_after(predicted, remaining) if hedge else remaining
             if cloud_leg <= hedge_after or (hedge and cloud_leg <= hedge_after + local_ms):
                 latency = probe_ms + dev + cloud_leg
                 network_ms = cloud_leg - cloud
@@ -303,7 +299,7 @@ class _Sim:
                 shared = self._overlaps_probe(t1, back)  # (Gateway._observe: queued behind a probe?)
                 self.monitor.observe(sent, received, network_ms, shared=shared)
                 if not shared:  # queued behind a probe is not the link swinging
-                    self.calibration.observe(predicted_ms, network_ms)
+                    self.calibration.observe(predicted.transfer_ms, network_ms)
                 st.hedged_in_a_row = 0
             else:
                 fallback = "hedged" if hedge else "deadline_exceeded"
