@@ -225,8 +225,6 @@ def main(argv: list[str] | None = None) -> int:
                         "baseline runs at the benchmark's own niceness")
     parser.add_argument("--latency-routing", choices=["sticky", "round-robin"], default="sticky",
                         help="sequential calls to one replica endpoint (edge.CloudClient) or alternating")
-    parser.add_argument("--no-inline-idle", action="store_true",
-                        help="always hop to the compute thread, even on an idle replica")
     parser.add_argument("--no-direct-ingress", action="store_true", help="proxy only (Ray's default)")
     parser.add_argument("--no-throughput-optimized", action="store_true", help="Ray Serve's default profile")
     parser.add_argument("--skip-throughput", action="store_true")
@@ -250,7 +248,6 @@ def main(argv: list[str] | None = None) -> int:
         batcher=args.batcher,
         compute_threads=args.compute_threads,
         worker_niceness=None if args.worker_niceness < 0 else args.worker_niceness,
-        inline_idle=not args.no_inline_idle,
         direct_ingress=not args.no_direct_ingress,
         throughput_optimized=not args.no_throughput_optimized,
     )

@@ -45,8 +45,6 @@ SERVICER_FUNCTION = "splitgate.security.add_inference_servicer"
 # endpoints: "splitgate.endpoints=host:port,host:port" (absent without direct ingress).
 ENDPOINTS_EXTENSION = "splitgate.endpoints="
 _ENDPOINTS_TTL_S = 2.0
-# A ModelInfer starting within this long of the previous one's end was queued behind it.
-_BACKLOG_GAP_S = 0.001
 
 
 def _fail(context: RayServegRPCContext, exc: BaseException) -> None:
@@ -104,13 +102,6 @@ class InferenceDeployment:
             the queue and an idle replica runs a lone request at once, with no
             timer. ``"serve"``: Ray's ``@serve.batch`` queue with
             ``batch_wait_timeout_s``, decode/validate/encode on the event loop.
-        inline_idle: with the drain batcher, run a ModelInfer directly on the
-            event loop (no hop to the compute thread and back) when the replica is
-            idle: nothing else in flight, still nothing after one yield to the loop,
-            and none of the last ~16 calls found company in flight or started
-            within 1 ms of the previous call's end (the sign of a backlog hidden by
-            a blocked loop). Any sign of concurrency switches back to the queue,
-            where batches form.
     """
 
     def __init__(
@@ -125,7 +116,6 @@ class InferenceDeployment:
         nan_policy: str = "allow",
         publish_endpoints: bool = True,
         batcher: str = "drain",
-        inline_idle: bool = True,
     ) -> None:
         self._service = SuffixService(
             bundle_dirs, intra_op_threads=intra_op_threads,
@@ -137,11 +127,6 @@ class InferenceDeployment:
         self._max_batch = max(int(max_batch_size), 1)
         self._max_bytes = int(max_message_bytes)
         self._check_size = not _grpc_enforces(self._max_bytes)
-        self._inline = bool(inline_idle) and batcher == "drain"
-        # Share of recent ModelInfers that found another one in flight (smoothed over
-        # ~16 calls); starts "busy" so a fresh replica batches until it has seen idleness.
-        self._busy = 1.0
-        self._last_done = 0.0
         self._pool = ThreadPoolExecutor(max_workers=max(compute_threads, 1), thread_name_prefix="suffix")
         if batcher not in ("drain", "serve"):
             raise ValueError(f"batcher must be 'drain' or 'serve', not {batcher!r}")
@@ -218,28 +203,17 @@ class InferenceDeployment:
         self._in_flight += 1
         depth = self._in_flight
         if self._drain is not None:
+            # Always through the queue, even when idle: running a lone call on the
+            # event loop saves two thread hops but blocks the loop, which hides the
+            # start of a burst from the batcher (measured; see the README).
             try:
-                # A call that starts right after the previous one finished was most
-                # likely waiting behind it (an inline run blocks the loop, which hides
-                # arrivals): count it as concurrency, like one that finds others in flight.
-                crowded = depth > 1 or time.monotonic() - self._last_done < _BACKLOG_GAP_S
-                self._busy += (crowded - self._busy) * 0.0625
-                idle = not crowded and self._inline and self._busy < 0.02
-                if idle:
-                    await asyncio.sleep(0)  # let requests already queued on the loop show up
-                if idle and self._in_flight == 1:
-                    # Truly idle: no batch mates to wait for, and two thread hops cost
-                    # more than blocking the loop for one suffix run.
-                    ((ok, value),) = self._work([(request, depth)])
-                else:
-                    ok, value = await self._drain.submit(request, depth)
+                ok, value = await self._drain.submit(request, depth)
                 if ok:
                     return value
                 _fail(grpc_context, value)
                 return pb.ModelInferResponse()
             finally:
                 self._in_flight -= 1
-                self._last_done = time.monotonic()
         try:
             size = _request_bytes(request)
             if size > self._max_bytes:
@@ -475,5 +449,4 @@ def build_app(bundle_dirs: Sequence[str] | CloudConfig, **overrides: Any):
         config.nan_policy,
         config.tls is None,  # behind a TLS front, the plaintext replica ports are not advertised
         config.batcher,
-        config.inline_idle,
     )

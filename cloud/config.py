@@ -29,10 +29,6 @@ class CloudConfig:
         batcher: ``"drain"`` (compute threads take all queued requests, batches
             grow with the queue, decode/encode off the event loop) or ``"serve"``
             (Ray's ``@serve.batch`` with ``batch_wait_timeout_s``).
-        inline_idle: run a ModelInfer on the replica's event loop, skipping the
-            hops to the compute thread and back, when the replica is idle (nothing
-            else in flight, and no concurrency among the last ~16 calls); under
-            load requests still queue and batch (drain batcher only).
         access_log: Serve's per-request access log lines (off: they cost the
             replica's event loop time on every request).
         direct_ingress: let each replica serve gRPC on its own port (Ray 2.60
@@ -79,7 +75,6 @@ class CloudConfig:
     intra_op_threads: int = 0
     compute_threads: int = 1
     batcher: str = "drain"
-    inline_idle: bool = True
     access_log: bool = False
     direct_ingress: bool = True
     throughput_optimized: bool = True

@@ -127,12 +127,13 @@ def test_concurrent_requests_are_batched_and_answered_exactly(cloud_tier, zoo_bu
 
 
 def test_burst_after_a_quiet_spell_is_still_batched(cloud_tier, zoo_bundle, cut) -> None:
-    """A replica that has been idle runs lone calls on its event loop (``inline_idle``);
-    that must not hide a burst that follows: its requests queue and share runs."""
+    """Sequential calls run alone (nothing to wait for); a burst that follows them
+    queues and shares runs. (An earlier idle fast path ran lone calls on the event
+    loop, which hid such bursts; this test caught it on a loaded CI box.)"""
     part, spec, session, make = cut
     model = zoo_bundle.model_name
     with CloudClient(cloud_tier.address, discover=True) as client:
-        for _ in range(80):  # sequential: the replica sees no concurrency and goes "idle"
+        for _ in range(80):  # sequential: the replica sees no concurrency
             x = make()
             reply = client.infer(model, {spec.name: x}, partition=part.id)
             assert reply.params["splitgate.batch_size"] == 1
