@@ -123,7 +123,10 @@ class _Core:
         self._local_suffix_ms: dict[tuple[str, str], Ewma] = {}
         self._pool = ThreadPoolExecutor(max_workers=2 * config.max_concurrency + 1, thread_name_prefix="splitgate")
         self._probe_lock = threading.Lock()
-        self._probing = False
+        self._probing = False  # a background probe is queued or running
+        self._flags_lock = threading.Lock()
+        self._measuring = False  # a probe holds the link (background or on a request's path)
+        self._abandon = threading.Event()  # a network change made the running probe moot
         # perf_counter() of the last background probe's start and end (end None while it runs)
         self._probe_span: tuple[float, float | None] = (-1.0, -1.0)
         self._hedged_in_a_row = 0  # cloud calls the device beat since the last reply in time
@@ -272,54 +275,94 @@ class _Core:
             return
         if why == "shift" and not self._probing and rtt_first(self.link, bundle, self.conditions(private)):
             self.probe(reset=True, rtt_only=True)  # (a running probe would hold the lock for seconds)
-        if why is not None and not self._probing:
+        if why is not None:
+            self._probe_later(reset=why == "shift")
+
+    def _probe_later(self, reset: bool) -> None:
+        """Start a background probe, unless one is already queued or running."""
+        with self._flags_lock:
+            if self._probing:
+                return
             self._probing = True
-            self._pool.submit(self.probe, why == "shift")
+        self._pool.submit(self._background_probe, reset)
+
+    def _background_probe(self, reset: bool) -> None:
+        try:
+            self.probe(reset)
+        finally:
+            self._probing = False
+        if self.link.change_reported():  # it was abandoned: measure the new network
+            self._probe_later(reset=True)
+
+    def network_changed(self) -> None:
+        self.link.mark_changed()
+        self.calibration.reset()
+        if self.client is None:
+            return
+        if self._measuring:
+            # The running probe measures the old network: it stops after its
+            # current round trip and records nothing; a fresh probe follows.
+            self._abandon.set()
+        self._probe_later(reset=True)
 
     def probe(self, reset: bool = False, rtt_only: bool = False) -> None:
         """Two RTT probes (ServerLive) and two bandwidth probes (a payload the
         server rejects as NOT_FOUND after receiving it), fed to
         :meth:`LinkMonitor.observe_probe`. ``reset`` replaces the estimates
-        instead of averaging into them (after a step in the link)."""
-        self.link.clear_shift()
+        instead of averaging into them (after a step in the link). A network
+        change reported meanwhile (:meth:`network_changed`) abandons it after
+        the round trip under way (a fresh one follows in the background)."""
         if self.client is None or not self.breaker.allow():
-            self._probing = False
+            self.link.clear_shift()  # (nothing to measure with: do not ask again on every request)
             return
         with self._probe_lock:
+            self.link.clear_shift()
+            self._abandon.clear()
+            self._measuring = True
             self._probe_span = (time.perf_counter(), None)
-            leg_bytes, t0 = 0, time.perf_counter()
             try:
-                # The first call on a fresh channel also pays for the TCP and
-                # HTTP/2 handshakes; the monitor keeps the faster of each pair.
-                rtts = []
-                timeout_s = rtt_probe_timeout_s(self.link.estimate().rtt_ms) if rtt_only else 2.0
-                for _ in range(2):
-                    t0 = time.perf_counter()
-                    self.client.server_live(timeout_s=timeout_s)
-                    rtts.append((time.perf_counter() - t0) * 1e3)
-                if rtt_only:
-                    self.link.observe_probe(rtts, reset=reset)
-                    return
-                payload = {"probe": np.zeros(self.config.probe_bytes, dtype=np.uint8)}
-                sends, leg_bytes = [], self.config.probe_bytes
-                for _ in range(2):
-                    t0 = time.perf_counter()
-                    try:
-                        self.client.infer(PROBE_MODEL, payload, timeout_s=10.0)
-                    except NotFound:
-                        pass
-                    sends.append((time.perf_counter() - t0) * 1e3)
-                self.link.observe_probe(rtts, self.config.probe_bytes, sends, reset=reset)
-                self.breaker.record_success()
-            except SplitgateError:
-                # A probe stuck until its timeout is a censored sample, as a
-                # hedged call is: the link is at least this slow (a tunnel).
-                self.link.observe_late(leg_bytes, 0, (time.perf_counter() - t0) * 1e3)
-                if not rtt_only:  # (its short timeout says the link is slow, not that the cloud failed)
-                    self.breaker.record_failure()
+                self._measure(reset, rtt_only)
             finally:
+                self._measuring = False
                 self._probe_span = (self._probe_span[0], time.perf_counter())
-                self._probing = False
+
+    def _measure(self, reset: bool, rtt_only: bool) -> None:
+        leg_bytes, t0 = 0, time.perf_counter()
+        try:
+            # The first call on a fresh channel also pays for the TCP and
+            # HTTP/2 handshakes; the monitor keeps the faster of each pair.
+            rtts = []
+            timeout_s = rtt_probe_timeout_s(self.link.estimate().rtt_ms) if rtt_only else 2.0
+            for _ in range(2):
+                t0 = time.perf_counter()
+                self.client.server_live(timeout_s=timeout_s)
+                rtts.append((time.perf_counter() - t0) * 1e3)
+                if self._abandon.is_set():
+                    return
+            if rtt_only:
+                self.link.observe_probe(rtts, reset=reset)
+                return
+            payload = {"probe": np.zeros(self.config.probe_bytes, dtype=np.uint8)}
+            sends, leg_bytes = [], self.config.probe_bytes
+            for _ in range(2):
+                t0 = time.perf_counter()
+                try:
+                    self.client.infer(PROBE_MODEL, payload, timeout_s=10.0)
+                except NotFound:
+                    pass
+                sends.append((time.perf_counter() - t0) * 1e3)
+                if self._abandon.is_set():
+                    return
+            self.link.observe_probe(rtts, self.config.probe_bytes, sends, reset=reset)
+            self.breaker.record_success()
+        except SplitgateError:
+            if self._abandon.is_set():
+                return
+            # A probe stuck until its timeout is a censored sample, as a
+            # hedged call is: the link is at least this slow (a tunnel).
+            self.link.observe_late(leg_bytes, 0, (time.perf_counter() - t0) * 1e3)
+            if not rtt_only:  # (its short timeout says the link is slow, not that the cloud failed)
+                self.breaker.record_failure()
 
     # -- running --------------------------------------------------------------
 
@@ -599,6 +642,19 @@ class Gateway:
     def set_battery(self, level_pct: float | None) -> None:
         """Tell the Gateway the battery level (None = read it from the OS)."""
         self._core.battery.set(level_pct)
+
+    def network_changed(self) -> None:
+        """Tell the Gateway the device's network changed: the OS reported a
+        radio handover (3G -> LTE) or a WiFi join or leave (Android's
+        ``ConnectivityManager.NetworkCallback``, iOS ``NWPathMonitor``).
+
+        The link estimates are then stale in an unknown direction. A background
+        probe replaces them now (or, if one is running, the next request starts
+        another), instead of when the next request finds them old or a cloud
+        call trips over the step; a device-only stretch would otherwise miss
+        a better link for up to ``probe_interval_s``. Returns at once.
+        """
+        self._core.network_changed()
 
     def conditions(self, private: bool = False) -> Conditions:
         """The conditions the policy sees now (link estimate, battery, cloud load)."""

@@ -175,6 +175,7 @@ class LinkMonitor:
         self._updated = -math.inf
         self._bandwidth_updated = -math.inf
         self._last_call = -math.inf  # the last request (not probe) that used the link
+        self._changed = False  # the OS reported a network change (mark_changed)
         self._lock = threading.Lock()
 
     def observe(
@@ -257,8 +258,8 @@ class LinkMonitor:
             best = min(sends_ms)
             with self._lock:
                 self._observe(probe_bytes, 0, best, reset, len(sends_ms) > 1 and max(sends_ms) <= agree_ratio * best)
-            if rtts_ms:
-                self.clear_shift()
+                if rtts_ms:  # (not a network change reported meanwhile: the probe may predate it)
+                    self._clear_steps()
 
     def observe_late(self, bytes_sent: int, bytes_received: int, elapsed_ms: float) -> None:
         """A call still unanswered after ``elapsed_ms`` (the edge gave up on it).
@@ -288,7 +289,20 @@ class LinkMonitor:
         count as transfer time), so the edge re-measures before deciding.
         """
         with self._lock:
-            return self._rtt.jumped or self._up.jumped or self._down.jumped
+            return self._changed or self._rtt.jumped or self._up.jumped or self._down.jumped
+
+    def mark_changed(self) -> None:
+        """The OS reported a network change (a radio handover, a new WiFi
+        network): every estimate is stale, of unknown direction. :meth:`shifted`
+        holds until the next probe starts (:meth:`clear_shift`); a probe
+        already running when the change came does not clear it."""
+        with self._lock:
+            self._changed = True
+
+    def change_reported(self) -> bool:
+        """Was a network change reported (:meth:`mark_changed`) since the last probe started?"""
+        with self._lock:
+            return self._changed
 
     def shifted_worse(self) -> bool:
         """Did a confirmed step make an estimate worse (a longer RTT, a lower
@@ -297,10 +311,14 @@ class LinkMonitor:
             return self._rtt.jumped_worse or self._up.jumped_worse or self._down.jumped_worse
 
     def clear_shift(self) -> None:
-        """Forget steps and drifts seen so far (a probe is starting)."""
+        """Forget steps, drifts and reported changes seen so far (a probe is starting)."""
         with self._lock:
-            for ewma in (self._rtt, self._up, self._down):
-                ewma.jumped = ewma.jumped_worse = ewma.drifted = False
+            self._changed = False
+            self._clear_steps()
+
+    def _clear_steps(self) -> None:
+        for ewma in (self._rtt, self._up, self._down):
+            ewma.jumped = ewma.jumped_worse = ewma.drifted = False
 
     def probe_needed(self) -> str | None:
         """Why the link should be measured now, or None.
@@ -400,6 +418,12 @@ class LinkCalibration:
             now = self._clock()
             self._log_excess = (1 - self.alpha) * self._decayed(now) + self.alpha * math.log(ratio)
             self._at = now
+
+    def reset(self) -> None:
+        """Forget what was learned (a new network: its errors are not the old one's)."""
+        with self._lock:
+            self._log_excess = 0.0
+            self._at = self._clock()
 
     def factor(self) -> float:
         """Multiply predicted network times by this (>= 1)."""

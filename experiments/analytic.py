@@ -96,10 +96,14 @@ class _Sim:
         self.busy: dict[str, list[tuple[float, float]]] = {"up": [], "down": []}
         self.contention = False
         self.probe_spans: list[tuple[float, float]] = []  # background probes (Gateway._probe_span)
+        self.bg: tuple | None = None  # the last background probe: (id, its legs' end times, its transfers)
+        self.abandoned: set[int] = set()  # background probes a network change cut short
+        # OS network-change reports (spec.network_hints), still to come
+        self.hints = trace.radio_changes() if spec.network_hints and policy == "adaptive" else []
 
     # -- the network -------------------------------------------------------------
 
-    def _leg(self, t: float, nbytes: int, direction: str) -> float:
+    def _leg(self, t: float, nbytes: int, direction: str, record: list | None = None) -> float:
         """Arrival time of ``nbytes`` sent at ``t`` (bandwidth, delay, jitter, loss, outages).
 
         Transfers share the link first come, first served: bytes sent while a
@@ -113,6 +117,8 @@ class _Sim:
         if self.contention:
             busy = self.busy[direction]
             busy.append((start, end))
+            if record is not None:
+                record.append((direction, (start, end)))
             if len(busy) > 64:
                 del busy[:32]
         p = self.trace.at(end)
@@ -136,18 +142,23 @@ class _Sim:
                     start, moved = e0, True
         return start
 
-    def _round_trip(self, t: float, up: int, down: int, cloud_ms: float) -> float:
-        arrive = self._leg(t, up, "up")
+    def _round_trip(self, t: float, up: int, down: int, cloud_ms: float, record: list | None = None) -> float:
+        arrive = self._leg(t, up, "up", record)
         if math.isinf(arrive):
             return arrive
-        return self._leg(arrive + cloud_ms / 1e3, down, "down")
+        return self._leg(arrive + cloud_ms / 1e3, down, "down", record)
 
     # -- monitor ------------------------------------------------------------------
 
-    def _apply_pending(self) -> None:
+    def _apply_pending(self, until: float | None = None) -> None:
         st = self.st
-        while st.pending and st.pending[0][0] <= st.now:
+        until = st.now if until is None else until
+        while st.pending and st.pending[0][0] <= until:
             t, _, kind, args = heapq.heappop(st.pending)
+            if kind in ("probe", "late", "probe_done"):
+                probe_id, *args = args
+                if probe_id in self.abandoned:
+                    continue
             saved, st.now = st.now, t
             if kind == "rtt":
                 self.monitor.observe_rtt(*args)
@@ -162,27 +173,49 @@ class _Sim:
                 st.probing = False
             st.now = saved
 
+    def network_changed(self, t: float) -> None:
+        """The OS reports a network change at ``t`` (:meth:`edge.Gateway.network_changed`):
+        a background probe starts now, or, if one is running, it is abandoned
+        after its round trip under way and the fresh one starts then."""
+        self._apply_pending(t)
+        self._at(t, self.monitor.mark_changed)
+        self._at(t, self.calibration.reset)
+        if self.st.probing and self.bg is not None:
+            probe_id, leg_ends, transfers = self.bg
+            t = next((e for e in leg_ends if e >= t), leg_ends[-1])
+            self.abandoned.add(probe_id)
+            for direction, span in transfers:
+                if span[0] >= t and span in self.busy[direction]:
+                    self.busy[direction].remove(span)  # legs it no longer sends
+            self.probe_spans[-1] = (self.probe_spans[-1][0], t)
+        self.st.probing = True
+        self._probe(t, sync=False, reset=True)
+
     def _probe(self, t: float, sync: bool, reset: bool = False, rtt_only: bool = False) -> float:
         """A Gateway probe started at ``t`` (:meth:`edge.Gateway.probe`): two
         ServerLive round trips (2 s timeout each; when ``rtt_only`` the timeout
         of :func:`edge.rtt_probe_timeout_s`), then
         two payload sends (10 s timeout), fed to :meth:`LinkMonitor.observe_probe`.
         Returns its end time."""
-        self.monitor.clear_shift()
+        self._at(t, self.monitor.clear_shift)
         now, rtts, sends, late = t, [], [], None
+        leg_ends: list[float] = []
+        transfers: list = [] if not sync else None
         rtt_timeout = rtt_probe_timeout_s(self.monitor.estimate().rtt_ms) if rtt_only else 2.0
         legs = ((UP_OVERHEAD // 2, DOWN_OVERHEAD // 2, rtt_timeout, rtts),) * 2
         if not rtt_only:
             legs += ((self.spec.probe_bytes + UP_OVERHEAD, DOWN_OVERHEAD, 10.0, sends),) * 2
         for nbytes, down, timeout_s, into in legs:
-            end = self._round_trip(now, nbytes, down, 0.0)
+            end = self._round_trip(now, nbytes, down, 0.0, transfers)
             if end - now > timeout_s:  # the probe fails: a censored sample (Gateway.probe)
                 now += timeout_s
                 late = (self.spec.probe_bytes if into is sends else 0, 0, timeout_s * 1e3)
                 rtts = sends = None
+                leg_ends.append(now)
                 break
             into.append((end - now) * 1e3)
             now = end
+            leg_ends.append(now)
         if sync:
             if rtts is not None:
                 self._at(now, self.monitor.observe_probe, rtts, self.spec.probe_bytes, sends, reset=reset)
@@ -190,11 +223,14 @@ class _Sim:
                 self._at(now, self.monitor.observe_late, *late)
         else:
             self.probe_spans.append((t, now))
+            self.st.counter += 1
+            probe_id = self.st.counter
+            self.bg = (probe_id, leg_ends, transfers)
             if rtts is not None:
-                self.st.later(now, "probe", rtts, sends, reset)
+                self.st.later(now, "probe", probe_id, rtts, sends, reset)
             elif late is not None:
-                self.st.later(now, "late", *late)
-            self.st.later(now, "probe_done")
+                self.st.later(now, "late", probe_id, *late)
+            self.st.later(now, "probe_done", probe_id)
         return now
 
     def _at(self, t: float, fn: Callable[..., None], *args: object, **kwargs: object) -> None:
@@ -271,6 +307,8 @@ class _Sim:
 
     def request(self, rep: int, seq: int) -> Record:
         st = self.st
+        while self.hints and self.hints[0] <= st.now:
+            self.network_changed(self.hints.pop(0))
         self._apply_pending()
         start = st.now
         point: TracePoint = self.trace.at(start)

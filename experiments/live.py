@@ -6,7 +6,8 @@ Every policy gets its own :class:`edge.Gateway` and its own
 the policies run side by side (one closed-loop thread each) for the trace's
 duration. Static policies and the chain scan pass ``partition=``; the
 ``adaptive`` policy is the Gateway's own (monitors, decision table, hysteresis,
-probes, hedging).
+probes, hedging), told of each radio change as a phone's OS would tell it
+(``spec.network_hints``).
 
 The emulated device: the Gateway's ``device_time_from_profile`` pads every
 device leg (prefix, or the local suffix of a fallback) to the time the bundle's
@@ -171,7 +172,7 @@ def run_live(
         _warm_up(spec, bundle, gateways, x)
         for gw in gateways.values():  # from now on the device runs its planned times
             gw.config.device_time_from_profile = True
-        driver = ScheduleDriver(spec.trace, proxies.values())
+        driver = ScheduleDriver(spec.trace, proxies.values(), on_change=_network_hints(spec, gateways))
         runners = [_Runner(spec, bundle, p, gateways[p], driver, x) for p in spec.policies]
         threads = [threading.Thread(target=r.run, name=f"policy-{r.policy}", daemon=True) for r in runners]
         driver.start()
@@ -195,6 +196,22 @@ def run_live(
             gw.close()
         for proxy in proxies.values():
             proxy.stop()
+
+
+def _network_hints(spec: ExperimentSpec, gateways: dict[str, Gateway]) -> Callable | None:
+    """The device OS's part: tell the adaptive Gateway when the radio changes
+    (``spec.network_hints``), right after the links changed."""
+    changes = set(spec.trace.radio_changes())
+    told = [gw for policy, gw in gateways.items() if policy == "adaptive"]
+    if not (spec.network_hints and changes and told):
+        return None
+
+    def on_change(_elapsed: float, point) -> None:
+        if point.t_s in changes:
+            for gw in told:
+                gw.network_changed()
+
+    return on_change
 
 
 def _warm_up(spec: ExperimentSpec, bundle: PlanBundle, gateways: dict[str, Gateway], x: dict) -> None:

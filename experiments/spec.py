@@ -18,6 +18,7 @@ Example (``experiments/specs/commute.yaml``)::
     interval_ms: 500            # requests start on this grid (a slot missed while busy is skipped)
     think_ms: 0                 # minimum pause after a request
     gateway: {hysteresis: 0.1, deadline_ms: 3000, probe_interval_s: 2}
+    network_hints: true         # the OS tells the adaptive Gateway when the radio changes
     analytic: {repeats: 20}     # the analytic engine replays the trace this many times
     live: {repeats: 1}          # ... and the live engine (in real time)
     seed: 0
@@ -52,7 +53,7 @@ def _gw_default(name: str) -> Any:
 
 
 _KNOWN = {"name", "model", "device", "plan", "trace", "nominal", "policies", "think_ms", "interval_ms", "gateway",
-          "analytic", "live", "seed", "report", "description"}
+          "network_hints", "analytic", "live", "seed", "report", "description"}
 
 
 def build_trace(cfg: dict[str, Any], base: Path | None = None) -> Trace:
@@ -108,6 +109,11 @@ class ExperimentSpec:
             slot makes its policy skip to the next free slot.
         think_ms: minimum pause after a request.
         gateway: :class:`edge.GatewayConfig` fields (hysteresis, deadline_ms, probe_interval_s, ...).
+        network_hints: at each change of the trace's radio (WiFi, LTE, 3G:
+            :meth:`netsim.traces.Trace.radio_changes`) the adaptive policy's
+            Gateway is told, as a phone's OS tells apps
+            (:meth:`edge.Gateway.network_changed`). Bandwidth swings within one
+            radio, outages included, are never announced.
         analytic_repeats: trace replays of the analytic engine.
         live_repeats: real-time replays of the live engine (``live: {repeats: N}``,
             default 1): a live run has tens of requests per policy, so on a
@@ -128,6 +134,7 @@ class ExperimentSpec:
     interval_ms: float = 500.0
     think_ms: float = 0.0
     gateway: dict[str, Any] = field(default_factory=dict)
+    network_hints: bool = True
     analytic_repeats: int = 20
     live_repeats: int = 1
     seed: int = 0
@@ -214,6 +221,7 @@ class ExperimentSpec:
             interval_ms=float(data.get("interval_ms", 500.0)),
             think_ms=float(data.get("think_ms", 0.0)),
             gateway=dict(data.get("gateway") or {}),
+            network_hints=bool(data.get("network_hints", True)),
             analytic_repeats=int((data.get("analytic") or {}).get("repeats", 20)),
             live_repeats=max(int((data.get("live") or {}).get("repeats", 1)), 1),
             seed=int(data.get("seed", 0)),

@@ -178,6 +178,12 @@ class Trace:
         pts = tuple(p for p in self.points if p.t_s < duration_s)
         return Trace(pts, duration_s, self.name)
 
+    def radio_changes(self) -> list[float]:
+        """Times at which the radio technology changes (``wifi`` -> ``lte``):
+        the network changes a device's OS reports to apps. Points without a
+        radio (loaded logs) never count."""
+        return [b.t_s for a, b in zip(self.points, self.points[1:]) if a.radio and b.radio and a.radio != b.radio]
+
     def uplinks(self) -> list[float]:
         return [p.uplink_mbps for p in self.points]
 

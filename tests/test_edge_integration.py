@@ -92,6 +92,70 @@ def test_a_probe_stuck_in_an_outage_keeps_the_next_request_on_the_device(switch_
         )
 
 
+def test_a_reported_network_change_moves_an_edge_on_the_device_to_the_better_link(switch_bundle, cloud_tier) -> None:
+    """On the device over a slow link the edge sends nothing, so it cannot see
+    the link get better; the OS's report of the handover (``network_changed``)
+    makes it measure at once."""
+    bundle = switch_bundle
+    model = bundle.model_name
+    x = _input(bundle)
+    slow = LinkConditions(uplink_mbps=0.13, downlink_mbps=0.5, rtt_ms=300.0)  # CAT1 (DADS)
+    assert bundle.choose(Conditions(uplink_mbps=0.13, downlink_mbps=0.5, rtt_ms=300.0)) == "device"
+    with ShapingProxy(cloud_tier.address, slow) as link, Gateway(
+        [bundle], cloud=link.address, device_time_from_profile=True, probe_interval_s=120.0, calibrate=False
+    ) as gw:
+        gw.probe()
+        assert [gw.infer(model, x).trace.partition for _ in range(2)] == ["device", "device"]
+        link.set(WIFI)
+        assert gw.infer(model, x).trace.partition == "device", "unannounced, the better link goes unseen"
+        gw.network_changed()
+        deadline = time.monotonic() + 10.0
+        while gw.conditions().uplink_mbps < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        seen = gw.conditions()
+        assert seen.uplink_mbps >= 5, f"no probe after the report: {seen.uplink_mbps:.2f} Mbps"
+        after = gw.infer(model, x).trace.partition
+        wifi = Conditions(uplink_mbps=18.88, downlink_mbps=50.0, rtt_ms=seen.rtt_ms)
+        assert after != "device" and _near_best(bundle, after, wifi, 0.1), (
+            f"after the reported change the gateway ran {after}; best on WiFi is {bundle.choose(wifi)}"
+        )
+
+
+def test_a_reported_network_change_abandons_the_probe_measuring_the_old_link(switch_bundle, cloud_tier) -> None:
+    """A probe under way on CAT1 when the OS reports the handover records
+    nothing (its samples straddle two links); a fresh probe measures WiFi."""
+    import threading
+
+    slow = LinkConditions(uplink_mbps=0.13, downlink_mbps=0.5, rtt_ms=300.0)
+    with ShapingProxy(cloud_tier.address, slow) as link, Gateway(
+        [switch_bundle], cloud=link.address, probe_interval_s=120.0, probe_bytes=16 * 1024
+    ) as gw:
+        gw.probe()
+        assert gw.conditions().uplink_mbps < 0.5
+        monitor = gw.link
+        recorded: list[list[float]] = []
+        observe_probe = monitor.observe_probe
+
+        def spy(rtts, *args, **kwargs):  # the real method, noting each probe it records
+            recorded.append(list(rtts))
+            return observe_probe(rtts, *args, **kwargs)
+
+        monitor.observe_probe = spy
+        old = threading.Thread(target=gw.probe, daemon=True)
+        old.start()
+        time.sleep(0.8)                  # into its first 16 KB send (~1 s), after two ~0.3 s round trips
+        link.set(WIFI)
+        gw.network_changed()
+        old.join(timeout=10.0)
+        deadline = time.monotonic() + 10.0
+        while not recorded and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)                  # (a second record, if any, would land by now)
+        assert len(recorded) == 1, f"probes recorded after the report: {recorded}"
+        assert max(recorded[0]) < 150, f"the recorded probe measured the old link: RTTs {recorded[0]} ms"
+        assert gw.conditions().uplink_mbps >= 5 and gw.conditions().rtt_ms < 150
+
+
 def _near_best(bundle, partition: str, c: Conditions, hysteresis: float) -> bool:
     """Is ``partition`` predicted within the policy's hysteresis of the table's best?
 

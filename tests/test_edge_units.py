@@ -332,3 +332,28 @@ def test_a_hedged_call_far_slower_than_the_estimate_is_a_step_for_the_worse() ->
     m.clear_shift()
     m.observe_late(49_152, 0, 420.0)                                            # about the same: no new step
     assert not m.shifted_worse()
+
+
+def test_a_reported_network_change_makes_a_probe_due_until_a_probe_starts() -> None:
+    m = LinkMonitor(min_bandwidth_bytes=16 * 1024, stale_after_s=60.0)
+    m.observe_probe([20.0, 21.0], 100_000, [20.0 + 40.0, 20.0 + 41.0])
+    assert m.probe_needed() is None
+    m.mark_changed()                                  # the OS: WiFi -> LTE
+    assert m.probe_needed() == "shift"
+    assert not m.shifted_worse(), "direction unknown: no RTT probe on the request path"
+    # a probe that started before the change ends after it: it may have measured the old network
+    m.observe_probe([20.0, 21.0], 100_000, [20.0 + 40.0, 20.0 + 41.0])
+    assert m.probe_needed() == "shift", "only a probe started after the report settles it"
+    m.clear_shift()                                   # (Gateway.probe, at its start)
+    assert m.probe_needed() is None
+
+
+def test_calibration_reset_forgets_the_old_network() -> None:
+    from edge import LinkCalibration
+
+    cal = LinkCalibration(clock=lambda: 0.0)
+    for _ in range(5):
+        cal.observe(100.0, 200.0)
+    assert cal.factor() > 1.3
+    cal.reset()
+    assert cal.factor() == 1.0

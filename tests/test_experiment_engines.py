@@ -125,3 +125,23 @@ def test_live_and_analytic_engines_agree_within_10_percent(slow_device_bundle, c
     assert all(not r.fallback for r in live), f"no fallbacks expected on a steady link: {report}"
     off = [p for p, _, _, lmed, amed in rows if abs(lmed - amed) > 0.10 * amed]
     assert not off, f"engines disagree by more than 10% on {off}: {report}"
+
+
+def test_a_reported_radio_change_moves_adaptive_off_the_device_sooner(slow_device_bundle) -> None:
+    """On the device through 3G, the adaptive Gateway sees no calls; told of the
+    3G -> WiFi handover (``network_hints``), it probes at once instead of
+    waiting for its probe interval, and reaches the cloud-using plan sooner."""
+    b = slow_device_bundle
+    tr = traces.steps([("3g", 20), ("wifi", 20)])
+    assert tr.radio_changes() == [20.0]
+    wifi = b.choose(Conditions(uplink_mbps=tr.at(25).uplink_mbps, downlink_mbps=tr.at(25).downlink_mbps,
+                               rtt_ms=tr.at(25).rtt_ms))
+    assert wifi != "device" and b.choose(Conditions(uplink_mbps=0.0001, rtt_ms=2000)) == "device"
+
+    def first_on_wifi_plan(hints: bool) -> float:
+        spec = _spec(b, tr, interval_ms=250, network_hints=hints, gateway={"probe_interval_s": 5})
+        return min(r.t_s for r in simulate_policy(spec, b, "adaptive") if r.t_s >= 20 and r.partition == wifi)
+
+    told, untold = first_on_wifi_plan(True), first_on_wifi_plan(False)
+    assert told <= 20.75, f"told of the handover, adaptive still waited until t={told}"
+    assert untold > told
