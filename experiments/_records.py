@@ -12,7 +12,7 @@ from pathlib import Path
 from planner import RADIOS, EnergyModel, PlanBundle
 
 __all__ = ["Record", "request_energy_mj", "energy_model", "write_csv", "read_csv", "summarize", "Summary",
-           "adaptive_vs_static"]
+           "adaptive_vs_static", "paired_ratio"]
 
 
 @dataclass
@@ -171,3 +171,29 @@ def adaptive_vs_static(summaries: Sequence[Summary], engine: str) -> tuple[str, 
     best, n, total = min(pooled.values(), key=lambda v: v[2] / max(v[1], 1))
     mean = total / max(n, 1)
     return best, mean, by["adaptive"].mean_ms / mean
+
+
+def paired_ratio(records: Iterable[Record], engine: str, policies: Sequence[str], interval_s: float) -> float | None:
+    """Adaptive's latency against ``policies``' on the very same requests.
+
+    Requests start on the spec's grid, but a request still running at a slot
+    makes its policy skip that slot, so two policies' means are over
+    different request sets: a policy whose requests fit the slot on a slow
+    link is sampled there more often than one whose requests overrun it.
+    This pairs each request of ``policies`` with adaptive's request of the
+    same replay and slot (``t_s`` rounded to ``interval_s``) and returns
+    adaptive's summed latency over those pairs / theirs (None: no pairs).
+    """
+    step = interval_s if interval_s > 0 else 1e-3
+
+    def slot(r: Record) -> tuple[int, int]:
+        return r.rep, round(r.t_s / step)
+
+    records = [r for r in records if r.engine == engine]
+    adaptive = {slot(r): r.latency_ms for r in records if r.policy == "adaptive"}
+    ours = theirs = 0.0
+    for r in records:
+        if r.policy in policies and slot(r) in adaptive:
+            ours += adaptive[slot(r)]
+            theirs += r.latency_ms
+    return ours / theirs if theirs > 0 else None

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from experiments._records import Record, Summary, adaptive_vs_static, summarize, write_csv
+from experiments._records import Record, Summary, adaptive_vs_static, paired_ratio, summarize, write_csv
 from experiments.spec import ExperimentSpec, load_spec
 from planner import PlanBundle
 
@@ -110,8 +110,10 @@ def _write(result: ExperimentResult, console: Console) -> None:
     console.print(summary_table(result))
     verdict = adaptive_verdict(result)
     for engine, v in verdict.items():
+        paired = v["paired_vs_best_static_pct"]
         console.print(f"  {engine}: adaptive {v['adaptive_mean_ms']:.1f} ms vs best static '{v['best_static']}' "
-                      f"{v['best_static_mean_ms']:.1f} ms -> [bold]{v['adaptive_vs_best_static_pct']:+.1f}%[/]")
+                      f"{v['best_static_mean_ms']:.1f} ms -> [bold]{v['adaptive_vs_best_static_pct']:+.1f}%[/]"
+                      + ("" if paired is None else f" (same requests: {paired:+.1f}%)"))
     if verdict:
         path = out / "adaptive.json"
         path.write_text(json.dumps(verdict, indent=1) + "\n")
@@ -142,29 +144,34 @@ def _write(result: ExperimentResult, console: Console) -> None:
 
 def adaptive_verdict(result: ExperimentResult) -> dict[str, dict[str, object]]:
     """Per engine: adaptive's mean latency against the best static policy's
-    (device, cloud or the DADS plan), and whether it is within 5 %."""
+    (device, cloud or the DADS plan), and whether it is within 5 %; and the
+    same comparison on the very same requests (:func:`paired_ratio`)."""
     out: dict[str, dict[str, object]] = {}
     for engine in dict.fromkeys(s.engine for s in result.summaries):
         cmp = adaptive_vs_static(result.summaries, engine)
         if cmp:
             best, ms, ratio = cmp
+            paired = paired_ratio(result.records, engine, best.split("="), result.spec.interval_ms / 1e3)
             out[engine] = {"best_static": best, "best_static_mean_ms": round(ms, 2),
                            "adaptive_mean_ms": round(ratio * ms, 2),
                            "adaptive_vs_best_static_pct": round(100 * (ratio - 1), 2),
-                           "within_5pct": ratio <= 1.05}
+                           "within_5pct": ratio <= 1.05,
+                           "paired_vs_best_static_pct": None if paired is None else round(100 * (paired - 1), 2)}
     return out
 
 
 def overview_table(results: Sequence[ExperimentResult]) -> Table:
     """One row per spec and engine: adaptive vs the best static policy."""
     t = Table(title="adaptive vs the best static policy (mean latency)")
-    for col in ("spec", "engine", "best static", "its mean ms", "adaptive ms", "adaptive vs best", "within 5%"):
+    for col in ("spec", "engine", "best static", "its mean ms", "adaptive ms", "adaptive vs best", "within 5%",
+                "same requests"):
         t.add_column(col)
     for res in results:
         for engine, v in adaptive_verdict(res).items():
+            paired = v["paired_vs_best_static_pct"]
             t.add_row(res.spec.name, engine, str(v["best_static"]), f"{v['best_static_mean_ms']:.1f}",
                       f"{v['adaptive_mean_ms']:.1f}", f"{v['adaptive_vs_best_static_pct']:+.1f}%",
-                      "yes" if v["within_5pct"] else "[red]no[/]")
+                      "yes" if v["within_5pct"] else "[red]no[/]", "-" if paired is None else f"{paired:+.1f}%")
     return t
 
 

@@ -145,3 +145,17 @@ def test_a_reported_radio_change_moves_adaptive_off_the_device_sooner(slow_devic
     told, untold = first_on_wifi_plan(True), first_on_wifi_plan(False)
     assert told <= 20.75, f"told of the handover, adaptive still waited until t={told}"
     assert untold > told
+
+
+def test_paired_ratio_compares_the_same_requests() -> None:
+    """A static policy that overran a slot skipped the next one; the paired
+    comparison leaves adaptive's extra request there out."""
+    from experiments._records import Record, paired_ratio
+
+    def rec(policy: str, t: float, ms: float) -> Record:
+        return Record("live", policy, 0, 0, t, "3g", 1.1, 2.0, 100.0, False, "x", ms, 1.0, 0.0, 0.0, 0.0, 0, 0, "")
+
+    records = [rec("cloud", 0.0, 600.0), rec("cloud", 1.01, 100.0),                           # skipped 0.5
+               rec("adaptive", 0.0, 480.0), rec("adaptive", 0.5, 480.0), rec("adaptive", 1.0, 110.0)]
+    assert paired_ratio(records, "live", ["cloud"], 0.5) == pytest.approx((480.0 + 110.0) / (600.0 + 100.0))
+    assert paired_ratio(records, "analytic", ["cloud"], 0.5) is None
