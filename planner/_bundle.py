@@ -395,7 +395,9 @@ class PlanBundle:
     def choose(self, c: Conditions) -> str:
         """The partition to run under ``c``.
 
-        A decision-table lookup (nearest grid cell). Conditions the table does
+        A decision-table lookup: the partitions of the grid cells around ``c``
+        (one on a grid point, at most eight between), the one with the best
+        objective under ``c`` itself when they differ. Conditions the table does
         not cover — a downlink different from the uplink, a cloud load, the
         privacy floor, or values outside the grid — fall back to the argmin of
         :meth:`estimate` over :attr:`candidates` (same objective, SLO and
@@ -415,7 +417,12 @@ class PlanBundle:
             and grid.rtt_ms[0] <= c.rtt_ms <= grid.rtt_ms[-1]
         )
         if on_grid:
-            return table.lookup(c)
+            near = table.around(c)
+            if len(near) == 1:
+                return near[0]
+            ests = {pid: self.estimate(pid, c) for pid in near}
+            ref = self.estimate("device", c) if "device" in self.partitions else next(iter(ests.values()))
+            return pick(ests, c, ref, slo_ms=self._constraints.slo_ms)
         excluded = set(profile.get("excluded", []))
         if c.privacy:
             excluded |= {pid for pid in table.candidates if profile["partitions"][pid].get("sends_input", pid == "cloud")}

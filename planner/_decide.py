@@ -54,6 +54,14 @@ def _nearest_log(values: Sequence[float], x: float) -> int:
     return min(range(len(values)), key=lambda i: abs(math.log(max(values[i], 1e-9)) - lx))
 
 
+def _bracket(values: Sequence[float], x: float) -> tuple[int, ...]:
+    """Indices of the grid values just below and above ``x`` (one if ``x`` is on or beyond an end)."""
+    hi = next((i for i, v in enumerate(values) if v >= x), len(values) - 1)
+    if values[hi] == x or hi == 0 or x > values[-1]:
+        return (hi,)
+    return (hi - 1, hi)
+
+
 def _nearest(values: Sequence[float], x: float) -> int:
     return min(range(len(values)), key=lambda i: abs(values[i] - x))
 
@@ -116,6 +124,17 @@ class DecisionTable:
         r = _nearest_log(self.grid.rtt_ms, max(c.rtt_ms, 0.1))
         b = _nearest(self.grid.battery_pct, c.battery_pct)
         return self.candidates[self.choice[b][r][u]]
+
+    def around(self, c: Conditions) -> list[str]:
+        """The partitions of the grid cells bracketing ``c`` (at most 2 x 2 x 2:
+        uplink, RTT, battery), in candidate order: between cells the best is
+        one of them (regions of one partition are contiguous), which the
+        nearest cell alone can miss by far on a coarse axis (RTT 200 -> 500 ms)."""
+        u = _bracket(self.grid.uplink_mbps, c.uplink_mbps)
+        r = _bracket(self.grid.rtt_ms, c.rtt_ms)
+        b = _bracket(self.grid.battery_pct, c.battery_pct)
+        picked = {self.choice[bi][ri][ui] for bi in b for ri in r for ui in u}
+        return [self.candidates[i] for i in sorted(picked)]
 
     def wins(self) -> dict[str, int]:
         """Cells won per candidate."""
