@@ -649,9 +649,9 @@ class Gateway:
         ``ConnectivityManager.NetworkCallback``, iOS ``NWPathMonitor``).
 
         The link estimates are then stale in an unknown direction. A background
-        probe replaces them now (or, if one is running, the next request starts
-        another), instead of when the next request finds them old or a cloud
-        call trips over the step; a device-only stretch would otherwise miss
+        probe replaces them now; a probe already under way (it measures the old
+        link) stops after its current round trip, records nothing, and the
+        fresh one follows. Without the report, a device-only stretch would miss
         a better link for up to ``probe_interval_s``. Returns at once.
         """
         self._core.network_changed()

@@ -197,7 +197,7 @@ class _Sim:
         of :func:`edge.rtt_probe_timeout_s`), then
         two payload sends (10 s timeout), fed to :meth:`LinkMonitor.observe_probe`.
         Returns its end time."""
-        self._at(t, self.monitor.clear_shift)
+        self.monitor.clear_shift()
         now, rtts, sends, late = t, [], [], None
         leg_ends: list[float] = []
         transfers: list = [] if not sync else None

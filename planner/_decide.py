@@ -103,7 +103,8 @@ def pick(
 
 @dataclass
 class DecisionTable:
-    """Grid of conditions -> partition id; a run-time choice is a nearest-cell lookup.
+    """Grid of conditions -> partition id; a run-time choice looks up the cells around
+    the conditions (:meth:`around`, weighed by :meth:`planner.PlanBundle.choose`).
 
     Attributes:
         grid: the condition grid.
@@ -118,18 +119,12 @@ class DecisionTable:
     choice: list[list[list[int]]]
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def lookup(self, c: Conditions) -> str:
-        """The partition of the grid cell nearest to ``c`` (log scale for uplink and RTT)."""
-        u = _nearest_log(self.grid.uplink_mbps, c.uplink_mbps)
-        r = _nearest_log(self.grid.rtt_ms, max(c.rtt_ms, 0.1))
-        b = _nearest(self.grid.battery_pct, c.battery_pct)
-        return self.candidates[self.choice[b][r][u]]
-
     def around(self, c: Conditions) -> list[str]:
         """The partitions of the grid cells bracketing ``c`` (at most 2 x 2 x 2:
-        uplink, RTT, battery), in candidate order: between cells the best is
-        one of them (regions of one partition are contiguous), which the
-        nearest cell alone can miss by far on a coarse axis (RTT 200 -> 500 ms)."""
+        uplink, RTT, battery), in candidate order. Between cells the best is
+        almost always one of them (regions are contiguous; a partition winning
+        only a sliver between grid points is missed), while the nearest cell
+        alone can be far off on a coarse axis (RTT 200 -> 500 ms)."""
         u = _bracket(self.grid.uplink_mbps, c.uplink_mbps)
         r = _bracket(self.grid.rtt_ms, c.rtt_ms)
         b = _bracket(self.grid.battery_pct, c.battery_pct)
