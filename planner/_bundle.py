@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -378,8 +378,33 @@ class PlanBundle:
             )
         return self.profile, self.decision_table
 
-    def estimate(self, partition_id: str, c: Conditions) -> Estimate:
+    def costs(self, shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, dict[str, Any]]:
+        """The profile entries of the candidates, for a request with these input shapes.
+
+        Each entry is a copy of the partition's ``profile.json`` entry (keys
+        ``device_ms``, ``cloud_ms``, ``up_bytes``, ``down_bytes``, ...), the
+        form :meth:`estimate` and :meth:`choose` take as ``costs``. Callers may
+        change the copies (e.g. a measured device time) and pass them back.
+
+        Args:
+            shapes: input name -> the request's shape; None = the planned shape.
+
+        Raises:
+            BundleError: the bundle has no profile.
+        """
+        profile, table = self._need_profile()
+        return {pid: dict(profile["partitions"][pid]) for pid in table.candidates}
+
+    def estimate(
+        self, partition_id: str, c: Conditions, *, costs: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> Estimate:
         """Predicted latency and energy of a partition under conditions ``c`` (from ``profile.json``).
+
+        Args:
+            partition_id: the partition.
+            c: the conditions.
+            costs: entries to use instead of the profile's (see :meth:`costs`);
+                a partition missing from it uses its profile entry.
 
         Raises:
             BundleError: the bundle has no profile.
@@ -387,12 +412,12 @@ class PlanBundle:
         """
         profile, _ = self._need_profile()
         part = self.partition(partition_id)
-        entry = profile["partitions"].get(part.id)
+        entry = (costs or {}).get(part.id) or profile["partitions"].get(part.id)
         if entry is None:
             raise BundleError(f"partition '{part.id}' of '{self.model_name}' has no profile entry")
         return partition_estimate(entry, part.kind, c, self._energy)
 
-    def choose(self, c: Conditions) -> str:
+    def choose(self, c: Conditions, *, costs: Mapping[str, Mapping[str, Any]] | None = None) -> str:
         """The partition to run under ``c``.
 
         A decision-table lookup: the partitions of the grid cells around ``c``
@@ -404,13 +429,19 @@ class PlanBundle:
         exclusions as the table). With ``privacy`` the answer is never
         ``"cloud"`` nor any partition sending a raw graph input.
 
+        With ``costs`` (entries for this request, see :meth:`costs`: measured
+        device times, the request's own bytes) the table, built for the
+        planned figures, is not used: the answer is the argmin under ``c`` of
+        the estimates from those entries.
+
         Raises:
             BundleError: the bundle has no profile.
         """
         profile, table = self._need_profile()
         grid = table.grid
         on_grid = (
-            (c.downlink_mbps is None or c.downlink_mbps == c.uplink_mbps)
+            costs is None
+            and (c.downlink_mbps is None or c.downlink_mbps == c.uplink_mbps)
             and c.cloud_load == 0
             and not c.privacy
             and grid.uplink_mbps[0] <= c.uplink_mbps <= grid.uplink_mbps[-1]
@@ -429,8 +460,8 @@ class PlanBundle:
             excluded.add("cloud")
         if not set(table.candidates) - excluded:
             excluded = {"cloud"} if c.privacy else set()
-        ests = {pid: self.estimate(pid, c) for pid in table.candidates}
-        ref = self.estimate("device", c) if "device" in self.partitions else next(iter(ests.values()))
+        ests = {pid: self.estimate(pid, c, costs=costs) for pid in table.candidates}
+        ref = self.estimate("device", c, costs=costs) if "device" in self.partitions else next(iter(ests.values()))
         return pick(ests, c, ref, slo_ms=self._constraints.slo_ms, excluded=frozenset(excluded))
 
     def explain(self, *, rtt_ms: float = 20.0, battery_pct: float = 100.0) -> list[dict[str, Any]]:
