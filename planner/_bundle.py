@@ -10,7 +10,10 @@ Layout::
     BUNDLE/decision_table.json              conditions grid -> partition (schema 2, when profiled)
 
 ``manifest.json`` lists every file with its sha256 and carries ``plan_digest``,
-the sha256 of its own canonical JSON without that field. Schema 2 adds the
+the sha256 of its own canonical JSON without that field and without the
+decision data (profile, decision table, device profile: see
+:data:`DECISION_KEYS`), so refitting a bundle to a measured device keeps its
+digest and the cloud tier keeps serving it. Schema 2 adds the
 keys ``profile`` and ``decision_table`` (file names or null) and ``planner``
 (the candidate mode); schema 1 bundles still load (no profile). A bundle built
 with ``profile=False`` is identical (same digest) whenever it is built from the
@@ -52,6 +55,7 @@ __all__ = [
     "build_bundle",
     "load_bundle",
     "plan_digest",
+    "DECISION_KEYS",
 ]
 
 SCHEMA_VERSION = 2
@@ -112,9 +116,20 @@ class Partition:
         return self.encoding or "raw"
 
 
+#: Manifest keys (and the files they name) that only the device's choice reads:
+#: a refit from a device profile rewrites them and keeps the plan digest, so the
+#: cloud tier, which serves the unchanged suffixes, still accepts the edge.
+DECISION_KEYS = ("profile", "decision_table", "device")
+
+
 def plan_digest(manifest: dict[str, Any]) -> str:
-    """sha256 hex of the manifest's canonical JSON, ignoring any ``plan_digest`` key."""
-    body = {k: v for k, v in manifest.items() if k != "plan_digest"}
+    """sha256 hex of the manifest's canonical JSON, ignoring any ``plan_digest`` key
+    and the decision data (:data:`DECISION_KEYS` and their files): two bundles with
+    the same digest have the same partitions, byte for byte."""
+    decision_files = {manifest.get(k) for k in DECISION_KEYS if isinstance(manifest.get(k), str)}
+    body = {k: v for k, v in manifest.items() if k != "plan_digest" and k not in DECISION_KEYS}
+    if isinstance(body.get("files"), dict):
+        body["files"] = {f: d for f, d in body["files"].items() if f not in decision_files}
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
