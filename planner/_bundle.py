@@ -438,8 +438,8 @@ class PlanBundle:
         A decision-table lookup: the partitions of the grid cells around ``c``
         (one on a grid point, at most eight between), the one with the best
         objective under ``c`` itself when they differ. Conditions the table does
-        not cover — a downlink different from the uplink, a cloud load, the
-        privacy floor, or values outside the grid — fall back to the argmin of
+        not cover — a downlink different from the uplink, a cloud load, a
+        measured device speed, the privacy floor, or values outside the grid — fall back to the argmin of
         :meth:`estimate` over :attr:`candidates` (same objective, SLO and
         exclusions as the table). With ``privacy`` the answer is never
         ``"cloud"`` nor any partition sending a raw graph input.
@@ -456,6 +456,7 @@ class PlanBundle:
         grid = table.grid
         on_grid = (
             costs is None
+            and c.device_factor == 1.0
             and (c.downlink_mbps is None or c.downlink_mbps == c.uplink_mbps)
             and c.cloud_load == 0
             and not c.privacy

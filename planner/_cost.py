@@ -54,6 +54,9 @@ class Conditions:
         cloud_load: queue-depth-like multiplier: cloud time is ``cloud_ms * (1 + cloud_load)``.
         privacy: privacy floor: raw inputs never leave the device, so never
             choose ``"cloud"`` (nor any partition sending a graph input).
+        device_factor: the device's speed as measured at run time against the
+            profile: device compute times are ``device_ms * device_factor``
+            (1 = as profiled; 3 = three times slower, e.g. thermal throttling).
     """
 
     uplink_mbps: float
@@ -62,6 +65,7 @@ class Conditions:
     battery_pct: float = 100.0
     cloud_load: float = 0.0
     privacy: bool = False
+    device_factor: float = 1.0
 
     @property
     def down_mbps(self) -> float:
@@ -229,7 +233,8 @@ def estimate(
     """Latency and energy of one request (Neurosurgeon/DADS latency, Huang et al. energy).
 
     Args:
-        device_ms: prefix compute time on the device (0 for cloud-only).
+        device_ms: prefix compute time on the device (0 for cloud-only), as
+            profiled; scaled by ``c.device_factor``.
         cloud_ms: suffix compute time in the cloud, unloaded (0 for device-only).
         up_bytes: bytes sent device -> cloud (the cut tensors).
         down_bytes: bytes sent back (the model outputs).
@@ -243,6 +248,7 @@ def estimate(
     Raises:
         InvalidArgument: non-positive bandwidth on an offloading partition.
     """
+    device_ms *= c.device_factor
     if not offload:
         e = energy.compute_mw * device_ms / 1e3
         return Estimate(device_ms, e, device_ms, 0.0, 0.0)
