@@ -256,7 +256,8 @@ def _attribute(name: str, nodes: Mapping[str, str]) -> str | None:
 
 
 def profile_nodes(
-    g: ModelGraph, *, threads: int = 1, warmup: int = 2, repeats: int = 5, batch: int = 1, source: str = "local"
+    g: ModelGraph, *, threads: int = 1, warmup: int = 2, repeats: int = 5, batch: int = 1, source: str = "local",
+    feeds: Mapping[str, np.ndarray] | None = None,
 ) -> NodeProfile:
     """Per-node times from onnxruntime's profiler (``SessionOptions.enable_profiling``).
 
@@ -267,6 +268,8 @@ def profile_nodes(
         repeats: profiled runs; each node's time is its median over them.
         batch: value of dynamic dims in the seeded inputs.
         source: label stored in the profile.
+        feeds: the inputs to run (a shape bucket's); default: seeded inputs
+            with dynamic dims at ``batch``.
 
     Returns:
         The :class:`NodeProfile`.
@@ -276,7 +279,8 @@ def profile_nodes(
     """
     nodes = {t: n for t, n in g.producer.items()}
     nodes.update({n: n for n in g.order})
-    feeds = dummy_inputs(g.inputs, dynamic=batch)
+    if feeds is None:
+        feeds = dummy_inputs(g.inputs, dynamic=batch)
     with tempfile.TemporaryDirectory() as tmp:
         sess = make_session(g.model, threads)
         try:

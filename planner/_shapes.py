@@ -33,6 +33,9 @@ __all__ = [
     "resolve_shapes",
     "declared_dims",
     "seeded_feeds",
+    "concrete_model",
+    "inferred_nbytes",
+    "tensor_nbytes",
 ]
 
 Dim = int | str | None  # a fixed size, a symbol, or unknown
@@ -349,3 +352,86 @@ def seeded_feeds(shapes: Mapping[str, tuple[int, ...]], datatypes: Mapping[str, 
         else:
             feeds[name] = np.ones(shape, dtype=dtype)
     return feeds
+
+
+def concrete_model(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
+    """A copy of ``model`` with its inputs fixed at ``shapes``, shape-inferred at that size.
+
+    For planning only (bytes of every tensor at one size): nothing of it is
+    written into a bundle, whose models keep the original's dynamic dims.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.value_info[:]
+    for vi in m.graph.input:
+        if vi.name in shapes:
+            dims = vi.type.tensor_type.shape.dim
+            del dims[:]
+            for d in shapes[vi.name]:
+                dims.add().dim_value = int(d)
+    for data_prop in (True, False):
+        try:
+            return onnx.shape_inference.infer_shapes(m, data_prop=data_prop)
+        except Exception:  # noqa: BLE001 - inference is best effort
+            continue
+    return m
+
+
+def _vi_nbytes(vi: onnx.ValueInfoProto) -> int | None:
+    tt = vi.type.tensor_type
+    if not vi.type.HasField("tensor_type") or not tt.elem_type or not tt.HasField("shape"):
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+    n = itemsize
+    for d in tt.shape.dim:
+        if not d.HasField("dim_value") or d.dim_value < 0:
+            return None
+        n *= d.dim_value
+    return int(n)
+
+
+def inferred_nbytes(model: onnx.ModelProto) -> dict[str, int]:
+    """Bytes of every tensor whose type and shape ``model``'s value infos fix (one sample = the model's inputs)."""
+    out: dict[str, int] = {}
+    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        n = _vi_nbytes(vi)
+        if n is not None:
+            out[vi.name] = n
+    return out
+
+
+def tensor_nbytes(model: onnx.ModelProto, bucket: ShapeBucket, tensors: Sequence[str]) -> dict[str, int]:
+    """Bytes of ``tensors`` when ``model`` runs on ``bucket``'s inputs.
+
+    Shape inference at that size first; tensors it leaves unsized (data-
+    dependent shapes, ops it cannot infer) are measured in one onnxruntime run
+    of the model with them as extra outputs. A tensor that still has no size
+    is left out (the planner treats it as never sent).
+    """
+    sized = inferred_nbytes(concrete_model(model, bucket.shapes))
+    out = {t: sized[t] for t in tensors if t in sized}
+    missing = [t for t in tensors if t not in out]
+    if missing and bucket.feeds:
+        out.update(_run_nbytes(model, bucket.feeds, missing))
+    return out
+
+
+def _run_nbytes(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], tensors: list[str]) -> dict[str, int]:
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.value_info[:]
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in have)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        values = sess.run(tensors, dict(feeds))
+    except Exception:  # noqa: BLE001 - sizes stay unknown; the caller says so
+        return {}
+    return {t: int(np.asarray(v).nbytes) for t, v in zip(tensors, values)}
