@@ -25,6 +25,14 @@ classes unless noted; the image models take ``"input"`` float32
 * ``"lstm"`` - a 1-layer LSTM (hidden 32) over ``"input"`` float32
   ``[batch, seq, 16]`` (dynamic ``seq``): one atomic ONNX ``LSTM`` node.
 
+Dynamic-shape models standing in for users' models (see
+:mod:`planner._zoo_dynamic`; their valid shapes and an input generator are in
+:data:`DYNAMIC_MODELS`, :func:`make_inputs`, :func:`write_samples`):
+``"detector_dyn"`` (dynamic H and W, weights in Constant nodes),
+``"crnn_dyn"`` (dynamic width, LSTM sequence head), ``"transformer_dyn"``
+(tokens and attention mask, dynamic seq, two outputs), ``"gru_state"`` (state
+input and output) and ``"if_value"`` (an ``If`` on an input's value).
+
 Add a model by writing a builder returning a :class:`ZooSpec` and listing it
 in ``_BUILDERS``.
 """
@@ -38,9 +46,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from planner._zoo_dynamic import DYNAMIC_BUILDERS, DYNAMIC_MODELS, DynamicCase, make_inputs, write_samples
 from splitgate.errors import InvalidArgument
 
 __all__ = [
+    "DYNAMIC_MODELS",
+    "DynamicCase",
+    "make_inputs",
+    "write_samples",
     "ZOO_MODELS",
     "IMAGE_MODELS",
     "ZooSpec",
@@ -66,8 +79,14 @@ class ZooSpec:
             cannot specialise the batch dim to 1).
         input_names: ONNX input names.
         output_names: ONNX output names.
-        dynamic: per input name, ``{axis: dim_name}`` of dims that may vary
-            besides batch (batch is axis 0 of every input and output).
+        dynamic: per input (or output) name, ``{axis: dim_name}`` of dims
+            that may vary besides batch.
+        batch_axes: the batch axis of inputs/outputs where it is not axis 0
+            (None: no batch axis, e.g. a scalar input).
+        scripted: ``module`` is ``torch.jit.script``-ed (its control flow
+            becomes ONNX ``If``); only the legacy exporter takes it.
+        weights_as_constants: the exported file holds the weights in
+            ``Constant`` nodes instead of initializers.
     """
 
     module: Any
@@ -75,6 +94,22 @@ class ZooSpec:
     input_names: list[str]
     output_names: list[str]
     dynamic: dict[str, dict[int, str]] = field(default_factory=dict)
+    batch_axes: dict[str, int | None] = field(default_factory=dict)
+    scripted: bool = False
+    weights_as_constants: bool = False
+
+    def axes(self, name: str, batch_dynamic: bool) -> dict[int, str]:
+        """The dynamic ``{axis: dim_name}`` of input/output ``name`` (batch first if dynamic)."""
+        batch = self.batch_axes.get(name, 0)
+        return {**({batch: "batch"} if batch_dynamic and batch is not None else {}), **self.dynamic.get(name, {})}
+
+    def batch_of_one(self) -> tuple[Any, ...]:
+        """The example inputs cut to batch 1 along each input's batch axis."""
+        out = []
+        for n, t in zip(self.input_names, self.example):
+            batch = self.batch_axes.get(n, 0)
+            out.append(t if batch is None else t.narrow(batch, 0, 1))
+        return tuple(out)
 
 
 # -- model definitions ---------------------------------------------------------
@@ -272,6 +307,7 @@ _BUILDERS: dict[str, Callable[[], ZooSpec]] = {
     "vggchain": _vggchain,
     "transformer": _transformer,
     "lstm": _lstm,
+    **DYNAMIC_BUILDERS,
 }
 
 ZOO_MODELS: tuple[str, ...] = tuple(_BUILDERS)
@@ -330,7 +366,8 @@ def export_zoo_model(
             ``"batch"`` dim; otherwise the batch is fixed to 1.
         exporter: ``"legacy"`` (TorchScript ``dynamo=False``: fast, deprecated),
             ``"dynamo"`` (``torch.export``-based, needs onnxscript) or
-            ``"auto"`` (legacy if this torch still has it, else dynamo).
+            ``"auto"`` (legacy if this torch still has it, else dynamo;
+            ``if_value``, a scripted module, takes only legacy).
         trained: briefly train an image model on the synthetic gratings10
             task first (:func:`train_zoo_module`, cached); default: the seeded
             random weights (fast, deterministic).
@@ -339,8 +376,9 @@ def export_zoo_model(
         The path written.
 
     Raises:
-        InvalidArgument: unknown model or exporter name, or ``trained`` for a
-            model that is not an image classifier.
+        InvalidArgument: unknown model or exporter name, ``trained`` for a
+            model that is not an image classifier, or ``dynamo`` for a
+            scripted model.
         ImportError: torch (or onnxscript, for dynamo) is not installed.
     """
     if exporter not in ("auto", "legacy", "dynamo"):
@@ -350,15 +388,20 @@ def export_zoo_model(
         train_zoo_module(name, spec, seed=seed)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    example = spec.example if batch_dynamic else tuple(t[:1] for t in spec.example)
+    example = spec.example if batch_dynamic else spec.batch_of_one()
+    if spec.scripted and exporter == "dynamo":
+        raise InvalidArgument(f"zoo model '{name}' is a scripted module: export it with the legacy exporter")
     if exporter in ("auto", "legacy"):
         try:
             _export_legacy(spec, example, out, batch_dynamic)
-            return out
         except Exception:  # noqa: BLE001 - legacy exporter removed/broken in this torch
-            if exporter == "legacy":
+            if exporter == "legacy" or spec.scripted:
                 raise
-    _export_dynamo(spec, example, out, batch_dynamic)
+            _export_dynamo(spec, example, out, batch_dynamic)
+    else:
+        _export_dynamo(spec, example, out, batch_dynamic)
+    if spec.weights_as_constants:
+        _initializers_to_constants(out)
     return out
 
 
@@ -411,11 +454,7 @@ def calibration_inputs(n: int = 64, seed: int = 0) -> dict[str, Any]:
 def _export_legacy(spec: ZooSpec, example: tuple[Any, ...], out: Path, batch_dynamic: bool) -> None:
     import torch
 
-    axes: dict[str, dict[int, str]] = {}
-    for n in spec.input_names:
-        axes[n] = {**({0: "batch"} if batch_dynamic else {}), **spec.dynamic.get(n, {})}
-    if batch_dynamic:
-        axes.update({n: {0: "batch"} for n in spec.output_names})
+    axes = {n: spec.axes(n, batch_dynamic) for n in [*spec.input_names, *spec.output_names]}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -437,7 +476,7 @@ def _export_dynamo(spec: ZooSpec, example: tuple[Any, ...], out: Path, batch_dyn
     dims: dict[str, Any] = {"batch": torch.export.Dim("batch")}
     shapes: list[dict[int, Any] | None] = []
     for n in spec.input_names:
-        axes = {**({0: "batch"} if batch_dynamic else {}), **spec.dynamic.get(n, {})}
+        axes = spec.axes(n, batch_dynamic)
         shapes.append({a: dims.setdefault(d, torch.export.Dim(d)) for a, d in axes.items()} or None)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -452,3 +491,24 @@ def _export_dynamo(spec: ZooSpec, example: tuple[Any, ...], out: Path, batch_dyn
             external_data=False,
         )
     program.save(os.fspath(out), external_data=False)
+
+
+def _initializers_to_constants(path: Path) -> None:
+    """Rewrite an ONNX file so each initializer is a ``Constant`` node at the graph's start.
+
+    Users' models often come like that (older exporters, some converters);
+    the IR version and everything else stay as exported.
+    """
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(os.fspath(path))
+    graph = model.graph
+    names = {t.name for t in graph.initializer}
+    constants = [helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t) for t in graph.initializer]
+    nodes = [*constants, *graph.node]
+    inputs = [i for i in graph.input if i.name not in names]
+    del graph.initializer[:], graph.node[:], graph.input[:]
+    graph.node.extend(nodes)
+    graph.input.extend(inputs)
+    onnx.save(model, os.fspath(path))
