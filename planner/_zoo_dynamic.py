@@ -25,12 +25,14 @@ generator in :data:`DYNAMIC_MODELS`:
   and ``"h0"`` float32 ``[2, batch, 32]`` -> ``"y"`` ``[batch, time, 32]`` and
   ``"h_n"`` ``[2, batch, 32]`` (the batch is axis 1 of the state).
 * ``"if_value"`` - inputs whose values matter: ``"x"`` float32 ``[batch, N]``
-  and ``"n"`` int64 scalar ``[]``, a frame length that must divide ``N``
-  (``x`` is reshaped to ``[batch, N/n, n]``). An ONNX ``If`` on ``n > 8``
-  picks the long-frame branch (mean, power, peak -> Linear) or the
-  short-frame branch (frame energies -> Linear -> tanh); both give ``"y"``
-  ``[batch, 8]``. ``n = 0`` (a zero-filled dummy input) makes onnxruntime's
-  Reshape fail, so the model can only be planned from real samples. The
+  and ``"n"`` int64 scalar ``[]``, a frame length that must be an even
+  divisor of ``N`` (``x`` is reshaped to frames of two halves,
+  ``[batch, N/n, 2, n/2]``). An ONNX ``If`` on ``n > 8`` picks the
+  long-frame branch (mean, power, largest half-to-half change -> Linear) or
+  the short-frame branch (frame energies -> Linear -> tanh); both give
+  ``"y"`` ``[batch, 8]``. ``n = 0`` or ``1`` (what a dummy input holds) makes
+  onnxruntime's Reshape fail (``n/2 = 0``), and any small constant would
+  profile only the short branch, so the model is planned from real samples. The
   module is scripted (``torch.jit.script``) and exported with the legacy
   TorchScript exporter, whose ``prim::If`` becomes the ONNX ``If``
   (``torch.cond`` with the dynamo exporter gives an ``If`` too, but only on a
@@ -218,20 +220,22 @@ def _if_value() -> Any:
             self.long_head = nn.Linear(3, 8)
             self.short_head = nn.Linear(3, 8)
 
-        def long_frames(self, frames: torch.Tensor) -> torch.Tensor:
-            stats = [frames.mean((1, 2)), frames.pow(2).mean((1, 2)), frames.amax((1, 2))]
+        def long_frames(self, halves: torch.Tensor) -> torch.Tensor:
+            change = (halves[:, :, 0] - halves[:, :, 1]).abs().amax((1, 2))
+            stats = [halves.mean((1, 2, 3)), halves.pow(2).mean((1, 2, 3)), change]
             return self.long_head(torch.stack(stats, 1))
 
-        def short_frames(self, frames: torch.Tensor) -> torch.Tensor:
-            energy = frames.pow(2).mean(2)  # [B, frames]
-            stats = [energy.mean(1), energy.amax(1), frames.amin((1, 2))]
+        def short_frames(self, halves: torch.Tensor) -> torch.Tensor:
+            energy = halves.pow(2).mean((2, 3))  # [B, frames]
+            stats = [energy.mean(1), energy.amax(1), halves.amin((1, 2, 3))]
             return torch.tanh(self.short_head(torch.stack(stats, 1)))
 
         def forward(self, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-            frames = x.reshape(x.shape[0], -1, n)  # n must divide N; n = 0 is invalid
+            # frames of n samples, each as two halves: [B, N/n, 2, n/2]; n = 0 or 1 makes the Reshape fail
+            halves = x.reshape(x.shape[0], -1, 2, n // 2)
             if bool(n > self.threshold):
-                return self.long_frames(frames)
-            return self.short_frames(frames)
+                return self.long_frames(halves)
+            return self.short_frames(halves)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated, still supported
@@ -346,8 +350,8 @@ def _check_shapes(name: str, shapes: Shapes) -> DynamicCase:
 
 
 def _frame_length(samples: int, rng: np.random.Generator, long: bool | None) -> int:
-    """A frame length for if_value: a divisor of ``samples`` in [2, 64], long (> 8) or short if asked."""
-    divisors = [d for d in range(2, min(samples, 64) + 1) if samples % d == 0] or [samples]
+    """A frame length for if_value: an even divisor of ``samples`` in [2, 64], long (> 8) or short if asked."""
+    divisors = [d for d in range(2, min(samples, 64) + 1, 2) if samples % d == 0] or [samples]
     if long is not None:
         wanted = [d for d in divisors if (d > IF_THRESHOLD) == long]
         divisors = wanted or divisors
@@ -361,21 +365,21 @@ def make_inputs(name: str, shapes: Shapes, seed: int = 0, n: int | None = None) 
     (states scaled by 0.5); ``transformer_dyn`` tokens are ids in
     ``[1, 512)`` with each row padded after a random length in
     ``[ceil(seq/2), seq)`` (mask 0, token 0 there; rows of length 1 are not
-    padded); ``if_value``'s ``n`` is a divisor of ``N`` in ``[2, 64]``.
+    padded); ``if_value``'s ``n`` is an even divisor of ``N`` in ``[2, 64]``.
 
     Args:
         name: a key of :data:`DYNAMIC_MODELS`.
         shapes: input name -> shape (batch included), e.g. from ``planned``.
         seed: the numpy seed.
-        n: ``if_value`` only: the frame length to use (must divide ``N``;
-            default: a seeded divisor). Ignored by the other models.
+        n: ``if_value`` only: the frame length to use (an even divisor of
+            ``N``; default: a seeded one). Ignored by the other models.
 
     Returns:
         Input name -> array (float32 or int64), ready for onnxruntime.
 
     Raises:
         InvalidArgument: unknown model, shapes that do not fit it, or an ``n``
-            that does not divide ``N``.
+            that is not an even divisor of ``N``.
     """
     _check_shapes(name, shapes)
     rng = np.random.default_rng(seed)
@@ -394,8 +398,8 @@ def make_inputs(name: str, shapes: Shapes, seed: int = 0, n: int | None = None) 
         return {"tokens": tokens * mask, "attention_mask": mask}
     batch, samples = shapes["x"]
     length = _frame_length(samples, rng, None) if n is None else int(n)
-    if length < 1 or samples % length:
-        raise InvalidArgument(f"if_value: n={length} must be a positive divisor of N={samples}")
+    if length < 2 or length % 2 or samples % length:
+        raise InvalidArgument(f"if_value: n={length} must be an even divisor of N={samples}")
     return {"x": rng.standard_normal((batch, samples), dtype=np.float32), "n": np.array(length, dtype=np.int64)}
 
 

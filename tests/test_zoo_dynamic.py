@@ -137,12 +137,14 @@ def test_if_value_has_an_if_with_both_branches_reachable(exported: dict[str, Pat
         feeds = make_inputs("if_value", {"x": (2, 256), "n": ()}, seed=n, n=n)
         (got,) = sess.run(None, feeds)
         with torch.no_grad():
-            want = branch(torch.from_numpy(feeds["x"]).reshape(2, -1, n)).numpy()
+            want = branch(torch.from_numpy(feeds["x"]).reshape(2, -1, 2, n // 2)).numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"n={n}")
-    with pytest.raises(Exception, match="Reshape"):  # the zero a dummy input holds is not a valid length
-        sess.run(None, {"x": np.zeros((1, 256), np.float32), "n": np.array(0, np.int64)})
-    with pytest.raises(InvalidArgument, match="divisor"):
-        make_inputs("if_value", {"x": (1, 100), "n": ()}, n=3)
+    for dummy in (0, 1):  # what dummy inputs hold (zeros, ones) is not a valid length
+        with pytest.raises(Exception, match="Reshape"):
+            sess.run(None, {"x": np.zeros((1, 256), np.float32), "n": np.array(dummy, np.int64)})
+    for bad in (3, 5, 1):
+        with pytest.raises(InvalidArgument, match="even divisor"):
+            make_inputs("if_value", {"x": (1, 100), "n": ()}, n=bad)
 
 
 def test_write_samples_gives_arrays_onnxruntime_accepts(exported: dict[str, Path], tmp_path: Path) -> None:
