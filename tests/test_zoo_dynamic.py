@@ -42,7 +42,8 @@ def _torch_outputs(name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 
 def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
-    return [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in value_info.type.tensor_type.shape.dim]
+    dims = value_info.type.tensor_type.shape.dim
+    return [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in dims]
 
 
 def test_dynamic_models_are_zoo_models() -> None:
@@ -92,7 +93,8 @@ def test_onnx_equals_torch_at_planned_and_other_shapes(exported: dict[str, Path]
 
 
 def test_output_shapes_follow_the_inputs(exported: dict[str, Path]) -> None:
-    heatmap, boxes = _session(exported["detector_dyn"]).run(None, make_inputs("detector_dyn", {"image": (2, 3, 120, 100)}))
+    image = make_inputs("detector_dyn", {"image": (2, 3, 120, 100)})
+    heatmap, boxes = _session(exported["detector_dyn"]).run(None, image)
     assert heatmap.shape == (2, 4, 15, 13) and boxes.shape == (2, 4, 15, 13)
     (logits,) = _session(exported["crnn_dyn"]).run(None, make_inputs("crnn_dyn", {"image": (1, 1, 32, 100)}))
     assert logits.shape == (1, 25, 37)
