@@ -1,0 +1,303 @@
+"""Refit a plan bundle's decision data to a device's own measurements.
+
+``splitgate refit BUNDLE --device-profile device.json`` (:func:`refit_bundle`)
+recomputes every shape bucket's device times in ``profile.json`` from a
+:class:`~planner._device.DeviceProfile` and rebuilds each bucket's decision
+table, without re-extracting a partition:
+
+* a partition the device measured (matched by its cut, see
+  :func:`planner._device.cut_key`) gets that time, at the nearest bucket
+  scaled by input elements;
+* any other partition gets the device's per-node sum over its prefix's nodes,
+  times this planning machine's measured/estimated ratio for it (the
+  correction :func:`planner._plan.plan_model` applies to imported profiles);
+* an encoded twin (``cut-3@int8``) gets its raw twin's new time plus the
+  encode time the device measured, else the planned encode time scaled by the
+  device's speed relative to the plan (its ``device`` partition).
+
+Only the decision data changes (``profile.json``, ``decision_table.json`` and
+the manifest's ``device`` key and file digests): the plan digest stays, so the
+cloud tier keeps serving the same suffixes to the refitted edge. The bundle is
+rewritten like :func:`planner.build_bundle` writes one: into a temporary
+sibling directory (unchanged files hard-linked, or copied where links are not
+possible) renamed into place.
+
+Limits: partitions the plan dropped (winning nowhere at planning time) are not
+in the bundle, so a refit chooses among those the plan kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from planner._bundle import MANIFEST, PlanBundle, _replace_dir, plan_digest
+from planner._cost import Constraints, EnergyModel
+from planner._decide import DecisionTable
+from planner._device import DeviceProfile, load_device_profile
+from planner._plan import table_for
+from planner._profile import Timing
+from splitgate.errors import BundleError, InvalidArgument
+
+__all__ = ["refit_bundle", "refit_stats", "refit_table"]
+
+Progress = Callable[[str, int, int], None]
+Shapes = Mapping[str, Any]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _PrefixNodes:
+    """Node names of each partition's device side (read from the bundle's files, cached)."""
+
+    def __init__(self, bundle: PlanBundle) -> None:
+        self.bundle = bundle
+        self._cache: dict[Path, list[str]] = {}
+
+    def of(self, pid: str) -> list[str]:
+        part = self.bundle.partitions.get(pid)
+        if part is None or part.prefix_path is None:
+            return []
+        path = part.prefix_path
+        if path not in self._cache:
+            model = onnx.load(os.fspath(path), load_external_data=False)
+            self._cache[path] = [n.name for n in model.graph.node]
+        return self._cache[path]
+
+
+def _correction(entry: Mapping[str, Any]) -> float:
+    """This machine's measured / per-node-estimated time of a partition (1.0 if unknown)."""
+    timing, est = entry.get("device_timing"), float(entry.get("est_device_ms") or 0.0)
+    if not timing or est <= 0:
+        return 1.0
+    return Timing.from_dict(timing).typical_ms / est
+
+
+def refit_stats(
+    stats: Mapping[str, Mapping[str, Any]],
+    device: DeviceProfile,
+    shapes: Shapes | None,
+    prefix_nodes: Callable[[str], list[str]],
+) -> dict[str, dict[str, Any]]:
+    """One bucket's profile entries with device times from ``device``.
+
+    Args:
+        stats: partition id -> ``profile.json`` entry of the bucket.
+        device: the device's measurements.
+        shapes: the bucket's input shapes (None = the device profile's bucket 0).
+        prefix_nodes: partition id -> node names of its device side.
+
+    Returns:
+        New entries: ``device_ms`` replaced, ``device_source`` (``"measured"``
+        or ``"node-sum"``), ``planned_device_ms`` (the plan's own figure),
+        ``device_suffix_ms`` where the device measured the suffix (a fallback's
+        cost); encoded twins also get a new ``encode_ms``.
+    """
+    nodes = device.node_profile(shapes)
+    out: dict[str, dict[str, Any]] = {}
+    twins = [pid for pid, e in stats.items() if e.get("base")]
+    for pid, entry in stats.items():
+        if pid in twins:
+            continue
+        new = dict(entry)
+        kind = str(entry.get("kind", "split"))
+        tensors = entry.get("tensors") if kind == "split" else None
+        if kind != "cloud":
+            ms = device.partition_ms(pid, shapes, kind=kind, tensors=tensors)
+            source = "measured"
+            if ms is None:
+                ms, source = nodes.sum(prefix_nodes(pid)) * _correction(entry), "node-sum"
+            new.update(device_ms=round(ms, 4), device_source=source,
+                       planned_device_ms=entry.get("planned_device_ms", entry.get("device_ms")))
+            suffix = device.suffix_ms(pid, shapes, tensors=tensors) if kind == "split" else None
+            if suffix is not None:
+                new["device_suffix_ms"] = round(suffix, 4)
+        out[pid] = new
+    old_dev = float(stats.get("device", {}).get("device_ms") or 0.0)
+    new_dev = float(out.get("device", {}).get("device_ms") or 0.0)
+    speed = new_dev / old_dev if old_dev > 0 and new_dev > 0 else 1.0
+    for pid in twins:
+        entry = stats[pid]
+        base = out.get(str(entry["base"]))
+        if base is None:
+            raise BundleError(f"profile entry '{pid}' names a raw twin '{entry['base']}' the profile lacks")
+        enc = device.encode_ms(pid, shapes, tensors=base.get("tensors"))
+        source = base.get("device_source", "measured")
+        if enc is None:
+            enc, source = float(entry.get("encode_ms") or 0.0) * speed, f"{source}+scaled-encode"
+        new = dict(entry)
+        new.update(device_ms=round(float(base["device_ms"]) + enc, 4), encode_ms=round(enc, 4),
+                   device_source=source,
+                   planned_device_ms=entry.get("planned_device_ms", entry.get("device_ms")))
+        out[pid] = new
+    return {pid: out[pid] for pid in stats}
+
+
+def _planned_shapes(bundle: PlanBundle, profile: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The main bucket's shapes of a bundle whose profile has no buckets."""
+    if profile.get("shapes"):
+        return {k: tuple(int(x) for x in v) for k, v in profile["shapes"].items()}
+    batch = int(profile.get("batch", 1))
+    return {s.name: tuple(d if d >= 0 else batch for d in s.shape) for s in bundle.inputs}
+
+
+def refit_bundle(
+    bundle_dir: str | os.PathLike[str],
+    device_profile: DeviceProfile | str | os.PathLike[str],
+    *,
+    progress: Progress | None = None,
+) -> PlanBundle:
+    """Refit a bundle's device times and decision tables to a device profile.
+
+    Args:
+        bundle_dir: a profiled plan bundle.
+        device_profile: a :class:`DeviceProfile` or its JSON (``splitgate
+            profile``; a legacy per-node profile JSON also works: node sums only).
+        progress: ``callback(step, done, total)``.
+
+    Returns:
+        The refitted bundle, loaded back (and verified); same ``plan_digest``.
+
+    Raises:
+        InvalidArgument: an unreadable device profile, one of another model,
+            or a bundle without a profile.
+        BundleError: the bundle fails verification or its profile is malformed.
+    """
+    report = progress or (lambda step, done, total: None)
+    root = Path(bundle_dir)
+    report("refit", 0, 3)
+    bundle = PlanBundle.load(root)
+    if not bundle.has_profile or bundle.profile is None or bundle.decision_table is None:
+        raise InvalidArgument(f"bundle '{bundle.model_name}' at {root} has no profile to refit: "
+                              "plan it with profiling on")
+    device = load_device_profile(device_profile)
+    device.check_model(bundle.model_sha256, what=f"bundle '{bundle.model_name}'")
+    manifest = copy.deepcopy(bundle.manifest)
+    profile = copy.deepcopy(bundle.profile)
+    try:
+        energy = EnergyModel.from_dict(profile.get("energy", {}))
+        constraints = Constraints.from_dict(profile.get("constraints"))
+        buckets = profile.get("buckets") or []
+        views: list[tuple[Shapes | None, dict[str, Any], dict[str, Any] | None]] = (
+            [(b["shapes"], b["partitions"], b) for b in buckets] if buckets
+            else [(_planned_shapes(bundle, profile), profile["partitions"], None)]
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BundleError(f"{root}: malformed profile ({exc!r})") from exc
+    if not device.buckets[0].shapes:  # a legacy per-node profile: no shapes to match
+        views = [(None, stats, doc) for _, stats, doc in views]
+    grid = bundle.decision_table.grid
+    nodes = _PrefixNodes(bundle)
+    report("refit", 1, 3)
+
+    tables: list[DecisionTable] = []
+    for shapes, stats, doc in views:
+        new = refit_stats(stats, device, shapes, nodes.of)
+        kinds = {pid: str(e.get("kind", bundle.partitions[pid].kind if pid in bundle.partitions else "split"))
+                 for pid, e in new.items()}
+        tables.append(table_for(new, kinds, energy, constraints, grid))
+        if doc is not None:
+            doc["partitions"] = new
+            node_ms = doc.setdefault("node_ms", {})
+            node_ms["device"] = {k: round(v, 5) for k, v in device.node_profile(shapes).node_ms.items()}
+            model_ms = doc.get("model_ms")
+            if isinstance(model_ms, dict):
+                model_ms["device"] = round(device.model_ms(shapes), 4)
+        else:
+            profile["partitions"] = new
+    if buckets:
+        profile["partitions"] = buckets[0]["partitions"]
+    main_shapes = views[0][0]
+    profile.setdefault("node_ms", {})["device"] = {
+        k: round(v, 5) for k, v in device.node_profile(main_shapes).node_ms.items()}
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    planned = profile.get("device", {})
+    record = {"name": device.label, "identity": device.device, "profile_sha256": device.sha256(),
+              "profile_plan_digest": device.plan_digest, "refit_at": stamp}
+    profile["device"] = {
+        "threads": device.threads,
+        "slowdown": 1.0,
+        "source": f"device:{device.label}",
+        "model_ms": round(device.model_ms(main_shapes), 4),
+        "attributed": round(device.bucket_for(main_shapes)[0].attributed, 4),
+        **record,
+        "planned": planned.get("planned", planned),
+    }
+    table_doc = tables[0].to_dict()
+    if buckets:
+        table_doc["buckets"] = [t.to_dict() for t in tables]
+    report("refit", 2, 3)
+    _write(root, bundle, manifest, profile, table_doc, record)
+    report("refit", 3, 3)
+    return PlanBundle.load(root)
+
+
+def _write(root: Path, bundle: PlanBundle, manifest: dict[str, Any], profile: dict[str, Any],
+           table_doc: dict[str, Any], record: dict[str, Any]) -> None:
+    """Write the refitted bundle into a temporary sibling directory and rename it into place."""
+    prof_rel, table_rel = str(manifest["profile"]), str(manifest["decision_table"])
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        tmp.chmod(0o755)
+        rewritten = {prof_rel, table_rel, MANIFEST}
+        for src in root.rglob("*"):
+            rel = src.relative_to(root)
+            if src.is_dir() or rel.as_posix() in rewritten:
+                continue
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+        for rel, doc in ((prof_rel, profile), (table_rel, table_doc)):
+            path = PlanBundle._resolve(tmp, rel)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+            manifest["files"][rel] = _sha256(path)
+        manifest["device"] = record
+        digest = plan_digest(manifest)
+        if digest != bundle.plan_digest:
+            raise BundleError(f"refit would change the plan digest of {root} ({bundle.plan_digest[:12]} -> "
+                              f"{digest[:12]}): only decision data may change")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _replace_dir(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def refit_table(before: PlanBundle, after: PlanBundle) -> Any:
+    """A rich table: each partition's planned and refitted device ms, and the
+    decision-table cells it wins before and after (main bucket)."""
+    from rich.table import Table
+
+    old = (before.profile or {}).get("partitions", {})
+    new = (after.profile or {}).get("partitions", {})
+    wins_before = before.decision_table.wins() if before.decision_table else {}
+    wins_after = after.decision_table.wins() if after.decision_table else {}
+    table = Table(title=f"refit: {after.model_name}")
+    for col in ("partition", "device ms (before)", "device ms (after)", "source", "cells won (before)",
+                "cells won (after)"):
+        table.add_column(col, justify="left" if col in ("partition", "source") else "right")
+    for pid, entry in new.items():
+        table.add_row(pid, f"{float(old.get(pid, {}).get('device_ms', 0.0)):.3f}", f"{float(entry['device_ms']):.3f}",
+                      str(entry.get("device_source", "-")) if entry.get("kind") != "cloud" else "-",
+                      str(wins_before.get(pid, 0)), str(wins_after.get(pid, 0)))
+    return table
