@@ -21,6 +21,7 @@ import onnxruntime as ort
 from cloud._batch import Item
 from planner import PlanBundle
 from splitgate import codec
+from splitgate._ort_errors import RunSite, clean_reason, is_onnxruntime_error, load_error, run_error
 from splitgate.encoding import read_decoded_inputs
 from splitgate.errors import (
     BundleError,
@@ -145,9 +146,10 @@ class SuffixService:
         except SplitgateError as exc:
             raise BundleError(f"bundle {bundle.root}: version not activated: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - any failure refuses the version
+            detail = clean_reason(str(exc))[2] if is_onnxruntime_error(exc) else f"{type(exc).__name__}: {exc}"
             raise BundleError(
-                f"bundle {bundle.root}: smoke run of model '{bundle.model_name}' failed, version not "
-                f"activated: {type(exc).__name__}: {exc}"
+                f"bundle {bundle.root}: smoke run of model '{bundle.model_name}' on zeros failed, version not "
+                f"activated: {detail}"
             ) from None
 
     # -- lookup -----------------------------------------------------------
@@ -178,7 +180,11 @@ class SuffixService:
             ) from None
 
     def _load_session(self, bundle: PlanBundle, partition) -> ort.InferenceSession:
-        """A suffix session built from bytes whose sha256 matches the manifest."""
+        """A suffix session built from bytes whose sha256 matches the manifest.
+
+        Raises:
+            BundleError: the file fails its sha256 check, or onnxruntime cannot load it.
+        """
         path = Path(partition.suffix_path)
         rel = path.relative_to(bundle.root).as_posix()
         files = bundle.manifest.get("files", {})
@@ -195,9 +201,14 @@ class SuffixService:
         # takes the core the gRPC/event-loop thread needs (same for every host of
         # this service, so the Ray tier and the plain baseline stay comparable).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if f"{rel}.data" in files:  # external weights: ORT resolves them next to the file
-            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        try:
+            if f"{rel}.data" in files:  # external weights: ORT resolves them next to the file
+                return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            if not is_onnxruntime_error(exc):
+                raise
+            raise load_error(exc, RunSite.of(bundle.model_name, partition, "suffix", "cloud"), rel) from None
 
     def _session(
         self, model: str, partition_id: str, digest: str | None = None
@@ -281,9 +292,16 @@ class SuffixService:
                         plan_digest=bundle.plan_digest, where=where)
 
     def run(self, key: tuple[str, str, str], outputs: tuple[str, ...], feeds: dict) -> list:
-        """Run the suffix ``key`` = (model, partition, plan digest) once. Raises InvalidArgument."""
-        session, _ = self._session(*key)
-        return _run(session, list(outputs), feeds, f"model '{key[0]}' partition '{key[1]}'")
+        """Run the suffix ``key`` = (model, partition, plan digest) once.
+
+        Raises:
+            ModelRunError: the suffix failed on these (validated) inputs: INVALID_ARGUMENT
+                naming the partition, node, input shapes and onnxruntime's reason.
+            ResourceExhausted: onnxruntime could not allocate memory for the run.
+            BundleError: onnxruntime cannot load the suffix file.
+        """
+        session, partition = self._session(*key)
+        return _run(session, list(outputs), feeds, RunSite.of(key[0], partition, "suffix", "cloud"))
 
     def respond(
         self, prepared: Prepared, values: list, *, cloud_ms: float, queue_depth: int, batch_size: int = 1
@@ -335,17 +353,14 @@ class Prepared:
     where: str
 
 
-_ORT_INPUT_ERRORS = tuple(
-    getattr(ort.capi.onnxruntime_pybind11_state, n)
-    for n in ("InvalidArgument", "RuntimeException", "Fail")
-    if hasattr(ort.capi.onnxruntime_pybind11_state, n)
-)
-
-
-def _run(session: ort.InferenceSession, outputs: list[str], feeds: dict, where: str) -> list:
+def _run(session: ort.InferenceSession, outputs: list[str], feeds: dict, site: RunSite) -> list:
     # Inputs passed validation, so an ORT failure here means the values or a
     # dynamic dimension don't fit the graph (e.g. a wrong spatial size).
+    options = ort.RunOptions()
+    options.log_severity_level = 4  # no raw dump on stderr: the failure is raised typed instead
     try:
-        return session.run(outputs, feeds)
-    except _ORT_INPUT_ERRORS as exc:
-        raise InvalidArgument(f"{where}: onnxruntime rejected the inputs: {exc}") from None
+        return session.run(outputs, feeds, options)
+    except Exception as exc:
+        if not is_onnxruntime_error(exc):
+            raise
+        raise run_error(exc, site, feeds) from None

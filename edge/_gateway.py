@@ -28,10 +28,10 @@ from edge._client import CloudClient, CloudReply
 from edge._metrics import GatewayMetrics
 from edge._monitor import BatteryMonitor, CloudLoadMonitor, Ewma, LinkCalibration, LinkMonitor
 from edge._policy import Policy, calibrated, hedge_delay_ms, rtt_first, rtt_probe_timeout_s
-from edge._sessions import SessionCache
+from edge._sessions import RunSite, SessionCache
 from edge.config import GatewayConfig
 from planner import Conditions, Partition, PlanBundle
-from splitgate.errors import BundleError, InvalidArgument, NotFound, SplitgateError
+from splitgate.errors import BundleError, InvalidArgument, ModelRunError, NotFound, SplitgateError, is_peer_failure
 from splitgate.security import TlsConfig, raw_input_leaks
 from splitgate.validate import Limits, validate_inputs
 
@@ -367,10 +367,11 @@ class _Core:
     # -- running --------------------------------------------------------------
 
     def _device(
-        self, path: Path, feeds: dict[str, np.ndarray], target_ms: float | None = None
+        self, path: Path, feeds: dict[str, np.ndarray], target_ms: float | None = None,
+        site: RunSite | None = None,
     ) -> tuple[dict[str, np.ndarray], float]:
         t0 = time.perf_counter()
-        out = self.sessions.run(path, feeds)
+        out = self.sessions.run(path, feeds, site)
         elapsed = time.perf_counter() - t0
         if target_ms is not None:
             time.sleep(max(target_ms / 1e3 - elapsed, 0.0))
@@ -388,7 +389,8 @@ class _Core:
         target = None
         if (full := self._planned_device_ms(bundle, "device")) is not None:
             target = max(full - (self._planned_device_ms(bundle, part.id) or 0.0), 0.0)
-        out, ms = self._device(part.suffix_path, cut, target)  # type: ignore[arg-type]
+        site = RunSite.of(bundle.model_name, part, "suffix", "device")
+        out, ms = self._device(part.suffix_path, cut, target, site)  # type: ignore[arg-type]
         key = (bundle.model_name, part.id)
         self._local_suffix_ms.setdefault(key, Ewma()).add(ms)
         return out, ms
@@ -439,7 +441,8 @@ class _Core:
         cut = feeds
         if part.prefix_path is not None:
             cut, trace.device_ms = self._device(
-                part.prefix_path, feeds, self._planned_device_ms(bundle, part.id)
+                part.prefix_path, feeds, self._planned_device_ms(bundle, part.id),
+                RunSite.of(bundle.model_name, part, "prefix", "device"),
             )
         if part.suffix_path is None:
             return cut
@@ -495,7 +498,14 @@ class _Core:
         except FutureTimeout:
             pass
         except SplitgateError as exc:
-            self.breaker.record_failure()
+            if is_peer_failure(exc):
+                self.breaker.record_failure()
+            else:
+                # The cloud answered: it is healthy, this request (or plan) was
+                # refused. (Recording nothing would leave a half-open probe hanging.)
+                self.breaker.record_success()
+                if isinstance(exc, ModelRunError):
+                    raise exc from None  # the local suffix would fail the same way
             trace.fallback = exc.code.name.lower()
             return None, self._local_suffix(bundle, part, cut)
         # The cloud is late and the deadline near: race it against the device.
@@ -509,7 +519,10 @@ class _Core:
         trace.fallback = "hedged"
         exc = future.exception() if future.done() else None
         if exc is not None:
-            self.breaker.record_failure()
+            if is_peer_failure(exc):
+                self.breaker.record_failure()
+            else:
+                self.breaker.record_success()
             trace.fallback = exc.code.name.lower() if isinstance(exc, SplitgateError) else "error"
         else:
             # The cloud stayed slower than the device: the link is at least that

@@ -11,6 +11,7 @@ import grpc
 
 from edge._gateway import Gateway
 from splitgate import __version__, codec
+from splitgate._ort_errors import is_onnxruntime_error, run_error
 from splitgate.errors import InvalidArgument, SplitgateError
 from splitgate.protocol import inference_pb2 as pb
 from splitgate.protocol import inference_pb2_grpc as pb_grpc
@@ -36,9 +37,12 @@ class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _answer(context: grpc.ServicerContext, call: Callable[[], Any]) -> Any:
         try:
             return call()
-        except SplitgateError as exc:
+        except SplitgateError as exc:  # a model failing on the input: ModelRunError, INVALID_ARGUMENT
             context.abort(exc.code, str(exc))
         except Exception as exc:  # noqa: BLE001 - a bug still gets a status, never a hang
+            if is_onnxruntime_error(exc):  # (every run goes through SessionCache, which types these)
+                error = run_error(exc, None, {})
+                context.abort(error.code, str(error))
             context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
     def ServerLive(self, request, context):

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-__all__ = ["SessionCache"]
+from splitgate._ort_errors import RunSite, is_onnxruntime_error, load_error, run_error
+
+__all__ = ["RunSite", "SessionCache"]
 
 
 class SessionCache:
@@ -28,19 +30,56 @@ class SessionCache:
         self._sessions: dict[Path, ort.InferenceSession] = {}
         self._lock = threading.Lock()
 
-    def get(self, path: Path) -> ort.InferenceSession:
+    def get(self, path: Path, site: RunSite | None = None) -> ort.InferenceSession:
+        """The session of the ONNX file at ``path``, created on first use.
+
+        Raises:
+            BundleError: onnxruntime cannot load the file (named with ``site``).
+            ResourceExhausted: not enough memory to load it.
+        """
         with self._lock:
             session = self._sessions.get(path)
             if session is None:
                 opts = ort.SessionOptions()
                 if self._threads:
                     opts.intra_op_num_threads = self._threads
-                session = ort.InferenceSession(str(path), opts, providers=self.providers)
+                try:
+                    session = ort.InferenceSession(str(path), opts, providers=self.providers)
+                except Exception as exc:
+                    if not is_onnxruntime_error(exc):
+                        raise
+                    raise load_error(exc, site, str(path)) from None
                 self._sessions[path] = session
             return session
 
-    def run(self, path: Path, feeds: dict) -> dict:
-        """Run the whole model at ``path``; return outputs by name."""
-        session = self.get(path)
+    def run(self, path: Path, feeds: dict, site: RunSite | None = None) -> dict:
+        """Run the whole model at ``path``; return outputs by name.
+
+        Args:
+            path: the ONNX file (a partition's prefix or suffix, or the full model).
+            feeds: input name -> array, already validated against the declared inputs.
+            site: which model, partition and part this is, for error messages.
+
+        Raises:
+            ModelRunError: the model failed on these inputs (INVALID_ARGUMENT;
+                the message names the partition, node, input shapes and reason).
+            ResourceExhausted: onnxruntime could not allocate memory.
+            BundleError: onnxruntime cannot load the file.
+        """
+        session = self.get(path, site)
         names = [o.name for o in session.get_outputs()]
-        return dict(zip(names, session.run(names, feeds)))
+        try:
+            values = session.run(names, feeds, _quiet_run())
+        except Exception as exc:
+            if not is_onnxruntime_error(exc):
+                raise
+            raise run_error(exc, site, feeds) from None
+        return dict(zip(names, values))
+
+
+def _quiet_run() -> ort.RunOptions:
+    """Run options that keep onnxruntime from logging a failed run's raw dump
+    to stderr: the failure is raised as a typed error that says it better."""
+    options = ort.RunOptions()
+    options.log_severity_level = 4  # fatal only
+    return options
