@@ -9,10 +9,14 @@ Public API::
     Extractor(graph).prefix(tensors) / .suffix(tensors)   sub-models (ModelProto)
     extract_prefix(graph, tensors), extract_suffix(graph, tensors)  shortcuts
     profile_nodes(graph) -> NodeProfile; time_partition(prefix, suffix, feeds)   measurement
+    DeviceProfile.load(path) / measure_device(model|bundle)   a device measures itself (splitgate profile)
+    refit_bundle(bundle_dir, device_profile) -> PlanBundle   decision data refitted to a device (same plan digest)
     Conditions, Estimate, EnergyModel, Constraints, estimate(...)   the cost model
     build_bundle(model_path, out_dir, options=PlanOptions(...) | **overrides) -> PlanBundle
     load_bundle(dir) / PlanBundle.load(dir) -> PlanBundle  (verified)
     PlanBundle.candidates / has_profile / estimate(pid, c) / choose(c) / explain()
+    PlanOptions(input_shapes=..., samples=...) / ShapeBucket / DynamicShapeError   real shapes, shape buckets
+    PlanBundle.costs(shapes) -> per-request cost entries (nearest bucket, scaled; the request's bytes)
     (cut, encoding) candidates "cut-K@int8" (PlanOptions.encodings, calibration, guard; Partition.encoding)
 
 The model zoo (torch) lives in :mod:`planner.zoo` and is not imported here, so
@@ -30,6 +34,9 @@ from planner._graph import ModelGraph, TensorSpec
 from planner._mincut import CutProblem, DagCut, exhaustive_cut, min_cut
 from planner._plan import PlanOptions
 from planner._profile import NodeProfile, Timing, profile_nodes, time_partition
+from planner._device import DeviceProfile, measure_device
+from planner._refit import refit_bundle
+from planner._shapes import DynamicShapeError, ShapeBucket, parse_input_shapes
 
 __all__ = [
     "ModelGraph",
@@ -61,4 +68,10 @@ __all__ = [
     "PlanBundle",
     "build_bundle",
     "load_bundle",
+    "DeviceProfile",
+    "measure_device",
+    "refit_bundle",
+    "DynamicShapeError",
+    "ShapeBucket",
+    "parse_input_shapes",
 ]

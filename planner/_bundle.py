@@ -89,9 +89,10 @@ class Partition:
             ``"cloud"``, none for ``"device"``).
         prefix_path: the device model, or None (``"cloud"``).
         suffix_path: the cloud model, or None (``"device"``).
-        cut_bytes: bytes per sample sent to the cloud (dynamic dims counted as 1;
-            0 for ``"device"``), or None if not fixed-size (e.g. strings); for
-            an encoded candidate, the measured encoded bytes.
+        cut_bytes: bytes sent to the cloud per request at the main planned
+            shape (0 for ``"device"``), or None if unknown (e.g. strings); for
+            an encoded candidate, the measured encoded bytes. A request of
+            another shape sends other bytes: see :meth:`PlanBundle.costs`.
         encoding: the wire encoding the plan measured for the cut tensors of
             an encoded candidate (``"cut-K@int8"`` -> ``"int8"``; see
             :mod:`planner._encoding`), or None for raw cut tensors (older
@@ -159,14 +160,33 @@ def _save_model(model: onnx.ModelProto, path: Path) -> list[Path]:
     return [path, path.parent / location]
 
 
-def _cut_bytes(specs: list[TensorSpec]) -> int | None:
-    total = 0
-    for spec in specs:
-        n = spec.nbytes()
-        if n is None:
-            return None
-        total += n
-    return total
+def _generic(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as a bundle stores it: no value infos of intermediate tensors.
+
+    Planning infers (and probes) shapes at the user's sizes; onnxruntime trusts
+    value infos it is given and folds shapes with them, so one written into the
+    model would make it fail at every other size.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.value_info[:]
+    return out
+
+
+def _write_sample(root: Path, feeds: dict[str, Any], names: list[str]) -> dict[str, str]:
+    """Save one request at the main planned shape (``sample/<i>.npy``, in input
+    order): what the edge and the cloud smoke-run a version with. Returns input
+    name -> file."""
+    import numpy as np
+
+    out: dict[str, str] = {}
+    for i, name in enumerate(n for n in names if n in feeds):
+        rel = f"sample/{i}.npy"
+        (root / "sample").mkdir(exist_ok=True)
+        with open(root / rel, "wb") as fh:
+            np.save(fh, np.asarray(feeds[name]), allow_pickle=False)
+        out[name] = rel
+    return out
 
 
 def build_bundle(
@@ -249,7 +269,7 @@ def build_bundle(
             entry: dict[str, Any] = {"id": p.id, "kind": p.kind, "total_nodes": total}
             if p.kind == "cloud":
                 entry.update(device_nodes=0, cut_tensors=inputs, prefix=None, suffix=MODEL_FILE,
-                             cut_bytes=_cut_bytes(list(g.inputs)))
+                             cut_bytes=p.up_bytes)
             elif p.kind == "device":
                 entry.update(device_nodes=total, cut_tensors=[], prefix=MODEL_FILE, suffix=None, cut_bytes=0)
             else:
@@ -266,20 +286,24 @@ def build_bundle(
                     cut_tensors=[s.to_dict() for s in specs],
                     prefix=str(rel / "prefix.onnx"),
                     suffix=str(rel / "suffix.onnx"),
-                    cut_bytes=_cut_bytes(specs),
+                    cut_bytes=p.up_bytes,
                 )
                 if base:
                     entry.update(encoding=p.encoding, cut_bytes=int(p.stats["up_bytes"]))
             parts.append(entry)
         report("write partitions", len(plan.partitions), len(plan.partitions))
         report("write bundle", 0, 1)
-        # After extraction: the full model now also records types probed for cut tensors.
-        written += _save_model(g.model, tmp / MODEL_FILE)
+        written += _save_model(_generic(g.model), tmp / MODEL_FILE)
+        sample = _write_sample(tmp, plan.shapes[0].feeds if plan.shapes else {}, [s.name for s in g.inputs])
+        written += [tmp / rel for rel in sample.values()]
         extra: dict[str, Any] = {"profile": None, "decision_table": None}
         if plan.profile is not None and plan.table is not None:
+            table_doc = plan.table.to_dict()
+            if len(plan.tables) > 1:
+                table_doc["buckets"] = [t.to_dict() for t in plan.tables]
             for key, rel_name, doc in (
                 ("profile", PROFILE_FILE, plan.profile),
-                ("decision_table", TABLE_FILE, plan.table.to_dict()),
+                ("decision_table", TABLE_FILE, table_doc),
             ):
                 path = tmp / rel_name
                 path.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n", encoding="utf-8")
@@ -295,6 +319,8 @@ def build_bundle(
             "outputs": [s.to_dict() for s in g.outputs],
             "partitions": parts,
             "planner": {"candidates": opts.candidates, "reference_cuts": opts.reference_cuts},
+            "shapes": [b.to_dict()["shapes"] for b in plan.shapes],
+            "sample": sample,
             **extra,
             "files": dict(sorted(files.items())),
         }
@@ -349,15 +375,26 @@ class PlanBundle:
         self.decision_table: DecisionTable | None = None
         self._energy = EnergyModel()
         self._constraints = Constraints()
+        self.decision_tables: list[DecisionTable] = []
+        self._costs_cache: dict[tuple, dict[str, dict[str, Any]]] = {}
+        self._skeleton: onnx.ModelProto | None = None
         prof_rel, table_rel = manifest.get("profile"), manifest.get("decision_table")
         if prof_rel and table_rel:
             self.profile = self._read_json(prof_rel)
-            self.decision_table = DecisionTable.from_dict(self._read_json(table_rel))
+            table_doc = self._read_json(table_rel)
+            self.decision_table = DecisionTable.from_dict(table_doc)
+            self.decision_tables = [DecisionTable.from_dict(t) for t in table_doc.get("buckets", [])] or [
+                self.decision_table
+            ]
             try:
                 self._energy = EnergyModel.from_dict(self.profile.get("energy", {}))
                 self._constraints = Constraints.from_dict(self.profile.get("constraints"))
                 entries = self.profile["partitions"]
-                missing = [c for c in self.decision_table.candidates if c not in entries or c not in self.partitions]
+                missing = [c for c in self.candidates if c not in entries or c not in self.partitions]
+                buckets = self.profile.get("buckets") or []
+                if buckets and len(buckets) != len(self.decision_tables):
+                    raise ValueError(f"{len(buckets)} shape buckets but {len(self.decision_tables)} decision tables")
+                missing += [c for b in buckets for c in self.candidates if c not in b["partitions"]]
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise BundleError(f"{root / str(prof_rel)}: malformed profile ({exc!r})") from exc
             if missing:
@@ -382,8 +419,40 @@ class PlanBundle:
 
     @property
     def candidates(self) -> list[str]:
-        """Partition ids in the decision table (empty without a profile)."""
-        return list(self.decision_table.candidates) if self.decision_table is not None else []
+        """Partition ids the decision tables may answer, over every shape bucket (empty without a profile)."""
+        seen = {c for t in self.decision_tables for c in t.candidates}
+        return [pid for pid in self.partitions if pid in seen]
+
+    @property
+    def shapes(self) -> list[dict[str, tuple[int, ...]]]:
+        """The input shapes the bundle was planned at, one dict per shape bucket (main first).
+
+        Older bundles, planned before shapes were recorded, give one bucket
+        of the manifest inputs with dynamic dims as 1.
+        """
+        recorded = self.manifest.get("shapes")
+        if recorded:
+            return [{k: tuple(int(d) for d in v) for k, v in b.items()} for b in recorded]
+        return [{s.name: tuple(d if d >= 0 else 1 for d in s.shape) for s in self.inputs}]
+
+    def sample_inputs(self) -> dict[str, Any]:
+        """One valid request at the main planned shape (the planner's run inputs,
+        a user's sample when one was given): what a new version is smoke-run with.
+        Older bundles without one get zeros with dynamic dims as 1."""
+        import numpy as np
+
+        from splitgate.codec import numpy_dtype
+
+        files = self.manifest.get("sample") or {}
+        out: dict[str, Any] = {}
+        for spec in self.inputs:
+            rel = files.get(spec.name)
+            if rel is not None:
+                out[spec.name] = np.load(self._resolve(self.root, rel), allow_pickle=False)
+            else:
+                shape = self.shapes[0].get(spec.name, tuple(d if d >= 0 else 1 for d in spec.shape))
+                out[spec.name] = np.zeros(shape, dtype=numpy_dtype(spec.datatype, tensor=spec.name))
+        return out
 
     def _need_profile(self) -> tuple[dict[str, Any], DecisionTable]:
         if self.profile is None or self.decision_table is None:
@@ -407,8 +476,73 @@ class PlanBundle:
         Raises:
             BundleError: the bundle has no profile.
         """
-        profile, table = self._need_profile()
-        return {pid: dict(profile["partitions"][pid]) for pid in table.candidates}
+        profile, _ = self._need_profile()
+        buckets = profile.get("buckets") or [{"shapes": self.shapes[0], "partitions": profile["partitions"]}]
+        if shapes is None:
+            return {pid: dict(buckets[0]["partitions"][pid]) for pid in self.candidates}
+        key = tuple((k, tuple(int(d) for d in shapes[k])) for k in sorted(shapes))
+        cached = self._costs_cache.get(key)
+        if cached is None:
+            cached = self._costs_at(buckets, {k: v for k, v in key})
+            if len(self._costs_cache) >= 256:
+                self._costs_cache.pop(next(iter(self._costs_cache)))
+            self._costs_cache[key] = cached
+        return {pid: dict(e) for pid, e in cached.items()}
+
+    def _costs_at(self, buckets: list[dict[str, Any]], shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, Any]]:
+        """Entries for a request of ``shapes``: the nearest bucket's (by input
+        elements, on a log scale), times scaled by the size ratio, bytes the
+        request's own (shape inference of the model at those shapes)."""
+        import math
+
+        elements = sum(math.prod(v) for v in shapes.values())
+        sizes = [sum(math.prod(v) for v in b["shapes"].values()) for b in buckets]
+        i = min(range(len(buckets)), key=lambda j: (
+            {k: tuple(v) for k, v in buckets[j]["shapes"].items()} != shapes,
+            abs(math.log(max(elements, 1) / max(sizes[j], 1))),
+        ))
+        scale = elements / sizes[i] if sizes[i] else 1.0
+        nbytes = self._tensor_nbytes(shapes)
+        out: dict[str, dict[str, Any]] = {}
+        for pid in self.candidates:
+            entry = dict(buckets[i]["partitions"][pid])
+            part = self.partitions[pid]
+            tensors = [t.name for t in part.cut_tensors]
+            for k in ("device_ms", "cloud_ms"):
+                entry[k] = float(entry.get(k, 0.0)) * scale
+            raw = sum(nbytes[t] for t in tensors) if all(t in nbytes for t in tensors) else None
+            raw_planned = buckets[i]["partitions"].get(entry.get("base") or pid, entry).get("up_bytes", 0)
+            if raw is not None and raw_planned:
+                entry["up_bytes"] = int(round(float(entry.get("up_bytes", 0)) * raw / raw_planned))
+            else:
+                entry["up_bytes"] = int(round(float(entry.get("up_bytes", 0)) * scale))
+            if part.kind != "device":
+                outs = [o.name for o in self.outputs]
+                down = sum(nbytes[t] for t in outs) if all(t in nbytes for t in outs) else None
+                entry["down_bytes"] = down if down is not None else int(round(float(entry.get("down_bytes", 0)) * scale))
+            entry["bucket"] = i
+            entry["scale"] = scale
+            out[pid] = entry
+        return out
+
+    def _tensor_nbytes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+        """Bytes of the model's tensors at ``shapes``, from shape inference of a
+        weightless copy of the model (large initializers emptied: inference
+        needs their dims, not their values)."""
+        from planner._shapes import concrete_model, inferred_nbytes
+
+        if self._skeleton is None:
+            skeleton = onnx.load(os.fspath(self.model_path), load_external_data=False)
+            for init in skeleton.graph.initializer:
+                if len(init.raw_data) > 4096:
+                    init.ClearField("raw_data")
+                    init.ClearField("data_location")
+                    del init.external_data[:]
+            self._skeleton = skeleton
+        try:
+            return inferred_nbytes(concrete_model(self._skeleton, shapes))
+        except Exception:  # noqa: BLE001 - sizes stay unknown: the caller scales the planned ones
+            return {}
 
     def estimate(
         self, partition_id: str, c: Conditions, *, costs: Mapping[str, Mapping[str, Any]] | None = None
@@ -470,13 +604,14 @@ class PlanBundle:
             ests = {pid: self.estimate(pid, c) for pid in near}
             ref = self.estimate("device", c) if "device" in self.partitions else next(iter(ests.values()))
             return pick(ests, c, ref, slo_ms=self._constraints.slo_ms)
+        cands = self.candidates if costs is not None else table.candidates
         excluded = set(profile.get("excluded", []))
         if c.privacy:
-            excluded |= {pid for pid in table.candidates if profile["partitions"][pid].get("sends_input", pid == "cloud")}
+            excluded |= {pid for pid in cands if profile["partitions"][pid].get("sends_input", pid == "cloud")}
             excluded.add("cloud")
-        if not set(table.candidates) - excluded:
+        if not set(cands) - excluded:
             excluded = {"cloud"} if c.privacy else set()
-        ests = {pid: self.estimate(pid, c, costs=costs) for pid in table.candidates}
+        ests = {pid: self.estimate(pid, c, costs=costs) for pid in cands}
         ref = self.estimate("device", c, costs=costs) if "device" in self.partitions else next(iter(ests.values()))
         return pick(ests, c, ref, slo_ms=self._constraints.slo_ms, excluded=frozenset(excluded))
 

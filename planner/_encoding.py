@@ -225,6 +225,8 @@ def add_encoded(
     parts: list[PlannedPartition],
     options: PlanOptions,
     progress: Callable[[str, int, int], None] | None = None,
+    *,
+    calibration: Calibration | None = None,
 ) -> tuple[list[PlannedPartition], dict[str, Any]]:
     """Add the encoded twins of the measured split partitions that pass the guard.
 
@@ -233,6 +235,7 @@ def add_encoded(
         parts: measured partitions (``stats`` filled in).
         options: planning options (encodings, calibration, guard, threads, repeats).
         progress: ``callback(step, done, total)``.
+        calibration: the calibration requests; default: from ``options.calibration``.
 
     Returns:
         (``parts`` with each split followed by its surviving encoded twins,
@@ -247,7 +250,8 @@ def add_encoded(
                             "calibration": None, "measured": {}, "dropped": {}}
     if not encs or not splits:
         return parts, info
-    calib = load_calibration(options.calibration, g.inputs, samples=options.calibration_samples, batch=options.batch)
+    calib = calibration or load_calibration(options.calibration, g.inputs, samples=options.calibration_samples,
+                                            batch=options.batch)
     info["calibration"] = {"source": calib.source, "samples": calib.samples, "requests": len(calib.requests)}
     slowdown = options.device_slowdown if options.device_profile is None else 1.0
     out: list[PlannedPartition] = []

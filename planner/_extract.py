@@ -5,9 +5,11 @@ aware of what the planner needs and the stock extractor does not do:
 
 * nodes inside If/Loop/Scan subgraphs read outer-scope tensors: those count as
   inputs of the control-flow node, so its producers are kept;
-* cut tensors that shape inference left untyped get their type and shape from
-  one onnxruntime run of the full model (dims that change with a dynamic input
-  dim stay dynamic);
+* cut tensors that shape inference left untyped get their element type and
+  rank from one onnxruntime run of the full model, every dimension left
+  dynamic: a size seen at the planning shape is never written into a model;
+* the sub-models carry no value infos of intermediate tensors (onnxruntime
+  infers them at load), so they run at every shape the original model accepts;
 * IR version < 4 models list initializers as graph inputs; so do the sub-models;
 * each sub-model is checked with ``onnx.checker``.
 
@@ -42,11 +44,14 @@ class Extractor:
     Args:
         graph: the model graph to cut.
         check: run ``onnx.checker.check_model`` on every extracted model.
+        feeds: inputs to run the model on when a cut tensor's type must be
+            probed (a planning shape's; default: seeded inputs, dynamic dims 1).
     """
 
-    def __init__(self, graph: ModelGraph, *, check: bool = True) -> None:
+    def __init__(self, graph: ModelGraph, *, check: bool = True, feeds: dict[str, np.ndarray] | None = None) -> None:
         self.g = graph
         self.check = check
+        self.feeds = feeds
 
     # -- public -------------------------------------------------------------
 
@@ -169,19 +174,12 @@ class Extractor:
             # IR 3: every initializer must also be declared as a graph input.
             in_vis += [self._vi(t.name) for t in initializers]
         out_vis = [self._vi(t) for t in outputs]
-        io = set(inputs) | set(outputs) | init_names
-        value_info = [
-            vi
-            for vi in src.graph.value_info
-            if vi.name in used and vi.name not in io
-        ]
         graph = helper.make_graph(
             [g.node(n) for n in nodes],
             f"{src.graph.name or 'model'}-{role}",
             in_vis,
             out_vis,
             initializer=initializers,
-            value_info=value_info,
             sparse_initializer=sparse,
         )
         model = helper.make_model(
@@ -235,37 +233,26 @@ class Extractor:
         for t in tensors:
             if t not in existing:
                 model.graph.output.append(onnx.ValueInfoProto(name=t))
-        dynamic = any(d < 0 for spec in g.inputs for d in spec.shape)
         try:
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
             opts.intra_op_num_threads = 1
             sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-            runs = [sess.run(tensors, dummy_inputs(g.inputs, dynamic=1))]
+            values = sess.run(tensors, self.feeds if self.feeds is not None else dummy_inputs(g.inputs, dynamic=1))
         except Exception as exc:  # noqa: BLE001 - any ORT failure: fall back to what inference knows
             for t in tensors:
                 vi = g.value_info(t)
                 if vi is None or not vi.type.tensor_type.elem_type:
                     raise BundleError(
                         f"cannot determine the type of cut tensor '{t}': shape inference did not "
-                        f"type it and onnxruntime could not run the model ({exc})"
+                        f"type it and onnxruntime could not run the model ({str(exc).splitlines()[0]})"
                     ) from exc
             return
-        if dynamic:
-            # Dims that change with the dynamic input dims stay dynamic.
-            try:
-                runs.append(sess.run(tensors, dummy_inputs(g.inputs, dynamic=2)))
-            except Exception:  # noqa: BLE001 - e.g. a model that only runs at batch 1
-                pass
-        for i, t in enumerate(tensors):
-            first = np.asarray(runs[0][i])
-            shapes = [np.asarray(r[i]).shape for r in runs]
-            dims: list[int | str | None] = []
-            for axis, size in enumerate(first.shape):
-                varies = any(len(s) != first.ndim or s[axis] != size for s in shapes)
-                dims.append(None if varies else int(size))
-            elem = helper.np_dtype_to_tensor_dtype(first.dtype)
-            g.set_value_info(helper.make_tensor_value_info(t, elem, dims))
+        for t, value in zip(tensors, values):
+            a = np.asarray(value)
+            # rank and element type only: the sizes are those of this one run
+            elem = helper.np_dtype_to_tensor_dtype(a.dtype)
+            g.set_value_info(helper.make_tensor_value_info(t, elem, [None] * a.ndim))
 
 
 def extract_prefix(graph: ModelGraph, cut_tensors: Sequence[str]) -> onnx.ModelProto:

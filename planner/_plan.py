@@ -23,24 +23,26 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx
 
 from planner._cost import Conditions, Constraints, EnergyModel, Estimate, estimate
 from planner._cuts import chain_cuts
-from planner._accuracy import Guard
+from planner._accuracy import Calibration, Guard, load_calibration
 from planner._decide import DecisionTable, Grid, build_table, search_candidates
 from planner._encoding import add_encoded, check_encodings
 from planner._extract import Extractor
-from planner._graph import ModelGraph, dummy_inputs
-from planner._mincut import CutProblem
+from planner._graph import ModelGraph
+from planner._mincut import CutProblem, DagCut
 from planner._profile import NodeProfile, profile_nodes, time_partitions
+from planner._shapes import ShapeBucket, load_samples, parse_input_shapes, resolve_buckets, seeded_feeds, tensor_nbytes
 from splitgate.errors import InvalidArgument
 
-__all__ = ["PlanOptions", "PlannedPartition", "Plan", "plan_model", "partition_estimate"]
+__all__ = ["PlanOptions", "PlannedPartition", "Plan", "plan_model", "partition_estimate", "table_for"]
 
 Progress = Callable[[str, int, int], None]
 
@@ -66,7 +68,7 @@ class PlanOptions:
         warmup: untimed runs per session.
         repeats: timed runs per session.
         max_candidates: at most this many min-cut partitions are measured.
-        batch: value of dynamic dims while profiling.
+        batch: the size of a dynamic leading (batch) dimension no shape names.
         energy: device power figures.
         constraints: latency SLO and device memory.
         grid: the decision table's condition grid.
@@ -83,6 +85,15 @@ class PlanOptions:
         min_cosine: guard for other float outputs (worst per-sample cosine).
         max_rel_error: guard for other float outputs (``max|dy| / max|y|``; None = off).
         output_kind: ``"auto"``, ``"classifier"`` or ``"other"`` (see :mod:`planner._accuracy`).
+        input_shapes: the real input shapes to plan at: input name -> shapes
+            (several = shape buckets, one profile and decision table each), or
+            ``--input-shape`` strings (``["x=1x3x640x640", "x=1x3x320x320"]``).
+            A dynamic non-batch dimension without a size here or in
+            ``samples`` is an error (:class:`planner.DynamicShapeError`).
+        samples: real inputs (``.npz`` or name -> array, samples on axis 0;
+            see :func:`planner._shapes.load_samples`): the model runs on them
+            while planning (inputs whose values matter) and, without
+            ``calibration``, they are the encoding guard's calibration set.
     """
 
     candidates: str = "optimal"
@@ -106,6 +117,16 @@ class PlanOptions:
     min_cosine: float = 0.999
     max_rel_error: float | None = None
     output_kind: str = "auto"
+    input_shapes: Mapping[str, Sequence[Sequence[int]]] | Sequence[str] | None = field(default=None, compare=False)
+    samples: str | os.PathLike[str] | Mapping[str, Any] | None = field(default=None, compare=False)
+
+    def shapes(self) -> dict[str, list[tuple[int, ...]]] | None:
+        """``input_shapes`` as input name -> shapes (parsing ``--input-shape`` strings)."""
+        if self.input_shapes is None:
+            return None
+        if isinstance(self.input_shapes, Mapping):
+            return {str(k): [tuple(int(d) for d in shape) for shape in v] for k, v in self.input_shapes.items()}
+        return parse_input_shapes([str(t) for t in self.input_shapes])
 
     def guard(self) -> Guard:
         """The accuracy guard these options describe."""
@@ -123,6 +144,9 @@ class PlanOptions:
         self.guard().validate()
         if self.calibration_samples < 1:
             raise InvalidArgument("calibration_samples must be >= 1")
+        if self.batch < 1:
+            raise InvalidArgument("batch must be >= 1")
+        self.shapes()
 
 
 @dataclass
@@ -139,6 +163,7 @@ class PlannedPartition:
         reference: a reference chain cut (kept even where it never wins).
         encoding: wire encoding of the cut tensors (``"raw"`` or see :mod:`planner._encoding`).
         base: for an encoded candidate, the id of its raw twin (same files).
+        up_bytes: bytes of the cut tensors at the main shape bucket.
     """
 
     id: str
@@ -151,6 +176,7 @@ class PlannedPartition:
     reference: bool = False
     encoding: str = "raw"
     base: str | None = None
+    up_bytes: int | None = None
 
 
 @dataclass
@@ -160,12 +186,18 @@ class Plan:
     Attributes:
         partitions: what goes in the bundle, ordered cloud, splits, device.
         profile: the ``profile.json`` document (None without profiling).
-        table: the decision table (None without profiling).
+        table: the main bucket's decision table (None without profiling).
+        shapes: the shape buckets planned at (the first is the main one).
+        notes: what planning assumed (e.g. a dynamic batch planned at 1).
+        tables: one decision table per bucket (empty without profiling).
     """
 
     partitions: list[PlannedPartition]
     profile: dict[str, Any] | None
     table: DecisionTable | None
+    shapes: list[ShapeBucket] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    tables: list[DecisionTable] = field(default_factory=list)
 
 
 def partition_estimate(entry: dict[str, Any], kind: str, c: Conditions, energy: EnergyModel) -> Estimate:
@@ -192,8 +224,69 @@ def _mem_bytes(problem: CutProblem, prefix: onnx.ModelProto | None, device_set: 
     return int(weights + 2 * min(act, 1 << 34))
 
 
+def table_for(
+    stats: Mapping[str, Mapping[str, Any]],
+    kinds: Mapping[str, str],
+    energy: EnergyModel,
+    constraints: Constraints,
+    grid: Grid,
+) -> DecisionTable:
+    """The decision table of one shape bucket from its partitions' profile entries.
+
+    Partitions over the device memory limit are excluded (unless every one is);
+    ``cloud`` and ``device`` are always candidates.
+
+    Args:
+        stats: partition id -> profile entry (``device_ms``, ``cloud_ms``,
+            ``up_bytes``, ``down_bytes``, ``device_mem_bytes``).
+        kinds: partition id -> ``"device"``, ``"cloud"`` or ``"split"``.
+        energy: device power figures.
+        constraints: latency SLO and device memory.
+        grid: the condition grid.
+
+    Returns:
+        The :class:`DecisionTable`.
+    """
+
+    def est(pid: str, c: Conditions) -> Estimate:
+        return partition_estimate(stats[pid], kinds[pid], c, energy)
+
+    limit = constraints.device_memory_mb
+    excluded = _excluded(stats, kinds, limit)
+    return build_table(
+        est, list(stats), grid,
+        ref=lambda c: est("device", c), slo_ms=constraints.slo_ms,
+        excluded=excluded, always=("cloud", "device"),
+    )
+
+
+def _excluded(stats: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, str], limit_mb: float | None) -> frozenset[str]:
+    excluded = frozenset(
+        pid for pid, e in stats.items()
+        if limit_mb is not None and kinds[pid] != "cloud" and e.get("device_mem_bytes", 0) > limit_mb * 1e6
+    )
+    return frozenset() if excluded >= set(stats) else excluded
+
+
+@dataclass
+class _Bucket:
+    """What planning learns at one shape bucket."""
+
+    shape: ShapeBucket
+    problem: CutProblem
+    dev_prof: NodeProfile | None = None
+    cloud_prof: NodeProfile | None = None
+    imported: NodeProfile | None = None
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    table: DecisionTable | None = None
+
+
 def plan_model(g: ModelGraph, options: PlanOptions, extractor: Extractor, progress: Progress | None = None) -> Plan:
     """Choose, extract and (optionally) measure a model's partitions.
+
+    Planning happens at the user's shapes (:mod:`planner._shapes`): one
+    profile and decision table per shape bucket; the extracted models keep
+    the original's dynamic dimensions.
 
     Args:
         g: the model graph.
@@ -205,122 +298,221 @@ def plan_model(g: ModelGraph, options: PlanOptions, extractor: Extractor, progre
         The :class:`Plan`.
 
     Raises:
-        InvalidArgument: bad options or an unreadable device profile.
+        InvalidArgument: bad options, an unreadable device profile or samples.
+        DynamicShapeError: a dynamic non-batch dimension without a size.
         BundleError: a partition cannot be extracted, or onnxruntime cannot run the model.
     """
     options.validate()
     report = progress or (lambda step, done, total: None)
-    # types of every tensor that may cross (one ORT run when inference left gaps)
-    report("find cuts", 0, 1)
-    pre = CutProblem(g)
-    try:
-        extractor.ensure_value_infos([t for t in pre.tensors if pre.nbytes[t] >= (1 << 40)])
-        problem = CutProblem(g)
-    except Exception:  # noqa: BLE001 - untyped tensors stay "never send"
-        problem = pre
-    chain = chain_cuts(g)
-    chain_by_tensor = {c.tensor: c for c in chain}
-    report("find cuts", 1, 1)
+    samples = load_samples(options.samples, g.inputs) if options.samples is not None else None
+    shapes, notes = resolve_buckets(g, options.shapes(), samples, batch=options.batch)
+    extractor.feeds = shapes[0].feeds  # types of cut tensors inference left open: from a real run
 
-    all_units = frozenset(problem.units)
-    cloud = PlannedPartition("cloud", "cloud", list(g.input_names), frozenset())
-    device = PlannedPartition("device", "device", [], all_units)
-    splits: dict[tuple[str, ...], PlannedPartition] = {}
+    report("find cuts", 0, len(shapes))
+    structure = CutProblem(g)
+    buckets = []
+    for i, shape in enumerate(shapes):
+        buckets.append(_Bucket(shape, CutProblem(g, tensor_nbytes(g.model, shape, structure.tensors))))
+        report("find cuts", i + 1, len(shapes))
+    problem = buckets[0].problem
+    splits = _Splits(g, problem)
+    splits.add_references(options)
 
-    def add_cut(device_set: frozenset[str], tensors: tuple[str, ...], reference: bool = False) -> None:
-        if not device_set or device_set >= all_units or not tensors or tensors in splits:
-            if tensors in splits and reference:
-                splits[tensors].reference = True
-            return
-        one = chain_by_tensor.get(tensors[0]) if len(tensors) == 1 else None
-        pid = f"cut-{one.index}" if one is not None else ""
-        splits[tensors] = PlannedPartition(pid, "split", list(tensors), device_set, reference=reference)
-
-    if options.candidates == "chain":
-        for c in chain:
-            add_cut(frozenset(u for u in c.device_set if u in all_units), (c.tensor,), reference=True)
-    elif options.reference_cuts and chain:
-        n = min(options.reference_cuts, len(chain))
-        for i in range(n):
-            c = chain[(i + 1) * len(chain) // (n + 1)]
-            add_cut(frozenset(u for u in c.device_set if u in all_units), (c.tensor,), reference=True)
-
-    dev_prof = cloud_prof = imported = None
     planning_ms = 0.0
     if options.profile:
-        report("profile nodes", 0, 2)
-        dev_prof = profile_nodes(g, threads=options.device_threads, warmup=options.warmup,
-                                 repeats=max(3, options.repeats // 2), batch=options.batch)
-        report("profile nodes", 1, 2)
-        cloud_prof = profile_nodes(g, threads=options.cloud_threads, warmup=options.warmup,
-                                   repeats=max(3, options.repeats // 2), batch=options.batch)
-        report("profile nodes", 2, 2)
-        if options.device_profile is not None:
-            imported = NodeProfile.load(options.device_profile)
-        est_dev = (imported or dev_prof).node_ms
-        slow = 1.0 if imported else options.device_slowdown
-        dev_units = {u: est_dev.get(u, 0.0) * slow for u in problem.units}
-        cloud_units = {u: cloud_prof.node_ms.get(u, 0.0) for u in problem.units}
+        _profile_nodes(g, buckets, options, report)
         if options.candidates == "optimal":
-            report("search partitions", 0, 1)
-            t0 = time.perf_counter()
-            ref_ms = max(1e-6, sum(dev_units.values()))
-            found = search_candidates(problem, dev_units, cloud_units, options.energy, ref_ms,
-                                      uplink_mbps=options.grid.uplink_mbps)
-            planning_ms += (time.perf_counter() - t0) * 1e3
-            ranked = sorted(found.values(), key=lambda cw: (-cw[1], len(cw[0].device_set)))
-            taken = 0
-            for cut, _wins in ranked:
-                if taken >= options.max_candidates:
-                    break
-                before = len(splits)
-                add_cut(cut.device_set, cut.tensors)
-                taken += len(splits) - before
-            report("search partitions", 1, 1)
+            planning_ms += _search(splits, buckets, options, report)
 
-    ordered = sorted(
-        splits.values(),
-        key=lambda p: (len(p.device_set), min((g.graph.nodes[problem.producer[t]]["index"]
-                                               if problem.producer.get(t) else -1) for t in p.tensors)),
-    )
-    k = 0
-    for p in ordered:
-        if not p.id:
-            k += 1
-            p.id = f"dag-{k}"
-    parts = [cloud, *ordered, device]
+    parts = splits.ordered()
+    _extract(extractor, parts, report)
+    for p in parts:
+        p.up_bytes = _bytes(problem, p.tensors)
+    if not options.profile:
+        return Plan(parts, None, None, [b.shape for b in buckets], notes)
 
-    total = len(ordered)
-    for i, p in enumerate(ordered):
-        report("extract partitions", i, total)
+    for i, b in enumerate(buckets):
+        _measure(g, parts, b, options, report, f"measure partitions {b.shape.label}" if len(buckets) > 1 else "measure partitions")
+    for p in parts:
+        p.stats = buckets[0].stats[p.id]
+    calibration = _calibration(g, options, shapes[0], samples)
+    parts, enc_profile = add_encoded(g, parts, options, report, calibration=calibration)
+    for b in buckets[1:]:
+        _encoded_stats(parts, buckets[0], b)
+
+    report("decision table", 0, len(buckets))
+    t0 = time.perf_counter()
+    kinds = {p.id: p.kind for p in parts}
+    for i, b in enumerate(buckets):
+        if i == 0:
+            b.stats = {p.id: p.stats for p in parts}
+        b.table = table_for(b.stats, kinds, options.energy, options.constraints, options.grid)
+        report("decision table", i + 1, len(buckets))
+    planning_ms += (time.perf_counter() - t0) * 1e3
+
+    winners = {pid for b in buckets for pid in b.table.candidates}  # type: ignore[union-attr]
+    keep = {p.id for p in parts if p.id in winners or p.reference or p.kind != "split"}
+    keep |= {p.base for p in parts if p.base and p.id in keep}  # an encoded winner keeps its raw twin
+    kept = [p for p in parts if p.id in keep]
+    measured = [p for p in parts if p.kind == "split" and not p.base] + [p for p in parts if p.kind != "split"]
+    profile = _profile_doc(buckets, kept, measured, options, enc_profile, notes)
+    profile["planning_ms"] = round(planning_ms, 3)
+    tables = [b.table for b in buckets]
+    return Plan(kept, profile, tables[0], [b.shape for b in buckets], notes, tables)  # type: ignore[arg-type]
+
+
+class _Splits:
+    """The split candidates gathered so far, keyed by their crossing tensors."""
+
+    def __init__(self, g: ModelGraph, problem: CutProblem) -> None:
+        self.g = g
+        self.problem = problem
+        self.all_units = frozenset(problem.units)
+        self.chain = chain_cuts(g)
+        self.chain_by_tensor = {c.tensor: c for c in self.chain}
+        self.splits: dict[tuple[str, ...], PlannedPartition] = {}
+
+    def add(self, device_set: frozenset[str], tensors: tuple[str, ...], reference: bool = False) -> bool:
+        """Add a split; True if it is new."""
+        if tensors in self.splits:
+            if reference:
+                self.splits[tensors].reference = True
+            return False
+        if not device_set or device_set >= self.all_units or not tensors:
+            return False
+        one = self.chain_by_tensor.get(tensors[0]) if len(tensors) == 1 else None
+        pid = f"cut-{one.index}" if one is not None else ""
+        self.splits[tensors] = PlannedPartition(pid, "split", list(tensors), device_set, reference=reference)
+        return True
+
+    def add_references(self, options: PlanOptions) -> None:
+        """Every chain cut (``candidates="chain"``) or ``reference_cuts`` evenly spaced ones."""
+        chain = self.chain
+        if options.candidates == "chain":
+            picked = chain
+        else:
+            n = min(options.reference_cuts, len(chain))
+            picked = [chain[(i + 1) * len(chain) // (n + 1)] for i in range(n)]
+        for c in picked:
+            self.add(frozenset(u for u in c.device_set if u in self.all_units), (c.tensor,), reference=True)
+
+    def ordered(self) -> list[PlannedPartition]:
+        """cloud, the splits by device node count (``dag-K`` ids given in that order), device."""
+        g, problem = self.g, self.problem
+
+        def first_index(p: PlannedPartition) -> int:
+            return min((g.graph.nodes[problem.producer[t]]["index"] if problem.producer.get(t) else -1)
+                       for t in p.tensors)
+
+        ordered = sorted(self.splits.values(), key=lambda p: (len(p.device_set), first_index(p)))
+        k = 0
+        for p in ordered:
+            if not p.id:
+                k += 1
+                p.id = f"dag-{k}"
+        cloud = PlannedPartition("cloud", "cloud", list(g.input_names), frozenset())
+        device = PlannedPartition("device", "device", [], self.all_units)
+        return [cloud, *ordered, device]
+
+
+def _profile_nodes(g: ModelGraph, buckets: list[_Bucket], options: PlanOptions, report: Progress) -> None:
+    """Per-node device and cloud estimates of every bucket (device: measured here, or imported)."""
+    reps = max(3, options.repeats // 2)
+    total = 2 * len(buckets)
+    for i, b in enumerate(buckets):
+        report("profile nodes", 2 * i, total)
+        b.dev_prof = profile_nodes(g, threads=options.device_threads, warmup=options.warmup, repeats=reps,
+                                   feeds=b.shape.feeds)
+        report("profile nodes", 2 * i + 1, total)
+        b.cloud_prof = profile_nodes(g, threads=options.cloud_threads, warmup=options.warmup, repeats=reps,
+                                     feeds=b.shape.feeds)
+        if options.device_profile is not None:
+            b.imported = imported_profile(options.device_profile, b.shape)
+    report("profile nodes", total, total)
+
+
+def imported_profile(path: str | os.PathLike[str], shape: ShapeBucket) -> NodeProfile:
+    """The per-node device times a device profile holds for ``shape``.
+
+    Reads a ``splitgate profile`` device JSON (:mod:`planner._device`; the
+    bucket with these shapes, or the nearest scaled) or a plain
+    :class:`NodeProfile` JSON.
+
+    Raises:
+        InvalidArgument: unreadable or of neither form.
+    """
+    try:
+        from planner._device import DeviceProfile
+    except ImportError:  # pragma: no cover - the module ships with the planner
+        return NodeProfile.load(path)
+    try:
+        return DeviceProfile.load(path).node_profile(shape.shapes)
+    except InvalidArgument:
+        return NodeProfile.load(path)
+
+
+def _search(splits: _Splits, buckets: list[_Bucket], options: PlanOptions, report: Progress) -> float:
+    """DADS min-cut candidates at every bucket; returns the planning ms spent."""
+    ranked: dict[tuple[str, ...], tuple[DagCut, int]] = {}
+    spent = 0.0
+    for i, b in enumerate(buckets):
+        report("search partitions", i, len(buckets))
+        assert b.dev_prof is not None and b.cloud_prof is not None
+        est_dev = (b.imported or b.dev_prof).node_ms
+        slow = 1.0 if b.imported else options.device_slowdown
+        dev_units = {u: est_dev.get(u, 0.0) * slow for u in b.problem.units}
+        cloud_units = {u: b.cloud_prof.node_ms.get(u, 0.0) for u in b.problem.units}
+        t0 = time.perf_counter()
+        ref_ms = max(1e-6, sum(dev_units.values()))
+        found = search_candidates(b.problem, dev_units, cloud_units, options.energy, ref_ms,
+                                  uplink_mbps=options.grid.uplink_mbps)
+        spent += (time.perf_counter() - t0) * 1e3
+        for cut, wins in found.values():
+            prev = ranked.get(cut.tensors)
+            ranked[cut.tensors] = (cut, wins + (prev[1] if prev else 0))
+    taken = 0
+    for cut, _wins in sorted(ranked.values(), key=lambda cw: (-cw[1], len(cw[0].device_set))):
+        if taken >= options.max_candidates:
+            break
+        taken += splits.add(cut.device_set, cut.tensors)
+    report("search partitions", len(buckets), len(buckets))
+    return spent
+
+
+def _extract(extractor: Extractor, parts: list[PlannedPartition], report: Progress) -> None:
+    splits = [p for p in parts if p.kind == "split"]
+    for i, p in enumerate(splits):
+        report("extract partitions", i, len(splits))
         p.prefix = extractor.prefix(p.tensors)
         p.suffix = extractor.suffix(p.tensors)
         p.tensors = [i.name for i in p.suffix.graph.input if i.name in set(p.tensors)]
-    report("extract partitions", total, total)
-    if not options.profile:
-        return Plan(parts, None, None)
+    report("extract partitions", len(splits), len(splits))
 
-    assert dev_prof is not None and cloud_prof is not None
-    feeds = dummy_inputs(g.inputs, dynamic=options.batch)
+
+def _measure(g: ModelGraph, parts: list[PlannedPartition], b: _Bucket, options: PlanOptions,
+             report: Progress, step: str) -> None:
+    """Time every partition's real sessions at bucket ``b``; fill ``b.stats``."""
+    assert b.dev_prof is not None and b.cloud_prof is not None
+    problem = b.problem
     down = _bytes(problem, list(g.output_names))
     inputs = set(g.input_names)
     # all partitions measured together, round by round (load drift hits them alike)
     sides = [(g.model if p.kind == "device" else p.prefix, g.model if p.kind == "cloud" else p.suffix) for p in parts]
     timings = time_partitions(
-        sides, feeds, device_threads=options.device_threads, cloud_threads=options.cloud_threads,
+        sides, b.shape.feeds, device_threads=options.device_threads, cloud_threads=options.cloud_threads,
         warmup=options.warmup, repeats=options.repeats, device_gap_ms=10.0,
-        progress=lambda done, total: report("measure partitions", done, total),
+        progress=lambda done, total: report(step, done, total),
     )
     for p, (pre_model, _), (dev_t, cloud_t) in zip(parts, sides, timings):
-        est_d = dev_prof.sum(p.device_set)
-        est_c = cloud_prof.sum(u for u in problem.units if u not in p.device_set)
+        est_d = b.dev_prof.sum(p.device_set)
+        est_c = b.cloud_prof.sum(u for u in problem.units if u not in p.device_set)
         device_ms = 0.0
         if dev_t is not None:
             device_ms = dev_t.typical_ms * options.device_slowdown
-            if imported is not None:
+            if b.imported is not None:
                 correction = dev_t.typical_ms / est_d if est_d > 0 else 1.0
-                device_ms = imported.sum(p.device_set) * correction
-        p.stats = {
+                device_ms = b.imported.sum(p.device_set) * correction
+        b.stats[p.id] = {
             "kind": p.kind,
             "tensors": list(p.tensors),
             "device_nodes": len(p.device_set),
@@ -336,66 +528,93 @@ def plan_model(g: ModelGraph, options: PlanOptions, extractor: Extractor, progre
             "device_mem_bytes": _mem_bytes(problem, pre_model if p.kind != "cloud" else None, p.device_set),
             "reference": p.reference,
         }
-    parts, enc_profile = add_encoded(g, parts, options, report)
 
-    report("decision table", 0, 1)
-    t0 = time.perf_counter()
-    stats = {p.id: p.stats for p in parts}
-    kinds = {p.id: p.kind for p in parts}
-    energy = options.energy
 
-    def est(pid: str, c: Conditions) -> Estimate:
-        return partition_estimate(stats[pid], kinds[pid], c, energy)
+def _calibration(g: ModelGraph, options: PlanOptions, shape: ShapeBucket,
+                 samples: list[dict[str, Any]] | None) -> Calibration:
+    """Calibration requests of the encoding guard: the user's, else the samples
+    of the main bucket's shape, else seeded requests of that shape."""
+    if options.calibration is not None:
+        return load_calibration(options.calibration, g.inputs, samples=options.calibration_samples,
+                                batch=options.batch)
+    same = [s for s in samples or [] if all(tuple(np.shape(s[k])) == v for k, v in shape.shapes.items())]
+    if same:
+        return Calibration(same, "--sample", len(same))
+    types = {s.name: s.datatype for s in g.inputs}
+    reqs = [seeded_feeds(shape.shapes, types, seed=10_000 + i) for i in range(options.calibration_samples)]
+    return Calibration(reqs, "random", len(reqs))
 
-    limit = options.constraints.device_memory_mb
-    excluded = frozenset(
-        p.id for p in parts
-        if limit is not None and p.kind != "cloud" and p.stats["device_mem_bytes"] > limit * 1e6
-    )
-    if excluded >= {p.id for p in parts}:
-        excluded = frozenset()
-    table = build_table(
-        est, [p.id for p in parts], options.grid,
-        ref=lambda c: est("device", c), slo_ms=options.constraints.slo_ms,
-        excluded=excluded, always=("cloud", "device"),
-    )
-    planning_ms += (time.perf_counter() - t0) * 1e3
-    report("decision table", 1, 1)
 
-    winners = set(table.candidates)
-    keep = {p.id for p in parts if p.id in winners or p.reference or p.kind != "split"}
-    keep |= {p.base for p in parts if p.base and p.id in keep}  # an encoded winner keeps its raw twin
-    kept = [p for p in parts if p.id in keep]
-    measured = [p for p in parts if p.kind == "split" and not p.base] + [p for p in parts if p.kind != "split"]
-    profile = {
+def _encoded_stats(parts: list[PlannedPartition], main: _Bucket, b: _Bucket) -> None:
+    """An encoded twin's entry at another bucket: its raw twin's there, with the
+    wire ratio and the coding times of the main bucket scaled by the cut's bytes."""
+    for p in parts:
+        if not p.base:
+            continue
+        raw0, raw = main.stats[p.base], b.stats[p.base]
+        scale = raw["up_bytes"] / raw0["up_bytes"] if raw0["up_bytes"] else 1.0
+        enc_ms, dec_ms = p.stats["encode_ms"] * scale, p.stats["decode_ms"] * scale
+        entry = dict(raw)
+        entry.update(
+            encoding=p.encoding, base=p.base, reference=False,
+            up_bytes=int(round(p.stats["up_bytes"] * scale)),
+            device_ms=round(raw["device_ms"] + enc_ms, 4), cloud_ms=round(raw["cloud_ms"] + dec_ms, 4),
+            encode_ms=round(enc_ms, 4), decode_ms=round(dec_ms, 4), wire_ratio=p.stats.get("wire_ratio"),
+        )
+        b.stats[p.id] = entry
+
+
+def _profile_doc(buckets: list[_Bucket], kept: list[PlannedPartition], measured: list[PlannedPartition],
+                 options: PlanOptions, enc_profile: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """The ``profile.json`` document: the main bucket's figures at the top, every bucket under ``buckets``."""
+    main = buckets[0]
+    assert main.dev_prof is not None and main.cloud_prof is not None
+    kinds = {p.id: p.kind for p in kept}
+    keep = set(kinds)
+    return {
         "version": 1,
         "batch": options.batch,
+        "shapes": main.shape.to_dict()["shapes"],
+        "notes": notes,
         "device": {
             "threads": options.device_threads,
             "slowdown": options.device_slowdown,
-            "source": f"imported:{imported.source}" if imported else "measured",
-            "model_ms": round(dev_prof.total_ms, 4),
-            "attributed": round(dev_prof.attributed, 4),
+            "source": f"imported:{main.imported.source}" if main.imported else "measured",
+            "model_ms": round(main.dev_prof.total_ms, 4),
+            "attributed": round(main.dev_prof.attributed, 4),
         },
         "cloud": {
             "threads": options.cloud_threads,
-            "model_ms": round(cloud_prof.total_ms, 4),
-            "attributed": round(cloud_prof.attributed, 4),
+            "model_ms": round(main.cloud_prof.total_ms, 4),
+            "attributed": round(main.cloud_prof.attributed, 4),
         },
-        "energy": energy.to_dict(),
+        "energy": options.energy.to_dict(),
         "constraints": options.constraints.to_dict(),
-        "excluded": sorted(excluded),
+        "excluded": sorted(_excluded({k: main.stats[k] for k in keep}, kinds, options.constraints.device_memory_mb)),
         "estimate_error": _errors(measured),
-        "graph": problem.stats(),
-        "partitions": {p.id: p.stats for p in kept},
+        "graph": main.problem.stats(),
+        "partitions": {p.id: main.stats[p.id] for p in kept},
         "encodings": enc_profile,
         "node_ms": {
-            "device": {k: round(v, 5) for k, v in dev_prof.node_ms.items()},
-            "cloud": {k: round(v, 5) for k, v in cloud_prof.node_ms.items()},
+            "device": {k: round(v, 5) for k, v in main.dev_prof.node_ms.items()},
+            "cloud": {k: round(v, 5) for k, v in main.cloud_prof.node_ms.items()},
+        },
+        "buckets": [_bucket_doc(b, kept) for b in buckets],
+    }
+
+
+def _bucket_doc(b: _Bucket, kept: list[PlannedPartition]) -> dict[str, Any]:
+    assert b.dev_prof is not None and b.cloud_prof is not None
+    return {
+        **b.shape.to_dict(),
+        "from_sample": b.shape.from_sample,
+        "model_ms": {"device": round(b.dev_prof.total_ms, 4), "cloud": round(b.cloud_prof.total_ms, 4)},
+        "partitions": {p.id: b.stats[p.id] for p in kept},
+        "node_ms": {
+            "device": {k: round(v, 5) for k, v in b.dev_prof.node_ms.items()},
+            "cloud": {k: round(v, 5) for k, v in b.cloud_prof.node_ms.items()},
         },
     }
-    profile["planning_ms"] = round(planning_ms, 3)
-    return Plan(kept, profile, table)
 
 
 def _errors(parts: list[PlannedPartition]) -> dict[str, Any]:

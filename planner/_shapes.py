@@ -207,8 +207,8 @@ def _show(dims: list[Dim]) -> str:
 
 
 def _fill(name: str, dims: list[Dim], symbols: dict[str, int], open_dims: dict[str, list[str]],
-          notes: list[str]) -> tuple[int, ...]:
-    """An input's shape from its fixed dims and bound symbols; a free leading dim is 1."""
+          notes: list[str], batch: int = 1) -> tuple[int, ...]:
+    """An input's shape from its fixed dims and bound symbols; a free leading dim is ``batch``."""
     shape: list[int] = []
     for axis, d in enumerate(dims):
         if isinstance(d, int):
@@ -216,10 +216,10 @@ def _fill(name: str, dims: list[Dim], symbols: dict[str, int], open_dims: dict[s
         elif isinstance(d, str) and d in symbols:
             shape.append(symbols[d])
         elif axis == 0:
-            shape.append(1)
+            shape.append(batch)
             if isinstance(d, str):
-                symbols[d] = 1
-            notes.append(f"input '{name}': dynamic batch dimension {d or '?'} planned at 1")
+                symbols[d] = batch
+            notes.append(f"input '{name}': dynamic batch dimension {d or '?'} planned at {batch}")
         else:
             open_dims.setdefault(name, []).append(f"{axis}" + (f" ({d})" if d else ""))
             shape.append(-1)
@@ -232,6 +232,7 @@ def resolve_buckets(
     samples: Sequence[Mapping[str, np.ndarray]] | None = None,
     *,
     seed: int = 0,
+    batch: int = 1,
 ) -> tuple[list[ShapeBucket], list[str]]:
     """The shape buckets to plan model ``g`` (a :class:`planner.ModelGraph` or a
     ``ModelProto``) at; see :func:`resolve_shapes` for the rules."""
@@ -241,7 +242,7 @@ def resolve_buckets(
     declared = declared_dims(model)
     types = {vi.name: datatype_of_elem_type(vi.type.tensor_type.elem_type) or "BYTES"
              for vi in model.graph.input if vi.name in declared}
-    return resolve_shapes(declared, types, input_shapes, samples, seed=seed)
+    return resolve_shapes(declared, types, input_shapes, samples, seed=seed, batch=batch)
 
 
 def resolve_shapes(
@@ -251,6 +252,7 @@ def resolve_shapes(
     samples: Sequence[Mapping[str, np.ndarray]] | None = None,
     *,
     seed: int = 0,
+    batch: int = 1,
 ) -> tuple[list[ShapeBucket], list[str]]:
     """The shape buckets to plan at.
 
@@ -268,6 +270,7 @@ def resolve_shapes(
         input_shapes: name -> shapes (``--input-shape``), or None.
         samples: real requests (:func:`load_samples`), or None.
         seed: seed of generated inputs.
+        batch: the size of a dynamic leading dimension nothing names.
 
     Returns:
         (buckets, notes): buckets in the order given (bucket 0 is the plan's
@@ -306,7 +309,7 @@ def resolve_shapes(
         symbols: dict[str, int] = {}
         for name, shape in partial.items():
             _bind(name, list(declared[name]), shape, symbols)
-        full = {name: partial.get(name) or _fill(name, list(dims), symbols, open_dims, notes)
+        full = {name: partial.get(name) or _fill(name, list(dims), symbols, open_dims, notes, batch)
                 for name, dims in declared.items()}
         if not open_dims:
             buckets.append(_bucket(full, datatypes, samples, seed))

@@ -35,14 +35,53 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         constraints=Constraints(slo_ms=args.slo_ms, device_memory_mb=args.device_memory_mb),
         encodings=tuple(e.strip() for e in args.encodings.split(",") if e.strip()),
         calibration=args.calibration, min_top1_agreement=args.min_top1, min_cosine=args.min_cosine,
+        input_shapes=args.input_shape or None, samples=args.sample,
     )
     console = Console()
     with progress_callback(console) as progress:
         bundle = build_bundle(args.model, args.output, model_name=args.name, progress=progress, options=options)
+    for note in (bundle.profile or {}).get("notes", []):
+        console.print(f"note: {note}")
+    shapes = [",".join(f"{k}={'x'.join(map(str, v))}" for k, v in b.items()) for b in bundle.shapes]
+    console.print(f"planned at {shapes[0]}" + (f" (shape buckets: {'; '.join(shapes)})" if len(shapes) > 1 else ""))
     console.print(plan_table(bundle))
     if args.explain and bundle.has_profile:
         console.print(explain_table(bundle, rtt_ms=args.rtt_ms, battery_pct=args.battery))
     console.print(f"plan bundle written to [bold]{bundle.root}[/] (digest {bundle.plan_digest[:12]})")
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from planner._device import measure_device, profile_table
+    from planner._shapes import parse_input_shapes
+    from splitgate._console import progress_callback
+
+    console = Console()
+    with progress_callback(console) as progress:
+        dp = measure_device(args.source, input_shapes=parse_input_shapes(args.input_shape) or None, samples=args.sample,
+                            threads=args.threads, warmup=args.warmup, repeats=args.repeats, progress=progress)
+    dp.save(args.output)
+    for note in dp.notes:
+        console.print(f"note: {note}")
+    console.print(profile_table(dp))
+    console.print(f"device profile written to [bold]{args.output}[/]")
+    return 0
+
+
+def _cmd_refit(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from planner import load_bundle, refit_bundle
+    from planner._refit import refit_table
+
+    before = load_bundle(args.bundle)
+    after = refit_bundle(args.bundle, args.device_profile)
+    console = Console()
+    console.print(refit_table(before, after))
+    console.print(f"refitted [bold]{after.root}[/] to {after.profile['device']['source'] if after.profile else '?'} "
+                  f"(digest {after.plan_digest[:12]} unchanged)")
     return 0
 
 
@@ -219,10 +258,30 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--calibration", default=None, help=".npz of calibration inputs (samples on axis 0)")
     plan.add_argument("--min-top1", type=float, default=0.99, help="accuracy guard: top-1 agreement for classifiers")
     plan.add_argument("--min-cosine", type=float, default=0.999, help="accuracy guard: cosine for other outputs")
+    plan.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0xD1x...",
+                      help="a real input shape to plan at (repeatable; several for one input = shape buckets)")
+    plan.add_argument("--sample", default=None, metavar="FILE.npz",
+                      help="real inputs, one array per input, samples on axis 0 (also the calibration set)")
     plan.add_argument("--explain", action="store_true", help="show why each partition wins where it does")
     plan.add_argument("--rtt-ms", type=float, default=20.0, help="RTT of the --explain view")
     plan.add_argument("--battery", type=float, default=100.0, help="battery %% of the --explain view")
     plan.set_defaults(func=_cmd_plan)
+
+    prof = sub.add_parser("profile", help="measure a model or plan bundle on this device (writes a device profile)")
+    prof.add_argument("source", metavar="MODEL.onnx|BUNDLE", help="an ONNX file or a plan bundle directory")
+    prof.add_argument("-o", "--output", required=True, help="device profile JSON to write")
+    prof.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0xD1x...",
+                      help="input shape to measure at (repeatable; several per input = buckets; default for a bundle: its buckets)")
+    prof.add_argument("--sample", default=None, metavar="FILE.npz", help="real inputs, samples on axis 0")
+    prof.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (as the Gateway runs; default 1)")
+    prof.add_argument("--warmup", type=int, default=2, help="untimed runs first")
+    prof.add_argument("--repeats", type=int, default=10, help="timed runs per session")
+    prof.set_defaults(func=_cmd_profile)
+
+    refit = sub.add_parser("refit", help="refit a bundle's decision tables to a device profile (same plan digest)")
+    refit.add_argument("bundle", help="plan bundle directory (rewritten in place)")
+    refit.add_argument("--device-profile", required=True, help="device profile JSON from `splitgate profile`")
+    refit.set_defaults(func=_cmd_refit)
 
     zoo = sub.add_parser("zoo", help="export a small seeded zoo model to ONNX (needs torch)")
     zoo.add_argument("name", help="zoo model name, e.g. mobilenet, resnet18, vggchain")

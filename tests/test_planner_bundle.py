@@ -28,13 +28,15 @@ def test_layout_and_manifest(dyn_bundle: PlanBundle) -> None:
     assert set(m) == {
         "schema_version", "model_name", "model_sha256", "opset", "inputs", "outputs",
         "partitions", "files", "plan_digest", "planner", "profile", "decision_table",
+        "shapes", "sample",
     }
     assert m["profile"] is None and m["decision_table"] is None and not dyn_bundle.has_profile
     assert m["planner"] == {"candidates": "chain", "reference_cuts": 3}
     assert m["schema_version"] == 2 and m["model_name"] == "dynconv" and m["opset"] == 17
     assert m["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 2, 8, 8]}]
     assert m["plan_digest"] == plan_digest(m)
-    assert set(m["files"]) == {"model.onnx"} | {
+    assert m["shapes"] == [{"x": [1, 2, 8, 8]}] and m["sample"] == {"x": "sample/0.npy"}
+    assert set(m["files"]) == {"model.onnx", "sample/0.npy"} | {
         f"partitions/cut-{i}/{part}.onnx" for i in range(1, 7) for part in ("prefix", "suffix")
     }
     for rel in m["files"]:

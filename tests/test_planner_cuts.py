@@ -111,7 +111,7 @@ def test_untyped_cut_tensor_is_probed_with_onnxruntime() -> None:
     tt = vi.type.tensor_type
     assert tt.elem_type == onnx.TensorProto.FLOAT
     dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-    assert dims == [None, 4, 4, 4]
+    assert dims == [None, None, None, None]  # rank only: one run's sizes are never written into a model
     onnx.checker.check_model(suffix)
     x = _feeds(g, batch=3)
     full = session(m).run(None, x)[0]

@@ -189,7 +189,7 @@ def test_imported_device_profile(tmp_path: Path) -> None:
     path = phone.save(tmp_path / "phone.json")
     assert NodeProfile.load(path).node_ms == pytest.approx(phone.node_ms, rel=1e-3)
     b = build_bundle(model, tmp_path / "bundle", device_profile=path, **FAST)
-    assert b.profile["device"]["source"] == "imported:phone"
+    assert b.profile["device"]["source"].startswith("imported:phone")
     dev = b.profile["partitions"]["device"]
     # imported per-node sum, corrected by this machine's measured/estimated ratio
     local = dev["device_timing"]["p25_ms"]  # Timing.typical_ms: the lower quartile
