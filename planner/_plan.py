@@ -307,6 +307,7 @@ def plan_model(g: ModelGraph, options: PlanOptions, extractor: Extractor, progre
     samples = load_samples(options.samples, g.inputs) if options.samples is not None else None
     shapes, notes = resolve_buckets(g, options.shapes(), samples, batch=options.batch)
     extractor.feeds = shapes[0].feeds  # types of cut tensors inference left open: from a real run
+    _check_runs(g, shapes)
 
     report("find cuts", 0, len(shapes))
     structure = CutProblem(g)
@@ -359,6 +360,34 @@ def plan_model(g: ModelGraph, options: PlanOptions, extractor: Extractor, progre
     profile["planning_ms"] = round(planning_ms, 3)
     tables = [b.table for b in buckets]
     return Plan(kept, profile, tables[0], [b.shape for b in buckets], notes, tables)  # type: ignore[arg-type]
+
+
+def _check_runs(g: ModelGraph, shapes: list[ShapeBucket]) -> None:
+    """Run the model once per bucket: a model that fails on the inputs planning
+    would time it with is an error that says why and what to pass.
+
+    Raises:
+        InvalidArgument: onnxruntime fails on a bucket's inputs.
+    """
+    import onnxruntime as ort
+
+    from splitgate._ort_errors import clean_reason
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4  # the failure is reported below, once, not also as an ORT log line
+    session = ort.InferenceSession(g.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    for b in shapes:
+        try:
+            session.run(None, b.feeds)
+        except Exception as exc:  # noqa: BLE001 - any ORT failure is reported the same way
+            op, node, reason = clean_reason(str(exc))
+            at = f" at node {op} '{node}'" if node else ""
+            if b.from_sample:
+                raise InvalidArgument(f"the model fails on the sample of shape {b.label}{at}: {reason}") from None
+            raise InvalidArgument(
+                f"the model fails on generated inputs of shape {b.label}{at}: {reason}; if its inputs must "
+                "hold sensible values (lengths, sizes, rates), pass real ones with --sample FILE.npz"
+            ) from None
 
 
 class _Splits:
