@@ -334,3 +334,30 @@ def test_profile_runs_in_a_plain_install(device_venv: Path, conv: dict[str, Path
                         str(conv["model"]), str(tmp_path / "m2.json")], capture_output=True, text=True, env=env,
                        cwd=tmp_path, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "[]", r.stderr[-2000:]
+
+
+def test_shape_buckets_profile_and_refit(tmp_path: Path) -> None:
+    """A bundle planned at two shape buckets: profiled at both by default (or at
+    the user's shapes), refitted bucket by bucket."""
+    from planner._device import _time_encodings
+
+    model = save(conv_chain_model(channels=8, size=32), tmp_path / "small.onnx")
+    bundle = build_bundle(model, tmp_path / "b", input_shapes={"x": [(1, 3, 32, 32), (4, 3, 32, 32)]},
+                          encodings=("raw",), **FAST)
+    dp = measure_device(bundle.root, repeats=3, warmup=1)
+    assert [b.shapes["x"] for b in dp.buckets] == [(1, 3, 32, 32), (4, 3, 32, 32)]
+    at = measure_device(bundle.root, input_shapes={"x": [(2, 3, 32, 32)]}, repeats=2, warmup=0)
+    assert [b.shapes["x"] for b in at.buckets] == [(2, 3, 32, 32)] and len(at.buckets[0].partitions) > 1
+    refit = refit_bundle(bundle.root, dp.scaled(3.0))
+    assert refit.plan_digest == bundle.plan_digest
+    buckets = refit.profile["buckets"]
+    assert len(buckets) == 2 == len(json.loads((refit.root / "decision_table.json").read_text())["buckets"])
+    for i, b in enumerate(buckets):
+        want = dp.partition_ms("device", {"x": tuple(b["shapes"]["x"])}) * 3.0
+        assert b["partitions"]["device"]["device_ms"] == pytest.approx(want, rel=0.01), i
+    assert refit.profile["partitions"] == buckets[0]["partitions"]
+    # the encode time of a real prefix's cut tensors, per encoding
+    split = next(p for p in bundle.partitions.values() if p.kind == "split")
+    feeds = {"x": np.ones((1, 3, 32, 32), np.float32)}
+    enc = _time_encodings(split.prefix_path, [t.name for t in split.cut_tensors], ["fp16", "int8"], feeds, 1, 0, 2)
+    assert set(enc) == {"fp16", "int8"} and all(v > 0 for v in enc.values())
