@@ -272,22 +272,27 @@ class DeviceProfile:
         """Intra-op threads the device was measured with."""
         return int(self.settings.get("threads", self.device.get("threads", 1)))
 
-    def check_model(self, sha256: str | None, *, what: str = "the model") -> None:
+    def check_model(self, sha256: str | None, *, what: str = "the model", nodes: Sequence[str] | None = None) -> None:
         """Refuse a profile of another model (node names and cuts would not match).
 
         Args:
             sha256: the sha256 of the model being planned (the original file), or None to skip.
             what: how to name that model in the message.
+            nodes: the model's node names: a profile without a model digest
+                (a legacy per-node profile) must time at least one of them.
 
         Raises:
             InvalidArgument: the profile was measured on a different model.
         """
-        if sha256 is None or self.model_sha256 is None or sha256 == self.model_sha256:
-            return
-        raise InvalidArgument(
-            f"device profile of model '{self.model_name}' (sha256 {self.model_sha256[:12]}) does not match "
-            f"{what} (sha256 {sha256[:12]}): profile that model on the device (splitgate profile)"
-        )
+        if sha256 is not None and self.model_sha256 is not None and sha256 != self.model_sha256:
+            raise InvalidArgument(
+                f"device profile of model '{self.model_name}' (sha256 {self.model_sha256[:12]}) does not match "
+                f"{what} (sha256 {sha256[:12]}): profile that model on the device (splitgate profile)"
+            )
+        timed = self.buckets[0].node_ms
+        if nodes is not None and timed and not set(nodes) & set(timed):
+            raise InvalidArgument(f"device profile '{self.model_name}' times none of the nodes of {what}: "
+                                  "it was measured on another model")
 
     def bucket_for(self, shapes: Shapes | None = None) -> tuple[BucketTimes, float]:
         """The bucket measured at ``shapes``, else the nearest by input elements.

@@ -187,7 +187,8 @@ def refit_bundle(
         raise InvalidArgument(f"bundle '{bundle.model_name}' at {root} has no profile to refit: "
                               "plan it with profiling on")
     device = load_device_profile(device_profile)
-    device.check_model(bundle.model_sha256, what=f"bundle '{bundle.model_name}'")
+    names = [n.name for n in onnx.load(os.fspath(bundle.model_path), load_external_data=False).graph.node]
+    device.check_model(bundle.model_sha256, what=f"bundle '{bundle.model_name}'", nodes=names)
     manifest = copy.deepcopy(bundle.manifest)
     profile = copy.deepcopy(bundle.profile)
     try:

@@ -127,6 +127,9 @@ def test_format_errors_and_legacy_node_profile(tmp_path: Path) -> None:
         DeviceProfile.load(tmp_path / "missing.json")
     with pytest.raises(InvalidArgument, match="does not match"):
         _profile().check_model("cd" * 32)
+    with pytest.raises(InvalidArgument, match="times none of the nodes"):
+        dp.check_model(None, nodes=["x", "y"])
+    dp.check_model(None, nodes=["a", "z"])
 
 
 def test_refit_stats_measured_node_sum_and_encoded_twins() -> None:
