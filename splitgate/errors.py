@@ -243,10 +243,19 @@ PEER_FAILURE_CODES: frozenset[grpc.StatusCode] = frozenset({
 })
 
 
+#: NOT_FOUND details of a tier that serves nothing: Ray Serve's proxy (and its
+#: HAProxy front) when no application is deployed under the route, e.g. after
+#: ``serve.delete`` -- an outage, unlike splitgate's own "model 'm' is not served".
+_NO_APPLICATION = ("/ray.serve.RayServeAPIService/ListApplications", "Application metadata not set")
+
+
 def is_peer_failure(exc: BaseException) -> bool:
     """True if a failed call counts against the peer's health (a circuit breaker
-    failure): a status in :data:`PEER_FAILURE_CODES`, or anything that is not a
-    :class:`SplitgateError` (a transport or client-side failure)."""
+    failure): a status in :data:`PEER_FAILURE_CODES`, a NOT_FOUND for the whole
+    application (Ray Serve's proxy with no app deployed), or anything that is not
+    a :class:`SplitgateError` (a transport or client-side failure)."""
     if isinstance(exc, SplitgateError):
+        if exc.code == grpc.StatusCode.NOT_FOUND:
+            return any(marker in str(exc) for marker in _NO_APPLICATION)
         return exc.code in PEER_FAILURE_CODES
     return True

@@ -238,6 +238,12 @@ def test_model_run_error_survives_the_wire_and_others_stay_plain() -> None:
 def test_only_a_failing_peer_counts_against_the_breaker() -> None:
     assert is_peer_failure(Unavailable("x")) and is_peer_failure(InternalError("x"))
     assert is_peer_failure(error_for_code(grpc.StatusCode.UNKNOWN, "x")) and is_peer_failure(OSError("reset"))
+    # Ray Serve's proxy with no application deployed: the tier is down, not the model unknown.
+    assert is_peer_failure(error_for_code(grpc.StatusCode.NOT_FOUND, (
+        "NOT_FOUND: Application 'splitgate' not found. Ping /ray.serve.RayServeAPIService/ListApplications "
+        "for available applications."
+    )))
+    assert not is_peer_failure(NotFound("NOT_FOUND: model 'm' is not served here; served models: ['a']"))
     for refused in (InvalidArgument("x"), NotFound("x"), FailedPrecondition("x"), ResourceExhausted("x"),
                     ModelRunError(reason="x")):
         assert not is_peer_failure(refused), refused
