@@ -68,10 +68,14 @@ class ModelRunError(InvalidArgument):
         node: the failing node's name (innermost, for a node inside an If/Loop body).
         inputs: ``(name, shape, datatype)`` of each input the run was given.
         reason: onnxruntime's own reason, cleaned to one line.
+
+    ``message`` (optional, first argument) overrides the text built from the
+    attributes (used when rebuilding the error from a status).
     """
 
     def __init__(
         self,
+        message: str | None = None,
         *,
         model: str | None = None,
         partition: str | None = None,
@@ -81,12 +85,15 @@ class ModelRunError(InvalidArgument):
         node: str | None = None,
         inputs: Sequence[tuple[str, tuple[int, ...], str]] = (),
         reason: str = "",
-        message: str | None = None,
     ) -> None:
         self.model, self.partition, self.part, self.tier = model, partition, part, tier
         self.op_type, self.node, self.reason = op_type, node, reason
         self.inputs = [(n, tuple(s), d) for n, s, d in inputs]
         super().__init__(message if message is not None else self._format())
+
+    def __reduce__(self) -> tuple:
+        # Pickles (e.g. across processes) with its attributes, not just the message.
+        return (_rebuild_model_run_error, (str(self), dict(self.__dict__)))
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -116,6 +123,12 @@ class ModelRunError(InvalidArgument):
             op_type=m["op"] if m["op"] != "?" else None, node=m["node"], inputs=inputs,
             reason=m["reason"], message=message[m.start():],
         )
+
+
+def _rebuild_model_run_error(message: str, fields: dict) -> ModelRunError:
+    error = ModelRunError(message)
+    error.__dict__.update(fields)
+    return error
 
 
 def _run_where(model: str | None, partition: str | None, part: str | None, tier: str | None) -> str:

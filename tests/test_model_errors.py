@@ -13,6 +13,7 @@ the message parsing.
 
 from __future__ import annotations
 
+import pickle
 import shutil
 import socket
 from pathlib import Path
@@ -231,6 +232,8 @@ def test_model_run_error_survives_the_wire_and_others_stay_plain() -> None:
         "m", "cut-2", "suffix", "cloud", "Reshape", "Reshape_82", "the input tensor cannot be reshaped: bad"
     )
     assert got.shapes == {"scaled": (2, 8)}
+    copy = pickle.loads(pickle.dumps(got))
+    assert type(copy) is ModelRunError and str(copy) == str(sent) and copy.shapes == {"scaled": (2, 8)}
     plain = error_for_code(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT: model 'm': unknown input 'z'")
     assert type(plain) is InvalidArgument
 
