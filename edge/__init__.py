@@ -10,6 +10,7 @@ Public API:
     Policy, LinkMonitor, LinkEstimate, LinkCalibration, hedge_delay_ms, rtt_first,
     rtt_probe_timeout_s, calibrated -- the decision and link-estimation parts, for experiments
                       that drive them directly.
+    DeviceCosts    -- the device's measured speed against the plan (online device costs).
 
 The edge needs only onnxruntime, numpy, grpcio, protobuf (and prometheus_client
 for metrics); never Ray or torch.
@@ -18,6 +19,7 @@ for metrics); never Ray or torch.
 from __future__ import annotations
 
 from edge._client import CloudClient, CloudReply
+from edge._device import DeviceCosts
 from edge._gateway import AsyncGateway, Gateway, Result, Trace
 from edge._monitor import LinkCalibration, LinkEstimate, LinkMonitor
 from edge._policy import Policy, calibrated, hedge_delay_ms, rtt_first, rtt_probe_timeout_s
@@ -39,4 +41,5 @@ __all__ = [
     "LinkCalibration",
     "LinkMonitor",
     "LinkEstimate",
+    "DeviceCosts",
 ]

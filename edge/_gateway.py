@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -25,6 +27,7 @@ import numpy as np
 from edge._breaker import CircuitBreaker
 from edge._cache import ResultCache, input_digest
 from edge._client import CloudClient, CloudReply
+from edge._device import DeviceCosts, suffix_key
 from edge._metrics import GatewayMetrics
 from edge._monitor import BatteryMonitor, CloudLoadMonitor, Ewma, LinkCalibration, LinkMonitor
 from edge._policy import Policy, calibrated, hedge_delay_ms, rtt_first, rtt_probe_timeout_s
@@ -41,11 +44,20 @@ __all__ = ["Gateway", "AsyncGateway", "Result", "Trace"]
 DEFAULT_UPLINK_MBPS = 10.0
 DEFAULT_RTT_MS = 50.0
 PROBE_MODEL = "splitgate.probe"
+# Cost entries cached per (model, plan digest, input shapes); the oldest go first.
+COSTS_CACHE_SIZE = 256
+
+Costs = dict[str, dict[str, Any]]
 
 
 @dataclass
 class Trace:
-    """Where one request ran and what it cost."""
+    """Where one request ran and what it cost.
+
+    ``device_factor`` is the device's measured speed against the plan that the
+    choice was made with (``Conditions.device_factor``: 3.0 = three times
+    slower than profiled; 1.0 when online device costs are off).
+    """
 
     model: str
     partition: str
@@ -57,6 +69,7 @@ class Trace:
     bytes_received: int = 0
     fallback: str | None = None
     cached: bool = False
+    device_factor: float = 1.0
 
 
 @dataclass
@@ -130,6 +143,14 @@ class _Core:
         # perf_counter() of the last background probe's start and end (end None while it runs)
         self._probe_span: tuple[float, float | None] = (-1.0, -1.0)
         self._hedged_in_a_row = 0  # cloud calls the device beat since the last reply in time
+        self.device = DeviceCosts()  # the device's measured speed against the plans
+        self._costs: OrderedDict[tuple[str, str, tuple], Costs] = OrderedDict()
+        self._costs_lock = threading.Lock()
+        self._slowdown_lock = threading.Lock()
+        self._device_probing: set[str] = set()  # models with a device probe queued or running
+        self._emulating = config.device_time_from_profile  # the emulated device the learner knows
+        self._last_model: str | None = None  # the model of the last decision (conditions() without one)
+        self._request = threading.local()  # the running request's cost entries (for its local suffix)
 
     # -- bundles ------------------------------------------------------------
 
@@ -149,6 +170,7 @@ class _Core:
             )
         self.bundles[bundle.model_name] = bundle
         self.refused[bundle.model_name] = refused
+        self._forget_costs(bundle.model_name)
         return bundle
 
     def update_bundle(self, source: str | Path, *, smoke: bool = True) -> PlanBundle:
@@ -172,6 +194,7 @@ class _Core:
                     self._evict_sessions(old)  # rebuilt in place: cached sessions are the old files
             self.refused[bundle.model_name] = {}
             self.bundles[bundle.model_name] = bundle  # one assignment: requests see old or new, whole
+        self._forget_costs(bundle.model_name)
         return bundle
 
     def rollback_bundle(self, model: str) -> PlanBundle:
@@ -182,15 +205,11 @@ class _Core:
             bundle, refused = self.previous.pop(model)
             self.refused[model] = refused
             self.bundles[model] = bundle
+        self._forget_costs(model)
         return bundle
 
     def _smoke(self, bundle: PlanBundle) -> None:
-        from splitgate.codec import numpy_dtype
-
-        feeds = {
-            s.name: np.zeros([d if d >= 0 else 1 for d in s.shape], dtype=numpy_dtype(s.datatype, tensor=s.name))
-            for s in bundle.inputs
-        }
+        feeds = bundle.sample_inputs()  # a valid request at the planned shape (zeros may not be)
         try:
             import onnxruntime as ort
 
@@ -211,6 +230,16 @@ class _Core:
             for path in paths:
                 cache._sessions.pop(path, None)  # noqa: SLF001
 
+    def _forget_costs(self, model: str) -> None:
+        """Drop a model's cached cost entries and learned device speed: its plan changed
+        (a refit from a device profile keeps the plan digest but not the planned times)."""
+        if not hasattr(self, "device"):
+            return  # (still constructing)
+        with self._costs_lock:
+            for key in [k for k in self._costs if k[0] == model]:
+                del self._costs[key]
+        self.device.reset(model)
+
     def bundle(self, model: str) -> PlanBundle:
         try:
             return self.bundles[model]
@@ -219,7 +248,9 @@ class _Core:
 
     # -- conditions and choice ---------------------------------------------
 
-    def conditions(self, private: bool) -> Conditions:
+    def conditions(self, private: bool, model: str | None = None) -> Conditions:
+        """The conditions now; ``device_factor`` is ``model``'s (default: the model
+        of the last decision; 1.0 with ``learn_device`` off)."""
         est = self.link.estimate()
         return Conditions(
             uplink_mbps=est.uplink_mbps or DEFAULT_UPLINK_MBPS,
@@ -228,10 +259,47 @@ class _Core:
             battery_pct=self.battery.level(),
             cloud_load=float(max(self.load.queue_depth - 1, 0)),
             privacy=private,
+            device_factor=self.device_factor(model),
         )
 
-    def _select(self, bundle: PlanBundle, requested: str | None, private: bool) -> tuple[Partition, str | None]:
+    def device_factor(self, model: str | None = None) -> float:
+        """The learned device factor of ``model`` (default: the model of the last decision)."""
+        model = model or self._last_model
+        if not self.config.learn_device or model is None:
+            return 1.0
+        return self.device.factor(model)
+
+    def request_costs(self, bundle: PlanBundle, feeds: Mapping[str, np.ndarray]) -> Costs | None:
+        """The plan's cost entries for these inputs' shapes (:meth:`PlanBundle.costs`),
+        cached per (model, plan digest, shapes); None for a bundle without a profile."""
+        if not bundle.has_profile:
+            return None
+        signature = tuple((name, tuple(int(d) for d in np.shape(feeds[name]))) for name in sorted(feeds))
+        key = (bundle.model_name, bundle.plan_digest, signature)
+        with self._costs_lock:
+            hit = self._costs.get(key)
+            if hit is not None:
+                self._costs.move_to_end(key)
+                return hit
+        costs = bundle.costs({name: list(shape) for name, shape in signature})
+        with self._costs_lock:
+            self._costs[key] = costs
+            while len(self._costs) > COSTS_CACHE_SIZE:
+                self._costs.popitem(last=False)
+        return costs
+
+    def _decision_costs(self, model: str, costs: Costs | None) -> Costs | None:
+        """``costs`` with each partition's measured device ratio (relative to the
+        device factor, which the conditions carry), when learning."""
+        if costs is None or not self.config.learn_device:
+            return costs
+        return self.device.adjust(model, costs)
+
+    def _select(
+        self, bundle: PlanBundle, requested: str | None, private: bool, costs: Costs | None = None,
+    ) -> tuple[Partition, str | None]:
         model = bundle.model_name
+        self._last_model = model
         wanted = requested or self.overrides.get(model)
         if wanted is not None:
             part = bundle.partition(wanted)
@@ -242,10 +310,11 @@ class _Core:
         elif self.client is None:
             part = bundle.partition("device")
         else:
-            self._maybe_probe(bundle, private)
+            decide = self._decision_costs(model, costs)
+            self._maybe_probe(bundle, private, decide)
             factor = self.calibration.factor() if self.config.calibrate else 1.0
-            now = calibrated(self.conditions(private), factor)
-            part = bundle.partition(self.policy.choose(bundle, now))
+            now = calibrated(self.conditions(private, model), factor)
+            part = bundle.partition(self.policy.choose(bundle, now, costs=decide))
             if private and part.kind == "cloud":
                 part = bundle.partition("device")
         refused = self.refused.get(model, {})
@@ -261,7 +330,7 @@ class _Core:
 
     # -- probing --------------------------------------------------------------
 
-    def _maybe_probe(self, bundle: PlanBundle, private: bool) -> None:
+    def _maybe_probe(self, bundle: PlanBundle, private: bool, costs: Costs | None = None) -> None:
         """Measure the link before the first decision (synchronously: this
         request's choice needs it), and in the background after a step in it
         (replacing the estimates), or when the bandwidth estimate is stale or
@@ -273,7 +342,9 @@ class _Core:
         if why == "first":
             self.probe()
             return
-        if why == "shift" and not self._probing and rtt_first(self.link, bundle, self.conditions(private)):
+        if why == "shift" and not self._probing and rtt_first(
+            self.link, bundle, self.conditions(private, bundle.model_name), costs=costs
+        ):
             self.probe(reset=True, rtt_only=True)  # (a running probe would hold the lock for seconds)
         if why is not None:
             self._probe_later(reset=why == "shift")
@@ -373,27 +444,110 @@ class _Core:
         t0 = time.perf_counter()
         out = self.sessions.run(path, feeds, site)
         elapsed = time.perf_counter() - t0
+        slowdown = self.config.device_slowdown  # (read once: set_device_slowdown may change it)
         if target_ms is not None:
-            time.sleep(max(target_ms / 1e3 - elapsed, 0.0))
-        elif self.config.device_slowdown > 1.0:
-            time.sleep(elapsed * (self.config.device_slowdown - 1.0))
+            time.sleep(max(target_ms * max(slowdown, 1.0) / 1e3 - elapsed, 0.0))
+        elif slowdown > 1.0:
+            time.sleep(elapsed * (slowdown - 1.0))
         return out, (time.perf_counter() - t0) * 1e3
 
-    def _planned_device_ms(self, bundle: PlanBundle, part_id: str) -> float | None:
-        """The profile's device time of a partition's prefix, when emulating it."""
+    def set_device_slowdown(self, factor: float) -> None:
+        """Emulation: make the device ``factor`` times slower than this machine from
+        the next device leg on (``GatewayConfig.device_slowdown`` at run time)."""
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (
+            math.isfinite(factor) and factor >= 1.0
+        ):
+            raise InvalidArgument(f"device slowdown must be a finite number >= 1, got {factor!r}")
+        with self._slowdown_lock:
+            self.config.device_slowdown = float(factor)
+
+    def _planned_device_ms(self, bundle: PlanBundle, part_id: str, costs: Costs | None = None) -> float | None:
+        """The plan's device time of a partition's prefix (for this request's
+        shapes when ``costs`` are given), when emulating it."""
         if not (self.config.device_time_from_profile and bundle.has_profile):
             return None
+        if costs is not None and part_id in costs:
+            return float(costs[part_id]["device_ms"])
         return bundle.estimate(part_id, Conditions(uplink_mbps=DEFAULT_UPLINK_MBPS)).device_ms
 
-    def _local_suffix(self, bundle: PlanBundle, part: Partition, cut: dict[str, np.ndarray]):
+    def _local_suffix(
+        self, bundle: PlanBundle, part: Partition, cut: dict[str, np.ndarray], costs: Costs | None = None,
+    ):
+        costs = costs if costs is not None else getattr(self._request, "costs", None)
         target = None
-        if (full := self._planned_device_ms(bundle, "device")) is not None:
-            target = max(full - (self._planned_device_ms(bundle, part.id) or 0.0), 0.0)
+        if (full := self._planned_device_ms(bundle, "device", costs)) is not None:
+            target = max(full - (self._planned_device_ms(bundle, part.id, costs) or 0.0), 0.0)
         site = RunSite.of(bundle.model_name, part, "suffix", "device")
         out, ms = self._device(part.suffix_path, cut, target, site)  # type: ignore[arg-type]
         key = (bundle.model_name, part.id)
         self._local_suffix_ms.setdefault(key, Ewma()).add(ms)
         return out, ms
+
+    # -- learning the device's speed ----------------------------------------------
+
+    def _learn(
+        self, model: str, key: str, measured_ms: float, planned_ms: float | None, *, confirmed: bool = False,
+    ) -> None:
+        """Teach :class:`DeviceCosts` one device leg (when learning and planned)."""
+        if not self.config.learn_device or planned_ms is None:
+            return
+        emulating = self.config.device_time_from_profile
+        if emulating != self._emulating:
+            # The emulated device was swapped (an experiment's warm-up ran at this
+            # machine's speed, its run pads to the plan): what was learned is of the old one.
+            self._emulating = emulating
+            self.device.reset()
+        self.device.observe(model, key, measured_ms, planned_ms, confirmed=confirmed)
+
+    def _learn_prefix(self, bundle: PlanBundle, part: Partition, ms: float, costs: Costs | None) -> None:
+        if costs is not None and part.id in costs:
+            self._learn(bundle.model_name, part.id, ms, float(costs[part.id]["device_ms"]))
+
+    def _learn_suffix(self, bundle: PlanBundle, part: Partition, ms: float, costs: Costs | None) -> None:
+        """A local suffix's sample: planned = full model - prefix, for this request's shapes."""
+        if costs is None or "device" not in costs:
+            return
+        prefix = float(costs[part.id]["device_ms"]) if part.id in costs else 0.0
+        self._learn(bundle.model_name, suffix_key(part.id), ms, float(costs["device"]["device_ms"]) - prefix)
+
+    def _probe_device_if_due(self, bundle: PlanBundle, feeds: dict, costs: Costs | None) -> None:
+        """A request runs nothing on the device: maybe probe its speed (:class:`DeviceCosts`),
+        in the background while the request waits for the cloud (the device is idle then)."""
+        if not self.config.learn_device or costs is None:
+            return
+        model = bundle.model_name
+        if not self.device.note_offloaded(model):
+            return
+        with self._flags_lock:
+            if model in self._device_probing:
+                return
+            self._device_probing.add(model)
+        self._pool.submit(self._device_probe, bundle, feeds, costs)
+
+    def _device_probe(self, bundle: PlanBundle, feeds: dict, costs: Costs) -> None:
+        """Run the model's cheapest prefix twice on a request's inputs; the faster
+        run is a sample, confirmed when the two agree (see :class:`DeviceCosts`)."""
+        model = bundle.model_name
+        try:
+            refused = self.refused.get(model, {})
+            runnable = [
+                pid for pid, entry in costs.items()
+                if pid in bundle.partitions and bundle.partitions[pid].prefix_path is not None
+                and pid not in refused and float(entry["device_ms"]) >= self.device.min_planned_ms
+            ]
+            if not runnable:
+                return
+            pid = min(runnable, key=lambda p: float(costs[p]["device_ms"]))
+            path = bundle.partitions[pid].prefix_path
+            target = self._planned_device_ms(bundle, pid, costs)
+            runs = [self._device(path, feeds, target)[1] for _ in range(2)]  # type: ignore[arg-type]
+            agree = max(runs) <= self.device.step_ratio * min(runs)
+            self._learn(model, pid, min(runs), float(costs[pid]["device_ms"]), confirmed=agree)
+        except Exception:  # noqa: BLE001 - a failed probe teaches nothing; no request waits on it
+            pass
+        finally:
+            with self._flags_lock:
+                self._device_probing.discard(model)
 
     def infer(
         self,
@@ -421,10 +575,13 @@ class _Core:
                 trace.total_ms = (time.perf_counter() - start) * 1e3
                 self.metrics.record(trace)
                 return Result(outputs=hit, trace=trace)
-        part, fallback = self._select(bundle, partition, private)
-        trace = Trace(model=model, partition=part.id, fallback=fallback)
+        costs = self.request_costs(bundle, feeds)
+        part, fallback = self._select(bundle, partition, private, costs)
+        trace = Trace(model=model, partition=part.id, fallback=fallback, device_factor=self.device_factor(model))
+        if part.prefix_path is None:
+            self._probe_device_if_due(bundle, feeds, costs)  # (a probe runs while this request waits for the cloud)
         try:
-            outputs = self._run(bundle, part, feeds, trace, deadline, private=private)
+            outputs = self._run(bundle, part, feeds, trace, deadline, private=private, costs=costs)
         except SplitgateError:
             self.metrics.record(trace, outcome="error")
             raise
@@ -436,24 +593,27 @@ class _Core:
 
     def _run(
         self, bundle: PlanBundle, part: Partition, feeds: dict, trace: Trace, deadline: float,
-        *, private: bool = False,
+        *, private: bool = False, costs: Costs | None = None,
     ) -> dict:
+        self._request.costs = costs  # (for a local suffix started on this thread)
         cut = feeds
         if part.prefix_path is not None:
             cut, trace.device_ms = self._device(
-                part.prefix_path, feeds, self._planned_device_ms(bundle, part.id),
+                part.prefix_path, feeds, self._planned_device_ms(bundle, part.id, costs),
                 RunSite.of(bundle.model_name, part, "prefix", "device"),
             )
+            self._learn_prefix(bundle, part, trace.device_ms, costs)
         if part.suffix_path is None:
             return cut
         if private and raw_input_leaks(feeds, cut):
             # The privacy floor, enforced on the bytes: a cut tensor that still
             # holds a raw input verbatim (e.g. after Reshape/Identity) stays here.
             trace.fallback = "privacy"
-            outputs, ms = self._local_suffix(bundle, part, cut)
+            outputs, ms = self._local_suffix(bundle, part, cut, costs)
             trace.device_ms += ms
+            self._learn_suffix(bundle, part, ms, costs)
             return outputs
-        reply, local = self._cloud_leg(bundle, part, cut, trace, deadline)
+        reply, local = self._cloud_leg(bundle, part, cut, trace, deadline, costs=costs)
         if reply is not None:
             trace.cloud_ms = reply.cloud_ms
             trace.network_ms = reply.network_ms
@@ -463,6 +623,7 @@ class _Core:
         assert local is not None
         outputs, ms = local
         trace.device_ms += ms
+        self._learn_suffix(bundle, part, ms, costs)
         return outputs
 
     def _overlaps_probe(self, started: float) -> bool:
@@ -475,19 +636,26 @@ class _Core:
         self.link.observe(reply.bytes_sent, reply.bytes_received, reply.network_ms, shared=shared)
         self.load.observe(reply.cloud_ms, int(reply.params.get("splitgate.queue_depth", 0)))
 
-    def _cloud_leg(self, bundle: PlanBundle, part: Partition, cut: dict, trace: Trace, deadline: float):
-        """Return (reply, None) from the cloud or (None, (outputs, ms)) from the device."""
+    def _cloud_leg(
+        self, bundle: PlanBundle, part: Partition, cut: dict, trace: Trace, deadline: float,
+        costs: Costs | None = None,
+    ):
+        """Return (reply, None) from the cloud or (None, (outputs, ms)) from the device;
+        ``costs``: the request's cost entries (its real cut bytes, for the hedge timer)."""
         assert self.client is not None
         remaining = deadline - time.perf_counter()
         if remaining <= 0:
             trace.fallback = "deadline"
-            return None, self._local_suffix(bundle, part, cut)
+            return None, self._local_suffix(bundle, part, cut, costs)
         future = self._pool.submit(
             self.client.infer, bundle.model_name, cut,
             partition=part.id, plan_digest=bundle.plan_digest, timeout_s=remaining,
             encoding=getattr(part, "encoding", None) or self.config.encoding,
         )
-        predicted = bundle.estimate(part.id, self.conditions(False)) if bundle.has_profile else None
+        predicted = (
+            bundle.estimate(part.id, self.conditions(False, bundle.model_name), costs=costs)
+            if bundle.has_profile else None
+        )
         hedge_after = self._hedge_after(bundle, part, remaining, predicted)
         sent_at = time.perf_counter()
         try:
@@ -509,7 +677,7 @@ class _Core:
             trace.fallback = exc.code.name.lower()
             return None, self._local_suffix(bundle, part, cut)
         # The cloud is late and the deadline near: race it against the device.
-        local = self._pool.submit(self._local_suffix, bundle, part, cut)
+        local = self._pool.submit(self._local_suffix, bundle, part, cut, costs)
         done, _ = wait([future, local], return_when=FIRST_COMPLETED)
         if future in done and future.exception() is None:
             local.cancel()
@@ -669,9 +837,37 @@ class Gateway:
         """
         self._core.network_changed()
 
-    def conditions(self, private: bool = False) -> Conditions:
-        """The conditions the policy sees now (link estimate, battery, cloud load)."""
-        return self._core.conditions(private)
+    def conditions(self, private: bool = False, model: str | None = None) -> Conditions:
+        """The conditions the policy sees now (link estimate, battery, cloud load,
+        and ``device_factor``: the device's measured speed against ``model``'s
+        plan, by default the model of the last request; 1.0 before any device
+        work, or with ``learn_device`` off).
+
+        Raises:
+            NotFound: ``model`` is not loaded.
+        """
+        if model is not None:
+            self._core.bundle(model)
+        return self._core.conditions(private, model)
+
+    def set_device_slowdown(self, factor: float) -> None:
+        """Emulation (benchmarks, tests): make the device ``factor`` times slower
+        than this machine from the next device leg on, e.g. to emulate thermal
+        throttling mid-run. It sets ``config.device_slowdown`` (device compute is
+        stretched ``factor`` times; with ``device_time_from_profile`` the padded
+        planned time is). Thread-safe; requests running a device leg finish it
+        at the old speed.
+
+        Raises:
+            InvalidArgument: ``factor`` is not a finite number >= 1.
+        """
+        self._core.set_device_slowdown(factor)
+
+    @property
+    def device_costs(self) -> DeviceCosts:
+        """What the Gateway learned of the device's speed (read its ``factor(model)``
+        and ``snapshot(model)``)."""
+        return self._core.device
 
     def probe(self, reset: bool = False) -> None:
         """Measure the link now (RTT and uplink bandwidth); ``reset`` replaces

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["GatewayMetrics"]
 
@@ -13,7 +13,8 @@ _BUCKETS_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
 class GatewayMetrics:
-    """Counters: requests, fallbacks, bytes. Histograms: device/network/cloud/total ms."""
+    """Counters: requests, fallbacks, bytes. Histograms: device/network/cloud/total ms.
+    Gauge: the learned device factor per model (``Trace.device_factor``)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -35,6 +36,11 @@ class GatewayMetrics:
             "splitgate_latency_ms", "Latency by leg in milliseconds", (*labels, "leg"),
             buckets=_BUCKETS_MS, registry=self.registry,
         )
+        self.device_factor = Gauge(
+            "splitgate_device_factor",
+            "The device's measured speed against the plan its last decision used (3 = three times slower)",
+            ("model",), registry=self.registry,
+        )
 
     def record(self, trace: Any, outcome: str = "ok") -> None:
         """Count one finished request from its Trace."""
@@ -46,6 +52,8 @@ class GatewayMetrics:
         self.bytes_received.labels(m, p).inc(trace.bytes_received)
         for leg in ("device", "network", "cloud", "total"):
             self.latency.labels(m, p, leg).observe(getattr(trace, f"{leg}_ms"))
+        if not getattr(trace, "cached", False):
+            self.device_factor.labels(m).set(getattr(trace, "device_factor", 1.0))
 
     def prometheus(self) -> bytes:
         """The Prometheus text exposition of every metric."""

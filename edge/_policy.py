@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Mapping
+from typing import Any
 
 from edge._monitor import LinkMonitor
 from planner import Conditions, PlanBundle
@@ -30,19 +32,26 @@ class Policy:
     def current(self, model: str) -> str | None:
         return self._current.get(model)
 
-    def choose(self, bundle: PlanBundle, conditions: Conditions) -> str:
-        """Return the partition id to run for ``bundle`` under ``conditions``."""
+    def choose(
+        self, bundle: PlanBundle, conditions: Conditions, *, costs: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> str:
+        """Return the partition id to run for ``bundle`` under ``conditions``.
+
+        ``costs``: the request's cost entries (:meth:`PlanBundle.costs` for its
+        shapes, device times as measured); the choice and the hysteresis then
+        weigh those instead of the profile's planned figures.
+        """
         if not bundle.has_profile:
             return "device"  # no profile: nothing to trade off; stay local
-        best = bundle.choose(conditions)
+        best = bundle.choose(conditions, costs=costs)
         model = bundle.model_name
         with self._lock:
             current = self._current.get(model)
             if current is not None and current != best and current in bundle.partitions:
                 allowed = not (conditions.privacy and bundle.partition(current).kind == "cloud")
                 if allowed:
-                    now = bundle.estimate(current, conditions).latency_ms
-                    new = bundle.estimate(best, conditions).latency_ms
+                    now = bundle.estimate(current, conditions, costs=costs).latency_ms
+                    new = bundle.estimate(best, conditions, costs=costs).latency_ms
                     if new > now * (1 - self.hysteresis):
                         best = current
             self._current[model] = best
@@ -80,7 +89,10 @@ def hedge_delay_ms(
     return min(deadline_rule, max(factor * predicted_leg_ms, floor_ms))
 
 
-def rtt_first(link: LinkMonitor, bundle: PlanBundle, conditions: Conditions) -> bool:
+def rtt_first(
+    link: LinkMonitor, bundle: PlanBundle, conditions: Conditions,
+    *, costs: Mapping[str, Mapping[str, Any]] | None = None,
+) -> bool:
     """After a confirmed step, should the RTT be re-measured before this decision?
 
     Calls carrying a tensor are bandwidth samples and leave the old RTT in
@@ -90,9 +102,13 @@ def rtt_first(link: LinkMonitor, bundle: PlanBundle, conditions: Conditions) -> 
     the decision: the step made the link worse (a longer RTT only makes cloud
     partitions slower) and the table's choice under the current estimates
     still uses the cloud. A better link, or a choice already on the device,
-    waits for the background probe.
+    waits for the background probe. ``costs``: the request's cost entries
+    (see :meth:`Policy.choose`).
     """
-    return link.shifted_worse() and bundle.has_profile and bundle.choose(conditions) != "device"
+    if not (link.shifted_worse() and bundle.has_profile):
+        return False
+    choice = bundle.choose(conditions) if costs is None else bundle.choose(conditions, costs=costs)
+    return choice != "device"
 
 
 def rtt_probe_timeout_s(rtt_ms: float | None) -> float:

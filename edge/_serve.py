@@ -103,6 +103,7 @@ class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     "splitgate.total_ms": t.total_ms,
                     "splitgate.bytes_sent": t.bytes_sent,
                     "splitgate.fallback": t.fallback or "",
+                    "splitgate.device_factor": t.device_factor,
                 },
             )
             return response

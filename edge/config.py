@@ -39,7 +39,12 @@ class GatewayConfig:
             time by this factor (experiments only; 1.0 = off).
         device_time_from_profile: emulate the planned device exactly: pad each
             device leg to the time the bundle's profile gives it (experiments
-            only; steadier than ``device_slowdown`` on a loaded machine).
+            only; steadier than ``device_slowdown`` on a loaded machine). With
+            ``device_slowdown`` > 1 too, the padded time is stretched by it.
+        learn_device: online device costs: learn the device's measured speed
+            against the plan from every device leg (``edge.DeviceCosts``) and
+            decide with it (``Conditions.device_factor``); off = decide with the
+            profile's device times as planned.
         battery_pct: fixed battery level (None = read from the OS).
         encoding: wire encoding of cut tensors when the plan names none
             ("raw", "fp16", "int8", "int8c", "zstd"; see splitgate.encoding).
@@ -69,6 +74,7 @@ class GatewayConfig:
     private_models: list[str] = field(default_factory=list)
     device_slowdown: float = 1.0
     device_time_from_profile: bool = False
+    learn_device: bool = True
     battery_pct: float | None = None
     encoding: str = "raw"
     cloud_tls: dict[str, Any] | None = None
