@@ -233,6 +233,11 @@ class BucketTimes:
         )
 
 
+def _scale(t: Timing, factor: float) -> Timing:
+    return Timing(t.median_ms * factor, t.p10_ms * factor, t.p90_ms * factor, t.runs,
+                  None if t.p25_ms is None else t.p25_ms * factor)
+
+
 def _elements(shapes: Shapes) -> int:
     return int(sum(int(np.prod([int(x) for x in s], dtype=np.int64)) for s in shapes.values()))
 
@@ -404,17 +409,11 @@ class DeviceProfile:
         """
         if not factor > 0:
             raise InvalidArgument(f"scale factor must be > 0, got {factor}")
-
-        def t(x: Timing | None) -> Timing | None:
-            if x is None:
-                return None
-            return Timing(x.median_ms * factor, x.p10_ms * factor, x.p90_ms * factor, x.runs,
-                          None if x.p25_ms is None else x.p25_ms * factor)
-
         buckets = [
-            BucketTimes(dict(b.shapes), b.elements, t(b.model), {k: v * factor for k, v in b.node_ms.items()},  # type: ignore[arg-type]
-                        b.attributed,
-                        [PartitionTimes(p.id, p.kind, list(p.cut), t(p.device), t(p.suffix),  # type: ignore[arg-type]
+            BucketTimes(dict(b.shapes), b.elements, _scale(b.model, factor),
+                        {k: v * factor for k, v in b.node_ms.items()}, b.attributed,
+                        [PartitionTimes(p.id, p.kind, list(p.cut), _scale(p.device, factor),
+                                        None if p.suffix is None else _scale(p.suffix, factor),
                                         {k: v * factor for k, v in p.encode_ms.items()}) for p in b.partitions])
             for b in self.buckets
         ]

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import venv
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -154,7 +155,8 @@ def test_refit_stats_measured_node_sum_and_encoded_twins() -> None:
     assert new["cut-1@int8"]["device_ms"] == pytest.approx(0.95 + 0.25)
     # encode time not measured on the device: the planned one x the device's speed vs the plan (1.9 / 20)
     assert new["cut-2@fp16"]["encode_ms"] == pytest.approx(1.0 * 1.9 / 20.0, rel=1e-3)
-    assert new["cut-2@fp16"]["device_ms"] == pytest.approx(new["cut-2"]["device_ms"] + new["cut-2@fp16"]["encode_ms"], rel=1e-3)
+    twin = new["cut-2@fp16"]
+    assert twin["device_ms"] == pytest.approx(new["cut-2"]["device_ms"] + twin["encode_ms"], rel=1e-3)
     assert new["cut-2"]["planned_device_ms"] == 12.0
 
 
@@ -255,7 +257,8 @@ def test_refit_keeps_digest_and_follows_the_measured_times(conv: dict[str, Path]
     # a second refit is idempotent in its planned figures
     again = refit_bundle(a, conv["device"])
     for pid, entry in again.profile["partitions"].items():
-        assert entry.get("planned_device_ms") == before.profile["partitions"][pid]["device_ms"] or entry["kind"] == "cloud"
+        if entry["kind"] != "cloud":
+            assert entry["planned_device_ms"] == before.profile["partitions"][pid]["device_ms"]
 
 
 def test_refit_refuses_another_models_profile_and_unprofiled_bundles(conv: dict[str, Path], tmp_path: Path,
@@ -276,12 +279,15 @@ def test_plans_from_device_profiles_differ_as_measured(conv: dict[str, Path], tm
     measured/estimated correction, so the ratio is not exact.)"""
     fast = DeviceProfile.load(conv["device"])
     slow_path = fast.scaled(5.0).save(tmp_path / "slow.json")
-    on_fast = build_bundle(conv["model"], tmp_path / "fast.bundle", device_profile=conv["device"], encodings=("raw",), **FAST)
-    on_slow = build_bundle(conv["model"], tmp_path / "slow.bundle", device_profile=slow_path, encodings=("raw",), **FAST)
+    raw = {"encodings": ("raw",), **FAST}
+    on_fast = build_bundle(conv["model"], tmp_path / "fast.bundle", device_profile=conv["device"], **raw)
+    on_slow = build_bundle(conv["model"], tmp_path / "slow.bundle", device_profile=slow_path, **raw)
     dev_fast = on_fast.profile["partitions"]["device"]["device_ms"]
     dev_slow = on_slow.profile["partitions"]["device"]["device_ms"]
-    assert 3.0 < dev_slow / dev_fast < 8.0
-    assert _device_cells(on_slow) < _device_cells(on_fast)
+    # each plan's own correction (measured/estimated here) moves with this machine's load: a loose band
+    assert 2.5 < dev_slow / dev_fast < 10.0, (dev_fast, dev_slow)
+    cells = (_device_cells(on_fast), _device_cells(on_slow))
+    assert cells[1] < cells[0], (cells, dev_fast, dev_slow)
 
 
 # -- the device's own install ----------------------------------------------------------
@@ -326,16 +332,19 @@ def test_profile_runs_in_a_plain_install(device_venv: Path, conv: dict[str, Path
         assert r.returncode == 0, r.stderr[-2000:]
         dp = DeviceProfile.load(out)
         assert dp.model_sha256 == load_bundle(conv["bundle"]).model_sha256
-        assert dp.device["splitgate"] == "0.1.0" and dp.buckets[0].node_ms
+        assert dp.device["splitgate"] == version("splitgate") and dp.buckets[0].node_ms
     bundle_dp = DeviceProfile.load(tmp_path / "bundle.json")
     assert {p.id for p in bundle_dp.buckets[0].partitions} >= {"device"}
     assert len(bundle_dp.buckets[0].partitions) > 1
     # the plain install's module list: nothing heavy was imported to profile
-    r = subprocess.run([str(py), "-c", "import sys, splitgate.cli as c; c.main(['profile', sys.argv[1], '--repeats', '1', "
-                        "'--warmup', '0', '-o', sys.argv[2]]); print(sorted(m for m in sys.modules if m.split('.')[0] in "
-                        "('torch', 'ray', 'onnxscript', 'matplotlib', 'locust')))",
-                        str(conv["model"]), str(tmp_path / "m2.json")], capture_output=True, text=True, env=env,
-                       cwd=tmp_path, timeout=300)
+    script = (
+        "import sys, splitgate.cli as c\n"
+        "c.main(['profile', sys.argv[1], '--repeats', '1', '--warmup', '0', '-o', sys.argv[2]])\n"
+        "heavy = ('torch', 'ray', 'onnxscript', 'matplotlib', 'locust')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    r = subprocess.run([str(py), "-c", script, str(conv["model"]), str(tmp_path / "m2.json")], capture_output=True,
+                       text=True, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "[]", r.stderr[-2000:]
 
 
