@@ -479,11 +479,19 @@ class DeviceProfile:
                    {"threads": prof.threads}, ["imported from a per-node profile"])
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the profile as JSON (atomically: a temp file renamed into place)."""
+        """Write the profile as JSON (atomically: a temp file renamed into place).
+
+        Raises:
+            InvalidArgument: the file cannot be written (no such directory, a directory, no permission).
+        """
         p = Path(path)
         tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, p)
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+            os.replace(tmp, p)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise InvalidArgument(f"cannot write device profile {p}: {exc.strerror or exc}") from exc
         return p
 
     @classmethod

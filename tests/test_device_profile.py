@@ -208,6 +208,12 @@ def test_cli_profile_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureF
         err = capsys.readouterr().err.strip()
         assert needle in err and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "d.json").exists()
+    model = save(dynamic_batch_model(), tmp_path / "dyn.onnx")
+    for out, needle in ((tmp_path / "no" / "such" / "d.json", "cannot write device profile"),
+                        (tmp_path, "cannot write device profile")):
+        assert cli_main(["profile", str(model), "--repeats", "1", "-o", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
     assert cli_main(["profile", str(dyn), "--input-shape", "x=1x2x4x6", "--repeats", "2", "-o",
                      str(tmp_path / "d.json")]) == 0
     assert DeviceProfile.load(tmp_path / "d.json").buckets[0].shapes == {"x": (1, 2, 4, 6)}
