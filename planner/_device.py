@@ -86,7 +86,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def identity(threads: int) -> dict[str, Any]:
+def identity(threads: int = 1) -> dict[str, Any]:
     """Who measured: CPU model, cores, memory, OS/arch, Python, onnxruntime and
     its execution providers, the threads used, and when (UTC).
 
