@@ -253,7 +253,7 @@ def build_bundle(
         raise InvalidArgument(f"{src}: the model has no nodes")
     report("load model", 1, 1)
     extractor = Extractor(g)
-    plan = plan_model(g, opts, extractor, report)
+    plan = plan_model(g, opts, extractor, report, model_sha256=model_sha)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

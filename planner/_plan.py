@@ -38,9 +38,10 @@ from planner._encoding import add_encoded, check_encodings
 from planner._extract import Extractor
 from planner._graph import ModelGraph
 from planner._mincut import CutProblem, DagCut
+from planner._device import DeviceProfile, load_device_profile
 from planner._profile import NodeProfile, profile_nodes, time_partitions
 from planner._shapes import ShapeBucket, load_samples, parse_input_shapes, resolve_buckets, seeded_feeds, tensor_nbytes
-from splitgate.errors import InvalidArgument
+from splitgate.errors import BundleError, InvalidArgument
 
 __all__ = ["PlanOptions", "PlannedPartition", "Plan", "plan_model", "partition_estimate", "table_for"]
 
@@ -281,7 +282,10 @@ class _Bucket:
     table: DecisionTable | None = None
 
 
-def plan_model(g: ModelGraph, options: PlanOptions, extractor: Extractor, progress: Progress | None = None) -> Plan:
+def plan_model(
+    g: ModelGraph, options: PlanOptions, extractor: Extractor, progress: Progress | None = None,
+    *, model_sha256: str | None = None,
+) -> Plan:
     """Choose, extract and (optionally) measure a model's partitions.
 
     Planning happens at the user's shapes (:mod:`planner._shapes`): one
@@ -293,12 +297,14 @@ def plan_model(g: ModelGraph, options: PlanOptions, extractor: Extractor, progre
         options: planning options.
         extractor: the extractor to cut ``g`` with.
         progress: ``callback(step, done, total)``.
+        model_sha256: the model file's digest, to refuse a device profile of another model.
 
     Returns:
         The :class:`Plan`.
 
     Raises:
-        InvalidArgument: bad options, an unreadable device profile or samples.
+        InvalidArgument: bad options, an unreadable device profile or samples,
+            a device profile measured on another model.
         DynamicShapeError: a dynamic non-batch dimension without a size.
         BundleError: a partition cannot be extracted, or onnxruntime cannot run the model.
     """
@@ -308,6 +314,10 @@ def plan_model(g: ModelGraph, options: PlanOptions, extractor: Extractor, progre
     shapes, notes = resolve_buckets(g, options.shapes(), samples, batch=options.batch)
     extractor.feeds = shapes[0].feeds  # types of cut tensors inference left open: from a real run
     _check_runs(g, shapes)
+    device = None
+    if options.device_profile is not None and options.profile:
+        device = load_device_profile(options.device_profile)
+        device.check_model(model_sha256, what=str(g.source or "the model"), nodes=g.order)
 
     report("find cuts", 0, len(shapes))
     structure = CutProblem(g)
@@ -321,7 +331,7 @@ def plan_model(g: ModelGraph, options: PlanOptions, extractor: Extractor, progre
 
     planning_ms = 0.0
     if options.profile:
-        _profile_nodes(g, buckets, options, report)
+        _profile_nodes(g, buckets, options, report, device)
         if options.candidates == "optimal":
             planning_ms += _search(splits, buckets, options, report)
 
@@ -333,11 +343,14 @@ def plan_model(g: ModelGraph, options: PlanOptions, extractor: Extractor, progre
         return Plan(parts, None, None, [b.shape for b in buckets], notes)
 
     for i, b in enumerate(buckets):
-        _measure(g, parts, b, options, report, f"measure partitions {b.shape.label}" if len(buckets) > 1 else "measure partitions")
+        _measure(g, parts, b, options, report, f"measure partitions {b.shape.label}" if len(buckets) > 1 else "measure partitions",
+                 device)
     for p in parts:
         p.stats = buckets[0].stats[p.id]
     calibration = _calibration(g, options, shapes[0], samples)
     parts, enc_profile = add_encoded(g, parts, options, report, calibration=calibration)
+    if device is not None:
+        _device_encode_ms(parts, buckets[0], device)
     for b in buckets[1:]:
         _encoded_stats(parts, buckets[0], b)
 
@@ -375,7 +388,10 @@ def _check_runs(g: ModelGraph, shapes: list[ShapeBucket]) -> None:
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # the failure is reported below, once, not also as an ORT log line
-    session = ort.InferenceSession(g.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(g.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises several types
+        raise BundleError(f"onnxruntime cannot load the model: {clean_reason(str(exc))[2]}") from None
     for b in shapes:
         try:
             session.run(None, b.feeds)
@@ -444,7 +460,8 @@ class _Splits:
         return [cloud, *ordered, device]
 
 
-def _profile_nodes(g: ModelGraph, buckets: list[_Bucket], options: PlanOptions, report: Progress) -> None:
+def _profile_nodes(g: ModelGraph, buckets: list[_Bucket], options: PlanOptions, report: Progress,
+                   device: DeviceProfile | None) -> None:
     """Per-node device and cloud estimates of every bucket (device: measured here, or imported)."""
     reps = max(3, options.repeats // 2)
     total = 2 * len(buckets)
@@ -455,29 +472,9 @@ def _profile_nodes(g: ModelGraph, buckets: list[_Bucket], options: PlanOptions, 
         report("profile nodes", 2 * i + 1, total)
         b.cloud_prof = profile_nodes(g, threads=options.cloud_threads, warmup=options.warmup, repeats=reps,
                                      feeds=b.shape.feeds)
-        if options.device_profile is not None:
-            b.imported = imported_profile(options.device_profile, b.shape)
+        if device is not None:
+            b.imported = device.node_profile(b.shape.shapes)
     report("profile nodes", total, total)
-
-
-def imported_profile(path: str | os.PathLike[str], shape: ShapeBucket) -> NodeProfile:
-    """The per-node device times a device profile holds for ``shape``.
-
-    Reads a ``splitgate profile`` device JSON (:mod:`planner._device`; the
-    bucket with these shapes, or the nearest scaled) or a plain
-    :class:`NodeProfile` JSON.
-
-    Raises:
-        InvalidArgument: unreadable or of neither form.
-    """
-    try:
-        from planner._device import DeviceProfile
-    except ImportError:  # pragma: no cover - the module ships with the planner
-        return NodeProfile.load(path)
-    try:
-        return DeviceProfile.load(path).node_profile(shape.shapes)
-    except InvalidArgument:
-        return NodeProfile.load(path)
 
 
 def _search(splits: _Splits, buckets: list[_Bucket], options: PlanOptions, report: Progress) -> float:
@@ -519,8 +516,12 @@ def _extract(extractor: Extractor, parts: list[PlannedPartition], report: Progre
 
 
 def _measure(g: ModelGraph, parts: list[PlannedPartition], b: _Bucket, options: PlanOptions,
-             report: Progress, step: str) -> None:
-    """Time every partition's real sessions at bucket ``b``; fill ``b.stats``."""
+             report: Progress, step: str, device: DeviceProfile | None = None) -> None:
+    """Time every partition's real sessions at bucket ``b``; fill ``b.stats``.
+
+    Device times: this machine's (times ``device_slowdown``), or with a device
+    profile the device's own measurement of the partition, else its per-node
+    sum corrected by this machine's measured/estimated ratio."""
     assert b.dev_prof is not None and b.cloud_prof is not None
     problem = b.problem
     down = _bytes(problem, list(g.output_names))
@@ -541,6 +542,9 @@ def _measure(g: ModelGraph, parts: list[PlannedPartition], b: _Bucket, options: 
             if b.imported is not None:
                 correction = dev_t.typical_ms / est_d if est_d > 0 else 1.0
                 device_ms = b.imported.sum(p.device_set) * correction
+            if device is not None:
+                measured = device.partition_ms(p.id, b.shape.shapes, kind=p.kind, tensors=p.tensors)
+                device_ms = measured if measured is not None else device_ms
         b.stats[p.id] = {
             "kind": p.kind,
             "tensors": list(p.tensors),
@@ -557,6 +561,20 @@ def _measure(g: ModelGraph, parts: list[PlannedPartition], b: _Bucket, options: 
             "device_mem_bytes": _mem_bytes(problem, pre_model if p.kind != "cloud" else None, p.device_set),
             "reference": p.reference,
         }
+
+
+def _device_encode_ms(parts: list[PlannedPartition], main: _Bucket, device: DeviceProfile) -> None:
+    """Encoded twins cost the device's encode time (measured there, else this
+    machine's scaled by the device's full-model speed against this machine's)."""
+    here = main.stats["device"]["device_timing"]
+    speed = device.model_ms(main.shape.shapes) / here["p25_ms"] if here and here.get("p25_ms") else 1.0
+    base = {p.id: p for p in parts}
+    for p in parts:
+        if not p.base:
+            continue
+        enc = device.encode_ms(p.id, main.shape.shapes, tensors=base[p.base].tensors)
+        enc = enc if enc is not None else p.stats["encode_ms"] * speed
+        p.stats.update(encode_ms=round(enc, 4), device_ms=round(base[p.base].stats["device_ms"] + enc, 4))
 
 
 def _calibration(g: ModelGraph, options: PlanOptions, shape: ShapeBucket,

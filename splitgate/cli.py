@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--device-threads", type=int, default=1, help="onnxruntime threads of device-side sessions")
     plan.add_argument("--cloud-threads", type=int, default=2, help="onnxruntime threads of cloud-side sessions")
     plan.add_argument("--device-slowdown", type=float, default=1.0, help="device is this many times slower than here")
-    plan.add_argument("--device-profile", default=None, help="per-node profile JSON measured on the real device")
+    plan.add_argument("--device-profile", default=None, help="device.json written by `splitgate profile` on the real device")
     plan.add_argument("--repeats", type=int, default=10, help="timed runs per measured session")
     plan.add_argument("--radio", default="auto", help="device radio for energy: wifi, lte, 3g, auto")
     plan.add_argument("--slo-ms", type=float, default=None, help="latency SLO")
