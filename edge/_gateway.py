@@ -143,7 +143,7 @@ class _Core:
         # perf_counter() of the last background probe's start and end (end None while it runs)
         self._probe_span: tuple[float, float | None] = (-1.0, -1.0)
         self._hedged_in_a_row = 0  # cloud calls the device beat since the last reply in time
-        self.device = DeviceCosts()  # the device's measured speed against the plans
+        self.device = DeviceCosts(probe_every=config.device_probe_every)  # the device's speed against the plans
         self._costs: OrderedDict[tuple[str, str, tuple], Costs] = OrderedDict()
         self._costs_lock = threading.Lock()
         self._slowdown_lock = threading.Lock()

@@ -45,6 +45,9 @@ class GatewayConfig:
             against the plan from every device leg (``edge.DeviceCosts``) and
             decide with it (``Conditions.device_factor``); off = decide with the
             profile's device times as planned.
+        device_probe_every: while requests of a model run nothing on the device
+            (``cloud``), run its cheapest prefix (twice, in the background) every
+            this many of them, so a device that recovered is noticed (0 = never).
         battery_pct: fixed battery level (None = read from the OS).
         encoding: wire encoding of cut tensors when the plan names none
             ("raw", "fp16", "int8", "int8c", "zstd"; see splitgate.encoding).
@@ -75,6 +78,7 @@ class GatewayConfig:
     device_slowdown: float = 1.0
     device_time_from_profile: bool = False
     learn_device: bool = True
+    device_probe_every: int = 3
     battery_pct: float | None = None
     encoding: str = "raw"
     cloud_tls: dict[str, Any] | None = None
