@@ -190,6 +190,9 @@ class SuffixService:
                 "sha256 check (changed on disk since the bundle was loaded); refused"
             )
         opts = ort.SessionOptions()
+        # errors only: a model whose declared output shapes are wrong (common in exports) would
+        # log a warning on every run
+        opts.log_severity_level = 3
         if self._threads:
             opts.intra_op_num_threads = self._threads
         # No busy-waiting intra-op threads: on a shared host a spinning pool thread

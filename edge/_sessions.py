@@ -41,6 +41,9 @@ class SessionCache:
             session = self._sessions.get(path)
             if session is None:
                 opts = ort.SessionOptions()
+                # errors only: a model whose declared output shapes are wrong (common in exports) would
+                # log a warning on every run
+                opts.log_severity_level = 3
                 if self._threads:
                     opts.intra_op_num_threads = self._threads
                 try:
