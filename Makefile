@@ -11,8 +11,10 @@ STAMP  := $(VENV)/.installed
 demo: $(STAMP)
 	$(BIN)/splitgate demo
 
+# The lint rule first (only `splitgate` is a top-level import name), then the suite.
 # pytest exits 5 when it collects no test; treat that as a failure to find tests, loudly.
 test: $(STAMP)
+	$(BIN)/ruff check --select TID251 .
 	$(BIN)/python -m pytest -q ; rc=$$? ; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi ; exit $$rc
 

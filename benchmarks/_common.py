@@ -24,7 +24,7 @@ def payload_bundle(root: Path, name: str, payload_bytes: int, *, out_features: i
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from planner import build_bundle
+    from splitgate.planner import build_bundle
 
     k = payload_bytes // 4
     rng = np.random.default_rng(seed)

@@ -8,7 +8,7 @@ experiment run says little about how close adaptive stays to the best static
 policy. This replays each bundled trace spec with each given bundle (e.g. the
 ``OUT/bundles/*.bundle`` of several ``splitgate experiment`` runs) and reports,
 per (bundle, spec), adaptive's mean latency relative to the best of device-only,
-cloud-only and the DADS plan (``experiments._records.adaptive_vs_static``), plus
+cloud-only and the DADS plan (``splitgate.experiments._records.adaptive_vs_static``), plus
 the worst and mean over all. Without bundle arguments it plans the specs' model
 once (cached under ``--workdir``).
 """
@@ -20,11 +20,11 @@ import json
 import statistics
 from pathlib import Path
 
-from experiments import load_spec
-from experiments._records import adaptive_vs_static, summarize
-from experiments.analytic import run_analytic
-from experiments.runner import prepare_bundle
-from planner import PlanBundle
+from splitgate.experiments import load_spec
+from splitgate.experiments._records import adaptive_vs_static, summarize
+from splitgate.experiments.analytic import run_analytic
+from splitgate.experiments.runner import prepare_bundle
+from splitgate.planner import PlanBundle
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACE_SPECS = "commute,walk_4g,riiser_tram,ghent_car"

@@ -4,9 +4,9 @@ For each payload size (4 KB, 600 KB, 3 MB of FP32 cut tensor) it builds a plan
 bundle whose cloud input is exactly that size (``y = relu(x @ W)``, see
 ``benchmarks/_common.py``), serves all of them from
 
-* ``baseline``   -- ``cloud.baseline``: grpcio + onnxruntime, no Ray (own process),
+* ``baseline``   -- ``splitgate.cloud.baseline``: grpcio + onnxruntime, no Ray (own process),
 * ``ray_direct`` -- the Ray Serve tier, replicas' direct-ingress gRPC ports
-  (found through ServerMetadata, the way ``edge.CloudClient(discover=True)`` does),
+  (found through ServerMetadata, the way ``splitgate.edge.CloudClient(discover=True)`` does),
 * ``ray_proxy``  -- the same Ray Serve tier through Serve's gRPC proxy,
 
 and measures
@@ -80,7 +80,7 @@ def _latency(paths: dict[str, list[str]], model: str, payload: int, warmup: int,
     """Sequential round trips per path, interleaved in ``rounds`` so drift hits all paths alike.
 
     ``routing``: ``"sticky"`` sends a path's sequential calls to one endpoint, as
-    ``edge.CloudClient`` does (fewest calls in flight, then the last used);
+    ``splitgate.edge.CloudClient`` does (fewest calls in flight, then the last used);
     ``"round-robin"`` alternates over the path's endpoints.
     """
     body = _request_bytes(model, payload)
@@ -178,7 +178,7 @@ def _throughput(addrs: list[str], model: str, payload: int, clients: int, concur
 
 def _start_baseline(bundles: list[str], threads: int) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cloud.baseline", *bundles, "--threads", str(threads)],
+        [sys.executable, "-m", "splitgate.cloud.baseline", *bundles, "--threads", str(threads)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -191,7 +191,7 @@ def _start_baseline(bundles: list[str], threads: int) -> tuple[subprocess.Popen,
 
 
 def _discover(address: str) -> list[str]:
-    from edge import CloudClient
+    from splitgate.edge import CloudClient
 
     with CloudClient(address, discover=True) as client:
         return client.endpoints
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
 
-    from cloud import CloudConfig, start_local
+    from splitgate.cloud import CloudConfig, start_local
 
     sizes = {k: SIZES[k] for k in args.sizes.split(",")}
     work = Path(tempfile.mkdtemp(prefix="bench_cloud_"))

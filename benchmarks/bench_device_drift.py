@@ -4,10 +4,10 @@
         [--slow-from 20 --slow-to 40 --slow-factor 3] [--repeats 3] [--emulation profile|stretch]
         [--scenarios split,cloud] [--out FILE]
 
-The real parts: three :class:`edge.Gateway` s with real onnxruntime sessions,
+The real parts: three :class:`splitgate.edge.Gateway` s with real onnxruntime sessions,
 each calling the same real cloud over real gRPC -- the plain grpcio baseline
-server (:func:`cloud.baseline.start_baseline`, no Ray) on 127.0.0.1 -- through
-its own :class:`netsim.ShapingProxy` (fixed bandwidth and RTT, no jitter), so
+server (:func:`splitgate.cloud.baseline.start_baseline`, no Ray) on 127.0.0.1 -- through
+its own :class:`splitgate.netsim.ShapingProxy` (fixed bandwidth and RTT, no jitter), so
 the network cost is real and no Gateway's traffic delays another's:
 
 * ``adaptive``: the policy with online device costs (``learn_device=True``);
@@ -17,7 +17,7 @@ the network cost is real and no Gateway's traffic delays another's:
   oracle Gateway runs every candidate at both speeds (``--calibrate`` requests
   each, interleaved) and the lowest median wins.
 
-The device: a zoo model (``planner.zoo.export_zoo_model``) planned with
+The device: a zoo model (``splitgate.planner.zoo.export_zoo_model``) planned with
 ``--plan-slowdown`` (a phone-class device next to this machine's core: the
 64x64 zoo models run in ~0.2 ms here). ``--emulation profile`` (default) runs
 every device leg for real and pads it to the planned time times the current
@@ -74,7 +74,7 @@ RTTS_MS = (5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0, 60.0, 80.0, 100.0)
 
 def _margins(bundle: Any, up: float, down: float | None, rtt: float, slow: float) -> tuple[str, float, float]:
     """(the plan's best at ``slow`` x, device's margin over the rest at 1x, the winner's over device at ``slow`` x)."""
-    from planner import Conditions
+    from splitgate.planner import Conditions
 
     def est(factor: float) -> dict[str, float]:
         c = Conditions(uplink_mbps=up, downlink_mbps=down, rtt_ms=rtt, device_factor=factor)
@@ -88,9 +88,9 @@ def _margins(bundle: Any, up: float, down: float | None, rtt: float, slow: float
 
 def _probed(bundle: Any, address: str, up: float, rtt: float) -> Any:
     """The link ``up`` Mbps / ``rtt`` ms as a fresh Gateway's probe measures it (server sessions warm)."""
-    from edge import Gateway
-    from netsim import LinkConditions, ShapingProxy
-    from planner._graph import dummy_inputs
+    from splitgate.edge import Gateway
+    from splitgate.netsim import LinkConditions, ShapingProxy
+    from splitgate.planner._graph import dummy_inputs
 
     with ShapingProxy(address, LinkConditions(uplink_mbps=up, downlink_mbps=4 * up, rtt_ms=rtt)) as proxy:
         with Gateway([bundle], cloud=proxy.address) as gw:
@@ -185,8 +185,8 @@ def _phase_of(i: int, slow_from: int, slow_to: int) -> str:
 def run_once(bundle: Any, feeds: dict, address: str, link: dict[str, Any], args: argparse.Namespace,
              seed: int) -> dict[str, Any]:
     """One run: warm-up, oracle calibration, then the drifting device; see the module docs."""
-    from edge import Gateway
-    from netsim import LinkConditions, ShapingProxy
+    from splitgate.edge import Gateway
+    from splitgate.netsim import LinkConditions, ShapingProxy
 
     rng = random.Random(seed)
     model = bundle.model_name
@@ -326,10 +326,10 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args()
 
-    from cloud.baseline import start_baseline
-    from planner import build_bundle
-    from planner._graph import dummy_inputs
-    from planner.zoo import export_zoo_model
+    from splitgate.cloud.baseline import start_baseline
+    from splitgate.planner import build_bundle
+    from splitgate.planner._graph import dummy_inputs
+    from splitgate.planner.zoo import export_zoo_model
 
     t_start = time.perf_counter()
     scenarios: dict[str, Any] = {}

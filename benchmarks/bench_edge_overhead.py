@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _measure(model: str, root: Path, warmup: int, repeats: int) -> dict[str, float]:
-    from edge import Gateway
-    from planner import build_bundle
-    from planner.zoo import export_zoo_model
+    from splitgate.edge import Gateway
+    from splitgate.planner import build_bundle
+    from splitgate.planner.zoo import export_zoo_model
 
     path = export_zoo_model(model, root / f"{model}.onnx")
     bundle = build_bundle(path, root / f"{model}.bundle", profile=False)

@@ -1,16 +1,16 @@
 """Compressed cut tensors: bytes sent, end-to-end latency and agreement per encoding.
 
 For each image model of the zoo, trained briefly on the synthetic gratings10
-task (cached, :func:`planner.zoo.train_zoo_module`) and planned with 64
+task (cached, :func:`splitgate.planner.zoo.train_zoo_module`) and planned with 64
 held-out calibration images, this benchmark
 
 1. reports the planner's measured figures per encoding over every planned
    split: raw/encoded bytes ratio, top-1 agreement, worst cosine similarity
    and max relative error of the logits, encode/decode ms, and whether the
    guard kept it;
-2. runs the middle reference split through the real stack — ``edge.Gateway``
-   -> ``netsim.ShapingProxy`` (3G / 4G / WiFi: DADS uplinks, netsim profile
-   downlinks and RTTs) -> ``cloud.start_local`` Ray Serve tier — once per
+2. runs the middle reference split through the real stack — ``splitgate.edge.Gateway``
+   -> ``splitgate.netsim.ShapingProxy`` (3G / 4G / WiFi: DADS uplinks, netsim profile
+   downlinks and RTTs) -> ``splitgate.cloud.start_local`` Ray Serve tier — once per
    encoding (``Gateway(encoding=E)``, requests interleaved round-robin over
    the encodings so load drift hits them alike), recording bytes sent,
    end-to-end latency (median, p90) and top-1 agreement of the answers with
@@ -41,14 +41,14 @@ ENCODINGS = ("raw", "fp16", "int8", "int8c", "zstd")
 
 def _networks() -> dict[str, tuple[float, float, float]]:
     """name -> (uplink Mbps, downlink Mbps, RTT ms)."""
-    from netsim.profiles import DADS_UPLINKS, PROFILES
+    from splitgate.netsim.profiles import DADS_UPLINKS, PROFILES
 
     return {n: (DADS_UPLINKS[n], PROFILES[n].downlink_mbps, PROFILES[n].rtt_ms) for n in ("3g", "4g", "wifi")}
 
 
 def planner_figures(bundle: Any) -> dict[str, Any]:
     """Per encoding, over the bundle's measured splits: bytes ratio, worst agreement/error, timings, kept."""
-    from planner._encoding import split_id
+    from splitgate.planner._encoding import split_id
 
     measured = bundle.profile["encodings"]["measured"]
     out: dict[str, Any] = {}
@@ -121,11 +121,11 @@ def main() -> int:
 
     import onnxruntime as ort
 
-    from cloud import CloudConfig, start_local
-    from edge import Gateway
-    from netsim import LinkConditions, ShapingProxy
-    from planner import Conditions, build_bundle
-    from planner.zoo import calibration_inputs, export_zoo_model, train_zoo_module
+    from splitgate.cloud import CloudConfig, start_local
+    from splitgate.edge import Gateway
+    from splitgate.netsim import LinkConditions, ShapingProxy
+    from splitgate.planner import Conditions, build_bundle
+    from splitgate.planner.zoo import calibration_inputs, export_zoo_model, train_zoo_module
 
     nets = {k: v for k, v in _networks().items() if k in args.networks.split(",")}
     names = [m for m in args.models.split(",") if m]

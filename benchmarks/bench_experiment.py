@@ -13,9 +13,9 @@ import json
 import time
 from pathlib import Path
 
-from experiments import load_spec
-from experiments.analytic import run_analytic
-from experiments.runner import prepare_bundle
+from splitgate.experiments import load_spec
+from splitgate.experiments.analytic import run_analytic
+from splitgate.experiments.runner import prepare_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 

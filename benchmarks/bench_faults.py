@@ -32,8 +32,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge import Gateway  # noqa: E402
-from netsim import LinkConditions, ShapingProxy  # noqa: E402
+from splitgate.edge import Gateway  # noqa: E402
+from splitgate.netsim import LinkConditions, ShapingProxy  # noqa: E402
 
 GATEWAY = dict(deadline_ms=1500.0, breaker_failures=3, breaker_reset_s=0.5, probe_interval_s=3600.0)
 
@@ -158,7 +158,7 @@ def replica_names(app_deployment: str = "splitgate-cloud") -> list[str]:
 
 def wait_cloud_serving(address: str, work: Workload, timeout_s: float = 120.0, exclude: str | None = None) -> float:
     """Block until the tier answers a real suffix call (and ``exclude`` is not a replica); return seconds."""
-    from edge import CloudClient
+    from splitgate.edge import CloudClient
     from splitgate.errors import SplitgateError
 
     t0 = time.monotonic()
@@ -226,7 +226,7 @@ def slow_cloud(tier, bundle, work, requests: int) -> Tally:
 def cloud_restart(tier, bundle, work, requests: int) -> Tally:
     from ray import serve
 
-    from cloud import build_app
+    from splitgate.cloud import build_app
 
     def fault() -> None:
         serve.delete(tier.config.app_name)
@@ -310,9 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
-    from cloud import CloudConfig, start_local
-    from planner import build_bundle
-    from planner.zoo import export_zoo_model
+    from splitgate.cloud import CloudConfig, start_local
+    from splitgate.planner import build_bundle
+    from splitgate.planner.zoo import export_zoo_model
 
     work = Path(tempfile.mkdtemp(prefix="splitgate-faults-"))
     model = export_zoo_model("mobilenet", work / "mobilenet.onnx", seed=0)

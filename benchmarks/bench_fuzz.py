@@ -11,7 +11,7 @@ still answer a valid request correctly at the end.
 
     .venv/bin/python benchmarks/bench_fuzz.py --cases 10000 --ray-cases 2000 --out fuzz.json
 
-Targets: the plain grpcio baseline server (``cloud.baseline``, hosting the
+Targets: the plain grpcio baseline server (``splitgate.cloud.baseline``, hosting the
 same ``SuffixService`` as Ray) and, with ``--ray-cases``, the real Ray Serve
 tier (proxy and a replica's direct-ingress port). Prints JSON.
 """
@@ -230,9 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
 
-    from cloud.baseline import start_baseline
-    from planner import build_bundle
-    from planner.zoo import export_zoo_model
+    from splitgate.cloud.baseline import start_baseline
+    from splitgate.planner import build_bundle
+    from splitgate.planner.zoo import export_zoo_model
 
     work = Path(tempfile.mkdtemp(prefix="splitgate-fuzz-"))
     bundle = build_bundle(export_zoo_model("mobilenet", work / "mobilenet.onnx", seed=0),
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         result["targets"]["baseline"] = _summary(counts, time.perf_counter() - t0)
         result["targets"]["baseline"]["valid_after"] = still_correct(server.address, target, bundle)
     if args.ray_cases:
-        from cloud import CloudConfig, start_local
+        from splitgate.cloud import CloudConfig, start_local
 
         with start_local(CloudConfig(bundles=[str(bundle.root)], grpc_port=0)) as tier:
             for name, address in (("ray_proxy", tier.address), ("ray_direct", tier.endpoints[0])):

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--out", default="loadtest-scaling")
     args = parser.parse_args(argv)
 
-    from loadtests._runner import LoadTestConfig, run_loadtest
+    from splitgate.loadtests._runner import LoadTestConfig, run_loadtest
 
     out = Path(args.out)
     bundles = list(args.bundles)

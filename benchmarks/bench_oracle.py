@@ -5,15 +5,15 @@ latency of **every** partition in the model's plan bundle — the planner's
 candidates (optimal somewhere in the condition space), its evenly spaced
 reference chain cuts, ``device`` and ``cloud`` — through the real parts:
 
-* the edge :class:`edge.Gateway` (``partition=`` forced per request; device
+* the edge :class:`splitgate.edge.Gateway` (``partition=`` forced per request; device
   sessions with 1 intra-op thread, as the planner profiles them; device compute
   stretched ``device_slowdown`` times, the factor the bundle was planned with:
   50 by default, a phone-class CPU next to a server core — the 64x64 zoo
   MobileNet then takes ~35 ms on the device, SqueezeNet-224 ~0.5 s);
-* a :class:`netsim.ShapingProxy` between the edge and the cloud (per-direction
+* a :class:`splitgate.netsim.ShapingProxy` between the edge and the cloud (per-direction
   bandwidth and RTT, no jitter or loss: they would add the same noise to every
   offloading partition and hide the comparison);
-* the real Ray Serve cloud tier (:func:`cloud.start_local`, gRPC proxy ->
+* the real Ray Serve cloud tier (:func:`splitgate.cloud.start_local`, gRPC proxy ->
   replica, every bundle loaded).
 
 It then asks the planner what the edge would pick, ``bundle.choose(Conditions(
@@ -34,7 +34,7 @@ median of ``--rtt-probes`` ``ServerLive`` round trips through the shaped link
 nominal RTT (``pick_nominal_rtt``) is recorded next to it.
 
 Networks: DADS's four uplinks (INFOCOM'19: CAT1 0.13, 3G 1.1, 4G 5.85, WiFi
-18.88 Mbps) with the downlinks and RTTs of :data:`netsim.profiles.PROFILES`:
+18.88 Mbps) with the downlinks and RTTs of :data:`splitgate.netsim.profiles.PROFILES`:
 CAT1 0.5 Mbps down / 150 ms, 3G 2 Mbps / 100 ms, 4G 13 Mbps (Huang et al.,
 MobiSys'12: median LTE downlink) / 60 ms, WiFi 50 Mbps / 10 ms — typical RTTs
 from a device to a regional cloud over each access technology (the profiles
@@ -83,7 +83,7 @@ sys.path.insert(0, str(ROOT))
 
 def _networks() -> dict[str, tuple[float, float, float]]:
     """name -> (uplink Mbps, downlink Mbps, RTT ms): DADS uplinks, netsim profile downlinks and RTTs."""
-    from netsim.profiles import DADS_UPLINKS, PROFILES
+    from splitgate.netsim.profiles import DADS_UPLINKS, PROFILES
 
     return {n: (DADS_UPLINKS[n], PROFILES[n].downlink_mbps, PROFILES[n].rtt_ms) for n in ("cat1", "3g", "4g", "wifi")}
 
@@ -95,7 +95,7 @@ def _model_path(name: str, work: Path) -> Path:
     light = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / f"light_{name}.onnx"
     if light.is_file():
         return light
-    from planner.zoo import export_zoo_model
+    from splitgate.planner.zoo import export_zoo_model
 
     return export_zoo_model(name, work / f"{name}.onnx", seed=0)
 
@@ -109,7 +109,7 @@ def _lower_bound_ms(entry: dict[str, Any], kind: str, up: float, down: float, rt
 
 def _rtt_probe(address: str, n: int) -> float:
     """Median ServerLive round trip through ``address`` (what the edge's RTT probe measures)."""
-    from edge import CloudClient
+    from splitgate.edge import CloudClient
 
     client = CloudClient(address, timeout_s=30.0)
     try:
@@ -164,8 +164,8 @@ def _measure(gw: Any, model: str, feeds: dict, pids: list[str], *, warmup: int, 
 def run_cell(gw: Any, bundle: Any, address_rtt_ms: float, net: str, link: tuple[float, float, float], *,
              warmup: int, repeats: int, seed: int) -> dict[str, Any]:
     """Measure one (model, network) cell; see the module docs."""
-    from planner import Conditions
-    from planner._graph import dummy_inputs
+    from splitgate.planner import Conditions
+    from splitgate.planner._graph import dummy_inputs
 
     up, down, rtt = link
     model = bundle.model_name
@@ -258,10 +258,10 @@ def main() -> int:
     if args.quick:
         args.repeats, args.warmup, args.plan_repeats, args.rtt_probes = 3, 1, 5, 3
 
-    from cloud import CloudConfig, start_local
-    from edge import Gateway
-    from netsim import LinkConditions, ShapingProxy
-    from planner import build_bundle
+    from splitgate.cloud import CloudConfig, start_local
+    from splitgate.edge import Gateway
+    from splitgate.netsim import LinkConditions, ShapingProxy
+    from splitgate.planner import build_bundle
 
     networks = _networks()
     names = [m for m in args.models.split(",") if m]

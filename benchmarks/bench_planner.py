@@ -37,10 +37,10 @@ def _dir_bytes(path: Path) -> int:
 
 
 def bench_planning(path: Path, repeats: int = 5) -> dict:
-    from planner import Conditions, ModelGraph, chain_cuts, profile_nodes
-    from planner._cost import EnergyModel, estimate, linear_costs
-    from planner._decide import Grid, build_table, search_candidates
-    from planner._mincut import CutProblem, min_cut
+    from splitgate.planner import Conditions, ModelGraph, chain_cuts, profile_nodes
+    from splitgate.planner._cost import EnergyModel, estimate, linear_costs
+    from splitgate.planner._decide import Grid, build_table, search_candidates
+    from splitgate.planner._mincut import CutProblem, min_cut
 
     g = ModelGraph.load(path)
     dev = profile_nodes(g, threads=1, repeats=3)
@@ -104,7 +104,7 @@ def bench_planning(path: Path, repeats: int = 5) -> dict:
 
 
 def bench_estimates(path: Path, work: Path, **options) -> dict:
-    from planner import build_bundle
+    from splitgate.planner import build_bundle
 
     b = build_bundle(path, work / (path.stem + ".bundle"), **options)
     err = b.profile["estimate_error"]
@@ -131,8 +131,8 @@ def main() -> int:
 
     import onnx
 
-    from planner import build_bundle
-    from planner.zoo import export_zoo_model
+    from splitgate.planner import build_bundle
+    from splitgate.planner.zoo import export_zoo_model
 
     light = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
     out: dict = {"planning": [], "estimate_error": [], "bundle_bytes": []}

@@ -6,8 +6,8 @@ Public API:
     build_app     -- the bound Serve application, for ``serve.run`` / ``serve deploy``.
     SuffixService -- the host-independent OIP logic (used by the plain baseline too).
 
-Entry points: ``cloud.app:build`` (the ``serve deploy`` import path, see
-``cloud/serve_config.yaml``) and ``python -m cloud.baseline`` (the plain grpcio
+Entry points: ``splitgate.cloud.app:build`` (the ``serve deploy`` import path, see
+``cloud/serve_config.yaml``) and ``python -m splitgate.cloud.baseline`` (the plain grpcio
 server the benchmarks compare against).
 
 Importing ``cloud`` does not import Ray; the Ray pieces load on first use.
@@ -17,22 +17,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from cloud.config import CloudConfig
+from splitgate.cloud.config import CloudConfig
 
 __all__ = ["CloudConfig", "LocalCloud", "SuffixService", "build_app", "start_local"]
 
 
 def __getattr__(name: str) -> Any:
     if name in ("start_local", "LocalCloud"):
-        from cloud import _local
+        from splitgate.cloud import _local
 
         return getattr(_local, name)
     if name == "build_app":
-        from cloud._app import build_app
+        from splitgate.cloud._app import build_app
 
         return build_app
     if name == "SuffixService":
-        from cloud._service import SuffixService
+        from splitgate.cloud._service import SuffixService
 
         return SuffixService
     raise AttributeError(f"module 'cloud' has no attribute {name!r}")

@@ -26,9 +26,9 @@ import grpc
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 
-from cloud._batch import group_batches, run_group
-from cloud._service import SuffixService
-from cloud.config import CloudConfig
+from splitgate.cloud._batch import group_batches, run_group
+from splitgate.cloud._service import SuffixService
+from splitgate.cloud.config import CloudConfig
 from splitgate.errors import ResourceExhausted, SplitgateError, Unauthenticated
 from splitgate.protocol import inference_pb2 as pb
 from splitgate.security import TokenCheck, malformed_message, token_digest
@@ -319,7 +319,7 @@ class InferenceDeployment:
             return self._endpoints
         self._endpoints_at = now
         try:
-            from cloud._discovery import direct_grpc_endpoints
+            from splitgate.cloud._discovery import direct_grpc_endpoints
 
             self._endpoints = await direct_grpc_endpoints(serve.get_replica_context().app_name)
         except Exception:  # noqa: BLE001 - discovery is best effort; the proxy still works

@@ -12,8 +12,8 @@ from typing import Self
 
 import grpc
 
-from cloud._app import SERVICER_FUNCTION, build_app
-from cloud.config import CloudConfig
+from splitgate.cloud._app import SERVICER_FUNCTION, build_app
+from splitgate.cloud.config import CloudConfig
 from splitgate.protocol import inference_pb2 as pb
 from splitgate.protocol import inference_pb2_grpc as pb_grpc
 
@@ -68,7 +68,7 @@ class LocalCloud:
         """The replicas' direct-ingress gRPC endpoints now (empty without direct ingress)."""
         if not self.config.direct_ingress:
             return []
-        from cloud._discovery import direct_grpc_endpoints_sync
+        from splitgate.cloud._discovery import direct_grpc_endpoints_sync
 
         return direct_grpc_endpoints_sync(self.config.app_name)
 
@@ -97,7 +97,7 @@ def _wait_ready(
 ) -> None:
     """Wait until ``address`` answers ServerReady/ModelReady (and, with ``endpoints``,
     ServerMetadata lists the replicas' direct-ingress endpoints)."""
-    from cloud._app import ENDPOINTS_EXTENSION
+    from splitgate.cloud._app import ENDPOINTS_EXTENSION
     from splitgate.security import auth_metadata
 
     md = auth_metadata(token)
@@ -176,7 +176,7 @@ def start_local(config: CloudConfig, *, ready_timeout_s: float = 120.0) -> Local
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    from planner import PlanBundle
+    from splitgate.planner import PlanBundle
 
     # Verify bundles here too, so a bad one fails fast with a clear error
     # instead of as a replica crash loop.

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from cloud._batch import Item
-from planner import PlanBundle
+from splitgate.cloud._batch import Item
+from splitgate.planner import PlanBundle
 from splitgate import codec
 from splitgate._ort_errors import RunSite, clean_reason, is_onnxruntime_error, load_error, run_error
 from splitgate.encoding import read_decoded_inputs

@@ -1,8 +1,8 @@
 """Entry point for ``serve deploy`` / ``serve run`` on an existing Ray cluster.
 
-``cloud/serve_config.yaml`` names ``cloud.app:build`` as the application's
+``cloud/serve_config.yaml`` names ``splitgate.cloud.app:build`` as the application's
 import path; Serve calls it with the config's ``args`` (any
-:class:`~cloud.config.CloudConfig` field, e.g. ``bundles``, ``max_batch_size``,
+:class:`~splitgate.cloud.config.CloudConfig` field, e.g. ``bundles``, ``max_batch_size``,
 ``autoscaling``). ``SPLITGATE_CLOUD_CONFIG`` (a TOML/YAML file) and
 ``SPLITGATE_BUNDLES`` (comma-separated directories) fill in what ``args`` leave
 out, so ``serve run cloud.app:build`` works from the environment alone.
@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from cloud._app import build_app
-from cloud.config import CloudConfig
+from splitgate.cloud._app import build_app
+from splitgate.cloud.config import CloudConfig
 
 __all__ = ["build"]
 

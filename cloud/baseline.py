@@ -1,6 +1,6 @@
 """A plain grpcio + onnxruntime OIP server (no Ray): the benchmarks' baseline.
 
-It hosts the same :class:`~cloud._service.SuffixService` as the Ray Serve
+It hosts the same :class:`~splitgate.cloud._service.SuffixService` as the Ray Serve
 deployment, in a ``grpc.server`` thread pool, so a benchmark compares only the
 hosting (proxy, replica hop, batching), never the suffix compute. Not for
 production: no batching, no replicas, no autoscaling.
@@ -14,7 +14,7 @@ from typing import Any, Self
 
 import grpc
 
-from cloud._service import SuffixService
+from splitgate.cloud._service import SuffixService
 from splitgate.errors import SplitgateError
 from splitgate.protocol import inference_pb2_grpc as pb_grpc
 from splitgate.security import (
@@ -110,7 +110,7 @@ def start_baseline(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cloud.baseline BUNDLE... [--port P]``: serve until SIGTERM/Ctrl-C.
+    """``python -m splitgate.cloud.baseline BUNDLE... [--port P]``: serve until SIGTERM/Ctrl-C.
 
     Prints ``listening on HOST:PORT`` once ready (benchmarks read that line).
     """
@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from splitgate._signals import wait_for_stop
 
-    parser = argparse.ArgumentParser(prog="python -m cloud.baseline", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m splitgate.cloud.baseline", description=__doc__)
     parser.add_argument("bundles", nargs="+")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--workers", type=int, default=8)

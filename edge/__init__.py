@@ -18,12 +18,12 @@ for metrics); never Ray or torch.
 
 from __future__ import annotations
 
-from edge._client import CloudClient, CloudReply
-from edge._device import DeviceCosts
-from edge._gateway import AsyncGateway, Gateway, Result, Trace
-from edge._monitor import LinkCalibration, LinkEstimate, LinkMonitor
-from edge._policy import Policy, calibrated, hedge_delay_ms, rtt_first, rtt_probe_timeout_s
-from edge.config import GatewayConfig
+from splitgate.edge._client import CloudClient, CloudReply
+from splitgate.edge._device import DeviceCosts
+from splitgate.edge._gateway import AsyncGateway, Gateway, Result, Trace
+from splitgate.edge._monitor import LinkCalibration, LinkEstimate, LinkMonitor
+from splitgate.edge._policy import Policy, calibrated, hedge_delay_ms, rtt_first, rtt_probe_timeout_s
+from splitgate.edge.config import GatewayConfig
 
 __all__ = [
     "Gateway",

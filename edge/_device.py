@@ -40,7 +40,7 @@ whole device run on the request path each time the decay guesses wrong (every
 half-life, while the device stays slow), where a probe costs a small prefix
 off the path.
 
-Estimators: :class:`~edge._monitor.Ewma` with a tight outlier guard
+Estimators: :class:`~splitgate.edge._monitor.Ewma` with a tight outlier guard
 (``step_ratio``): a sample further than that from the estimate is held back;
 a second one on the same side confirms a step, and the estimate jumps to them
 (so a 3x slowdown is believed on its second sample, the third request runs on
@@ -62,7 +62,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from edge._monitor import Ewma
+from splitgate.edge._monitor import Ewma
 
 __all__ = ["DeviceCosts", "DeviceSample", "suffix_key"]
 
@@ -207,7 +207,7 @@ class DeviceCosts:
         return value**weight
 
     def adjust(self, model: str, costs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-        """Copies of cost entries (:meth:`planner.PlanBundle.costs`) whose
+        """Copies of cost entries (:meth:`splitgate.planner.PlanBundle.costs`) whose
         ``device_ms`` carry each partition's relative ratio. The device factor
         is not in them: it goes in ``Conditions.device_factor``."""
         with self._lock:

@@ -24,16 +24,16 @@ from typing import Any
 
 import numpy as np
 
-from edge._breaker import CircuitBreaker
-from edge._cache import ResultCache, input_digest
-from edge._client import CloudClient, CloudReply
-from edge._device import DeviceCosts, suffix_key
-from edge._metrics import GatewayMetrics
-from edge._monitor import BatteryMonitor, CloudLoadMonitor, Ewma, LinkCalibration, LinkMonitor
-from edge._policy import Policy, calibrated, hedge_delay_ms, rtt_first, rtt_probe_timeout_s
-from edge._sessions import RunSite, SessionCache
-from edge.config import GatewayConfig
-from planner import Conditions, Partition, PlanBundle
+from splitgate.edge._breaker import CircuitBreaker
+from splitgate.edge._cache import ResultCache, input_digest
+from splitgate.edge._client import CloudClient, CloudReply
+from splitgate.edge._device import DeviceCosts, suffix_key
+from splitgate.edge._metrics import GatewayMetrics
+from splitgate.edge._monitor import BatteryMonitor, CloudLoadMonitor, Ewma, LinkCalibration, LinkMonitor
+from splitgate.edge._policy import Policy, calibrated, hedge_delay_ms, rtt_first, rtt_probe_timeout_s
+from splitgate.edge._sessions import RunSite, SessionCache
+from splitgate.edge.config import GatewayConfig
+from splitgate.planner import Conditions, Partition, PlanBundle
 from splitgate.errors import BundleError, InvalidArgument, ModelRunError, NotFound, SplitgateError, is_peer_failure
 from splitgate.security import TlsConfig, raw_input_leaks
 from splitgate.validate import Limits, validate_inputs
@@ -337,7 +337,7 @@ class _Core:
         drifting. A step is followed at once by the estimate that saw it; a
         synchronous re-measurement on a slow link would cost the request ~1 s,
         so only the RTT is, and only when it can change this decision
-        (:func:`edge.rtt_first`)."""
+        (:func:`splitgate.edge.rtt_first`)."""
         why = self.link.probe_needed()
         if why == "first":
             self.probe()

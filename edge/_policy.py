@@ -7,8 +7,8 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from edge._monitor import LinkMonitor
-from planner import Conditions, PlanBundle
+from splitgate.edge._monitor import LinkMonitor
+from splitgate.planner import Conditions, PlanBundle
 
 __all__ = ["Policy", "hedge_delay_ms", "rtt_first", "rtt_probe_timeout_s", "calibrated"]
 
@@ -123,7 +123,7 @@ def rtt_probe_timeout_s(rtt_ms: float | None) -> float:
 def calibrated(conditions: Conditions, factor: float) -> Conditions:
     """``conditions`` with every network time ``factor`` x longer (bandwidths
     divided, RTT multiplied): the link as recent calls say it behaves
-    (:class:`edge.LinkCalibration`)."""
+    (:class:`splitgate.edge.LinkCalibration`)."""
     if factor <= 1.0:
         return conditions
     down = None if conditions.downlink_mbps is None else conditions.downlink_mbps / factor

@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from edge._gateway import Gateway
+from splitgate.edge._gateway import Gateway
 from splitgate import __version__, codec
 from splitgate._ort_errors import is_onnxruntime_error, run_error
 from splitgate.errors import InvalidArgument, SplitgateError

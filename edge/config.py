@@ -22,11 +22,11 @@ class GatewayConfig:
         breaker_reset_s: how long the breaker stays open before a probe.
         hedge: start the local suffix when the cloud is late and the deadline near.
         hedge_factor: also race the local suffix once a call takes this many
-            times its predicted time (``edge.hedge_delay_ms``; 0: deadline rule only).
+            times its predicted time (``splitgate.edge.hedge_delay_ms``; 0: deadline rule only).
         hysteresis: a new partition must be predicted this much faster (fraction)
             than the current one before the policy switches.
         calibrate: decide on the link as recent calls say it behaves
-            (``edge.LinkCalibration``: pessimistic on a link that swings).
+            (``splitgate.edge.LinkCalibration``: pessimistic on a link that swings).
         cache_size: entries of the opt-in LRU result cache (0 = off).
         probe_interval_s: probe the link when idle or estimates are older than this.
         probe_bytes: payload of a bandwidth probe (32 KB: twice the monitor's
@@ -42,7 +42,7 @@ class GatewayConfig:
             only; steadier than ``device_slowdown`` on a loaded machine). With
             ``device_slowdown`` > 1 too, the padded time is stretched by it.
         learn_device: online device costs: learn the device's measured speed
-            against the plan from every device leg (``edge.DeviceCosts``) and
+            against the plan from every device leg (``splitgate.edge.DeviceCosts``) and
             decide with it (``Conditions.device_factor``); off = decide with the
             profile's device times as planned.
         device_probe_every: while requests of a model run nothing on the device

@@ -14,23 +14,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from experiments.spec import ExperimentSpec, load_spec
-from experiments.policies import POLICIES
+from splitgate.experiments.spec import ExperimentSpec, load_spec
+from splitgate.experiments.policies import POLICIES
 
 __all__ = ["ExperimentSpec", "load_spec", "POLICIES", "run_analytic", "run_live", "run_experiments"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "run_analytic":
-        from experiments.analytic import run_analytic
+        from splitgate.experiments.analytic import run_analytic
 
         return run_analytic
     if name == "run_live":
-        from experiments.live import run_live
+        from splitgate.experiments.live import run_live
 
         return run_live
     if name == "run_experiments":
-        from experiments.runner import run_experiments
+        from splitgate.experiments.runner import run_experiments
 
         return run_experiments
     raise AttributeError(f"module 'experiments' has no attribute {name!r}")

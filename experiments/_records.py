@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from planner import RADIOS, EnergyModel, PlanBundle
+from splitgate.planner import RADIOS, EnergyModel, PlanBundle
 
 __all__ = ["Record", "request_energy_mj", "energy_model", "write_csv", "read_csv", "summarize", "Summary",
            "adaptive_vs_static", "paired_ratio"]

@@ -17,9 +17,9 @@ the next starts at the next slot of the spec's ``interval_ms`` grid. Per request
   ``hedge_after`` (``0.8 x remaining``, then ``remaining - 1.2 x`` the local
   suffix EWMA), the local suffix races it (fallback ``hedged``);
 * ``neurosurgeon`` and ``adaptive`` decide on a *monitored* estimate: the
-  Gateway's own :class:`edge.LinkMonitor` (fed the same observations a
+  Gateway's own :class:`splitgate.edge.LinkMonitor` (fed the same observations a
   live Gateway gets, on a virtual clock, with probes when stale) and, for
-  ``adaptive``, the Gateway's own :class:`edge.Policy` (hysteresis).
+  ``adaptive``, the Gateway's own :class:`splitgate.edge.Policy` (hysteresis).
 
 It runs thousands of requests per second of wall time; ``repeats`` replays
 the trace with different jitter/loss seeds.
@@ -34,15 +34,15 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from edge import LinkCalibration, LinkMonitor, Policy, calibrated, hedge_delay_ms, rtt_first, rtt_probe_timeout_s
-from edge._gateway import DEFAULT_RTT_MS as _DEFAULT_RTT
-from edge._gateway import DEFAULT_UPLINK_MBPS as _DEFAULT_UP
-from experiments._records import Record, energy_model, request_energy_mj
-from experiments.policies import neurosurgeon_choice, static_partition
-from experiments.spec import ExperimentSpec
-from netsim._proxy import MSS, LinkConditions
-from netsim.traces import Trace, TracePoint
-from planner import Conditions, Estimate, PlanBundle
+from splitgate.edge import LinkCalibration, LinkMonitor, Policy, calibrated, hedge_delay_ms, rtt_first, rtt_probe_timeout_s
+from splitgate.edge._gateway import DEFAULT_RTT_MS as _DEFAULT_RTT
+from splitgate.edge._gateway import DEFAULT_UPLINK_MBPS as _DEFAULT_UP
+from splitgate.experiments._records import Record, energy_model, request_energy_mj
+from splitgate.experiments.policies import neurosurgeon_choice, static_partition
+from splitgate.experiments.spec import ExperimentSpec
+from splitgate.netsim._proxy import MSS, LinkConditions
+from splitgate.netsim.traces import Trace, TracePoint
+from splitgate.planner import Conditions, Estimate, PlanBundle
 
 __all__ = ["run_analytic", "simulate_policy", "UP_OVERHEAD", "DOWN_OVERHEAD"]
 
@@ -174,7 +174,7 @@ class _Sim:
             st.now = saved
 
     def network_changed(self, t: float) -> None:
-        """The OS reports a network change at ``t`` (:meth:`edge.Gateway.network_changed`):
+        """The OS reports a network change at ``t`` (:meth:`splitgate.edge.Gateway.network_changed`):
         a background probe starts now, or, if one is running, it is abandoned
         after its round trip under way and the fresh one starts then."""
         self._apply_pending(t)
@@ -192,9 +192,9 @@ class _Sim:
         self._probe(t, sync=False, reset=True)
 
     def _probe(self, t: float, sync: bool, reset: bool = False, rtt_only: bool = False) -> float:
-        """A Gateway probe started at ``t`` (:meth:`edge.Gateway.probe`): two
+        """A Gateway probe started at ``t`` (:meth:`splitgate.edge.Gateway.probe`): two
         ServerLive round trips (2 s timeout each; when ``rtt_only`` the timeout
-        of :func:`edge.rtt_probe_timeout_s`), then
+        of :func:`splitgate.edge.rtt_probe_timeout_s`), then
         two payload sends (10 s timeout), fed to :meth:`LinkMonitor.observe_probe`.
         Returns its end time."""
         self.monitor.clear_shift()
@@ -300,7 +300,7 @@ class _Sim:
         return any(s0 < end and e0 > start for s0, e0 in self.probe_spans[-4:])
 
     def _hedge_after(self, predicted: Estimate, remaining_ms: float) -> float:
-        """The Gateway's hedge delay (:func:`edge.hedge_delay_ms`); ``predicted``:
+        """The Gateway's hedge delay (:func:`splitgate.edge.hedge_delay_ms`); ``predicted``:
         the call's estimate on the monitored link."""
         leg = predicted.transfer_ms + predicted.cloud_ms if self.spec.hedge_factor > 0 else None
         return hedge_delay_ms(remaining_ms, self.st.local_ms, leg, self.spec.hedge_factor)

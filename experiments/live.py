@@ -1,8 +1,8 @@
 """The live engine: real edge Gateways -> ShapingProxy links -> a real Ray Serve tier, real time.
 
-Every policy gets its own :class:`edge.Gateway` and its own
-:class:`netsim.ShapingProxy` to the same cloud tier; one
-:class:`netsim.ScheduleDriver` plays the spec's trace into all the proxies, and
+Every policy gets its own :class:`splitgate.edge.Gateway` and its own
+:class:`splitgate.netsim.ShapingProxy` to the same cloud tier; one
+:class:`splitgate.netsim.ScheduleDriver` plays the spec's trace into all the proxies, and
 the policies run side by side (one closed-loop thread each) for the trace's
 duration. Static policies and the chain scan pass ``partition=``; the
 ``adaptive`` policy is the Gateway's own (monitors, decision table, hysteresis,
@@ -27,13 +27,13 @@ from collections.abc import Callable
 
 import numpy as np
 
-from edge import Gateway
-from experiments._records import Record, energy_model, request_energy_mj
-from experiments.analytic import warm_partitions
-from experiments.policies import neurosurgeon_choice, static_partition
-from experiments.spec import ExperimentSpec
-from netsim import ScheduleDriver, ShapingProxy
-from planner import Conditions, PlanBundle
+from splitgate.edge import Gateway
+from splitgate.experiments._records import Record, energy_model, request_energy_mj
+from splitgate.experiments.analytic import warm_partitions
+from splitgate.experiments.policies import neurosurgeon_choice, static_partition
+from splitgate.experiments.spec import ExperimentSpec
+from splitgate.netsim import ScheduleDriver, ShapingProxy
+from splitgate.planner import Conditions, PlanBundle
 
 __all__ = ["model_inputs", "run_live"]
 

@@ -7,8 +7,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from experiments._records import Record
-from experiments.spec import ExperimentSpec
+from splitgate.experiments._records import Record
+from splitgate.experiments.spec import ExperimentSpec
 
 __all__ = ["plot_all"]
 

@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from planner import Conditions, PlanBundle
+from splitgate.planner import Conditions, PlanBundle
 
 __all__ = ["POLICIES", "STATIC", "chain_partitions", "neurosurgeon_choice", "static_partition"]
 

@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from experiments._records import Record, Summary, adaptive_vs_static, paired_ratio, summarize, write_csv
-from experiments.spec import ExperimentSpec, load_spec
-from planner import PlanBundle
+from splitgate.experiments._records import Record, Summary, adaptive_vs_static, paired_ratio, summarize, write_csv
+from splitgate.experiments.spec import ExperimentSpec, load_spec
+from splitgate.planner import PlanBundle
 
 __all__ = ["ExperimentResult", "prepare_bundle", "run_experiments", "summary_table", "adaptive_verdict",
            "overview_table", "DADS_PUBLISHED"]
@@ -39,7 +39,7 @@ class ExperimentResult:
 def prepare_bundle(spec: ExperimentSpec, workdir: Path, progress=None) -> PlanBundle:  # type: ignore[no-untyped-def]
     """Export (zoo) and plan the spec's model for its device; reuse a bundle planned
     with the same options in ``workdir``."""
-    from planner import build_bundle, load_bundle
+    from splitgate.planner import build_bundle, load_bundle
 
     workdir.mkdir(parents=True, exist_ok=True)
     opts = {"reference_cuts": 6, **spec.plan, "device_slowdown": spec.device_slowdown}
@@ -53,7 +53,7 @@ def prepare_bundle(spec: ExperimentSpec, workdir: Path, progress=None) -> PlanBu
     if spec.model.endswith(".onnx"):
         model = Path(spec.model)
     else:
-        from planner.zoo import export_zoo_model
+        from splitgate.planner.zoo import export_zoo_model
 
         model = export_zoo_model(spec.model, workdir / f"{spec.model}.onnx", seed=0)
     bundle = build_bundle(model, root, model_name=spec.model_name, progress=progress, **opts)
@@ -93,7 +93,7 @@ def reproduction_rows(summaries_by_label: dict[str, list[Summary]], engine: str)
 
 
 def _write(result: ExperimentResult, console: Console) -> None:
-    from experiments import plots
+    from splitgate.experiments import plots
 
     out = result.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -210,7 +210,7 @@ def run_experiments(
     for spec in parsed:
         results.append(ExperimentResult(spec, [], [], out / spec.name))
     if "analytic" in engines:
-        from experiments.analytic import run_analytic
+        from splitgate.experiments.analytic import run_analytic
 
         with _progress(console) as prog:
             for res in results:
@@ -234,11 +234,11 @@ def run_experiments(
 
 def _run_live_all(results: list[ExperimentResult], bundles: dict[str, PlanBundle], cloud: str | None,
                   console: Console) -> None:
-    from experiments.live import run_live
+    from splitgate.experiments.live import run_live
 
     tier = None
     if cloud is None:
-        from cloud import CloudConfig, start_local
+        from splitgate.cloud import CloudConfig, start_local
 
         roots = sorted({str(b.root) for b in bundles.values()})
         with console.status("starting a local Ray Serve cloud tier"):

@@ -24,7 +24,7 @@ Example (``experiments/specs/commute.yaml``)::
     seed: 0
 
 Relative paths (``model``, ``trace.path``) are resolved against the spec's
-directory, then :data:`netsim.traces.SAMPLES`.
+directory, then :data:`splitgate.netsim.traces.SAMPLES`.
 """
 
 from __future__ import annotations
@@ -36,18 +36,18 @@ from typing import Any
 
 import yaml
 
-from netsim import profile as net_profile
-from netsim import traces
-from netsim.traces import Trace
-from planner import Conditions
+from splitgate.netsim import profile as net_profile
+from splitgate.netsim import traces
+from splitgate.netsim.traces import Trace
+from splitgate.planner import Conditions
 
 __all__ = ["ExperimentSpec", "load_spec", "build_trace"]
 
 
 def _gw_default(name: str) -> Any:
-    """A :class:`edge.GatewayConfig` default, so the analytic engine models the
+    """A :class:`splitgate.edge.GatewayConfig` default, so the analytic engine models the
     policy a live Gateway runs (imported lazily: ``edge`` loads onnxruntime)."""
-    from edge.config import GatewayConfig
+    from splitgate.edge.config import GatewayConfig
 
     return getattr(GatewayConfig, name)
 
@@ -101,18 +101,18 @@ class ExperimentSpec:
         device_slowdown: the emulated device is this many times slower than this
             machine (planner ``device_slowdown`` and the Gateway's).
         device_profile: a per-node device profile JSON for the planner (optional).
-        plan: extra :class:`planner.PlanOptions` fields.
+        plan: extra :class:`splitgate.planner.PlanOptions` fields.
         nominal: conditions the DADS-style static plan is made for.
         policies: which policies to compare.
         interval_ms: requests start at multiples of this (all policies on the same
             grid, so they sample the same conditions); a request still running at a
             slot makes its policy skip to the next free slot.
         think_ms: minimum pause after a request.
-        gateway: :class:`edge.GatewayConfig` fields (hysteresis, deadline_ms, probe_interval_s, ...).
+        gateway: :class:`splitgate.edge.GatewayConfig` fields (hysteresis, deadline_ms, probe_interval_s, ...).
         network_hints: at each change of the trace's radio (WiFi, LTE, 3G:
-            :meth:`netsim.traces.Trace.radio_changes`) the adaptive policy's
+            :meth:`splitgate.netsim.traces.Trace.radio_changes`) the adaptive policy's
             Gateway is told, as a phone's OS tells apps
-            (:meth:`edge.Gateway.network_changed`). Bandwidth swings within one
+            (:meth:`splitgate.edge.Gateway.network_changed`). Bandwidth swings within one
             radio, outages included, are never announced.
         analytic_repeats: trace replays of the analytic engine.
         live_repeats: real-time replays of the live engine (``live: {repeats: N}``,
@@ -194,7 +194,7 @@ class ExperimentSpec:
         unknown = sorted(set(data) - _KNOWN)
         if unknown:
             raise ValueError(f"unknown spec keys {unknown}; known: {sorted(_KNOWN)}")
-        from experiments.policies import POLICIES
+        from splitgate.experiments.policies import POLICIES
 
         policies = list(data.get("policies", ["device", "cloud", "neurosurgeon", "dads", "adaptive"]))
         bad = [p for p in policies if p not in POLICIES]

@@ -18,11 +18,11 @@ __all__ = ["LoadTestConfig", "LoadTestResult", "run_loadtest", "record_traffic",
 
 def __getattr__(name: str) -> Any:
     if name in ("LoadTestConfig", "LoadTestResult", "run_loadtest"):
-        from loadtests import _runner
+        from splitgate.loadtests import _runner
 
         return getattr(_runner, name)
     if name in ("record_traffic", "parse_mix"):
-        from loadtests import _traffic
+        from splitgate.loadtests import _traffic
 
         return getattr(_traffic, name)
     raise AttributeError(f"module 'loadtests' has no attribute {name!r}")

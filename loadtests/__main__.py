@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from loadtests._options import add_arguments, run_from_args
+from splitgate.loadtests._options import add_arguments, run_from_args
 from splitgate.errors import SplitgateError
 
 

@@ -45,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):  # -> LoadTestConfig
-    """Build a :class:`~loadtests.LoadTestConfig` from parsed arguments."""
-    from loadtests._runner import LoadTestConfig
+    """Build a :class:`~splitgate.loadtests.LoadTestConfig` from parsed arguments."""
+    from splitgate.loadtests._runner import LoadTestConfig
 
     return LoadTestConfig(
         target=args.target, bundles=list(args.bundles), model=args.model, mix=args.mix,
@@ -62,7 +62,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run the load test; exit code 0 when no request failed, 1 otherwise."""
     import json
 
-    from loadtests._runner import run_loadtest
+    from splitgate.loadtests._runner import run_loadtest
 
     result = run_loadtest(config_from_args(args))
     if args.json:

@@ -23,8 +23,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from loadtests._report import NameStats, plot_history, read_stats, step_table, summary_table
-from loadtests._traffic import parse_mix, record_traffic, save_traffic
+from splitgate.loadtests._report import NameStats, plot_history, read_stats, step_table, summary_table
+from splitgate.loadtests._traffic import parse_mix, record_traffic, save_traffic
 from splitgate.errors import InvalidArgument, SplitgateError
 
 __all__ = ["LoadTestConfig", "LoadTestResult", "run_loadtest"]
@@ -129,7 +129,7 @@ def _ensure_bundles(cfg: LoadTestConfig, out: Path, console: Console) -> list[st
         if missing:
             raise InvalidArgument(f"not plan bundles (no manifest.json): {missing}")
         return list(cfg.bundles)
-    from planner import PlanBundle, build_bundle
+    from splitgate.planner import PlanBundle, build_bundle
     from splitgate.errors import BundleError
 
     models = out / "models"
@@ -140,7 +140,7 @@ def _ensure_bundles(cfg: LoadTestConfig, out: Path, console: Console) -> list[st
         return [str(bundle_dir)]
     except BundleError:
         pass
-    from planner.zoo import export_zoo_model
+    from splitgate.planner.zoo import export_zoo_model
 
     with console.status(f"exporting and planning zoo model '{cfg.model}'"):
         onnx_path = export_zoo_model(cfg.model, models / f"{cfg.model}.onnx", seed=cfg.seed)
@@ -258,7 +258,7 @@ def run_loadtest(cfg: LoadTestConfig, console: Console | None = None) -> LoadTes
     target = cfg.target
     try:
         if target is None:
-            from cloud import CloudConfig, start_local
+            from splitgate.cloud import CloudConfig, start_local
 
             with console.status(f"starting a local Ray Serve tier ({cfg.replicas} replica(s))"):
                 tier = start_local(

@@ -28,7 +28,7 @@ from splitgate.errors import InvalidArgument
 from splitgate.protocol import inference_pb2 as pb
 
 if TYPE_CHECKING:
-    from planner import PlanBundle, TensorSpec
+    from splitgate.planner import PlanBundle, TensorSpec
 
 __all__ = [
     "MixItem",
@@ -189,7 +189,7 @@ def record_traffic(
     """
     import onnxruntime as ort
 
-    from planner import PlanBundle
+    from splitgate.planner import PlanBundle
 
     if batch < 1 or samples < 1:
         raise InvalidArgument(f"batch and samples must be >= 1 (got batch={batch}, samples={samples})")

@@ -1,7 +1,7 @@
 """Locust load test of the splitgate cloud tier over OIP gRPC.
 
 Each simulated user is one edge device with its own gRPC connection, replaying
-recorded split traffic (real prefix outputs, see :mod:`loadtests._traffic`)
+recorded split traffic (real prefix outputs, see :mod:`splitgate.loadtests._traffic`)
 to ``GRPCInferenceService/ModelInfer``. A client interceptor times every call
 and fires locust's ``request`` event with ``request_type="grpc"`` and
 ``name="MODEL/PARTITION"``, so the statistics show each partition.
@@ -39,7 +39,7 @@ import grpc  # noqa: E402
 from locust import User, events, task  # noqa: E402
 from locust.env import Environment  # noqa: E402
 
-from loadtests._traffic import Traffic, load_traffic, parse_mix, record_traffic  # noqa: E402
+from splitgate.loadtests._traffic import Traffic, load_traffic, parse_mix, record_traffic  # noqa: E402
 from splitgate.protocol import inference_pb2 as pb  # noqa: E402
 from splitgate.protocol import inference_pb2_grpc as pb_grpc  # noqa: E402
 

@@ -24,7 +24,7 @@ import numpy as np
 from locust import LoadTestShape, events
 from locust.env import Environment
 
-from loadtests.locustfile import SplitTrafficUser  # noqa: F401  (the user class locust runs)
+from splitgate.loadtests.locustfile import SplitTrafficUser  # noqa: F401  (the user class locust runs)
 
 __all__ = ["StepLoadShape", "StepStats", "SplitTrafficUser"]
 

@@ -6,7 +6,7 @@ than the rate), one-way delay (half the RTT, plus uniform jitter), packet loss
 everything behind it waits), stalls and an outage switch. Bytes are forwarded
 unchanged, so gRPC/HTTP2 passes through as is. The proxy runs its event loop in
 a background thread so that synchronous code (tests, the Gateway) can use it,
-and conditions can change at run time (see :class:`netsim.ScheduleDriver`).
+and conditions can change at run time (see :class:`splitgate.netsim.ScheduleDriver`).
 """
 
 from __future__ import annotations

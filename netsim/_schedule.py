@@ -1,4 +1,4 @@
-"""Play a :class:`~netsim.traces.Trace` into shaping links in real time."""
+"""Play a :class:`~splitgate.netsim.traces.Trace` into shaping links in real time."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from netsim._proxy import LinkConditions
-from netsim.traces import Trace, TracePoint
+from splitgate.netsim._proxy import LinkConditions
+from splitgate.netsim.traces import Trace, TracePoint
 
 __all__ = ["ScheduleDriver", "Shapeable"]
 

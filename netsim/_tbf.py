@@ -31,8 +31,8 @@ import time
 import uuid
 from pathlib import Path
 
-from netsim._proxy import LinkConditions
-from netsim._tbf_relay import _join  # the same byte pump the namespace side runs
+from splitgate.netsim._proxy import LinkConditions
+from splitgate.netsim._tbf_relay import _join  # the same byte pump the namespace side runs
 
 __all__ = ["TbfLink", "tbf_available"]
 

@@ -1,6 +1,6 @@
-"""The helper :class:`netsim.TbfLink` runs inside its network namespace.
+"""The helper :class:`splitgate.netsim.TbfLink` runs inside its network namespace.
 
-``python -m netsim._tbf_relay IN_SOCK OUT_SOCK PORT``: accept on unix socket
+``python -m splitgate.netsim._tbf_relay IN_SOCK OUT_SOCK PORT``: accept on unix socket
 IN_SOCK, carry each connection over TCP 127.0.0.1:PORT (the namespace's shaped
 ``lo``), and hand it to unix socket OUT_SOCK (served by the host side).
 """

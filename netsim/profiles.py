@@ -11,7 +11,7 @@ Sources (see DESIGN.md "Reference numbers"):
   ~13 Mbps down / ~6 Mbps up (4GTest, 3000+ users; consistent with DADS's
   5.85 Mbps 4G uplink), and the radio power model ``P = αu·tu + αd·td + β``
   whose per-technology parameters (LTE, 3G, WiFi) are the planner's
-  :data:`planner.RADIOS`. Each profile names the radio model used for its
+  :data:`splitgate.planner.RADIOS`. Each profile names the radio model used for its
   energy (``radio``).
 * **Assumed** — numbers neither paper gives (downlinks other than LTE's, RTTs,
   jitter, everything about 5G) are typical values, chosen conservatively and
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from netsim._proxy import LinkConditions
+from splitgate.netsim._proxy import LinkConditions
 
 __all__ = ["NetworkProfile", "PROFILES", "profile", "DADS_UPLINKS"]
 
@@ -42,7 +42,7 @@ class NetworkProfile:
         downlink_mbps: cloud -> device bandwidth.
         rtt_ms: round-trip time to the cloud tier.
         jitter_ms: extra one-way delay, uniform in [0, jitter_ms].
-        radio: the :data:`planner.RADIOS` power model for energy
+        radio: the :data:`splitgate.planner.RADIOS` power model for energy
             (``"lte"``, ``"3g"``, ``"wifi"``).
         sources: where each number comes from, per field.
     """

@@ -3,7 +3,7 @@
 A :class:`Trace` is a step function: each :class:`TracePoint` holds from its
 time until the next one (the last holds to the end, ``duration_s``). Both
 experiment engines read the same trace: the live engine plays it into
-:class:`ShapingProxy` objects with :class:`netsim.ScheduleDriver`; the
+:class:`ShapingProxy` objects with :class:`splitgate.netsim.ScheduleDriver`; the
 analytic engine integrates transfers over it (:meth:`Trace.transfer_end`).
 
 Generators: :func:`constant`, :func:`steps`, :func:`random_walk`,
@@ -42,8 +42,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from netsim._proxy import LinkConditions
-from netsim.profiles import NetworkProfile, profile
+from splitgate.netsim._proxy import LinkConditions
+from splitgate.netsim.profiles import NetworkProfile, profile
 
 __all__ = [
     "TracePoint",

@@ -19,24 +19,24 @@ Public API::
     PlanBundle.costs(shapes) -> per-request cost entries (nearest bucket, scaled; the request's bytes)
     (cut, encoding) candidates "cut-K@int8" (PlanOptions.encodings, calibration, guard; Partition.encoding)
 
-The model zoo (torch) lives in :mod:`planner.zoo` and is not imported here, so
+The model zoo (torch) lives in :mod:`splitgate.planner.zoo` and is not imported here, so
 ``import planner`` needs only onnx, onnxruntime, networkx and numpy.
 """
 
 from __future__ import annotations
 
-from planner._bundle import Partition, PlanBundle, build_bundle, load_bundle
-from planner._cost import RADIOS, Conditions, Constraints, EnergyModel, Estimate, RadioPower, estimate
-from planner._cuts import Cut, chain_cuts
-from planner._decide import DecisionTable, Grid
-from planner._extract import Extractor, extract_prefix, extract_suffix
-from planner._graph import ModelGraph, TensorSpec
-from planner._mincut import CutProblem, DagCut, exhaustive_cut, min_cut
-from planner._plan import PlanOptions
-from planner._profile import NodeProfile, Timing, profile_nodes, time_partition
-from planner._device import DeviceProfile, measure_device
-from planner._refit import refit_bundle
-from planner._shapes import DynamicShapeError, ShapeBucket, parse_input_shapes
+from splitgate.planner._bundle import Partition, PlanBundle, build_bundle, load_bundle
+from splitgate.planner._cost import RADIOS, Conditions, Constraints, EnergyModel, Estimate, RadioPower, estimate
+from splitgate.planner._cuts import Cut, chain_cuts
+from splitgate.planner._decide import DecisionTable, Grid
+from splitgate.planner._extract import Extractor, extract_prefix, extract_suffix
+from splitgate.planner._graph import ModelGraph, TensorSpec
+from splitgate.planner._mincut import CutProblem, DagCut, exhaustive_cut, min_cut
+from splitgate.planner._plan import PlanOptions
+from splitgate.planner._profile import NodeProfile, Timing, profile_nodes, time_partition
+from splitgate.planner._device import DeviceProfile, measure_device
+from splitgate.planner._refit import refit_bundle
+from splitgate.planner._shapes import DynamicShapeError, ShapeBucket, parse_input_shapes
 
 __all__ = [
     "ModelGraph",

@@ -13,7 +13,7 @@ with those on the raw tensors, over a set of calibration inputs:
 * integer/bool outputs: exact agreement (counted as top-1 agreement).
 
 An encoding passes when every output passes; the thresholds are
-:class:`Guard` fields (from :class:`planner.PlanOptions`).
+:class:`Guard` fields (from :class:`splitgate.planner.PlanOptions`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from planner._graph import TensorSpec, dummy_inputs
+from splitgate.planner._graph import TensorSpec, dummy_inputs
 from splitgate.errors import InvalidArgument
 
 __all__ = ["Guard", "Calibration", "load_calibration", "compare_outputs", "check"]

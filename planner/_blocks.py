@@ -1,10 +1,10 @@
 """Grouping a model by dominators: the blocks between articulation segments.
 
-The partition problem of :mod:`planner._mincut` lives on the DAG of *segments*
-(maximal chains of units, see :class:`planner.CutProblem`), between a virtual
+The partition problem of :mod:`splitgate.planner._mincut` lives on the DAG of *segments*
+(maximal chains of units, see :class:`splitgate.planner.CutProblem`), between a virtual
 source (the graph inputs) and a virtual sink (the graph outputs). A segment
 that lies on every source-sink path — it dominates the sink and post-dominates
-the source, like the nodes :func:`planner.chain_cuts` finds — is an
+the source, like the nodes :func:`splitgate.planner.chain_cuts` finds — is an
 *articulation*. Articulations split the problem exactly (the decomposition that
 makes QDMP's and DADS's large-model planning fast; here as in
 Cooper-Harvey-Kennedy's dominator chain, found by a linear sweep):

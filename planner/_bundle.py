@@ -36,11 +36,11 @@ from typing import Any
 
 import onnx
 
-from planner._extract import Extractor
-from planner._graph import ModelGraph, TensorSpec
-from planner._cost import Conditions, Constraints, EnergyModel, Estimate
-from planner._decide import DecisionTable, explain, pick
-from planner._plan import PlanOptions, partition_estimate, plan_model
+from splitgate.planner._extract import Extractor
+from splitgate.planner._graph import ModelGraph, TensorSpec
+from splitgate.planner._cost import Conditions, Constraints, EnergyModel, Estimate
+from splitgate.planner._decide import DecisionTable, explain, pick
+from splitgate.planner._plan import PlanOptions, partition_estimate, plan_model
 from splitgate.errors import BundleError, InvalidArgument, NotFound
 
 __all__ = [
@@ -95,7 +95,7 @@ class Partition:
             another shape sends other bytes: see :meth:`PlanBundle.costs`.
         encoding: the wire encoding the plan measured for the cut tensors of
             an encoded candidate (``"cut-K@int8"`` -> ``"int8"``; see
-            :mod:`planner._encoding`), or None for raw cut tensors (older
+            :mod:`splitgate.planner._encoding`), or None for raw cut tensors (older
             bundles, raw candidates): then the edge's configured default
             applies (``GatewayConfig.encoding``, normally ``"raw"``). An
             encoded candidate shares its raw twin's prefix/suffix files.
@@ -202,7 +202,7 @@ def build_bundle(
 
     By default (``candidates="optimal"``) the bundle holds ``cloud``,
     ``device``, the min-cut partitions that are optimal somewhere in the
-    condition space (measured, see :mod:`planner._plan`) and
+    condition space (measured, see :mod:`splitgate.planner._plan`) and
     ``reference_cuts`` (3) evenly spaced chain cuts, plus ``profile.json`` and
     ``decision_table.json``. ``candidates="chain"`` keeps every chain cut;
     ``profile=False`` skips measurement (no profile, no table; the bundle is
@@ -217,8 +217,8 @@ def build_bundle(
         out_dir: the bundle directory to create or replace.
         model_name: name the model is served under; default: the file's stem.
         progress: optional ``callback(step, done, total)`` for a progress bar.
-        options: planning options (:class:`planner.PlanOptions`).
-        **overrides: :class:`planner.PlanOptions` fields overriding ``options``,
+        options: planning options (:class:`splitgate.planner.PlanOptions`).
+        **overrides: :class:`splitgate.planner.PlanOptions` fields overriding ``options``,
             e.g. ``candidates="chain"``, ``profile=False``, ``repeats=3``.
 
     Returns:
@@ -529,7 +529,7 @@ class PlanBundle:
         """Bytes of the model's tensors at ``shapes``, from shape inference of a
         weightless copy of the model (large initializers emptied: inference
         needs their dims, not their values)."""
-        from planner._shapes import concrete_model, inferred_nbytes
+        from splitgate.planner._shapes import concrete_model, inferred_nbytes
 
         if self._skeleton is None:
             skeleton = onnx.load(os.fspath(self.model_path), load_external_data=False)
@@ -616,7 +616,7 @@ class PlanBundle:
         return pick(ests, c, ref, slo_ms=self._constraints.slo_ms, excluded=frozenset(excluded))
 
     def explain(self, *, rtt_ms: float = 20.0, battery_pct: float = 100.0) -> list[dict[str, Any]]:
-        """Why each candidate wins where it does (see :func:`planner._decide.explain`).
+        """Why each candidate wins where it does (see :func:`splitgate.planner._decide.explain`).
 
         Raises:
             BundleError: the bundle has no profile.

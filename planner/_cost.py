@@ -2,7 +2,7 @@
 
 Pure functions over a handful of numbers (device ms, cloud ms, bytes up and
 down) and the run-time :class:`Conditions`. Nothing here measures anything;
-:mod:`planner._profile` supplies the numbers.
+:mod:`splitgate.planner._profile` supplies the numbers.
 
 * Latency follows Neurosurgeon (Kang et al., ASPLOS'17) and DADS (Hu et al.,
   INFOCOM'19): ``device + uplink(bytes, bandwidth) + RTT + cloud + downlink``.

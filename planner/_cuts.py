@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from planner._graph import ModelGraph
+from splitgate.planner._graph import ModelGraph
 
 __all__ = ["Cut", "chain_cuts", "crossing_tensors"]
 

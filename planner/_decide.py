@@ -5,7 +5,7 @@ precomputed best configuration), choosing a partition at run time is a table
 lookup. The table is built at plan time over a grid of conditions — uplink
 0.05-1000 Mbps (log grid), RTT 1-500 ms, battery 0-100 % — from the measured
 estimates of a few candidate partitions. The candidates come from the DADS
-min-cut (:mod:`planner._mincut`) solved over the same space on the per-node
+min-cut (:mod:`splitgate.planner._mincut`) solved over the same space on the per-node
 estimates; only those that win somewhere are kept.
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from planner._cost import Conditions, EnergyModel, Estimate, linear_costs, log_grid, objective
-from planner._mincut import CutProblem, DagCut, min_cut
+from splitgate.planner._cost import Conditions, EnergyModel, Estimate, linear_costs, log_grid, objective
+from splitgate.planner._mincut import CutProblem, DagCut, min_cut
 from splitgate.errors import BundleError
 
 __all__ = [
@@ -104,7 +104,7 @@ def pick(
 @dataclass
 class DecisionTable:
     """Grid of conditions -> partition id; a run-time choice looks up the cells around
-    the conditions (:meth:`around`, weighed by :meth:`planner.PlanBundle.choose`).
+    the conditions (:meth:`around`, weighed by :meth:`splitgate.planner.PlanBundle.choose`).
 
     Attributes:
         grid: the condition grid.

@@ -6,18 +6,18 @@ no Ray) and measures, per shape bucket:
 
 * the full model (median / p10 / p90 / p25 after warm-up), run with the same
   idle gap before each run as the planner's device measurement;
-* per-node times from onnxruntime's profiler (:func:`planner.profile_nodes`);
+* per-node times from onnxruntime's profiler (:func:`splitgate.planner.profile_nodes`);
 * for a plan bundle, every candidate partition as it will run there: its
   prefix in a real onnxruntime session, its suffix run locally (the time of a
   fallback when the cloud fails), all interleaved round by round
-  (:func:`planner._profile.time_partitions`), and the encode time of every
+  (:func:`splitgate.planner._profile.time_partitions`), and the encode time of every
   encoded twin's cut tensors (``cut-3@int8``).
 
 The result is a :class:`DeviceProfile` (JSON, ``"schema": "splitgate-device-profile"``)
 with the device's identity (:func:`identity`). The planner reads it
 (``splitgate plan --device-profile``): :meth:`DeviceProfile.node_profile` for
 per-node times at a shape, :meth:`DeviceProfile.partition_ms` for a measured
-partition. A bundle is refitted from it with :func:`planner.refit_bundle`.
+partition. A bundle is refitted from it with :func:`splitgate.planner.refit_bundle`.
 Partitions are matched by their cut (the crossing tensors), not by id: ``dag-K``
 ids are numbered per plan, a cut is the same in every plan of the model.
 """
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from planner._profile import NodeProfile, Timing, make_session, profile_nodes, time_partitions
+from splitgate.planner._profile import NodeProfile, Timing, make_session, profile_nodes, time_partitions
 from splitgate.errors import BundleError, InvalidArgument
 
 __all__ = [
@@ -537,7 +537,7 @@ def _bundle_buckets(bundle: Any, g: Any, input_shapes: Any, samples: Any) -> tup
     (the manifest's ``shapes``, else profile.json's buckets), run on the bundle's
     own sample request where it has one. An older bundle with neither resolves
     like a model file: a dynamic non-batch dimension needs ``--input-shape``."""
-    from planner._shapes import resolve_buckets
+    from splitgate.planner._shapes import resolve_buckets
 
     if input_shapes or samples:
         return resolve_buckets(g, input_shapes, samples)
@@ -619,9 +619,9 @@ def measure_device(
         BundleError: a bundle that fails verification, or onnxruntime cannot
             run the model or a partition at these shapes.
     """
-    from planner._bundle import PlanBundle
-    from planner._graph import ModelGraph
-    from planner._shapes import load_samples, resolve_buckets
+    from splitgate.planner._bundle import PlanBundle
+    from splitgate.planner._graph import ModelGraph
+    from splitgate.planner._shapes import load_samples, resolve_buckets
 
     if threads < 1 or repeats < 1 or warmup < 0 or gap_ms < 0:
         raise InvalidArgument("threads and repeats must be >= 1, warmup and gap_ms >= 0")

@@ -1,14 +1,14 @@
 """(cut, encoding) candidates: bytes, encode/decode time and the accuracy guard, measured.
 
 For every measured split partition ``P`` and every lossy or lossless encoding
-``E`` in :attr:`planner.PlanOptions.encodings` the planner adds a candidate
+``E`` in :attr:`splitgate.planner.PlanOptions.encodings` the planner adds a candidate
 ``P@E`` (e.g. ``cut-12@int8``, ``dag-2@fp16``). ``P`` itself is the raw one
 (``"raw"`` is never written into an id); ``device`` and ``cloud`` have no
 encoded twins (the cloud partition sends the model's own inputs). An encoded
 candidate shares its raw twin's prefix and suffix ONNX files.
 
 Measured on the real prefix/suffix sessions over calibration requests
-(:mod:`planner._accuracy`):
+(:mod:`splitgate.planner._accuracy`):
 
 * **bytes**: :func:`splitgate.encoding.encoded_nbytes` of the real cut tensors
   of each request (payload plus int8c companion scales), median over the
@@ -22,7 +22,7 @@ Measured on the real prefix/suffix sessions over calibration requests
   after warm-up; encode time (times ``device_slowdown``) is added to the
   twin's device time, decode time to its cloud time;
 * **accuracy**: suffix outputs on decoded tensors vs. on raw tensors;
-  encodings failing the :class:`~planner._accuracy.Guard` are dropped and
+  encodings failing the :class:`~splitgate.planner._accuracy.Guard` are dropped and
   listed with the reason in ``profile.json`` (``encodings.dropped``).
 """
 
@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from planner._accuracy import Calibration, Guard, check, compare_outputs, load_calibration
-from planner._profile import Timing, make_session
+from splitgate.planner._accuracy import Calibration, Guard, check, compare_outputs, load_calibration
+from splitgate.planner._profile import Timing, make_session
 from splitgate.encoding import ENCODINGS, add_encoded_inputs, encoded_nbytes, read_decoded_inputs
 from splitgate.errors import BundleError, InvalidArgument
 from splitgate.protocol import inference_pb2 as pb
@@ -55,8 +55,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from planner._graph import ModelGraph
-    from planner._plan import PlannedPartition, PlanOptions
+    from splitgate.planner._graph import ModelGraph
+    from splitgate.planner._plan import PlannedPartition, PlanOptions
 
 #: separates a partition id from its encoding in a candidate id
 SEP = "@"
@@ -100,7 +100,7 @@ class EncodingResult:
         raw_bytes: median raw bytes per request (same requests).
         encode: timing of building the request on the device.
         decode: timing of decoding it in the cloud.
-        accuracy: per-output metrics (:func:`planner._accuracy.compare_outputs`).
+        accuracy: per-output metrics (:func:`splitgate.planner._accuracy.compare_outputs`).
         dropped: why the guard dropped it, or None.
     """
 

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from planner._graph import ModelGraph, TensorSpec, dummy_inputs, has_full_type
+from splitgate.planner._graph import ModelGraph, TensorSpec, dummy_inputs, has_full_type
 from splitgate.errors import BundleError, InvalidArgument
 
 __all__ = ["Extractor", "extract_prefix", "extract_suffix"]

@@ -27,7 +27,7 @@ states (all device, all cloud, split at the chain's best tensor) cost what the
 chain would. Chains are where most nodes of CNNs and transformers sit, so the
 flow network shrinks several-fold without losing optimality.
 
-Then the coarse graph is grouped by dominators (:mod:`planner._blocks`): the
+Then the coarse graph is grouped by dominators (:mod:`splitgate.planner._blocks`): the
 segments every input-to-output path passes through split it into small
 independent blocks (a residual block, an Inception module, a DenseNet layer),
 each solved on its own, mostly by enumerating its few closed subsets. One
@@ -43,8 +43,8 @@ from dataclasses import dataclass
 import networkx as nx
 from networkx.algorithms.flow import boykov_kolmogorov
 
-from planner._blocks import CLOUD, DEVICE, SPLIT, Block, Link, decompose, whole
-from planner._graph import ModelGraph
+from splitgate.planner._blocks import CLOUD, DEVICE, SPLIT, Block, Link, decompose, whole
+from splitgate.planner._graph import ModelGraph
 from splitgate.errors import InvalidArgument
 
 __all__ = ["CutProblem", "DagCut", "min_cut", "exhaustive_cut", "partition_cost", "down_sets"]
@@ -86,8 +86,8 @@ class CutProblem:
         nbytes: tensor -> bytes per sample.
         segments: the chain coarsening: lists of units, each a maximal chain.
         segment_of: unit -> index of its segment.
-        links: tensors between segments (:class:`planner._blocks.Link`).
-        blocks: the dominator grouping (:func:`planner._blocks.decompose`).
+        links: tensors between segments (:class:`splitgate.planner._blocks.Link`).
+        blocks: the dominator grouping (:func:`splitgate.planner._blocks.decompose`).
     """
 
     def __init__(self, g: ModelGraph, tensor_bytes: Mapping[str, int] | None = None) -> None:
@@ -397,7 +397,7 @@ def min_cut(
     """Optimal predecessor-closed partition by s-t min-cut (DADS, INFOCOM'19).
 
     By default the problem is solved block by block between articulation
-    segments (dominator grouping, see :mod:`planner._blocks`): for each
+    segments (dominator grouping, see :mod:`splitgate.planner._blocks`): for each
     articulation, the best split of its chain with everything before on the
     device and everything after in the cloud; for each block, its best closed
     subset with the articulation before it on the device and the one after

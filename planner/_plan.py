@@ -1,6 +1,6 @@
 """Planning a model: profile, search candidates, measure them, build the decision table.
 
-:func:`plan_model` is what :func:`planner.build_bundle` runs between loading the
+:func:`plan_model` is what :func:`splitgate.planner.build_bundle` runs between loading the
 model and writing files. Steps:
 
 1. per-node profiles of the full model (device threads, cloud threads; the
@@ -13,7 +13,7 @@ model and writing files. Steps:
    nowhere are dropped (reference cuts, ``device`` and ``cloud`` stay).
 
 Partition ids: ``device``, ``cloud``, ``cut-<k>`` for a partition whose cut is
-the single tensor of chain cut k (numbered as :func:`planner.chain_cuts`), and
+the single tensor of chain cut k (numbered as :func:`splitgate.planner.chain_cuts`), and
 ``dag-<k>`` for a cut of several tensors, k = 1, 2, ... in order of device
 node count (ties by the first crossing tensor's topological position).
 """
@@ -30,17 +30,17 @@ from typing import Any
 import numpy as np
 import onnx
 
-from planner._cost import Conditions, Constraints, EnergyModel, Estimate, estimate
-from planner._cuts import chain_cuts
-from planner._accuracy import Calibration, Guard, load_calibration
-from planner._decide import DecisionTable, Grid, build_table, search_candidates
-from planner._encoding import add_encoded, check_encodings
-from planner._extract import Extractor
-from planner._graph import ModelGraph
-from planner._mincut import CutProblem, DagCut
-from planner._device import DeviceProfile, load_device_profile
-from planner._profile import NodeProfile, profile_nodes, time_partitions
-from planner._shapes import ShapeBucket, load_samples, parse_input_shapes, resolve_buckets, seeded_feeds, tensor_nbytes
+from splitgate.planner._cost import Conditions, Constraints, EnergyModel, Estimate, estimate
+from splitgate.planner._cuts import chain_cuts
+from splitgate.planner._accuracy import Calibration, Guard, load_calibration
+from splitgate.planner._decide import DecisionTable, Grid, build_table, search_candidates
+from splitgate.planner._encoding import add_encoded, check_encodings
+from splitgate.planner._extract import Extractor
+from splitgate.planner._graph import ModelGraph
+from splitgate.planner._mincut import CutProblem, DagCut
+from splitgate.planner._device import DeviceProfile, load_device_profile
+from splitgate.planner._profile import NodeProfile, profile_nodes, time_partitions
+from splitgate.planner._shapes import ShapeBucket, load_samples, parse_input_shapes, resolve_buckets, seeded_feeds, tensor_nbytes
 from splitgate.errors import BundleError, InvalidArgument
 
 __all__ = ["PlanOptions", "PlannedPartition", "Plan", "plan_model", "partition_estimate", "table_for"]
@@ -74,7 +74,7 @@ class PlanOptions:
         constraints: latency SLO and device memory.
         grid: the decision table's condition grid.
         encodings: wire encodings of cut tensors to plan with (see
-            :mod:`planner._encoding`): every measured split ``P`` also becomes
+            :mod:`splitgate.planner._encoding`): every measured split ``P`` also becomes
             ``P@E`` for each non-raw ``E`` that passes the accuracy guard.
             ``("raw",)`` plans raw cut tensors only.
         calibration: calibration inputs for the accuracy guard, bytes and
@@ -85,14 +85,14 @@ class PlanOptions:
         min_top1_agreement: guard for classifier outputs (argmax unchanged).
         min_cosine: guard for other float outputs (worst per-sample cosine).
         max_rel_error: guard for other float outputs (``max|dy| / max|y|``; None = off).
-        output_kind: ``"auto"``, ``"classifier"`` or ``"other"`` (see :mod:`planner._accuracy`).
+        output_kind: ``"auto"``, ``"classifier"`` or ``"other"`` (see :mod:`splitgate.planner._accuracy`).
         input_shapes: the real input shapes to plan at: input name -> shapes
             (several = shape buckets, one profile and decision table each), or
             ``--input-shape`` strings (``["x=1x3x640x640", "x=1x3x320x320"]``).
             A dynamic non-batch dimension without a size here or in
-            ``samples`` is an error (:class:`planner.DynamicShapeError`).
+            ``samples`` is an error (:class:`splitgate.planner.DynamicShapeError`).
         samples: real inputs (``.npz`` or name -> array, samples on axis 0;
-            see :func:`planner._shapes.load_samples`): the model runs on them
+            see :func:`splitgate.planner._shapes.load_samples`): the model runs on them
             while planning (inputs whose values matter) and, without
             ``calibration``, they are the encoding guard's calibration set.
     """
@@ -162,7 +162,7 @@ class PlannedPartition:
         prefix, suffix: extracted models (None where the full model is used or absent).
         stats: its profile entry (bytes, timings, estimates), once measured.
         reference: a reference chain cut (kept even where it never wins).
-        encoding: wire encoding of the cut tensors (``"raw"`` or see :mod:`planner._encoding`).
+        encoding: wire encoding of the cut tensors (``"raw"`` or see :mod:`splitgate.planner._encoding`).
         base: for an encoded candidate, the id of its raw twin (same files).
         up_bytes: bytes of the cut tensors at the main shape bucket.
     """
@@ -202,7 +202,7 @@ class Plan:
 
 
 def partition_estimate(entry: dict[str, Any], kind: str, c: Conditions, energy: EnergyModel) -> Estimate:
-    """Estimate of a partition from its ``profile.json`` entry (see :func:`planner._cost.estimate`)."""
+    """Estimate of a partition from its ``profile.json`` entry (see :func:`splitgate.planner._cost.estimate`)."""
     return estimate(
         float(entry["device_ms"]),
         float(entry["cloud_ms"]),
@@ -288,7 +288,7 @@ def plan_model(
 ) -> Plan:
     """Choose, extract and (optionally) measure a model's partitions.
 
-    Planning happens at the user's shapes (:mod:`planner._shapes`): one
+    Planning happens at the user's shapes (:mod:`splitgate.planner._shapes`): one
     profile and decision table per shape bucket; the extracted models keep
     the original's dynamic dimensions.
 

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from planner._graph import ModelGraph, dummy_inputs
+from splitgate.planner._graph import ModelGraph, dummy_inputs
 from splitgate.errors import BundleError, InvalidArgument
 
 __all__ = ["Timing", "NodeProfile", "profile_nodes", "time_session", "time_partition", "time_partitions", "make_session"]

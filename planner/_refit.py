@@ -2,15 +2,15 @@
 
 ``splitgate refit BUNDLE --device-profile device.json`` (:func:`refit_bundle`)
 recomputes every shape bucket's device times in ``profile.json`` from a
-:class:`~planner._device.DeviceProfile` and rebuilds each bucket's decision
+:class:`~splitgate.planner._device.DeviceProfile` and rebuilds each bucket's decision
 table, without re-extracting a partition:
 
 * a partition the device measured (matched by its cut, see
-  :func:`planner._device.cut_key`) gets that time, at the nearest bucket
+  :func:`splitgate.planner._device.cut_key`) gets that time, at the nearest bucket
   scaled by input elements;
 * any other partition gets the device's per-node sum over its prefix's nodes,
   times this planning machine's measured/estimated ratio for it (the
-  correction :func:`planner._plan.plan_model` applies to imported profiles);
+  correction :func:`splitgate.planner._plan.plan_model` applies to imported profiles);
 * an encoded twin (``cut-3@int8``) gets its raw twin's new time plus the
   encode time the device measured, else the planned encode time scaled by the
   device's speed relative to the plan (its ``device`` partition).
@@ -18,7 +18,7 @@ table, without re-extracting a partition:
 Only the decision data changes (``profile.json``, ``decision_table.json`` and
 the manifest's ``device`` key and file digests): the plan digest stays, so the
 cloud tier keeps serving the same suffixes to the refitted edge. The bundle is
-rewritten like :func:`planner.build_bundle` writes one: into a temporary
+rewritten like :func:`splitgate.planner.build_bundle` writes one: into a temporary
 sibling directory (unchanged files hard-linked, or copied where links are not
 possible) renamed into place.
 
@@ -41,12 +41,12 @@ from typing import Any
 
 import onnx
 
-from planner._bundle import MANIFEST, PlanBundle, _replace_dir, plan_digest
-from planner._cost import Constraints, EnergyModel
-from planner._decide import DecisionTable
-from planner._device import DeviceProfile, load_device_profile
-from planner._plan import table_for
-from planner._profile import Timing
+from splitgate.planner._bundle import MANIFEST, PlanBundle, _replace_dir, plan_digest
+from splitgate.planner._cost import Constraints, EnergyModel
+from splitgate.planner._decide import DecisionTable
+from splitgate.planner._device import DeviceProfile, load_device_profile
+from splitgate.planner._plan import table_for
+from splitgate.planner._profile import Timing
 from splitgate.errors import BundleError, InvalidArgument
 
 __all__ = ["refit_bundle", "refit_stats", "refit_table"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from planner._cost import Conditions
+from splitgate.planner._cost import Conditions
 
 __all__ = ["plan_table", "explain_table", "NETWORKS"]
 
@@ -59,7 +59,7 @@ def plan_table(bundle: Any) -> Any:
 
 
 def explain_table(bundle: Any, *, rtt_ms: float = 20.0, battery_pct: float = 100.0) -> Any:
-    """Why each candidate wins where it does (see :meth:`planner.PlanBundle.explain`)."""
+    """Why each candidate wins where it does (see :meth:`splitgate.planner.PlanBundle.explain`)."""
     from rich.table import Table
 
     table = Table(title=f"why each partition wins (RTT {rtt_ms:g} ms, battery {battery_pct:g}%)")

@@ -135,7 +135,7 @@ def load_samples(source: str | os.PathLike[str] | Mapping[str, Any], inputs: Seq
 
     Args:
         source: the ``.npz`` path, or name -> array.
-        inputs: the model's inputs (:class:`planner.TensorSpec`).
+        inputs: the model's inputs (:class:`splitgate.planner.TensorSpec`).
 
     Returns:
         One feeds dict per sample.
@@ -234,9 +234,9 @@ def resolve_buckets(
     seed: int = 0,
     batch: int = 1,
 ) -> tuple[list[ShapeBucket], list[str]]:
-    """The shape buckets to plan model ``g`` (a :class:`planner.ModelGraph` or a
+    """The shape buckets to plan model ``g`` (a :class:`splitgate.planner.ModelGraph` or a
     ``ModelProto``) at; see :func:`resolve_shapes` for the rules."""
-    from planner._graph import ModelGraph, datatype_of_elem_type
+    from splitgate.planner._graph import ModelGraph, datatype_of_elem_type
 
     model = g.model if isinstance(g, ModelGraph) else g
     declared = declared_dims(model)

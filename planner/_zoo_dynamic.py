@@ -1,8 +1,8 @@
 """Zoo models with dynamic axes, standing in for the ONNX models users bring.
 
-Five seeded torch models (built by :func:`planner.zoo.build_zoo_module`,
-exported by :func:`planner.zoo.export_zoo_model`, listed in
-:data:`planner.zoo.ZOO_MODELS`), each with its valid input shapes and an input
+Five seeded torch models (built by :func:`splitgate.planner.zoo.build_zoo_module`,
+exported by :func:`splitgate.planner.zoo.export_zoo_model`, listed in
+:data:`splitgate.planner.zoo.ZOO_MODELS`), each with its valid input shapes and an input
 generator in :data:`DYNAMIC_MODELS`:
 
 * ``"detector_dyn"`` - a fully convolutional detector: ``"image"`` float32
@@ -79,7 +79,7 @@ def _detector_dyn() -> Any:
     import torch
     import torch.nn as nn
 
-    from planner.zoo import ZooSpec, _conv_bn
+    from splitgate.planner.zoo import ZooSpec, _conv_bn
 
     class Detector(nn.Module):
         def __init__(self) -> None:
@@ -111,7 +111,7 @@ def _crnn_dyn() -> Any:
     import torch
     import torch.nn as nn
 
-    from planner.zoo import ZooSpec, _conv_bn
+    from splitgate.planner.zoo import ZooSpec, _conv_bn
 
     class CRNN(nn.Module):
         def __init__(self) -> None:
@@ -139,7 +139,7 @@ def _transformer_dyn() -> Any:
     import torch
     import torch.nn as nn
 
-    from planner.zoo import ZooSpec
+    from splitgate.planner.zoo import ZooSpec
 
     heads = 4
 
@@ -188,7 +188,7 @@ def _gru_state() -> Any:
     import torch
     import torch.nn as nn
 
-    from planner.zoo import ZooSpec
+    from splitgate.planner.zoo import ZooSpec
 
     class StatefulGRU(nn.Module):
         def __init__(self) -> None:
@@ -209,7 +209,7 @@ def _if_value() -> Any:
     import torch
     import torch.nn as nn
 
-    from planner.zoo import ZooSpec
+    from splitgate.planner.zoo import ZooSpec
 
     class FrameStats(nn.Module):
         __constants__ = ["threshold"]

@@ -88,7 +88,7 @@ def train_module(spec: Any, name: str, *, seed: int = 0, steps: int = 150, batch
     """Train ``spec.module`` in place on gratings10 (or load cached weights); leave it in eval mode.
 
     Args:
-        spec: a :class:`planner.zoo.ZooSpec` of an image model.
+        spec: a :class:`splitgate.planner.zoo.ZooSpec` of an image model.
         name: the zoo model name (cache key).
         seed: seed of the data stream and the cache key.
         steps, batch, lr: the recipe (part of the cache key).

@@ -26,7 +26,7 @@ classes unless noted; the image models take ``"input"`` float32
   ``[batch, seq, 16]`` (dynamic ``seq``): one atomic ONNX ``LSTM`` node.
 
 Dynamic-shape models standing in for users' models (see
-:mod:`planner._zoo_dynamic`; their valid shapes and an input generator are in
+:mod:`splitgate.planner._zoo_dynamic`; their valid shapes and an input generator are in
 :data:`DYNAMIC_MODELS`, :func:`make_inputs`, :func:`write_samples`):
 ``"detector_dyn"`` (dynamic H and W, weights in Constant nodes),
 ``"crnn_dyn"`` (dynamic width, LSTM sequence head), ``"transformer_dyn"``
@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from planner._zoo_dynamic import DYNAMIC_BUILDERS, DYNAMIC_MODELS, DynamicCase, make_inputs, write_samples
+from splitgate.planner._zoo_dynamic import DYNAMIC_BUILDERS, DYNAMIC_MODELS, DynamicCase, make_inputs, write_samples
 from splitgate.errors import InvalidArgument
 
 __all__ = [
@@ -409,7 +409,7 @@ def train_zoo_module(name: str, spec: ZooSpec | None = None, *, seed: int = 0, s
                      cache: bool = True) -> dict[str, float]:
     """Train an image model briefly on the synthetic gratings10 task (cached).
 
-    See :mod:`planner._zoo_train`: 10 classes of oriented gratings under colour,
+    See :mod:`splitgate.planner._zoo_train`: 10 classes of oriented gratings under colour,
     contrast, phase, occlusion and noise; Adam for ``steps`` batches of 32
     fresh samples (resnet18 and vggchain: 40 at lr 3e-3, seconds; mobilenet,
     slower to start: 120 at lr 5e-3, about a minute on a busy 2-core CPU);
@@ -431,7 +431,7 @@ def train_zoo_module(name: str, spec: ZooSpec | None = None, *, seed: int = 0, s
     """
     if name not in IMAGE_MODELS:
         raise InvalidArgument(f"only the image models {list(IMAGE_MODELS)} can be trained, not '{name}'")
-    from planner._zoo_train import train_module
+    from splitgate.planner._zoo_train import train_module
 
     spec = spec or build_zoo_module(name, seed=seed)
     default_steps, lr = _RECIPES[name]
@@ -443,9 +443,9 @@ def calibration_inputs(n: int = 64, seed: int = 0) -> dict[str, Any]:
 
     Returns:
         ``{"input": images, "labels": int64 labels}``; pass ``{"input": ...}``
-        as :attr:`planner.PlanOptions.calibration`.
+        as :attr:`splitgate.planner.PlanOptions.calibration`.
     """
-    from planner._zoo_train import calibration_images
+    from splitgate.planner._zoo_train import calibration_images
 
     x, y = calibration_images(n, seed=seed)
     return {"input": x, "labels": y}

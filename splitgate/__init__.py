@@ -15,7 +15,6 @@ __all__ = ["Gateway", "AsyncGateway", "GatewayConfig", "Result", "Trace", "__ver
 
 def __getattr__(name: str) -> Any:
     if name in ("Gateway", "AsyncGateway", "GatewayConfig", "Result", "Trace"):
-        import edge
-
+        from splitgate import edge
         return getattr(edge, name)
     raise AttributeError(f"module 'splitgate' has no attribute {name!r}")

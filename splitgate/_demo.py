@@ -39,9 +39,9 @@ def _sample_inputs(bundle, rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 def run_demo(model: str = "mobilenet", requests: int = 10, workdir: str | None = None) -> int:
     """Run the demo; return 0 when every partition's outputs match the full model."""
-    from cloud import CloudConfig, start_local
-    from planner import build_bundle
-    from planner.zoo import export_zoo_model
+    from splitgate.cloud import CloudConfig, start_local
+    from splitgate.planner import build_bundle
+    from splitgate.planner.zoo import export_zoo_model
     from splitgate._console import progress_callback
 
     console = Console()
@@ -77,7 +77,7 @@ def run_demo(model: str = "mobilenet", requests: int = 10, workdir: str | None =
 def _run_requests(console: Console, bundle, address: str, requests: int) -> bool:
     import onnxruntime as ort
 
-    from edge import Gateway
+    from splitgate.edge import Gateway
 
     rng = np.random.default_rng(0)
     inputs = _sample_inputs(bundle, rng)

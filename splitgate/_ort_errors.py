@@ -72,7 +72,7 @@ class RunSite:
     def of(cls, model: str, partition: Any, side: str, tier: str) -> RunSite:
         """The site of ``partition``'s ``side`` (``"prefix"``/``"suffix"``): a
         ``device`` or ``cloud`` partition runs the full model on that side.
-        ``partition`` is a :class:`planner.Partition` (its ``id`` and ``kind``)."""
+        ``partition`` is a :class:`splitgate.planner.Partition` (its ``id`` and ``kind``)."""
         part = side if getattr(partition, "kind", "split") == "split" else "full model"
         return cls(model, partition.id, part, tier)
 

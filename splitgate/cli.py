@@ -24,8 +24,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from planner import Constraints, EnergyModel, PlanOptions, build_bundle
-    from planner._report import explain_table, plan_table
+    from splitgate.planner import Constraints, EnergyModel, PlanOptions, build_bundle
+    from splitgate.planner._report import explain_table, plan_table
     from splitgate._console import progress_callback
 
     options = PlanOptions(
@@ -54,8 +54,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_profile(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from planner._device import measure_device, profile_table
-    from planner._shapes import parse_input_shapes
+    from splitgate.planner._device import measure_device, profile_table
+    from splitgate.planner._shapes import parse_input_shapes
     from splitgate._console import progress_callback
 
     console = Console()
@@ -73,8 +73,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 def _cmd_refit(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from planner import load_bundle, refit_bundle
-    from planner._refit import refit_table
+    from splitgate.planner import load_bundle, refit_bundle
+    from splitgate.planner._refit import refit_table
 
     before = load_bundle(args.bundle)
     after = refit_bundle(args.bundle, args.device_profile)
@@ -86,7 +86,7 @@ def _cmd_refit(args: argparse.Namespace) -> int:
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
-    from planner.zoo import export_zoo_model
+    from splitgate.planner.zoo import export_zoo_model
 
     path = export_zoo_model(args.name, args.output, seed=args.seed, trained=args.trained)
     print(f"exported zoo model '{args.name}' to {path}")
@@ -96,7 +96,7 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 def _cmd_cloud_serve(args: argparse.Namespace) -> int:
     from splitgate._signals import wait_for_stop
 
-    from cloud import CloudConfig, start_local
+    from splitgate.cloud import CloudConfig, start_local
 
     overrides = {
         "grpc_port": args.port,
@@ -132,7 +132,7 @@ def _cmd_cloud_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_loadtest(args: argparse.Namespace) -> int:
-    from loadtests._options import run_from_args
+    from splitgate.loadtests._options import run_from_args
 
     try:
         return run_from_args(args)
@@ -180,7 +180,7 @@ def _cmd_certs(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
-    from experiments.runner import run_experiments
+    from splitgate.experiments.runner import run_experiments
 
     engines = ["analytic", "live"] if args.engine == "both" else [args.engine]
     try:
@@ -193,8 +193,8 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 def _cmd_edge_serve(args: argparse.Namespace) -> int:
     from splitgate._signals import wait_for_stop
 
-    from edge import Gateway, GatewayConfig
-    from edge._serve import serve_edge
+    from splitgate.edge import Gateway, GatewayConfig
+    from splitgate.edge._serve import serve_edge
 
     config = GatewayConfig.from_file(args.config) if args.config else GatewayConfig()
     if args.cloud:
@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_security_flags(serve)
     serve.set_defaults(func=_cmd_cloud_serve)
 
-    from loadtests._options import add_arguments as add_loadtest_arguments  # argparse only: cheap
+    from splitgate.loadtests._options import add_arguments as add_loadtest_arguments  # argparse only: cheap
 
     exp = sub.add_parser("experiment", help="network-condition experiment(s): analytic and live engines, CSV, PNG")
     exp.add_argument("specs", nargs="+", help="experiment spec YAML file(s), e.g. experiments/specs/*.yaml")

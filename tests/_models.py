@@ -215,7 +215,7 @@ def check_cuts(
     tensor, so filler-weight models with near-constant outputs still test
     something. Returns the number of (cut, feed) pairs checked.
     """
-    from planner import Extractor
+    from splitgate.planner import Extractor
 
     ex = Extractor(graph)
     tensors = [c.tensor for c in cuts]
@@ -271,7 +271,7 @@ def random_dag_model(n: int, seed: int = 0) -> onnx.ModelProto:
 
 def check_partition(graph, tensors: Sequence[str], feeds_list: Sequence[Mapping[str, np.ndarray]], optimize: bool = True) -> None:
     """Prove suffix(prefix(x)) == full(x) for a cut of several tensors."""
-    from planner import Extractor
+    from splitgate.planner import Extractor
 
     ex = Extractor(graph)
     outs = [o.name for o in graph.outputs]

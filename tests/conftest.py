@@ -22,7 +22,7 @@ CLOUD_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 def zoo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The seeded mobilenet zoo model (ONNX)."""
     pytest.importorskip("torch")
-    from planner.zoo import export_zoo_model
+    from splitgate.planner.zoo import export_zoo_model
 
     root = tmp_path_factory.mktemp("zoo")
     return export_zoo_model("mobilenet", root / "mobilenet.onnx", seed=0)
@@ -31,7 +31,7 @@ def zoo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def zoo_bundle(zoo_model: Path):
     """A plan bundle of the seeded mobilenet zoo model."""
-    from planner import build_bundle
+    from splitgate.planner import build_bundle
 
     return build_bundle(zoo_model, zoo_model.parent / "mobilenet.bundle")
 
@@ -43,7 +43,7 @@ def slow_device_factor(zoo_bundle) -> float:
     Taken from the planner's own measurement (same warm-up, threads and idle
     gaps as the plan), so the planned device time lands near the target.
     """
-    from planner import Conditions
+    from splitgate.planner import Conditions
 
     return SLOW_DEVICE_MS / zoo_bundle.estimate("device", Conditions(uplink_mbps=10.0)).device_ms
 
@@ -51,7 +51,7 @@ def slow_device_factor(zoo_bundle) -> float:
 @pytest.fixture(scope="session")
 def slow_device_bundle(zoo_model: Path, slow_device_factor: float):
     """The same model planned for a ~SLOW_DEVICE_MS device (name ``mobilenet_slowdev``)."""
-    from planner import build_bundle
+    from splitgate.planner import build_bundle
 
     return build_bundle(
         zoo_model, zoo_model.parent / "mobilenet_slowdev.bundle",
@@ -66,7 +66,7 @@ def switch_bundle(zoo_model: Path, slow_device_factor: float):
     adds 100+ ms (~150 ms vs ~320 ms), and clearly loses on 3G (~480 ms: the
     49 KB input at 1.1 Mbps). At 2x the 3G margin was ~20%, inside the noise
     of one planning run on a loaded box."""
-    from planner import build_bundle
+    from splitgate.planner import build_bundle
 
     return build_bundle(
         zoo_model, zoo_model.parent / "mobilenet_switch.bundle",
@@ -78,7 +78,7 @@ def switch_bundle(zoo_model: Path, slow_device_factor: float):
 def cloud_tier(zoo_bundle, slow_device_bundle, switch_bundle) -> Iterator[object]:
     """A real local Ray Serve tier with gRPC ingress serving both bundles."""
     pytest.importorskip("ray")
-    from cloud import CloudConfig, start_local
+    from splitgate.cloud import CloudConfig, start_local
 
     tier = start_local(
         CloudConfig(

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from cloud._batch import Item, group_batches, run_group
+from splitgate.cloud._batch import Item, group_batches, run_group
 
 
 def _session(mix_rows: bool = False) -> ort.InferenceSession:
@@ -99,7 +99,7 @@ def test_drain_queue_batches_what_queued_while_busy_and_answers_each() -> None:
     import asyncio
     import threading
 
-    from cloud._app import _DrainQueue
+    from splitgate.cloud._app import _DrainQueue
 
     started, gate = threading.Event(), threading.Event()
     batches: list[list[str]] = []

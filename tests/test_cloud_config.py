@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cloud import CloudConfig
+from splitgate.cloud import CloudConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,11 +25,11 @@ def test_config_file_and_overrides(tmp_path) -> None:
 
 def test_serve_config_builds_the_app(zoo_bundle, monkeypatch) -> None:
     pytest.importorskip("ray")
-    from cloud.app import build
+    from splitgate.cloud.app import build
 
     data = yaml.safe_load((ROOT / "cloud" / "serve_config.yaml").read_text())
     (app_cfg,) = data["applications"]
-    assert app_cfg["import_path"] == "cloud.app:build"
+    assert app_cfg["import_path"] == "splitgate.cloud.app:build"
     args = dict(app_cfg["args"], bundles=[str(zoo_bundle.root)])
     deployment = build(args)._bound_deployment
     assert deployment.name == "splitgate-cloud"

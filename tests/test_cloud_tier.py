@@ -17,8 +17,8 @@ import onnxruntime as ort
 import pytest
 from conftest import CLOUD_MAX_MESSAGE_BYTES
 
-from edge import CloudClient
-from edge._client import _typed
+from splitgate.edge import CloudClient
+from splitgate.edge._client import _typed
 from splitgate import codec
 from splitgate.errors import (
     FailedPrecondition,

@@ -20,10 +20,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from planner import DeviceProfile, NodeProfile, Timing, build_bundle, load_bundle, measure_device, refit_bundle
-from planner._bundle import plan_digest
-from planner._device import SCHEMA, BucketTimes, PartitionTimes
-from planner._refit import refit_stats
+from splitgate.planner import DeviceProfile, NodeProfile, Timing, build_bundle, load_bundle, measure_device, refit_bundle
+from splitgate.planner._bundle import plan_digest
+from splitgate.planner._device import SCHEMA, BucketTimes, PartitionTimes
+from splitgate.planner._refit import refit_stats
 from splitgate.cli import main as cli_main
 from splitgate.errors import InvalidArgument
 
@@ -356,7 +356,7 @@ def test_profile_runs_in_a_plain_install(device_venv: Path, conv: dict[str, Path
 def test_shape_buckets_profile_and_refit(tmp_path: Path) -> None:
     """A bundle planned at two shape buckets: profiled at both by default (or at
     the user's shapes), refitted bucket by bucket."""
-    from planner._device import _time_encodings
+    from splitgate.planner._device import _time_encodings
 
     model = save(conv_chain_model(channels=8, size=32), tmp_path / "small.onnx")
     bundle = build_bundle(model, tmp_path / "b", input_shapes={"x": [(1, 3, 32, 32), (4, 3, 32, 32)]},

@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from planner import PlanBundle
+from splitgate.planner import PlanBundle
 from splitgate import codec
 from splitgate.protocol import inference_pb2 as pb
 from splitgate.protocol import inference_pb2_grpc as pb_grpc
@@ -31,7 +31,7 @@ from splitgate.protocol import inference_pb2_grpc as pb_grpc
 pytestmark = pytest.mark.integration
 pytest.importorskip("torch")
 pytest.importorskip("ray")
-from planner.zoo import DYNAMIC_MODELS, export_zoo_model  # noqa: E402
+from splitgate.planner.zoo import DYNAMIC_MODELS, export_zoo_model  # noqa: E402
 
 MODELS = ["detector_dyn", "crnn_dyn", "transformer_dyn", "gru_state", "if_value"]
 SPLITGATE = [sys.executable, "-m", "splitgate"]

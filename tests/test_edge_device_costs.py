@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from edge import DeviceCosts, Gateway
-from planner import Conditions
+from splitgate.edge import DeviceCosts, Gateway
+from splitgate.planner import Conditions
 from splitgate.errors import InvalidArgument
 
 PLANNED = {"cut-3": 20.0, "cut-9": 60.0, "device": 100.0}
@@ -145,7 +145,7 @@ DEVICE_MS = 30.0  # the emulated device runs the model in about this long
 @pytest.fixture(scope="module")
 def drift_bundle(zoo_model, slow_device_factor, tmp_path_factory):
     """The zoo mobilenet planned for a ~30 ms device (``mobilenet_drift``)."""
-    from planner import build_bundle
+    from splitgate.planner import build_bundle
 
     return build_bundle(
         zoo_model, tmp_path_factory.mktemp("drift") / "mobilenet_drift.bundle", model_name="mobilenet_drift",
@@ -155,7 +155,7 @@ def drift_bundle(zoo_model, slow_device_factor, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def baseline(drift_bundle) -> Iterator[str]:
-    from cloud.baseline import start_baseline
+    from splitgate.cloud.baseline import start_baseline
 
     server = start_baseline([str(drift_bundle.root)])
     try:
@@ -188,7 +188,7 @@ def _settle_link(gw, link, bundle, slow_winner: str) -> Conditions:
     and a ``slow_winner``-kind partition at 3x, both by >= 15% in the plan (the
     policy's hysteresis is 10%). Grid links are ranked by their plan margins
     with the RTT overhead the last probe showed; the best untried one is probed."""
-    from netsim import LinkConditions
+    from splitgate.netsim import LinkConditions
 
     overhead, tried = 0.0, []
     for _ in range(8):
@@ -245,7 +245,7 @@ def test_the_choice_leaves_the_slow_device_and_comes_back(drift_bundle, baseline
     """Against the real cloud (grpcio baseline) through a shaped link. With a
     split winning at 3x its prefix shows the recovery; with ``cloud`` winning
     nothing runs on the device and the device probe must."""
-    from netsim import LinkConditions, ShapingProxy
+    from splitgate.netsim import LinkConditions, ShapingProxy
 
     bundle, x = drift_bundle, _x(drift_bundle)
     model = bundle.model_name
@@ -272,8 +272,8 @@ def test_the_choice_leaves_the_slow_device_and_comes_back(drift_bundle, baseline
 def test_config_file_switch_and_edge_serve_reports_the_factor(drift_bundle, tmp_path) -> None:
     import grpc
 
-    from edge import GatewayConfig
-    from edge._serve import serve_edge
+    from splitgate.edge import GatewayConfig
+    from splitgate.edge._serve import serve_edge
     from splitgate import codec
     from splitgate.protocol import inference_pb2 as pb
     from splitgate.protocol import inference_pb2_grpc as pb_grpc

@@ -11,8 +11,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edge import AsyncGateway, Gateway
-from edge._serve import serve_edge
+from splitgate.edge import AsyncGateway, Gateway
+from splitgate.edge._serve import serve_edge
 from splitgate import codec
 from splitgate.errors import BundleError, InvalidArgument
 from splitgate.protocol import inference_pb2 as pb
@@ -127,7 +127,7 @@ def test_edge_serve_speaks_oip_with_clear_errors(zoo_bundle, sample) -> None:
 
 
 def test_device_time_from_profile_pads_to_the_planned_device(slow_device_bundle) -> None:
-    from planner import Conditions
+    from splitgate.planner import Conditions
 
     bundle = slow_device_bundle
     (spec,) = bundle.inputs

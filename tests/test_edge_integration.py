@@ -10,9 +10,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edge import Gateway
-from netsim import LinkConditions, ShapingProxy
-from planner import Conditions
+from splitgate.edge import Gateway
+from splitgate.netsim import LinkConditions, ShapingProxy
+from splitgate.planner import Conditions
 
 pytestmark = pytest.mark.integration
 
@@ -169,7 +169,7 @@ def _near_best(bundle, partition: str, c: Conditions, hysteresis: float) -> bool
 def test_cloud_killed_mid_run_loses_nothing_and_breaker_bounds_latency(zoo_bundle, cloud_tier) -> None:
     from ray import serve
 
-    from cloud import build_app
+    from splitgate.cloud import build_app
 
     model = zoo_bundle.model_name
     x = _input(zoo_bundle)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge._breaker import CircuitBreaker
-from edge._cache import ResultCache, input_digest
-from edge._monitor import BatteryMonitor, Ewma, LinkMonitor
+from splitgate.edge._breaker import CircuitBreaker
+from splitgate.edge._cache import ResultCache, input_digest
+from splitgate.edge._monitor import BatteryMonitor, Ewma, LinkMonitor
 
 
 class FakeClock:
@@ -190,7 +190,7 @@ def test_a_late_call_moves_an_optimistic_estimate_at_once() -> None:
 
 
 def test_hedge_delay_is_the_earlier_of_the_deadline_and_latency_rules() -> None:
-    from edge import hedge_delay_ms
+    from splitgate.edge import hedge_delay_ms
 
     assert hedge_delay_ms(3000.0, None, None) == pytest.approx(2400.0)          # deadline rule, suffix unknown
     assert hedge_delay_ms(3000.0, 500.0, None) == pytest.approx(2400.0)         # 3000 - 1.2 x 500
@@ -201,7 +201,7 @@ def test_hedge_delay_is_the_earlier_of_the_deadline_and_latency_rules() -> None:
 
 
 def test_cloud_client_keeps_sequential_calls_on_one_replica_and_spreads_concurrent_ones() -> None:
-    from edge import CloudClient
+    from splitgate.edge import CloudClient
 
     eps = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
     with CloudClient("127.0.0.1:9", endpoints=eps) as client:
@@ -262,8 +262,8 @@ class _TableBundle:
 
 
 def test_rtt_is_re_measured_first_only_when_it_can_change_the_decision() -> None:
-    from edge import rtt_first
-    from planner import Conditions
+    from splitgate.edge import rtt_first
+    from splitgate.planner import Conditions
 
     m = LinkMonitor(min_bandwidth_bytes=1000)
     m.observe_probe([20.0, 21.0], 100_000, [20.0 + 160.0, 20.0 + 165.0])       # 5 Mbps
@@ -289,8 +289,8 @@ def test_a_small_calls_transfer_time_is_not_counted_as_rtt() -> None:
 
 
 def test_calibration_learns_a_swinging_link_and_forgets_it() -> None:
-    from edge import LinkCalibration, calibrated
-    from planner import Conditions
+    from splitgate.edge import LinkCalibration, calibrated
+    from splitgate.planner import Conditions
 
     clock = FakeClock()
     cal = LinkCalibration(alpha=0.2, half_life_s=8.0, cap=2.0, clock=clock)
@@ -349,7 +349,7 @@ def test_a_reported_network_change_makes_a_probe_due_until_a_probe_starts() -> N
 
 
 def test_calibration_reset_forgets_the_old_network() -> None:
-    from edge import LinkCalibration
+    from splitgate.edge import LinkCalibration
 
     cal = LinkCalibration(clock=lambda: 0.0)
     for _ in range(5):

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from experiments import ExperimentSpec, load_spec
-from experiments.analytic import run_analytic, simulate_policy
-from experiments.policies import chain_partitions, neurosurgeon_choice
-from netsim import traces
-from planner import Conditions
+from splitgate.experiments import ExperimentSpec, load_spec
+from splitgate.experiments.analytic import run_analytic, simulate_policy
+from splitgate.experiments.policies import chain_partitions, neurosurgeon_choice
+from splitgate.netsim import traces
+from splitgate.planner import Conditions
 
 SPECS = sorted((Path(__file__).resolve().parents[1] / "experiments" / "specs").glob("*.yaml"))
 
@@ -79,7 +79,7 @@ def test_adaptive_is_within_5_percent_of_the_best_static_policy(path: Path, slow
     """The issue's bar, in the analytic engine, on every bundled trace (the
     tests' planned bundle, so no re-profiling noise): adaptive's mean latency
     is at most 5 % above the best of device-only, cloud-only and the DADS plan."""
-    from experiments._records import adaptive_vs_static, summarize
+    from splitgate.experiments._records import adaptive_vs_static, summarize
 
     spec = load_spec(path)
     spec.model = slow_device_bundle.model_name
@@ -105,7 +105,7 @@ def test_live_and_analytic_engines_agree_within_10_percent(slow_device_bundle, c
     runs 5% (median) to 10% (mean) slower than planned: the live gRPC + proxy +
     Serve stack adds ~25-50 ms per call on this shared machine, which the
     analytic engine does not model; see README.)"""
-    from experiments.live import run_live
+    from splitgate.experiments.live import run_live
 
     b = slow_device_bundle
     spec = load_spec(Path(__file__).resolve().parents[1] / "experiments" / "specs" / "agreement.yaml")
@@ -150,7 +150,7 @@ def test_a_reported_radio_change_moves_adaptive_off_the_device_sooner(slow_devic
 def test_paired_ratio_compares_the_same_requests() -> None:
     """A static policy that overran a slot skipped the next one; the paired
     comparison leaves adaptive's extra request there out."""
-    from experiments._records import Record, paired_ratio
+    from splitgate.experiments._records import Record, paired_ratio
 
     def rec(policy: str, t: float, ms: float) -> Record:
         return Record("live", policy, 0, 0, t, "3g", 1.1, 2.0, 100.0, False, "x", ms, 1.0, 0.0, 0.0, 0.0, 0, 0, "")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge import Gateway
+from splitgate.edge import Gateway
 from splitgate.errors import BundleError, FailedPrecondition
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -31,7 +31,7 @@ N = 24  # requests per scenario here; the benchmark runs hundreds
 def stale_bundle(zoo_model, tmp_path_factory):
     """Another plan of the same model (same name, other partitions: a different plan digest;
     a profile alone would not differ, the digest leaves out the decision data)."""
-    from planner import build_bundle
+    from splitgate.planner import build_bundle
 
     return build_bundle(zoo_model, tmp_path_factory.mktemp("stale") / "mobilenet.bundle", profile=False,
                         candidates="chain")
@@ -63,8 +63,8 @@ def _flip(path: Path) -> None:
 
 
 def test_tampered_or_truncated_bundle_refused_with_clear_error(zoo_bundle, tmp_path: Path) -> None:
-    from cloud._service import SuffixService
-    from planner import PlanBundle
+    from splitgate.cloud._service import SuffixService
+    from splitgate.planner import PlanBundle
 
     part = next(p for p in zoo_bundle.partitions.values() if p.kind == "split")
     rel = part.suffix_path.relative_to(zoo_bundle.root)
@@ -97,7 +97,7 @@ def _resign(root: Path, rel: str) -> None:
     """Update the manifest for a changed file, so integrity passes (a bad build, not tampering)."""
     import hashlib
 
-    from planner._bundle import plan_digest
+    from splitgate.planner._bundle import plan_digest
 
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["files"][rel] = hashlib.sha256((root / rel).read_bytes()).hexdigest()
@@ -106,7 +106,7 @@ def _resign(root: Path, rel: str) -> None:
 
 
 def test_cloud_serves_versions_by_digest_switches_and_rolls_back(zoo_bundle, stale_bundle, tmp_path: Path) -> None:
-    from cloud._service import SuffixService
+    from splitgate.cloud._service import SuffixService
 
     service = SuffixService([zoo_bundle.root])
     v1, v2 = zoo_bundle.plan_digest, stale_bundle.plan_digest

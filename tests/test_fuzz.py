@@ -115,7 +115,7 @@ def test_nan_policy_names_tensor_and_index() -> None:
 
 @pytest.fixture(scope="module")
 def service(zoo_bundle):
-    from cloud._service import SuffixService
+    from splitgate.cloud._service import SuffixService
 
     return SuffixService([zoo_bundle.root], limits=Limits(nan_policy="reject"))
 
@@ -144,7 +144,7 @@ def test_suffix_service_prepare_only_raises_typed_errors(service, zoo_bundle) ->
 def test_model_infer_fuzz_over_grpc(zoo_bundle) -> None:
     """A few hundred malformed requests (and random-byte messages) over real
     gRPC: documented statuses only, and the server still answers correctly."""
-    from cloud.baseline import start_baseline
+    from splitgate.cloud.baseline import start_baseline
 
     target = bench_fuzz.Target.of(zoo_bundle)
     examples: list = []
@@ -158,7 +158,7 @@ def test_model_infer_fuzz_over_grpc(zoo_bundle) -> None:
 def test_random_bytes_message_is_invalid_argument(zoo_bundle) -> None:
     import grpc
 
-    from cloud.baseline import start_baseline
+    from splitgate.cloud.baseline import start_baseline
 
     with start_baseline([str(zoo_bundle.root)]) as server, grpc.insecure_channel(server.address) as channel:
         status = bench_fuzz.send(channel, ("bytes", b"\xff\xff\xff\xff\x0f"))

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edge import CloudClient, Gateway
+from splitgate.edge import CloudClient, Gateway
 from splitgate import codec
 from splitgate.errors import InvalidArgument, NotFound
 from splitgate.protocol import inference_pb2 as pb

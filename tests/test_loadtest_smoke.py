@@ -21,7 +21,7 @@ pytestmark = [
 
 
 def test_locust_smoke_run_has_no_failures(zoo_bundle, cloud_tier, tmp_path: Path) -> None:
-    from loadtests._runner import LoadTestConfig, run_loadtest
+    from splitgate.loadtests._runner import LoadTestConfig, run_loadtest
 
     cfg = LoadTestConfig(
         target=cloud_tier.address, bundles=[str(zoo_bundle.root)], users=4, spawn_rate=4,
@@ -42,7 +42,7 @@ def test_locust_smoke_run_has_no_failures(zoo_bundle, cloud_tier, tmp_path: Path
 
 
 def test_step_load_shape_reports_steps(zoo_bundle, cloud_tier, tmp_path: Path) -> None:
-    from loadtests._runner import LoadTestConfig, run_loadtest
+    from splitgate.loadtests._runner import LoadTestConfig, run_loadtest
 
     cfg = LoadTestConfig(
         target=cloud_tier.address, bundles=[str(zoo_bundle.root)], mix="cloud:1",

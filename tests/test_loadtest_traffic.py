@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from loadtests._traffic import MixItem, load_traffic, parse_mix, record_traffic, save_traffic
+from splitgate.loadtests._traffic import MixItem, load_traffic, parse_mix, record_traffic, save_traffic
 from splitgate import codec
 from splitgate.errors import InvalidArgument
 

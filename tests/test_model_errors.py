@@ -25,9 +25,9 @@ import pytest
 from _models import IR_VERSION, OPSET
 from onnx import TensorProto, helper, numpy_helper
 
-from edge import Gateway
-from edge._serve import serve_edge
-from edge._sessions import RunSite, SessionCache
+from splitgate.edge import Gateway
+from splitgate.edge._serve import serve_edge
+from splitgate.edge._sessions import RunSite, SessionCache
 from splitgate import codec
 from splitgate._ort_errors import clean_reason, load_error, run_error
 from splitgate.errors import (
@@ -101,7 +101,7 @@ def _model(nodes: list, inits: list, y_shape: list) -> onnx.ModelProto:
 
 
 def _bundle(model: onnx.ModelProto, root: Path, name: str):
-    from planner import build_bundle
+    from splitgate.planner import build_bundle
 
     path = root / f"{name}.onnx"
     onnx.save(model, path)
@@ -135,7 +135,7 @@ def bundles(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cloud(bundles):
     """The plain grpcio baseline cloud serving 'reshaper' and 'healthy'."""
-    from cloud.baseline import start_baseline
+    from splitgate.cloud.baseline import start_baseline
 
     with start_baseline([str(bundles["reshaper"].root), str(bundles["healthy"].root)]) as server:
         yield server.address
@@ -343,7 +343,7 @@ def _cloud_request(model: str, partition: str, name: str, x: np.ndarray, digest:
 
 
 def test_suffix_service_names_the_node(bundles) -> None:
-    from cloud._service import SuffixService
+    from splitgate.cloud._service import SuffixService
 
     bundle = bundles["reshaper"]
     cut = _split_before_reshape(bundle)
@@ -357,8 +357,8 @@ def test_suffix_service_names_the_node(bundles) -> None:
 
 
 def test_suffix_service_unloadable_suffix_is_failed_precondition(bundles, tmp_path) -> None:
-    from cloud._service import SuffixService
-    from planner import PlanBundle
+    from splitgate.cloud._service import SuffixService
+    from splitgate.planner import PlanBundle
 
     copy = tmp_path / "bundle"
     shutil.copytree(bundles["reshaper"].root, copy)
@@ -395,8 +395,8 @@ def test_ray_app_batch_path_isolates_the_failing_request(bundles) -> None:
     without Ray: a batch that fails only because it is a batch is rerun singly
     and succeeds; in a batch with a failing request only that one fails, typed."""
     pytest.importorskip("ray")
-    from cloud._app import InferenceDeployment
-    from cloud._service import SuffixService
+    from splitgate.cloud._app import InferenceDeployment
+    from splitgate.cloud._service import SuffixService
 
     cut = _split_before_reshape(bundles["reshaper"])
     cls = InferenceDeployment.func_or_class

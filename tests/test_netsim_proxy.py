@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from netsim import LinkConditions, ShapingProxy
+from splitgate.netsim import LinkConditions, ShapingProxy
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from netsim import LinkConditions, ScheduleDriver, ShapingProxy, TbfLink, profile, tbf_available, traces
-from netsim.profiles import DADS_UPLINKS, PROFILES
-from planner import RADIOS
+from splitgate.netsim import LinkConditions, ScheduleDriver, ShapingProxy, TbfLink, profile, tbf_available, traces
+from splitgate.netsim.profiles import DADS_UPLINKS, PROFILES
+from splitgate.planner import RADIOS
 
 
 def _roundtrip(port: int, payload: bytes) -> float:

@@ -14,12 +14,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from planner import Conditions, DynamicShapeError, PlanBundle, build_bundle, parse_input_shapes
-from planner._shapes import load_samples, resolve_shapes
+from splitgate.planner import Conditions, DynamicShapeError, PlanBundle, build_bundle, parse_input_shapes
+from splitgate.planner._shapes import load_samples, resolve_shapes
 from splitgate.errors import InvalidArgument
 
 pytest.importorskip("torch")
-from planner.zoo import DYNAMIC_MODELS, export_zoo_model  # noqa: E402
+from splitgate.planner.zoo import DYNAMIC_MODELS, export_zoo_model  # noqa: E402
 
 FAST = {"repeats": 2, "warmup": 1, "encodings": ("raw",)}
 
@@ -86,7 +86,7 @@ def test_dynamic_non_batch_dims_without_sizes_name_each_input_and_the_flag() -> 
 
 
 def test_samples_stacked_or_as_batch_rows(tmp_path: Path) -> None:
-    from planner import TensorSpec
+    from splitgate.planner import TensorSpec
 
     inputs = [TensorSpec("x", "FP32", [-1, 4]), TensorSpec("n", "INT64", [])]
     path = tmp_path / "s.npz"

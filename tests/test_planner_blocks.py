@@ -7,9 +7,9 @@ import random
 import pytest
 from _models import light_model, random_dag_model, two_io_model
 
-from planner import CutProblem, ModelGraph, chain_cuts, exhaustive_cut, min_cut
-from planner._blocks import CLOUD, DEVICE, SPLIT, Link, articulations, decompose
-from planner._mincut import partition_cost
+from splitgate.planner import CutProblem, ModelGraph, chain_cuts, exhaustive_cut, min_cut
+from splitgate.planner._blocks import CLOUD, DEVICE, SPLIT, Link, articulations, decompose
+from splitgate.planner._mincut import partition_cost
 
 
 def _costs(p: CutProblem, seed: int, *, cloud: float = 0.3, per_byte: float = 0.05):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from _models import dynamic_batch_model, light_model, save, session, two_io_model
 
-from planner import Partition, PlanBundle, TensorSpec, build_bundle, load_bundle
-from planner._bundle import plan_digest
+from splitgate.planner import Partition, PlanBundle, TensorSpec, build_bundle, load_bundle
+from splitgate.planner._bundle import plan_digest
 from splitgate.errors import BundleError, InvalidArgument, NotFound
 
 

@@ -15,9 +15,9 @@ from _models import (
     two_io_model,
 )
 
-from planner import Cut, Extractor, ModelGraph, chain_cuts, extract_prefix, extract_suffix
-from planner._cuts import crossing_tensors
-from planner._graph import dummy_inputs
+from splitgate.planner import Cut, Extractor, ModelGraph, chain_cuts, extract_prefix, extract_suffix
+from splitgate.planner._cuts import crossing_tensors
+from splitgate.planner._graph import dummy_inputs
 from splitgate.errors import InvalidArgument
 
 
@@ -148,7 +148,7 @@ def test_model_without_chain_cuts(tmp_path) -> None:
     from onnx import TensorProto, helper
 
     from _models import IR_VERSION, OPSET, save
-    from planner import build_bundle
+    from splitgate.planner import build_bundle
 
     # every stage reads the input again: no single tensor separates input from output
     nodes = [

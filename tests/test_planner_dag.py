@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from _models import check_partition, constant_weights_model, if_model, light_model, random_dag_model, two_io_model
 
-from planner import CutProblem, ModelGraph, chain_cuts, exhaustive_cut, min_cut
-from planner._graph import dummy_inputs
-from planner._mincut import down_sets, partition_cost
+from splitgate.planner import CutProblem, ModelGraph, chain_cuts, exhaustive_cut, min_cut
+from splitgate.planner._graph import dummy_inputs
+from splitgate.planner._mincut import down_sets, partition_cost
 from splitgate.errors import InvalidArgument
 
 
@@ -113,7 +113,7 @@ def test_light_model_dag_cuts_are_exact(name: str) -> None:
 @pytest.fixture(scope="module")
 def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("torch")
-    from planner.zoo import export_zoo_model
+    from splitgate.planner.zoo import export_zoo_model
 
     d = tmp_path_factory.mktemp("zoo-dag")
     for name in ("transformer", "lstm"):

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from _models import dynamic_batch_model, save
 
-from planner import Conditions, PlanBundle, build_bundle, load_bundle
-from planner._accuracy import Guard, check, compare_outputs, load_calibration
-from planner._encoding import candidate_id, split_id
-from planner._graph import TensorSpec
+from splitgate.planner import Conditions, PlanBundle, build_bundle, load_bundle
+from splitgate.planner._accuracy import Guard, check, compare_outputs, load_calibration
+from splitgate.planner._encoding import candidate_id, split_id
+from splitgate.planner._graph import TensorSpec
 from splitgate.errors import InvalidArgument
 
 FAST = {"repeats": 3, "warmup": 1}
@@ -82,7 +82,7 @@ def test_bad_encoding_option(small: Path) -> None:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> PlanBundle:
     """Trained resnet18 (gratings10, cached), planned for a phone-class device with real calibration inputs."""
     pytest.importorskip("torch")
-    from planner.zoo import calibration_inputs, export_zoo_model
+    from splitgate.planner.zoo import calibration_inputs, export_zoo_model
 
     d = tmp_path_factory.mktemp("trained")
     model = export_zoo_model("resnet18", d / "resnet18.onnx", trained=True)

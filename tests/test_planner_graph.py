@@ -9,7 +9,7 @@ import onnx
 import pytest
 from _models import constant_weights_model, dynamic_batch_model, if_model, light_model, save, two_io_model
 
-from planner import ModelGraph, TensorSpec
+from splitgate.planner import ModelGraph, TensorSpec
 from splitgate.errors import InvalidArgument
 
 

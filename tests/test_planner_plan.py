@@ -9,7 +9,7 @@ import pytest
 from _models import IR_VERSION, OPSET, dynamic_batch_model, save, two_io_model
 from onnx import TensorProto, helper
 
-from planner import (
+from splitgate.planner import (
     RADIOS,
     Conditions,
     EnergyModel,
@@ -21,10 +21,10 @@ from planner import (
     load_bundle,
     profile_nodes,
 )
-from planner._bundle import plan_digest
-from planner._cost import energy_weight, objective, transfer_ms
-from planner._decide import pick
-from planner._graph import ModelGraph
+from splitgate.planner._bundle import plan_digest
+from splitgate.planner._cost import energy_weight, objective, transfer_ms
+from splitgate.planner._decide import pick
+from splitgate.planner._graph import ModelGraph
 from splitgate.errors import BundleError, InvalidArgument, NotFound
 
 FAST = {"repeats": 3, "warmup": 1}
@@ -169,7 +169,7 @@ def test_explain(slow_device: PlanBundle) -> None:
 
 def test_slo_and_memory_constraints(tmp_path: Path) -> None:
     model = save(dynamic_batch_model(), tmp_path / "dyn.onnx")
-    from planner import Constraints
+    from splitgate.planner import Constraints
 
     b = build_bundle(model, tmp_path / "mem", device_slowdown=2000.0,
                      constraints=Constraints(device_memory_mb=1e-6), **FAST)

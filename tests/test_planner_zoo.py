@@ -11,8 +11,8 @@ from _models import check_cuts, session
 
 pytest.importorskip("torch")
 
-from planner import ModelGraph, build_bundle, chain_cuts  # noqa: E402
-from planner.zoo import ZOO_MODELS, export_zoo_model  # noqa: E402
+from splitgate.planner import ModelGraph, build_bundle, chain_cuts  # noqa: E402
+from splitgate.planner.zoo import ZOO_MODELS, export_zoo_model  # noqa: E402
 from splitgate.errors import InvalidArgument  # noqa: E402
 
 
@@ -100,6 +100,6 @@ def test_mobilenet_default_bundle_has_profile_and_middle_splits(zoo_bundle) -> N
     assert len(splits) >= 3  # reference chain cuts stay, whatever wins
     assert zoo_bundle.has_profile and {"device", "cloud"} <= set(zoo_bundle.candidates)
     assert zoo_bundle.manifest["planner"]["candidates"] == "optimal"
-    from planner import Conditions
+    from splitgate.planner import Conditions
 
     assert zoo_bundle.choose(Conditions(uplink_mbps=5.85, rtt_ms=50)) in zoo_bundle.candidates

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from edge import CloudClient, Gateway
+from splitgate.edge import CloudClient, Gateway
 from splitgate.errors import ConfigError, Unauthenticated, Unavailable
 from splitgate.protocol import inference_pb2 as pb
 from splitgate.protocol import inference_pb2_grpc as pb_grpc
@@ -71,7 +71,7 @@ def test_loopback_rule() -> None:
 
 
 def test_baseline_tls_mutual_tls_and_tokens(zoo_bundle, certs, other_ca) -> None:
-    from cloud.baseline import start_baseline
+    from splitgate.cloud.baseline import start_baseline
 
     model = zoo_bundle.model_name
     partition, x = _cut(zoo_bundle)
@@ -102,7 +102,7 @@ def test_baseline_tls_mutual_tls_and_tokens(zoo_bundle, certs, other_ca) -> None
 
 
 def test_edge_serve_tls_and_token(zoo_bundle, certs) -> None:
-    from edge._serve import serve_edge
+    from splitgate.edge._serve import serve_edge
 
     model = zoo_bundle.model_name
     (spec,) = zoo_bundle.inputs
@@ -145,9 +145,9 @@ def test_ray_tier_token_auth_and_tls_front(cloud_tier, zoo_bundle, certs) -> Non
 
     from ray import serve
 
-    from cloud import build_app
-    from cloud._discovery import direct_grpc_endpoints_sync
-    from cloud._local import _wait_ready
+    from splitgate.cloud import build_app
+    from splitgate.cloud._discovery import direct_grpc_endpoints_sync
+    from splitgate.cloud._local import _wait_ready
 
     config = replace(cloud_tier.config, app_name="splitgate-sec", auth_tokens=[TOKEN], tls={"cert": "x"})
     model = zoo_bundle.model_name

@@ -13,7 +13,7 @@ pytest.importorskip("torch")
 
 import torch  # noqa: E402
 
-from planner.zoo import (  # noqa: E402
+from splitgate.planner.zoo import (  # noqa: E402
     DYNAMIC_MODELS,
     ZOO_MODELS,
     build_zoo_module,
