@@ -166,7 +166,7 @@ def load_samples(source: str | os.PathLike[str] | Mapping[str, Any], inputs: Seq
         a = a.astype(dtype, copy=False)
         rank = len(spec.shape)
         if a.ndim == rank + 1:
-            per_input[spec.name] = [a[i] for i in range(a.shape[0])]
+            per_input[spec.name] = [np.asarray(a[i]) for i in range(a.shape[0])]  # (a[i] of 1-d: a numpy scalar)
         elif a.ndim == rank and rank > 0:
             per_input[spec.name] = [a[i:i + 1] for i in range(a.shape[0])]
         else:

@@ -93,6 +93,7 @@ def test_samples_stacked_or_as_batch_rows(tmp_path: Path) -> None:
     np.savez(path, x=np.ones((3, 1, 4), np.float32), n=np.array([2, 4, 6]))
     reqs = load_samples(path, inputs)
     assert len(reqs) == 3 and reqs[1]["x"].shape == (1, 4) and int(reqs[1]["n"]) == 4
+    assert isinstance(reqs[1]["n"], np.ndarray) and reqs[1]["n"].shape == ()  # onnxruntime refuses numpy scalars
     rows = load_samples({"x": np.ones((5, 4), np.float32), "n": np.arange(5)}, inputs)
     assert len(rows) == 5 and rows[0]["x"].shape == (1, 4)
     with pytest.raises(InvalidArgument, match="same nonzero number"):
