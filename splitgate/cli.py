@@ -355,6 +355,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"splitgate: error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        extra = missing_extra(exc.name)
+        if extra is None:
+            raise
+        print(f"splitgate: error: this command needs the '{extra}' extra (no module named '{exc.name}'): "
+              f"pip install 'splitgate[{extra}]'", file=sys.stderr)
+        return 2
+
+
+#: Top-level modules of the optional dependencies -> the extra that installs them.
+_EXTRAS = {
+    "ray": "cloud",
+    "torch": "zoo",
+    "onnxscript": "zoo",
+    "locust": "loadtest",
+    "gevent": "loadtest",
+    "matplotlib": "loadtest",
+    "cryptography": "security",
+}
+
+
+def missing_extra(module: str | None) -> str | None:
+    """The extra (``pyproject.toml`` optional dependencies) that installs ``module``, if any."""
+    return _EXTRAS.get((module or "").split(".")[0])
 
 
 if __name__ == "__main__":

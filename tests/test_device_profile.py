@@ -353,6 +353,28 @@ def test_profile_runs_in_a_plain_install(device_venv: Path, conv: dict[str, Path
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "[]", r.stderr[-2000:]
 
 
+def test_plain_install_is_one_package_and_names_missing_extras(device_venv: Path, conv: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    """The wheel installs one top-level name, ships its data files and py.typed,
+    and a command whose extra is missing says which one to install, in one line."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    script = (
+        "import importlib.util as u, pathlib, splitgate\n"
+        "root = pathlib.Path(splitgate.__file__).parent\n"
+        "print([n for n in ('planner', 'edge', 'cloud', 'netsim', 'experiments', 'loadtests') if u.find_spec(n)])\n"
+        "print(all((root / p).is_file() for p in ('py.typed', 'cloud/serve_config.yaml', 'netsim/traces/riiser_tram_synthetic.log',"
+        " 'experiments/specs/commute.yaml')))\n"
+    )
+    r = subprocess.run([str(device_venv), "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.split() == ["[]", "True"], (r.stdout, r.stderr[-1500:])
+    splitgate = device_venv.parent / "splitgate"
+    for args, extra in ((["cloud", "serve", str(conv["bundle"]), "--insecure"], "cloud"), (["zoo", "mobilenet", "-o", "m.onnx"], "zoo")):
+        r = subprocess.run([str(splitgate), *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, r.stderr[-1500:]
+        assert f"pip install 'splitgate[{extra}]'" in lines[0] and "Traceback" not in r.stderr
+
+
 def test_shape_buckets_profile_and_refit(tmp_path: Path) -> None:
     """A bundle planned at two shape buckets: profiled at both by default (or at
     the user's shapes), refitted bucket by bucket."""
