@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from splitgate import contract
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -100,7 +101,7 @@ def _latency(paths: dict[str, list[str]], model: str, payload: int, warmup: int,
                 t0 = time.perf_counter()
                 resp = fns[i % len(fns)](body, timeout=60)
                 samples[name].append((time.perf_counter() - t0) * 1e3)
-                server_ms[name].append(resp.parameters["splitgate.cloud_ms"].double_param)
+                server_ms[name].append(resp.parameters[contract.CLOUD_MS].double_param)
     out = {}
     for name in paths:
         out[name] = summarize(samples[name]) | {"cloud_ms_p50": round(float(np.median(server_ms[name])), 3)}
@@ -131,8 +132,8 @@ def _load_worker(addrs: list[str], body: bytes, threads: int, duration: float, s
                 resp = fn(body, timeout=60)
                 done[k] += 1
                 lat[k].append((time.perf_counter() - t0) * 1e3)
-                if "splitgate.batch_size" in resp.parameters:
-                    batch_rows[k].append(resp.parameters["splitgate.batch_size"].int64_param)
+                if contract.BATCH_SIZE in resp.parameters:
+                    batch_rows[k].append(resp.parameters[contract.BATCH_SIZE].int64_param)
             except Exception:  # noqa: BLE001 - counted, the run goes on
                 errors[k] += 1
 

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from splitgate import codec  # noqa: E402
 from splitgate.protocol import inference_pb2 as pb  # noqa: E402
 from splitgate.protocol import inference_pb2_grpc as pb_grpc  # noqa: E402
+from splitgate import contract  # noqa: E402
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 #: Statuses a malformed request may get (UNKNOWN / INTERNAL would be a bug).
@@ -67,7 +68,7 @@ class Target:
     def valid(self, seed: int = 0) -> tuple[pb.ModelInferRequest, np.ndarray]:
         x = np.random.default_rng(seed).standard_normal(self.shape).astype(np.float32)
         request = pb.ModelInferRequest(model_name=self.model)
-        codec.set_params(request.parameters, {"splitgate.partition": self.partition, "splitgate.plan_digest": self.digest})
+        codec.set_params(request.parameters, {contract.PARTITION: self.partition, contract.PLAN_DIGEST: self.digest})
         codec.add_inputs(request, {self.tensor: x})
         return request, x
 
@@ -123,12 +124,12 @@ def cases(draw, target: Target):
     params: dict = {}
     part = draw(st.sampled_from([target.partition] * 20 + ["cloud", "device", "cut-99999", "", "../../etc"]))
     if draw(st.booleans()) or part != target.partition:
-        params["splitgate.partition"] = part
+        params[contract.PARTITION] = part
     digest = draw(st.sampled_from([None] * 4 + [target.digest] * 10 + ["0" * 64, "", "zz"]))
     if digest is not None:
-        params["splitgate.plan_digest"] = digest
+        params[contract.PLAN_DIGEST] = digest
     if draw(st.integers(0, 19)) == 0:
-        params["splitgate.partition"] = draw(st.sampled_from([7, True, 1.5]))
+        params[contract.PARTITION] = draw(st.sampled_from([7, True, 1.5]))
     codec.set_params(request.parameters, params)
     raw_entries: list[bytes] = []
     typed = draw(st.integers(0, 7)) == 0

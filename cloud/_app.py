@@ -33,6 +33,7 @@ from splitgate.errors import ResourceExhausted, SplitgateError, Unauthenticated
 from splitgate.protocol import inference_pb2 as pb
 from splitgate.security import TokenCheck, malformed_message, token_digest
 from splitgate.validate import Limits
+from splitgate import contract
 
 __all__ = ["ENDPOINTS_EXTENSION", "SERVICER_FUNCTION", "InferenceDeployment", "build_app"]
 
@@ -43,7 +44,7 @@ __all__ = ["ENDPOINTS_EXTENSION", "SERVICER_FUNCTION", "InferenceDeployment", "b
 SERVICER_FUNCTION = "splitgate.security.add_inference_servicer"
 # ServerMetadata.extensions entry that lists the replicas' direct-ingress gRPC
 # endpoints: "splitgate.endpoints=host:port,host:port" (absent without direct ingress).
-ENDPOINTS_EXTENSION = "splitgate.endpoints="
+ENDPOINTS_EXTENSION = contract.ENDPOINTS_EXTENSION
 _ENDPOINTS_TTL_S = 2.0
 
 

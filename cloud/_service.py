@@ -32,6 +32,7 @@ from splitgate.errors import (
 )
 from splitgate.protocol import inference_pb2 as pb
 from splitgate.validate import Limits, validate_inputs, validate_outputs
+from splitgate import contract
 
 __all__ = [
     "PARAM_BATCH_SIZE",
@@ -43,11 +44,11 @@ __all__ = [
     "SuffixService",
 ]
 
-PARAM_PARTITION = "splitgate.partition"
-PARAM_PLAN_DIGEST = "splitgate.plan_digest"
-PARAM_CLOUD_MS = "splitgate.cloud_ms"
-PARAM_QUEUE_DEPTH = "splitgate.queue_depth"
-PARAM_BATCH_SIZE = "splitgate.batch_size"
+PARAM_PARTITION = contract.PARTITION
+PARAM_PLAN_DIGEST = contract.PLAN_DIGEST
+PARAM_CLOUD_MS = contract.CLOUD_MS
+PARAM_QUEUE_DEPTH = contract.QUEUE_DEPTH
+PARAM_BATCH_SIZE = contract.BATCH_SIZE
 
 SERVER_NAME = "splitgate-cloud"
 # Partition used when a plain OIP client sends the model's own inputs.

@@ -17,13 +17,14 @@ from splitgate.errors import SplitgateError, Unavailable, from_rpc_error
 from splitgate.security import TlsConfig, auth_metadata, open_channel
 from splitgate.protocol import inference_pb2 as pb
 from splitgate.protocol import inference_pb2_grpc as pb_grpc
+from splitgate import contract
 
 __all__ = ["CloudClient", "CloudReply"]
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # ServerMetadata.extensions entry by which the cloud tier publishes its replicas'
-# direct gRPC endpoints (kept in sync with cloud._app.ENDPOINTS_EXTENSION).
-ENDPOINTS_EXTENSION = "splitgate.endpoints="
+# direct gRPC endpoints.
+ENDPOINTS_EXTENSION = contract.ENDPOINTS_EXTENSION
 # Ray Serve's proxy answers INTERNAL when the replica serving a request dies;
 # these markers in the details make that the retryable status it really is.
 _REPLICA_GONE = ("actordiederror", "actorunavailableerror", "rayactorerror", "actor died", "actor is dead")
@@ -246,9 +247,9 @@ class CloudClient:
         request = pb.ModelInferRequest(model_name=model)
         params: dict[str, str] = {}
         if partition:
-            params["splitgate.partition"] = partition
+            params[contract.PARTITION] = partition
         if plan_digest:
-            params["splitgate.plan_digest"] = plan_digest
+            params[contract.PLAN_DIGEST] = plan_digest
         codec.set_params(request.parameters, params)
         sent = add_encoded_inputs(request, tensors, encoding)
         start = time.perf_counter()
@@ -258,7 +259,7 @@ class CloudClient:
         return CloudReply(
             outputs=codec.read_outputs(response),
             round_trip_ms=round_trip_ms,
-            cloud_ms=float(params_out.get("splitgate.cloud_ms", 0.0)),
+            cloud_ms=float(params_out.get(contract.CLOUD_MS, 0.0)),
             bytes_sent=sent,
             bytes_received=sum(len(b) for b in response.raw_output_contents),
             params=params_out,

@@ -37,13 +37,14 @@ from splitgate.planner import Conditions, Partition, PlanBundle
 from splitgate.errors import BundleError, InvalidArgument, ModelRunError, NotFound, SplitgateError, is_peer_failure
 from splitgate.security import TlsConfig, raw_input_leaks
 from splitgate.validate import Limits, validate_inputs
+from splitgate import contract
 
 __all__ = ["Gateway", "AsyncGateway", "Result", "Trace"]
 
 # Assumed before the first measurement of the link.
 DEFAULT_UPLINK_MBPS = 10.0
 DEFAULT_RTT_MS = 50.0
-PROBE_MODEL = "splitgate.probe"
+PROBE_MODEL = contract.PROBE_MODEL
 # Cost entries cached per (model, plan digest, input shapes); the oldest go first.
 COSTS_CACHE_SIZE = 256
 
@@ -634,7 +635,7 @@ class _Core:
     def _observe(self, reply: CloudReply, shared: bool = False) -> None:
         self.breaker.record_success()
         self.link.observe(reply.bytes_sent, reply.bytes_received, reply.network_ms, shared=shared)
-        self.load.observe(reply.cloud_ms, int(reply.params.get("splitgate.queue_depth", 0)))
+        self.load.observe(reply.cloud_ms, int(reply.params.get(contract.QUEUE_DEPTH, 0)))
 
     def _cloud_leg(
         self, bundle: PlanBundle, part: Partition, cut: dict, trace: Trace, deadline: float,

@@ -17,13 +17,14 @@ from splitgate.protocol import inference_pb2 as pb
 from splitgate.protocol import inference_pb2_grpc as pb_grpc
 from splitgate.security import AuthInterceptor, TlsConfig, TokenCheck, add_inference_servicer, secure_server_port
 from splitgate.validate import check_deadline_ms, validate_outputs
+from splitgate import contract
 
 __all__ = ["EdgeServicer", "serve_edge"]
 
 # Request parameters an app may set.
-PARAM_PARTITION = "splitgate.partition"
-PARAM_DEADLINE_MS = "splitgate.deadline_ms"
-PARAM_PRIVATE = "splitgate.private"
+PARAM_PARTITION = contract.PARTITION
+PARAM_DEADLINE_MS = contract.DEADLINE_MS
+PARAM_PRIVATE = contract.PRIVATE
 
 
 class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -96,14 +97,14 @@ class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
             codec.set_params(
                 response.parameters,
                 {
-                    "splitgate.partition": t.partition,
-                    "splitgate.device_ms": t.device_ms,
-                    "splitgate.network_ms": t.network_ms,
-                    "splitgate.cloud_ms": t.cloud_ms,
-                    "splitgate.total_ms": t.total_ms,
-                    "splitgate.bytes_sent": t.bytes_sent,
-                    "splitgate.fallback": t.fallback or "",
-                    "splitgate.device_factor": t.device_factor,
+                    contract.PARTITION: t.partition,
+                    contract.DEVICE_MS: t.device_ms,
+                    contract.NETWORK_MS: t.network_ms,
+                    contract.CLOUD_MS: t.cloud_ms,
+                    contract.TOTAL_MS: t.total_ms,
+                    contract.BYTES_SENT: t.bytes_sent,
+                    contract.FALLBACK: t.fallback or "",
+                    contract.DEVICE_FACTOR: t.device_factor,
                 },
             )
             return response

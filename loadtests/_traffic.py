@@ -26,6 +26,7 @@ import numpy as np
 from splitgate import codec
 from splitgate.errors import InvalidArgument
 from splitgate.protocol import inference_pb2 as pb
+from splitgate import contract
 
 if TYPE_CHECKING:
     from splitgate.planner import PlanBundle, TensorSpec
@@ -41,8 +42,8 @@ __all__ = [
     "load_traffic",
 ]
 
-PARAM_PARTITION = "splitgate.partition"
-PARAM_PLAN_DIGEST = "splitgate.plan_digest"
+PARAM_PARTITION = contract.PARTITION
+PARAM_PLAN_DIGEST = contract.PLAN_DIGEST
 # Size given to dynamic dimensions other than the batch axis (e.g. sequence length).
 DYNAMIC_DIM = 8
 

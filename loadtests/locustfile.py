@@ -42,6 +42,7 @@ from locust.env import Environment  # noqa: E402
 from splitgate.loadtests._traffic import Traffic, load_traffic, parse_mix, record_traffic  # noqa: E402
 from splitgate.protocol import inference_pb2 as pb  # noqa: E402
 from splitgate.protocol import inference_pb2_grpc as pb_grpc  # noqa: E402
+from splitgate import contract  # noqa: E402
 
 __all__ = ["SplitTrafficUser", "LocustInterceptor", "GrpcStatusError"]
 
@@ -66,7 +67,7 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):
     @staticmethod
     def request_name(method: str, request: Any) -> str:
         if isinstance(request, pb.ModelInferRequest):
-            param = request.parameters.get("splitgate.partition")
+            param = request.parameters.get(contract.PARTITION)
             partition = param.string_param if param is not None else "cloud"
             return f"{request.model_name}/{partition}"
         return method.rsplit("/", 1)[-1]
@@ -138,7 +139,7 @@ def _add_options(parser: Any) -> None:
 
 _traffic: list[Traffic] = []
 _endpoints: list[str] = []
-ENDPOINTS_EXTENSION = "splitgate.endpoints="
+ENDPOINTS_EXTENSION = contract.ENDPOINTS_EXTENSION
 
 
 def discover_endpoints(address: str, timeout_s: float = 5.0) -> list[str]:

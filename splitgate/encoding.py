@@ -31,16 +31,17 @@ import numpy as np
 from splitgate import codec
 from splitgate.errors import InvalidArgument
 from splitgate.protocol import inference_pb2 as pb
+from splitgate import contract
 
 __all__ = ["ENCODINGS", "encode_tensor", "add_encoded_inputs", "read_decoded_inputs", "encoded_nbytes"]
 
 ENCODINGS = ("raw", "fp16", "int8", "int8c", "zstd")
-P_ENCODING = "splitgate.encoding"
-P_SCALE = "splitgate.scale"
-P_ZERO = "splitgate.zero_point"
-P_AXIS = "splitgate.axis"
-P_DATATYPE = "splitgate.datatype"
-P_SHAPE = "splitgate.shape"
+P_ENCODING = contract.ENCODING
+P_SCALE = contract.SCALE
+P_ZERO = contract.ZERO_POINT
+P_AXIS = contract.AXIS
+P_DATATYPE = contract.DATATYPE
+P_SHAPE = contract.SHAPE
 _SCALE_SUFFIX = "/scale"
 _ZERO_SUFFIX = "/zero_point"
 ZSTD_LEVEL = 3

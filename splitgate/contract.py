@@ -1,0 +1,80 @@
+"""splitgate's names on the wire: every ``splitgate.*`` parameter and extension, defined once.
+
+splitgate speaks the Open Inference Protocol v2 unchanged; what it adds rides
+in the ``parameters`` maps of requests and responses (and, where OIP has no
+parameters, in ``ServerMetadata.extensions``). Edge, cloud, benchmarks and
+load tests import these names from here, never spell them out.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "PARTITION",
+    "PLAN_DIGEST",
+    "CLOUD_MS",
+    "QUEUE_DEPTH",
+    "BATCH_SIZE",
+    "DEADLINE_MS",
+    "PRIVATE",
+    "DEVICE_MS",
+    "NETWORK_MS",
+    "TOTAL_MS",
+    "BYTES_SENT",
+    "FALLBACK",
+    "DEVICE_FACTOR",
+    "ENCODING",
+    "SCALE",
+    "ZERO_POINT",
+    "AXIS",
+    "DATATYPE",
+    "SHAPE",
+    "PROBE_MODEL",
+    "ENDPOINTS_EXTENSION",
+    "DEFAULT_PARTITION",
+]
+
+# -- request parameters: edge -> cloud -----------------------------------------------
+#: which suffix to run (``cloud`` = the whole model, the default; ``cut-K``, ``dag-K``).
+PARTITION = "splitgate.partition"
+#: the plan the edge holds; the cloud refuses a digest it does not serve.
+PLAN_DIGEST = "splitgate.plan_digest"
+
+# -- request parameters: app -> edge server ------------------------------------------
+#: a per-request deadline in ms (also honoured by the cloud when given).
+DEADLINE_MS = "splitgate.deadline_ms"
+#: keep raw inputs on the device (bool).
+PRIVATE = "splitgate.private"
+
+# -- response parameters: cloud -> edge ------------------------------------------------
+#: the suffix's compute time in the replica.
+CLOUD_MS = "splitgate.cloud_ms"
+#: ModelInfer calls in the replica (waiting or running, this one included) on arrival.
+QUEUE_DEPTH = "splitgate.queue_depth"
+#: rows of the onnxruntime run that served the request.
+BATCH_SIZE = "splitgate.batch_size"
+
+# -- response parameters: edge server -> app ----------------------------------------------
+DEVICE_MS = "splitgate.device_ms"
+NETWORK_MS = "splitgate.network_ms"
+TOTAL_MS = "splitgate.total_ms"
+BYTES_SENT = "splitgate.bytes_sent"
+#: why the request finished on the device (``""`` = it did not fall back).
+FALLBACK = "splitgate.fallback"
+#: the device's learned speed against the plan (1 = as profiled).
+DEVICE_FACTOR = "splitgate.device_factor"
+
+# -- per-tensor parameters of an encoded cut tensor (:mod:`splitgate.encoding`) ----------
+ENCODING = "splitgate.encoding"
+SCALE = "splitgate.scale"
+ZERO_POINT = "splitgate.zero_point"
+AXIS = "splitgate.axis"
+DATATYPE = "splitgate.datatype"
+SHAPE = "splitgate.shape"
+
+# -- other names -----------------------------------------------------------------------
+#: model name of the edge's bandwidth probe (the cloud answers NOT_FOUND after receiving it).
+PROBE_MODEL = "splitgate.probe"
+#: ``ServerMetadata.extensions`` entry listing replicas' direct gRPC endpoints (comma-separated).
+ENDPOINTS_EXTENSION = "splitgate.endpoints="
+#: the partition a plain OIP client (no ``splitgate.partition``) gets.
+DEFAULT_PARTITION = "cloud"
