@@ -40,7 +40,9 @@ from splitgate.planner._extract import Extractor
 from splitgate.planner._graph import ModelGraph, TensorSpec
 from splitgate.planner._cost import Conditions, Constraints, EnergyModel, Estimate
 from splitgate.planner._decide import DecisionTable, explain, pick
-from splitgate.planner._plan import PlanOptions, partition_estimate, plan_model
+from splitgate.planner._options import PlanOptions
+from splitgate.planner._partition_profile import BucketProfile, PartitionProfile, Profile, partition_estimate
+from splitgate.planner._plan import plan_model
 from splitgate.errors import BundleError, InvalidArgument, NotFound
 
 __all__ = [
@@ -289,7 +291,7 @@ def build_bundle(
                     cut_bytes=p.up_bytes,
                 )
                 if base:
-                    entry.update(encoding=p.encoding, cut_bytes=int(p.stats["up_bytes"]))
+                    entry.update(encoding=p.encoding, cut_bytes=p.measured().up_bytes)
             parts.append(entry)
         report("write partitions", len(plan.partitions), len(plan.partitions))
         report("write bundle", 0, 1)
@@ -302,7 +304,7 @@ def build_bundle(
             if len(plan.tables) > 1:
                 table_doc["buckets"] = [t.to_dict() for t in plan.tables]
             for key, rel_name, doc in (
-                ("profile", PROFILE_FILE, plan.profile),
+                ("profile", PROFILE_FILE, plan.profile.to_dict()),
                 ("decision_table", TABLE_FILE, table_doc),
             ):
                 path = tmp / rel_name
@@ -372,6 +374,7 @@ class PlanBundle:
         parts.sort(key=lambda p: (p.device_nodes, order.get(p.kind, 1), p.encoding is not None))
         self.partitions: dict[str, Partition] = {p.id: p for p in parts}
         self.profile: dict[str, Any] | None = None
+        self.plan_profile: Profile | None = None
         self.decision_table: DecisionTable | None = None
         self._energy = EnergyModel()
         self._constraints = Constraints()
@@ -387,14 +390,15 @@ class PlanBundle:
                 self.decision_table
             ]
             try:
-                self._energy = EnergyModel.from_dict(self.profile.get("energy", {}))
-                self._constraints = Constraints.from_dict(self.profile.get("constraints"))
-                entries = self.profile["partitions"]
-                missing = [c for c in self.candidates if c not in entries or c not in self.partitions]
-                buckets = self.profile.get("buckets") or []
+                typed = Profile.from_dict(self.profile, kinds={pid: p.kind for pid, p in self.partitions.items()})
+                self.plan_profile = typed
+                self._energy = typed.energy_model
+                self._constraints = typed.constraints_model
+                missing = [c for c in self.candidates if c not in typed.partitions or c not in self.partitions]
+                buckets = typed.buckets or []
                 if buckets and len(buckets) != len(self.decision_tables):
                     raise ValueError(f"{len(buckets)} shape buckets but {len(self.decision_tables)} decision tables")
-                missing += [c for b in buckets for c in self.candidates if c not in b["partitions"]]
+                missing += [c for b in buckets for c in self.candidates if c not in b.partitions]
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise BundleError(f"{root / str(prof_rel)}: malformed profile ({exc!r})") from exc
             if missing:
@@ -454,13 +458,13 @@ class PlanBundle:
                 out[spec.name] = np.zeros(shape, dtype=numpy_dtype(spec.datatype, tensor=spec.name))
         return out
 
-    def _need_profile(self) -> tuple[dict[str, Any], DecisionTable]:
-        if self.profile is None or self.decision_table is None:
+    def _need_profile(self) -> tuple[Profile, DecisionTable]:
+        if self.plan_profile is None or self.decision_table is None:
             raise BundleError(
                 f"plan bundle '{self.model_name}' at {self.root} has no profile: "
                 "re-plan it with profiling on (splitgate plan, build_bundle(profile=True))"
             )
-        return self.profile, self.decision_table
+        return self.plan_profile, self.decision_table
 
     def costs(self, shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, dict[str, Any]]:
         """The profile entries of the candidates, for a request with these input shapes.
@@ -477,52 +481,50 @@ class PlanBundle:
             BundleError: the bundle has no profile.
         """
         profile, _ = self._need_profile()
-        buckets = profile.get("buckets") or [{"shapes": self.shapes[0], "partitions": profile["partitions"]}]
+        buckets = profile.buckets or [BucketProfile(dict(self.shapes[0]), profile.partitions)]
         if shapes is None:
-            return {pid: dict(buckets[0]["partitions"][pid]) for pid in self.candidates}
+            return {pid: buckets[0].partitions[pid].to_dict() for pid in self.candidates}
         key = tuple((k, tuple(int(d) for d in shapes[k])) for k in sorted(shapes))
         cached = self._costs_cache.get(key)
         if cached is None:
-            cached = self._costs_at(buckets, {k: v for k, v in key})
+            cached = {pid: e.to_dict() for pid, e in self._costs_at(buckets, {k: v for k, v in key}).items()}
             if len(self._costs_cache) >= 256:
                 self._costs_cache.pop(next(iter(self._costs_cache)))
             self._costs_cache[key] = cached
         return {pid: dict(e) for pid, e in cached.items()}
 
-    def _costs_at(self, buckets: list[dict[str, Any]], shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, Any]]:
-        """Entries for a request of ``shapes``: the nearest bucket's (by input
+    def _costs_at(self, buckets: list[BucketProfile], shapes: dict[str, tuple[int, ...]]) -> dict[str, PartitionProfile]:
+        """Figures for a request of ``shapes``: the nearest bucket's (by input
         elements, on a log scale), times scaled by the size ratio, bytes the
         request's own (shape inference of the model at those shapes)."""
         import math
 
         elements = sum(math.prod(v) for v in shapes.values())
-        sizes = [sum(math.prod(v) for v in b["shapes"].values()) for b in buckets]
+        sizes = [sum(math.prod(v) for v in b.shapes.values()) for b in buckets]
         i = min(range(len(buckets)), key=lambda j: (
-            {k: tuple(v) for k, v in buckets[j]["shapes"].items()} != shapes,
+            buckets[j].shapes != shapes,
             abs(math.log(max(elements, 1) / max(sizes[j], 1))),
         ))
         scale = elements / sizes[i] if sizes[i] else 1.0
         nbytes = self._tensor_nbytes(shapes)
-        out: dict[str, dict[str, Any]] = {}
+        outs = [o.name for o in self.outputs]
+        down = sum(nbytes[t] for t in outs) if all(t in nbytes for t in outs) else None
+        out: dict[str, PartitionProfile] = {}
         for pid in self.candidates:
-            entry = dict(buckets[i]["partitions"][pid])
+            entry = buckets[i].partitions[pid]
             part = self.partitions[pid]
             tensors = [t.name for t in part.cut_tensors]
-            for k in ("device_ms", "cloud_ms"):
-                entry[k] = float(entry.get(k, 0.0)) * scale
             raw = sum(nbytes[t] for t in tensors) if all(t in nbytes for t in tensors) else None
-            raw_planned = buckets[i]["partitions"].get(entry.get("base") or pid, entry).get("up_bytes", 0)
+            raw_planned = buckets[i].partitions.get(entry.base or pid, entry).up_bytes
             if raw is not None and raw_planned:
-                entry["up_bytes"] = int(round(float(entry.get("up_bytes", 0)) * raw / raw_planned))
+                up = int(round(entry.up_bytes * raw / raw_planned))
             else:
-                entry["up_bytes"] = int(round(float(entry.get("up_bytes", 0)) * scale))
+                up = int(round(entry.up_bytes * scale))
+            down_bytes = entry.down_bytes
             if part.kind != "device":
-                outs = [o.name for o in self.outputs]
-                down = sum(nbytes[t] for t in outs) if all(t in nbytes for t in outs) else None
-                entry["down_bytes"] = down if down is not None else int(round(float(entry.get("down_bytes", 0)) * scale))
-            entry["bucket"] = i
-            entry["scale"] = scale
-            out[pid] = entry
+                down_bytes = down if down is not None else int(round(entry.down_bytes * scale))
+            out[pid] = replace(entry, device_ms=entry.device_ms * scale, cloud_ms=entry.cloud_ms * scale,
+                               up_bytes=up, down_bytes=down_bytes, bucket=i, scale=scale)
         return out
 
     def _tensor_nbytes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
@@ -561,7 +563,7 @@ class PlanBundle:
         """
         profile, _ = self._need_profile()
         part = self.partition(partition_id)
-        entry = (costs or {}).get(part.id) or profile["partitions"].get(part.id)
+        entry = (costs or {}).get(part.id) or profile.partitions.get(part.id)
         if entry is None:
             raise BundleError(f"partition '{part.id}' of '{self.model_name}' has no profile entry")
         return partition_estimate(entry, part.kind, c, self._energy)
@@ -605,9 +607,9 @@ class PlanBundle:
             ref = self.estimate("device", c) if "device" in self.partitions else next(iter(ests.values()))
             return pick(ests, c, ref, slo_ms=self._constraints.slo_ms)
         cands = self.candidates if costs is not None else table.candidates
-        excluded = set(profile.get("excluded", []))
+        excluded = set(profile.excluded or [])
         if c.privacy:
-            excluded |= {pid for pid in cands if profile["partitions"][pid].get("sends_input", pid == "cloud")}
+            excluded |= {pid for pid in cands if profile.partitions[pid].sends_input}
             excluded.add("cloud")
         if not set(cands) - excluded:
             excluded = {"cloud"} if c.privacy else set()

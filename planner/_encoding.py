@@ -38,8 +38,10 @@ import numpy as np
 import onnx
 
 from splitgate.planner._accuracy import Calibration, Guard, check, compare_outputs, load_calibration
+from splitgate.planner._options import PlanOptions, check_encodings
+from splitgate.planner._partition_profile import PlannedPartition
 from splitgate.planner._profile import Timing, make_session
-from splitgate.encoding import ENCODINGS, add_encoded_inputs, encoded_nbytes, read_decoded_inputs
+from splitgate.encoding import add_encoded_inputs, encoded_nbytes, read_decoded_inputs
 from splitgate.errors import BundleError, InvalidArgument
 from splitgate.protocol import inference_pb2 as pb
 
@@ -56,7 +58,6 @@ __all__ = [
 
 if TYPE_CHECKING:
     from splitgate.planner._graph import ModelGraph
-    from splitgate.planner._plan import PlannedPartition, PlanOptions
 
 #: separates a partition id from its encoding in a candidate id
 SEP = "@"
@@ -71,13 +72,6 @@ def split_id(pid: str) -> tuple[str, str]:
     """``cut-12@int8`` -> (``cut-12``, ``int8``); ``cut-12`` -> (``cut-12``, ``raw``)."""
     base, _, enc = pid.partition(SEP)
     return base, enc or "raw"
-
-
-def check_encodings(encodings: Sequence[str]) -> None:
-    """Raises InvalidArgument on an unknown encoding name."""
-    bad = [e for e in encodings if e not in ENCODINGS]
-    if bad:
-        raise InvalidArgument(f"unknown encodings {bad}; expected some of {list(ENCODINGS)}")
 
 
 def wire_nbytes(arrays: Mapping[str, np.ndarray], encoding: str) -> int:
@@ -232,7 +226,7 @@ def add_encoded(
 
     Args:
         g: the model.
-        parts: measured partitions (``stats`` filled in).
+        parts: measured partitions (``profile`` filled in).
         options: planning options (encodings, calibration, guard, threads, repeats).
         progress: ``callback(step, done, total)``.
         calibration: the calibration requests; default: from ``options.calibration``.
@@ -272,20 +266,12 @@ def add_encoded(
             if r.dropped:
                 info["dropped"][pid] = r.dropped
                 continue
-            raw_up = float(p.stats["up_bytes"])
-            enc_ms = r.encode.median_ms * slowdown
-            stats = dict(p.stats)
-            stats.update(
-                encoding=enc,
-                base=p.id,
-                up_bytes=int(round(raw_up * r.wire_bytes / r.raw_bytes)) if r.raw_bytes else r.wire_bytes,
-                device_ms=round(float(p.stats["device_ms"]) + enc_ms, 4),
-                cloud_ms=round(float(p.stats["cloud_ms"]) + r.decode.median_ms, 4),
-                encode_ms=round(enc_ms, 4),
-                decode_ms=round(r.decode.median_ms, 4),
-                wire_ratio=round(r.ratio, 3),
-                reference=False,
+            raw = p.measured()
+            twin = raw.encoded(
+                enc, p.id,
+                up_bytes=int(round(raw.up_bytes * r.wire_bytes / r.raw_bytes)) if r.raw_bytes else r.wire_bytes,
+                encode_ms=r.encode.median_ms * slowdown, decode_ms=r.decode.median_ms, wire_ratio=round(r.ratio, 3),
             )
-            out.append(replace(p, id=pid, encoding=enc, base=p.id, stats=stats, reference=False))
+            out.append(replace(p, id=pid, encoding=enc, base=p.id, profile=twin, reference=False))
     report("measure encodings", len(splits), len(splits))
     return out, info

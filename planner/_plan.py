@@ -1,16 +1,28 @@
-"""Planning a model: profile, search candidates, measure them, build the decision table.
+"""Planning a model: named stages from a model graph to measured partitions and decision tables.
 
 :func:`plan_model` is what :func:`splitgate.planner.build_bundle` runs between loading the
-model and writing files. Steps:
+model and writing files. A :class:`Planner` runs these stages in order, one
+method each:
 
-1. per-node profiles of the full model (device threads, cloud threads; the
-   device one optionally replaced by an imported profile, or slowed down);
-2. DADS min-cut over the condition space on those estimates -> shortlist;
-3. the shortlist plus ``device``, ``cloud`` and a few evenly spaced chain
-   cuts (``reference_cuts``) are extracted and their real prefix and suffix
-   sessions timed;
-4. the decision table is built from the measured numbers; partitions that win
-   nowhere are dropped (reference cuts, ``device`` and ``cloud`` stay).
+1. :meth:`~Planner.resolve_shapes`: the shape buckets (``input_shapes``,
+   samples), a first run of the model at each, the device profile;
+2. :meth:`~Planner.find_cuts`: the cut problem at each bucket and the
+   reference chain cuts (``reference_cuts``, or every chain cut);
+3. :meth:`~Planner.profile_nodes`: per-node profiles of the full model
+   (device threads, cloud threads; the device one optionally imported);
+4. :meth:`~Planner.search`: DADS min-cut over the condition space on those
+   estimates -> a shortlist of splits;
+5. :meth:`~Planner.extract`: prefix and suffix models of every split;
+6. :meth:`~Planner.measure`: the real prefix and suffix sessions of every
+   partition (``device``, ``cloud``, the splits) timed at every bucket;
+7. :meth:`~Planner.encode`: encoded twins (``cut-3@int8``) of the splits that
+   pass the accuracy guard, at every bucket;
+8. :meth:`~Planner.decide`: one decision table per bucket; partitions that win
+   nowhere are dropped (reference cuts, ``device`` and ``cloud`` stay);
+9. :meth:`~Planner.document`: the typed ``profile.json``
+   (:class:`~splitgate.planner._partition_profile.Profile`).
+
+Without profiling (``PlanOptions.profile=False``) only stages 1, 2 and 5 run.
 
 Partition ids: ``device``, ``cloud``, ``cut-<k>`` for a partition whose cut is
 the single tensor of chain cut k (numbered as :func:`splitgate.planner.chain_cuts`), and
@@ -20,164 +32,39 @@ node count (ties by the first crossing tensor's topological position).
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import onnx
 
-from splitgate.planner._cost import Conditions, Constraints, EnergyModel, Estimate, estimate
+from splitgate.planner._accuracy import Calibration, load_calibration
+from splitgate.planner._cost import Conditions, Constraints, EnergyModel, Estimate
 from splitgate.planner._cuts import chain_cuts
-from splitgate.planner._accuracy import Calibration, Guard, load_calibration
 from splitgate.planner._decide import DecisionTable, Grid, build_table, search_candidates
-from splitgate.planner._encoding import add_encoded, check_encodings
+from splitgate.planner._device import DeviceProfile, load_device_profile
+from splitgate.planner._encoding import add_encoded
 from splitgate.planner._extract import Extractor
 from splitgate.planner._graph import ModelGraph
 from splitgate.planner._mincut import CutProblem, DagCut
-from splitgate.planner._device import DeviceProfile, load_device_profile
+from splitgate.planner._options import PlanOptions
+from splitgate.planner._partition_profile import (
+    BucketProfile,
+    PartitionProfile,
+    PlannedPartition,
+    Profile,
+    partition_estimate,
+)
 from splitgate.planner._profile import NodeProfile, profile_nodes, time_partitions
-from splitgate.planner._shapes import ShapeBucket, load_samples, parse_input_shapes, resolve_buckets, seeded_feeds, tensor_nbytes
+from splitgate.planner._shapes import ShapeBucket, load_samples, resolve_buckets, seeded_feeds, tensor_nbytes
 from splitgate.errors import BundleError, InvalidArgument
 
-__all__ = ["PlanOptions", "PlannedPartition", "Plan", "plan_model", "partition_estimate", "table_for"]
+__all__ = ["Plan", "Planner", "plan_model", "table_for"]
 
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class PlanOptions:
-    """How to plan a model (the planner's config).
-
-    Attributes:
-        candidates: ``"optimal"`` (min-cut candidates that win somewhere, plus
-            ``reference_cuts``) or ``"chain"`` (every single-tensor chain cut,
-            the Foundation behaviour).
-        reference_cuts: evenly spaced chain cuts always kept in ``"optimal"``
-            mode (demos and tests want middle splits to exist).
-        profile: measure and write ``profile.json`` + ``decision_table.json``;
-            False writes only the partitions (fast, deterministic).
-        device_threads: intra-op threads of device-side sessions.
-        cloud_threads: intra-op threads of cloud-side sessions.
-        device_slowdown: multiply measured device times by this (a slower device).
-        device_profile: a :class:`NodeProfile` JSON measured on the real device;
-            device times become its per-node sums, corrected by the
-            measured/estimated ratio of each partition on this machine.
-        warmup: untimed runs per session.
-        repeats: timed runs per session.
-        max_candidates: at most this many min-cut partitions are measured.
-        batch: the size of a dynamic leading (batch) dimension no shape names.
-        energy: device power figures.
-        constraints: latency SLO and device memory.
-        grid: the decision table's condition grid.
-        encodings: wire encodings of cut tensors to plan with (see
-            :mod:`splitgate.planner._encoding`): every measured split ``P`` also becomes
-            ``P@E`` for each non-raw ``E`` that passes the accuracy guard.
-            ``("raw",)`` plans raw cut tensors only.
-        calibration: calibration inputs for the accuracy guard, bytes and
-            encode/decode timings: an ``.npz`` file or a mapping input name ->
-            array (samples on axis 0); None = ``calibration_samples`` seeded
-            random requests (meaningless for accuracy; pass real inputs).
-        calibration_samples: requests generated when ``calibration`` is None.
-        min_top1_agreement: guard for classifier outputs (argmax unchanged).
-        min_cosine: guard for other float outputs (worst per-sample cosine).
-        max_rel_error: guard for other float outputs (``max|dy| / max|y|``; None = off).
-        output_kind: ``"auto"``, ``"classifier"`` or ``"other"`` (see :mod:`splitgate.planner._accuracy`).
-        input_shapes: the real input shapes to plan at: input name -> shapes
-            (several = shape buckets, one profile and decision table each), or
-            ``--input-shape`` strings (``["x=1x3x640x640", "x=1x3x320x320"]``).
-            A dynamic non-batch dimension without a size here or in
-            ``samples`` is an error (:class:`splitgate.planner.DynamicShapeError`).
-        samples: real inputs (``.npz`` or name -> array, samples on axis 0;
-            see :func:`splitgate.planner._shapes.load_samples`): the model runs on them
-            while planning (inputs whose values matter) and, without
-            ``calibration``, they are the encoding guard's calibration set.
-    """
-
-    candidates: str = "optimal"
-    reference_cuts: int = 3
-    profile: bool = True
-    device_threads: int = 1
-    cloud_threads: int = 2
-    device_slowdown: float = 1.0
-    device_profile: str | os.PathLike[str] | None = None
-    warmup: int = 2
-    repeats: int = 10
-    max_candidates: int = 8
-    batch: int = 1
-    energy: EnergyModel = field(default_factory=EnergyModel)
-    constraints: Constraints = field(default_factory=Constraints)
-    grid: Grid = field(default_factory=Grid)
-    encodings: tuple[str, ...] = ("raw", "fp16", "int8", "int8c", "zstd")
-    calibration: str | os.PathLike[str] | Mapping[str, Any] | None = field(default=None, compare=False)
-    calibration_samples: int = 16
-    min_top1_agreement: float = 0.99
-    min_cosine: float = 0.999
-    max_rel_error: float | None = None
-    output_kind: str = "auto"
-    input_shapes: Mapping[str, Sequence[Sequence[int]]] | Sequence[str] | None = field(default=None, compare=False)
-    samples: str | os.PathLike[str] | Mapping[str, Any] | None = field(default=None, compare=False)
-
-    def shapes(self) -> dict[str, list[tuple[int, ...]]] | None:
-        """``input_shapes`` as input name -> shapes (parsing ``--input-shape`` strings)."""
-        if self.input_shapes is None:
-            return None
-        if isinstance(self.input_shapes, Mapping):
-            return {str(k): [tuple(int(d) for d in shape) for shape in v] for k, v in self.input_shapes.items()}
-        return parse_input_shapes([str(t) for t in self.input_shapes])
-
-    def guard(self) -> Guard:
-        """The accuracy guard these options describe."""
-        return Guard(self.min_top1_agreement, self.min_cosine, self.max_rel_error, self.output_kind)
-
-    def validate(self) -> None:
-        """Raises InvalidArgument on a bad option value."""
-        if self.candidates not in ("optimal", "chain"):
-            raise InvalidArgument(f"candidates must be 'optimal' or 'chain', got {self.candidates!r}")
-        if self.device_slowdown <= 0 or self.device_threads < 1 or self.cloud_threads < 1:
-            raise InvalidArgument("device_slowdown must be > 0 and thread counts >= 1")
-        if self.repeats < 1 or self.warmup < 0 or self.max_candidates < 0 or self.reference_cuts < 0:
-            raise InvalidArgument("repeats must be >= 1; warmup, max_candidates, reference_cuts >= 0")
-        check_encodings(self.encodings)
-        self.guard().validate()
-        if self.calibration_samples < 1:
-            raise InvalidArgument("calibration_samples must be >= 1")
-        if self.batch < 1:
-            raise InvalidArgument("batch must be >= 1")
-        self.shapes()
-
-
-@dataclass
-class PlannedPartition:
-    """A partition chosen for the bundle.
-
-    Attributes:
-        id: partition id (see module docs).
-        kind: ``"device"``, ``"cloud"`` or ``"split"``.
-        tensors: crossing tensors (the model inputs for cloud, none for device).
-        device_set: non-constant nodes on the device.
-        prefix, suffix: extracted models (None where the full model is used or absent).
-        stats: its profile entry (bytes, timings, estimates), once measured.
-        reference: a reference chain cut (kept even where it never wins).
-        encoding: wire encoding of the cut tensors (``"raw"`` or see :mod:`splitgate.planner._encoding`).
-        base: for an encoded candidate, the id of its raw twin (same files).
-        up_bytes: bytes of the cut tensors at the main shape bucket.
-    """
-
-    id: str
-    kind: str
-    tensors: list[str]
-    device_set: frozenset[str]
-    prefix: onnx.ModelProto | None = None
-    suffix: onnx.ModelProto | None = None
-    stats: dict[str, Any] = field(default_factory=dict)
-    reference: bool = False
-    encoding: str = "raw"
-    base: str | None = None
-    up_bytes: int | None = None
 
 
 @dataclass
@@ -194,24 +81,11 @@ class Plan:
     """
 
     partitions: list[PlannedPartition]
-    profile: dict[str, Any] | None
+    profile: Profile | None
     table: DecisionTable | None
     shapes: list[ShapeBucket] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     tables: list[DecisionTable] = field(default_factory=list)
-
-
-def partition_estimate(entry: dict[str, Any], kind: str, c: Conditions, energy: EnergyModel) -> Estimate:
-    """Estimate of a partition from its ``profile.json`` entry (see :func:`splitgate.planner._cost.estimate`)."""
-    return estimate(
-        float(entry["device_ms"]),
-        float(entry["cloud_ms"]),
-        float(entry["up_bytes"]),
-        float(entry["down_bytes"]),
-        c,
-        energy,
-        offload=kind != "device",
-    )
 
 
 def _bytes(problem: CutProblem, tensors: list[str]) -> int:
@@ -226,21 +100,18 @@ def _mem_bytes(problem: CutProblem, prefix: onnx.ModelProto | None, device_set: 
 
 
 def table_for(
-    stats: Mapping[str, Mapping[str, Any]],
-    kinds: Mapping[str, str],
+    stats: Mapping[str, PartitionProfile],
     energy: EnergyModel,
     constraints: Constraints,
     grid: Grid,
 ) -> DecisionTable:
-    """The decision table of one shape bucket from its partitions' profile entries.
+    """The decision table of one shape bucket from its partitions' figures.
 
     Partitions over the device memory limit are excluded (unless every one is);
     ``cloud`` and ``device`` are always candidates.
 
     Args:
-        stats: partition id -> profile entry (``device_ms``, ``cloud_ms``,
-            ``up_bytes``, ``down_bytes``, ``device_mem_bytes``).
-        kinds: partition id -> ``"device"``, ``"cloud"`` or ``"split"``.
+        stats: partition id -> its figures at the bucket.
         energy: device power figures.
         constraints: latency SLO and device memory.
         grid: the condition grid.
@@ -250,10 +121,9 @@ def table_for(
     """
 
     def est(pid: str, c: Conditions) -> Estimate:
-        return partition_estimate(stats[pid], kinds[pid], c, energy)
+        return partition_estimate(stats[pid], stats[pid].kind, c, energy)
 
-    limit = constraints.device_memory_mb
-    excluded = _excluded(stats, kinds, limit)
+    excluded = _excluded(stats, constraints.device_memory_mb)
     return build_table(
         est, list(stats), grid,
         ref=lambda c: est("device", c), slo_ms=constraints.slo_ms,
@@ -261,10 +131,10 @@ def table_for(
     )
 
 
-def _excluded(stats: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, str], limit_mb: float | None) -> frozenset[str]:
+def _excluded(stats: Mapping[str, PartitionProfile], limit_mb: float | None) -> frozenset[str]:
     excluded = frozenset(
         pid for pid, e in stats.items()
-        if limit_mb is not None and kinds[pid] != "cloud" and e.get("device_mem_bytes", 0) > limit_mb * 1e6
+        if limit_mb is not None and e.kind != "cloud" and e.device_mem_bytes > limit_mb * 1e6
     )
     return frozenset() if excluded >= set(stats) else excluded
 
@@ -278,7 +148,7 @@ class _Bucket:
     dev_prof: NodeProfile | None = None
     cloud_prof: NodeProfile | None = None
     imported: NodeProfile | None = None
-    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stats: dict[str, PartitionProfile] = field(default_factory=dict)
     table: DecisionTable | None = None
 
 
@@ -286,7 +156,7 @@ def plan_model(
     g: ModelGraph, options: PlanOptions, extractor: Extractor, progress: Progress | None = None,
     *, model_sha256: str | None = None,
 ) -> Plan:
-    """Choose, extract and (optionally) measure a model's partitions.
+    """Choose, extract and (optionally) measure a model's partitions (:class:`Planner`'s stages).
 
     Planning happens at the user's shapes (:mod:`splitgate.planner._shapes`): one
     profile and decision table per shape bucket; the extracted models keep
@@ -308,71 +178,173 @@ def plan_model(
         DynamicShapeError: a dynamic non-batch dimension without a size.
         BundleError: a partition cannot be extracted, or onnxruntime cannot run the model.
     """
-    options.validate()
-    report = progress or (lambda step, done, total: None)
-    samples = load_samples(options.samples, g.inputs) if options.samples is not None else None
-    shapes, notes = resolve_buckets(g, options.shapes(), samples, batch=options.batch)
-    extractor.feeds = shapes[0].feeds  # types of cut tensors inference left open: from a real run
-    _check_runs(g, shapes)
-    device = None
-    if options.device_profile is not None and options.profile:
-        device = load_device_profile(options.device_profile)
-        device.check_model(model_sha256, what=str(g.source or "the model"), nodes=g.order)
+    return Planner(g, options, extractor, progress, model_sha256=model_sha256).run()
 
-    report("find cuts", 0, len(shapes))
-    structure = CutProblem(g)
-    buckets = []
-    for i, shape in enumerate(shapes):
-        buckets.append(_Bucket(shape, CutProblem(g, tensor_nbytes(g.model, shape, structure.tensors))))
-        report("find cuts", i + 1, len(shapes))
-    problem = buckets[0].problem
-    splits = _Splits(g, problem)
-    splits.add_references(options)
 
-    planning_ms = 0.0
-    if options.profile:
-        _profile_nodes(g, buckets, options, report, device)
-        if options.candidates == "optimal":
-            planning_ms += _search(splits, buckets, options, report)
+class Planner:
+    """One planning run of one model: each public method is a stage, :meth:`run` runs them in order.
 
-    parts = splits.ordered()
-    _extract(extractor, parts, report)
-    for p in parts:
-        p.up_bytes = _bytes(problem, p.tensors)
-    if not options.profile:
-        return Plan(parts, None, None, [b.shape for b in buckets], notes)
+    Args:
+        g: the model graph.
+        options: planning options (validated here).
+        extractor: the extractor to cut ``g`` with.
+        progress: ``callback(step, done, total)``.
+        model_sha256: the model file's digest, to refuse a device profile of another model.
 
-    for i, b in enumerate(buckets):
-        _measure(g, parts, b, options, report, f"measure partitions {b.shape.label}" if len(buckets) > 1 else "measure partitions",
-                 device)
-    for p in parts:
-        p.stats = buckets[0].stats[p.id]
-    calibration = _calibration(g, options, shapes[0], samples)
-    parts, enc_profile = add_encoded(g, parts, options, report, calibration=calibration)
-    if device is not None:
-        _device_encode_ms(parts, buckets[0], device)
-    for b in buckets[1:]:
-        _encoded_stats(parts, buckets[0], b)
+    Raises:
+        InvalidArgument: bad options.
+    """
 
-    report("decision table", 0, len(buckets))
-    t0 = time.perf_counter()
-    kinds = {p.id: p.kind for p in parts}
-    for i, b in enumerate(buckets):
-        if i == 0:
-            b.stats = {p.id: p.stats for p in parts}
-        b.table = table_for(b.stats, kinds, options.energy, options.constraints, options.grid)
-        report("decision table", i + 1, len(buckets))
-    planning_ms += (time.perf_counter() - t0) * 1e3
+    def __init__(self, g: ModelGraph, options: PlanOptions, extractor: Extractor,
+                 progress: Progress | None = None, *, model_sha256: str | None = None) -> None:
+        options.validate()
+        self.g = g
+        self.options = options
+        self.extractor = extractor
+        self.report: Progress = progress or (lambda step, done, total: None)
+        self.model_sha256 = model_sha256
+        self.samples: list[dict[str, Any]] | None = None
+        self.shapes: list[ShapeBucket] = []
+        self.notes: list[str] = []
+        self.device: DeviceProfile | None = None
+        self.buckets: list[_Bucket] = []
+        self.splits: _Splits | None = None
+        self.parts: list[PlannedPartition] = []
+        self.encodings: dict[str, Any] = {}
+        self.planning_ms = 0.0
 
-    winners = {pid for b in buckets for pid in b.table.candidates}  # type: ignore[union-attr]
-    keep = {p.id for p in parts if p.id in winners or p.reference or p.kind != "split"}
-    keep |= {p.base for p in parts if p.base and p.id in keep}  # an encoded winner keeps its raw twin
-    kept = [p for p in parts if p.id in keep]
-    measured = [p for p in parts if p.kind == "split" and not p.base] + [p for p in parts if p.kind != "split"]
-    profile = _profile_doc(buckets, kept, measured, options, enc_profile, notes)
-    profile["planning_ms"] = round(planning_ms, 3)
-    tables = [b.table for b in buckets]
-    return Plan(kept, profile, tables[0], [b.shape for b in buckets], notes, tables)  # type: ignore[arg-type]
+    def run(self) -> Plan:
+        """Run every stage.
+
+        Returns:
+            The :class:`Plan`.
+
+        Raises:
+            see :func:`plan_model`.
+        """
+        self.resolve_shapes()
+        self.find_cuts()
+        if not self.options.profile:
+            self.extract()
+            return Plan(self.parts, None, None, self.shapes, self.notes)
+        self.profile_nodes()
+        self.search()
+        self.extract()
+        self.measure()
+        self.encode()
+        kept = self.decide()
+        return Plan(kept, self.document(kept), self.buckets[0].table, self.shapes, self.notes,
+                    [b.table for b in self.buckets if b.table is not None])
+
+    def resolve_shapes(self) -> None:
+        """The shape buckets to plan at (``input_shapes``, samples, a dynamic batch),
+        each run once through the model; the device profile, checked against the model.
+
+        Raises:
+            InvalidArgument: unreadable samples or device profile, one of another
+                model, or a model that fails on a bucket's inputs.
+            DynamicShapeError: a dynamic non-batch dimension without a size.
+        """
+        g, options = self.g, self.options
+        self.samples = load_samples(options.samples, g.inputs) if options.samples is not None else None
+        self.shapes, self.notes = resolve_buckets(g, options.shapes(), self.samples, batch=options.batch)
+        self.extractor.feeds = self.shapes[0].feeds  # types of cut tensors inference left open: from a real run
+        _check_runs(g, self.shapes)
+        if options.device_profile is not None and options.profile:
+            self.device = load_device_profile(options.device_profile)
+            self.device.check_model(self.model_sha256, what=str(g.source or "the model"), nodes=g.order)
+
+    def find_cuts(self) -> None:
+        """The cut problem at every bucket (tensor bytes at its shapes) and the reference chain cuts."""
+        self.report("find cuts", 0, len(self.shapes))
+        structure = CutProblem(self.g)
+        for i, shape in enumerate(self.shapes):
+            problem = CutProblem(self.g, tensor_nbytes(self.g.model, shape, structure.tensors))
+            self.buckets.append(_Bucket(shape, problem))
+            self.report("find cuts", i + 1, len(self.shapes))
+        self.splits = _Splits(self.g, self.buckets[0].problem)
+        self.splits.add_references(self.options)
+
+    def profile_nodes(self) -> None:
+        """Per-node device and cloud times of the full model at every bucket."""
+        _profile_nodes(self.g, self.buckets, self.options, self.report, self.device)
+
+    def search(self) -> None:
+        """Min-cut candidates over the condition space at every bucket (``candidates="optimal"``)."""
+        if self.options.candidates == "optimal":
+            assert self.splits is not None
+            self.planning_ms += _search(self.splits, self.buckets, self.options, self.report)
+
+    def extract(self) -> None:
+        """Order the partitions (cloud, splits, device; ``dag-K`` ids) and extract every split's
+        prefix and suffix.
+
+        Raises:
+            BundleError: a partition cannot be extracted as a valid model.
+        """
+        assert self.splits is not None
+        self.parts = self.splits.ordered()
+        _extract(self.extractor, self.parts, self.report)
+        problem = self.buckets[0].problem
+        for p in self.parts:
+            p.up_bytes = _bytes(problem, p.tensors)
+
+    def measure(self) -> None:
+        """Time every partition's real sessions at every bucket.
+
+        Raises:
+            BundleError: onnxruntime cannot run a partition.
+        """
+        many = len(self.buckets) > 1
+        for b in self.buckets:
+            step = f"measure partitions {b.shape.label}" if many else "measure partitions"
+            _measure(self.g, self.parts, b, self.options, self.report, step, self.device)
+        for p in self.parts:
+            p.profile = self.buckets[0].stats[p.id]
+
+    def encode(self) -> None:
+        """Encoded twins of the splits that pass the accuracy guard, their figures at every bucket.
+
+        Raises:
+            BundleError: onnxruntime fails while measuring encodings.
+            InvalidArgument: unreadable calibration inputs.
+        """
+        main = self.buckets[0]
+        calibration = _calibration(self.g, self.options, self.shapes[0], self.samples)
+        self.parts, self.encodings = add_encoded(self.g, self.parts, self.options, self.report,
+                                                 calibration=calibration)
+        if self.device is not None:
+            _device_encode_ms(self.parts, main, self.device)
+        main.stats = {p.id: p.measured() for p in self.parts}
+        for b in self.buckets[1:]:
+            _encoded_stats(self.parts, main, b)
+
+    def decide(self) -> list[PlannedPartition]:
+        """One decision table per bucket.
+
+        Returns:
+            The partitions kept: those that win somewhere (and an encoded
+            winner's raw twin), the reference cuts, ``device`` and ``cloud``.
+        """
+        self.report("decision table", 0, len(self.buckets))
+        t0 = time.perf_counter()
+        o = self.options
+        for i, b in enumerate(self.buckets):
+            b.table = table_for(b.stats, o.energy, o.constraints, o.grid)
+            self.report("decision table", i + 1, len(self.buckets))
+        self.planning_ms += (time.perf_counter() - t0) * 1e3
+        winners = {pid for b in self.buckets if b.table is not None for pid in b.table.candidates}
+        keep = {p.id for p in self.parts if p.id in winners or p.reference or p.kind != "split"}
+        keep |= {p.base for p in self.parts if p.base and p.id in keep}  # an encoded winner keeps its raw twin
+        return [p for p in self.parts if p.id in keep]
+
+    def document(self, kept: list[PlannedPartition]) -> Profile:
+        """The ``profile.json`` document of the kept partitions."""
+        measured = [p for p in self.parts if p.kind == "split" and not p.base] + \
+            [p for p in self.parts if p.kind != "split"]
+        profile = _profile_doc(self.buckets, kept, measured, self.options, self.encodings, self.notes)
+        profile.planning_ms = round(self.planning_ms, 3)
+        return profile
 
 
 def _check_runs(g: ModelGraph, shapes: list[ShapeBucket]) -> None:
@@ -515,6 +487,21 @@ def _extract(extractor: Extractor, parts: list[PlannedPartition], report: Progre
     report("extract partitions", len(splits), len(splits))
 
 
+def _calibration(g: ModelGraph, options: PlanOptions, shape: ShapeBucket,
+                 samples: list[dict[str, Any]] | None) -> Calibration:
+    """Calibration requests of the encoding guard: the user's, else the samples
+    of the main bucket's shape, else seeded requests of that shape."""
+    if options.calibration is not None:
+        return load_calibration(options.calibration, g.inputs, samples=options.calibration_samples,
+                                batch=options.batch)
+    same = [s for s in samples or [] if all(tuple(np.shape(s[k])) == v for k, v in shape.shapes.items())]
+    if same:
+        return Calibration(same, "--sample", len(same))
+    types = {s.name: s.datatype for s in g.inputs}
+    reqs = [seeded_feeds(shape.shapes, types, seed=10_000 + i) for i in range(options.calibration_samples)]
+    return Calibration(reqs, "random", len(reqs))
+
+
 def _measure(g: ModelGraph, parts: list[PlannedPartition], b: _Bucket, options: PlanOptions,
              report: Progress, step: str, device: DeviceProfile | None = None) -> None:
     """Time every partition's real sessions at bucket ``b``; fill ``b.stats``.
@@ -545,123 +532,110 @@ def _measure(g: ModelGraph, parts: list[PlannedPartition], b: _Bucket, options: 
             if device is not None:
                 measured = device.partition_ms(p.id, b.shape.shapes, kind=p.kind, tensors=p.tensors)
                 device_ms = measured if measured is not None else device_ms
-        b.stats[p.id] = {
-            "kind": p.kind,
-            "tensors": list(p.tensors),
-            "device_nodes": len(p.device_set),
-            "up_bytes": _bytes(problem, p.tensors),
-            "down_bytes": down if p.kind != "device" else 0,
-            "sends_input": bool(inputs & set(p.tensors)),
-            "device_ms": round(device_ms, 4),
-            "cloud_ms": round(cloud_t.typical_ms, 4) if cloud_t is not None else 0.0,
-            "device_timing": dev_t.to_dict() if dev_t else None,
-            "cloud_timing": cloud_t.to_dict() if cloud_t else None,
-            "est_device_ms": round(est_d, 4),
-            "est_cloud_ms": round(est_c, 4),
-            "device_mem_bytes": _mem_bytes(problem, pre_model if p.kind != "cloud" else None, p.device_set),
-            "reference": p.reference,
-        }
+        b.stats[p.id] = PartitionProfile(
+            kind=p.kind,
+            tensors=tuple(p.tensors),
+            device_nodes=len(p.device_set),
+            up_bytes=_bytes(problem, p.tensors),
+            down_bytes=down if p.kind != "device" else 0,
+            sends_input=bool(inputs & set(p.tensors)),
+            device_ms=round(device_ms, 4),
+            cloud_ms=round(cloud_t.typical_ms, 4) if cloud_t is not None else 0.0,
+            device_timing=dev_t,
+            cloud_timing=cloud_t,
+            est_device_ms=round(est_d, 4),
+            est_cloud_ms=round(est_c, 4),
+            device_mem_bytes=_mem_bytes(problem, pre_model if p.kind != "cloud" else None, p.device_set),
+            reference=p.reference,
+        )
 
 
 def _device_encode_ms(parts: list[PlannedPartition], main: _Bucket, device: DeviceProfile) -> None:
     """Encoded twins cost the device's encode time (measured there, else this
     machine's scaled by the device's full-model speed against this machine's)."""
-    here = main.stats["device"]["device_timing"]
-    speed = device.model_ms(main.shape.shapes) / here["p25_ms"] if here and here.get("p25_ms") else 1.0
+    here = main.stats["device"].device_timing
+    p25 = round(here.p25_ms, 4) if here and here.p25_ms else None  # as profile.json stores it
+    speed = device.model_ms(main.shape.shapes) / p25 if p25 else 1.0
     base = {p.id: p for p in parts}
     for p in parts:
         if not p.base:
             continue
+        twin = p.measured()
         enc = device.encode_ms(p.id, main.shape.shapes, tensors=base[p.base].tensors)
-        enc = enc if enc is not None else p.stats["encode_ms"] * speed
-        p.stats.update(encode_ms=round(enc, 4), device_ms=round(base[p.base].stats["device_ms"] + enc, 4))
-
-
-def _calibration(g: ModelGraph, options: PlanOptions, shape: ShapeBucket,
-                 samples: list[dict[str, Any]] | None) -> Calibration:
-    """Calibration requests of the encoding guard: the user's, else the samples
-    of the main bucket's shape, else seeded requests of that shape."""
-    if options.calibration is not None:
-        return load_calibration(options.calibration, g.inputs, samples=options.calibration_samples,
-                                batch=options.batch)
-    same = [s for s in samples or [] if all(tuple(np.shape(s[k])) == v for k, v in shape.shapes.items())]
-    if same:
-        return Calibration(same, "--sample", len(same))
-    types = {s.name: s.datatype for s in g.inputs}
-    reqs = [seeded_feeds(shape.shapes, types, seed=10_000 + i) for i in range(options.calibration_samples)]
-    return Calibration(reqs, "random", len(reqs))
+        enc = enc if enc is not None else (twin.encode_ms or 0.0) * speed
+        p.profile = replace(twin, encode_ms=round(enc, 4),
+                            device_ms=round(base[p.base].measured().device_ms + enc, 4))
 
 
 def _encoded_stats(parts: list[PlannedPartition], main: _Bucket, b: _Bucket) -> None:
-    """An encoded twin's entry at another bucket: its raw twin's there, with the
-    wire ratio and the coding times of the main bucket scaled by the cut's bytes."""
+    """An encoded twin's figures at another bucket: its raw twin's there, with the
+    wire bytes and the coding times of the main bucket scaled by the cut's bytes."""
     for p in parts:
         if not p.base:
             continue
+        twin = p.measured()
         raw0, raw = main.stats[p.base], b.stats[p.base]
-        scale = raw["up_bytes"] / raw0["up_bytes"] if raw0["up_bytes"] else 1.0
-        enc_ms, dec_ms = p.stats["encode_ms"] * scale, p.stats["decode_ms"] * scale
-        entry = dict(raw)
-        entry.update(
-            encoding=p.encoding, base=p.base, reference=False,
-            up_bytes=int(round(p.stats["up_bytes"] * scale)),
-            device_ms=round(raw["device_ms"] + enc_ms, 4), cloud_ms=round(raw["cloud_ms"] + dec_ms, 4),
-            encode_ms=round(enc_ms, 4), decode_ms=round(dec_ms, 4), wire_ratio=p.stats.get("wire_ratio"),
+        scale = raw.up_bytes / raw0.up_bytes if raw0.up_bytes else 1.0
+        b.stats[p.id] = raw.encoded(
+            p.encoding, p.base, up_bytes=int(round(twin.up_bytes * scale)),
+            encode_ms=(twin.encode_ms or 0.0) * scale, decode_ms=(twin.decode_ms or 0.0) * scale,
+            wire_ratio=twin.wire_ratio,
         )
-        b.stats[p.id] = entry
 
 
 def _profile_doc(buckets: list[_Bucket], kept: list[PlannedPartition], measured: list[PlannedPartition],
-                 options: PlanOptions, enc_profile: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+                 options: PlanOptions, enc_profile: dict[str, Any], notes: list[str]) -> Profile:
     """The ``profile.json`` document: the main bucket's figures at the top, every bucket under ``buckets``."""
     main = buckets[0]
     assert main.dev_prof is not None and main.cloud_prof is not None
-    kinds = {p.id: p.kind for p in kept}
-    keep = set(kinds)
-    return {
-        "version": 1,
-        "batch": options.batch,
-        "shapes": main.shape.to_dict()["shapes"],
-        "notes": notes,
-        "device": {
+    partitions = {p.id: main.stats[p.id] for p in kept}
+    return Profile(
+        version=1,
+        batch=options.batch,
+        shapes=main.shape.to_dict()["shapes"],
+        notes=notes,
+        device={
             "threads": options.device_threads,
             "slowdown": options.device_slowdown,
             "source": f"imported:{main.imported.source}" if main.imported else "measured",
             "model_ms": round(main.dev_prof.total_ms, 4),
             "attributed": round(main.dev_prof.attributed, 4),
         },
-        "cloud": {
+        cloud={
             "threads": options.cloud_threads,
             "model_ms": round(main.cloud_prof.total_ms, 4),
             "attributed": round(main.cloud_prof.attributed, 4),
         },
-        "energy": options.energy.to_dict(),
-        "constraints": options.constraints.to_dict(),
-        "excluded": sorted(_excluded({k: main.stats[k] for k in keep}, kinds, options.constraints.device_memory_mb)),
-        "estimate_error": _errors(measured),
-        "graph": main.problem.stats(),
-        "partitions": {p.id: main.stats[p.id] for p in kept},
-        "encodings": enc_profile,
-        "node_ms": {
-            "device": {k: round(v, 5) for k, v in main.dev_prof.node_ms.items()},
-            "cloud": {k: round(v, 5) for k, v in main.cloud_prof.node_ms.items()},
-        },
-        "buckets": [_bucket_doc(b, kept) for b in buckets],
-    }
+        energy=options.energy,
+        constraints=options.constraints,
+        excluded=sorted(_excluded(partitions, options.constraints.device_memory_mb)),
+        estimate_error=_errors(measured),
+        graph=main.problem.stats(),
+        partitions=partitions,
+        encodings=enc_profile,
+        node_ms=_node_ms(main),
+        buckets=[_bucket_profile(b, kept) for b in buckets],
+    )
 
 
-def _bucket_doc(b: _Bucket, kept: list[PlannedPartition]) -> dict[str, Any]:
+def _node_ms(b: _Bucket) -> dict[str, dict[str, float]]:
     assert b.dev_prof is not None and b.cloud_prof is not None
     return {
-        **b.shape.to_dict(),
-        "from_sample": b.shape.from_sample,
-        "model_ms": {"device": round(b.dev_prof.total_ms, 4), "cloud": round(b.cloud_prof.total_ms, 4)},
-        "partitions": {p.id: b.stats[p.id] for p in kept},
-        "node_ms": {
-            "device": {k: round(v, 5) for k, v in b.dev_prof.node_ms.items()},
-            "cloud": {k: round(v, 5) for k, v in b.cloud_prof.node_ms.items()},
-        },
+        "device": {k: round(v, 5) for k, v in b.dev_prof.node_ms.items()},
+        "cloud": {k: round(v, 5) for k, v in b.cloud_prof.node_ms.items()},
     }
+
+
+def _bucket_profile(b: _Bucket, kept: list[PlannedPartition]) -> BucketProfile:
+    assert b.dev_prof is not None and b.cloud_prof is not None
+    return BucketProfile(
+        shapes=dict(b.shape.shapes),
+        elements=b.shape.elements,
+        from_sample=b.shape.from_sample,
+        model_ms={"device": round(b.dev_prof.total_ms, 4), "cloud": round(b.cloud_prof.total_ms, 4)},
+        partitions={p.id: b.stats[p.id] for p in kept},
+        node_ms=_node_ms(b),
+    )
 
 
 def _errors(parts: list[PlannedPartition]) -> dict[str, Any]:
@@ -670,11 +644,14 @@ def _errors(parts: list[PlannedPartition]) -> dict[str, Any]:
     for side in ("device", "cloud"):
         rows = []
         for p in parts:
-            timing = p.stats.get(f"{side}_timing")
-            est = p.stats.get(f"est_{side}_ms", 0.0)
-            if timing and timing["median_ms"] > 0:
-                rows.append({"id": p.id, "estimate_ms": est, "measured_ms": timing["median_ms"],
-                             "error_pct": round(100.0 * (est - timing["median_ms"]) / timing["median_ms"], 2)})
+            e = p.measured()
+            timing = e.device_timing if side == "device" else e.cloud_timing
+            est = e.est_device_ms if side == "device" else e.est_cloud_ms
+            if timing and timing.median_ms > 0:
+                # the error of the figures as profile.json stores them (rounded to µs)
+                median = round(timing.median_ms, 4)
+                rows.append({"id": p.id, "estimate_ms": est, "measured_ms": median,
+                             "error_pct": round(100.0 * (est - median) / median, 2)})
         errs = [abs(r["error_pct"]) for r in rows]
         out[side] = {
             "median_abs_pct": round(statistics.median(errs), 2) if errs else None,

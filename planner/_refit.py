@@ -35,6 +35,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -42,14 +43,13 @@ from typing import Any
 import onnx
 
 from splitgate.planner._bundle import MANIFEST, PlanBundle, _replace_dir, plan_digest
-from splitgate.planner._cost import Constraints, EnergyModel
 from splitgate.planner._decide import DecisionTable
 from splitgate.planner._device import DeviceProfile, load_device_profile
+from splitgate.planner._partition_profile import BucketProfile, PartitionProfile, Profile
 from splitgate.planner._plan import table_for
-from splitgate.planner._profile import Timing
 from splitgate.errors import BundleError, InvalidArgument
 
-__all__ = ["refit_bundle", "refit_stats", "refit_table"]
+__all__ = ["refit_bundle", "refit_partitions", "refit_stats", "refit_table"]
 
 Progress = Callable[[str, int, int], None]
 Shapes = Mapping[str, Any]
@@ -81,12 +81,75 @@ class _PrefixNodes:
         return self._cache[path]
 
 
-def _correction(entry: Mapping[str, Any]) -> float:
+def _correction(entry: PartitionProfile) -> float:
     """This machine's measured / per-node-estimated time of a partition (1.0 if unknown)."""
-    timing, est = entry.get("device_timing"), float(entry.get("est_device_ms") or 0.0)
-    if not timing or est <= 0:
+    if entry.device_timing is None or entry.est_device_ms <= 0:
         return 1.0
-    return Timing.from_dict(timing).typical_ms / est
+    return entry.device_timing.typical_ms / entry.est_device_ms
+
+
+def refit_partitions(
+    stats: Mapping[str, PartitionProfile],
+    device: DeviceProfile,
+    shapes: Shapes | None,
+    prefix_nodes: Callable[[str], list[str]],
+) -> dict[str, PartitionProfile]:
+    """One bucket's partition figures with device times from ``device``.
+
+    Args:
+        stats: partition id -> its figures at the bucket.
+        device: the device's measurements.
+        shapes: the bucket's input shapes (None = the device profile's bucket 0).
+        prefix_nodes: partition id -> node names of its device side.
+
+    Returns:
+        New figures, same order: ``device_ms`` replaced, ``device_source``
+        (``"measured"`` or ``"node-sum"``), ``planned_device_ms`` (the plan's
+        own figure), ``device_suffix_ms`` where the device measured the suffix
+        (a fallback's cost); encoded twins also get a new ``encode_ms``.
+
+    Raises:
+        BundleError: a twin names a raw partition ``stats`` lacks.
+    """
+    nodes = device.node_profile(shapes)
+    out: dict[str, PartitionProfile] = {}
+    for pid, entry in stats.items():
+        if entry.is_twin:
+            continue
+        if entry.kind == "cloud":
+            out[pid] = entry
+            continue
+        tensors = list(entry.tensors) or None if entry.kind == "split" else None
+        ms = device.partition_ms(pid, shapes, kind=entry.kind, tensors=tensors)
+        source = "measured"
+        if ms is None:
+            ms, source = nodes.sum(prefix_nodes(pid)) * _correction(entry), "node-sum"
+        suffix = device.suffix_ms(pid, shapes, tensors=tensors) if entry.kind == "split" else None
+        out[pid] = replace(
+            entry, device_ms=round(ms, 4), device_source=source, planned_device_ms=_planned(entry),
+            device_suffix_ms=round(suffix, 4) if suffix is not None else entry.device_suffix_ms,
+        )
+    old_dev = stats["device"].device_ms if "device" in stats else 0.0
+    new_dev = out["device"].device_ms if "device" in out else 0.0
+    speed = new_dev / old_dev if old_dev > 0 and new_dev > 0 else 1.0
+    for pid, entry in stats.items():
+        if not entry.is_twin:
+            continue
+        base = out.get(str(entry.base))
+        if base is None:
+            raise BundleError(f"profile entry '{pid}' names a raw twin '{entry.base}' the profile lacks")
+        enc = device.encode_ms(pid, shapes, tensors=list(base.tensors) or None)
+        source = base.device_source or "measured"
+        if enc is None:
+            enc, source = (entry.encode_ms or 0.0) * speed, f"{source}+scaled-encode"
+        out[pid] = replace(entry, device_ms=round(base.device_ms + enc, 4), encode_ms=round(enc, 4),
+                           device_source=source, planned_device_ms=_planned(entry))
+    return {pid: out[pid] for pid in stats}
+
+
+def _planned(entry: PartitionProfile) -> float:
+    """The plan's own device time of an entry (kept through repeated refits)."""
+    return entry.planned_device_ms if entry.planned_device_ms is not None else entry.device_ms
 
 
 def refit_stats(
@@ -95,65 +158,21 @@ def refit_stats(
     shapes: Shapes | None,
     prefix_nodes: Callable[[str], list[str]],
 ) -> dict[str, dict[str, Any]]:
-    """One bucket's profile entries with device times from ``device``.
+    """:func:`refit_partitions` over ``profile.json`` entries (dicts in, dicts out).
 
-    Args:
-        stats: partition id -> ``profile.json`` entry of the bucket.
-        device: the device's measurements.
-        shapes: the bucket's input shapes (None = the device profile's bucket 0).
-        prefix_nodes: partition id -> node names of its device side.
-
-    Returns:
-        New entries: ``device_ms`` replaced, ``device_source`` (``"measured"``
-        or ``"node-sum"``), ``planned_device_ms`` (the plan's own figure),
-        ``device_suffix_ms`` where the device measured the suffix (a fallback's
-        cost); encoded twins also get a new ``encode_ms``.
+    Raises:
+        BundleError: a twin names a raw partition ``stats`` lacks.
+        KeyError, TypeError, ValueError: a malformed entry.
     """
-    nodes = device.node_profile(shapes)
-    out: dict[str, dict[str, Any]] = {}
-    twins = [pid for pid, e in stats.items() if e.get("base")]
-    for pid, entry in stats.items():
-        if pid in twins:
-            continue
-        new = dict(entry)
-        kind = str(entry.get("kind", "split"))
-        tensors = entry.get("tensors") if kind == "split" else None
-        if kind != "cloud":
-            ms = device.partition_ms(pid, shapes, kind=kind, tensors=tensors)
-            source = "measured"
-            if ms is None:
-                ms, source = nodes.sum(prefix_nodes(pid)) * _correction(entry), "node-sum"
-            new.update(device_ms=round(ms, 4), device_source=source,
-                       planned_device_ms=entry.get("planned_device_ms", entry.get("device_ms")))
-            suffix = device.suffix_ms(pid, shapes, tensors=tensors) if kind == "split" else None
-            if suffix is not None:
-                new["device_suffix_ms"] = round(suffix, 4)
-        out[pid] = new
-    old_dev = float(stats.get("device", {}).get("device_ms") or 0.0)
-    new_dev = float(out.get("device", {}).get("device_ms") or 0.0)
-    speed = new_dev / old_dev if old_dev > 0 and new_dev > 0 else 1.0
-    for pid in twins:
-        entry = stats[pid]
-        base = out.get(str(entry["base"]))
-        if base is None:
-            raise BundleError(f"profile entry '{pid}' names a raw twin '{entry['base']}' the profile lacks")
-        enc = device.encode_ms(pid, shapes, tensors=base.get("tensors"))
-        source = base.get("device_source", "measured")
-        if enc is None:
-            enc, source = float(entry.get("encode_ms") or 0.0) * speed, f"{source}+scaled-encode"
-        new = dict(entry)
-        new.update(device_ms=round(float(base["device_ms"]) + enc, 4), encode_ms=round(enc, 4),
-                   device_source=source,
-                   planned_device_ms=entry.get("planned_device_ms", entry.get("device_ms")))
-        out[pid] = new
-    return {pid: out[pid] for pid in stats}
+    typed = {pid: PartitionProfile.from_dict(e) for pid, e in stats.items()}
+    return {pid: e.to_dict() for pid, e in refit_partitions(typed, device, shapes, prefix_nodes).items()}
 
 
-def _planned_shapes(bundle: PlanBundle, profile: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """The main bucket's shapes of a bundle whose profile has no buckets."""
-    if profile.get("shapes"):
-        return {k: tuple(int(x) for x in v) for k, v in profile["shapes"].items()}
-    batch = int(profile.get("batch", 1))
+def _planned_shapes(bundle: PlanBundle, profile: Profile) -> dict[str, tuple[int, ...]]:
+    """The main bucket's shapes (those a profile without buckets was planned at)."""
+    if profile.shapes:
+        return {k: tuple(int(x) for x in v) for k, v in profile.shapes.items()}
+    batch = int(profile.batch or 1)
     return {s.name: tuple(d if d >= 0 else batch for d in s.shape) for s in bundle.inputs}
 
 
@@ -190,48 +209,38 @@ def refit_bundle(
     names = [n.name for n in onnx.load(os.fspath(bundle.model_path), load_external_data=False).graph.node]
     device.check_model(bundle.model_sha256, what=f"bundle '{bundle.model_name}'", nodes=names)
     manifest = copy.deepcopy(bundle.manifest)
-    profile = copy.deepcopy(bundle.profile)
+    kinds = {pid: p.kind for pid, p in bundle.partitions.items()}
     try:
-        energy = EnergyModel.from_dict(profile.get("energy", {}))
-        constraints = Constraints.from_dict(profile.get("constraints"))
-        buckets = profile.get("buckets") or []
-        views: list[tuple[Shapes | None, dict[str, Any], dict[str, Any] | None]] = (
-            [(b["shapes"], b["partitions"], b) for b in buckets] if buckets
-            else [(_planned_shapes(bundle, profile), profile["partitions"], None)]
-        )
+        profile = Profile.from_dict(copy.deepcopy(bundle.profile), kinds=kinds)
+        main_shapes: Shapes | None = _planned_shapes(bundle, profile)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BundleError(f"{root}: malformed profile ({exc!r})") from exc
-    if not device.buckets[0].shapes:  # a legacy per-node profile: no shapes to match
-        views = [(None, stats, doc) for _, stats, doc in views]
+    # without buckets (older profiles) the top-level partitions are the one bucket
+    views = profile.buckets or [BucketProfile(dict(main_shapes or {}), profile.partitions)]
+    legacy = not device.buckets[0].shapes  # a legacy per-node profile: no shapes to match
     grid = bundle.decision_table.grid
     nodes = _PrefixNodes(bundle)
     report("refit", 1, 3)
 
     tables: list[DecisionTable] = []
-    for shapes, stats, doc in views:
-        new = refit_stats(stats, device, shapes, nodes.of)
-        kinds = {pid: str(e.get("kind", bundle.partitions[pid].kind if pid in bundle.partitions else "split"))
-                 for pid, e in new.items()}
-        tables.append(table_for(new, kinds, energy, constraints, grid))
-        if doc is not None:
-            doc["partitions"] = new
-            node_ms = doc.setdefault("node_ms", {})
-            node_ms["device"] = {k: round(v, 5) for k, v in device.node_profile(shapes).node_ms.items()}
-            model_ms = doc.get("model_ms")
-            if isinstance(model_ms, dict):
-                model_ms["device"] = round(device.model_ms(shapes), 4)
-        else:
-            profile["partitions"] = new
-    if buckets:
-        profile["partitions"] = buckets[0]["partitions"]
-    main_shapes = views[0][0]
-    profile.setdefault("node_ms", {})["device"] = {
-        k: round(v, 5) for k, v in device.node_profile(main_shapes).node_ms.items()}
+    for view in views:
+        shapes = None if legacy else view.shapes
+        view.partitions = refit_partitions(view.partitions, device, shapes, nodes.of)
+        tables.append(table_for(view.partitions, profile.energy_model, profile.constraints_model, grid))
+        if profile.buckets:
+            device_ms = device.node_profile(shapes).node_ms
+            view.node_ms = {**(view.node_ms or {}), "device": {k: round(v, 5) for k, v in device_ms.items()}}
+            if view.model_ms is not None:
+                view.model_ms["device"] = round(device.model_ms(shapes), 4)
+    profile.partitions = views[0].partitions
+    main_shapes = None if legacy else views[0].shapes
+    profile.node_ms = {**(profile.node_ms or {}), "device": {
+        k: round(v, 5) for k, v in device.node_profile(main_shapes).node_ms.items()}}
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    planned = profile.get("device", {})
+    planned = profile.device or {}
     record = {"name": device.label, "identity": device.device, "profile_sha256": device.sha256(),
               "profile_plan_digest": device.plan_digest, "refit_at": stamp}
-    profile["device"] = {
+    profile.device = {
         "threads": device.threads,
         "slowdown": 1.0,
         "source": f"device:{device.label}",
@@ -241,10 +250,10 @@ def refit_bundle(
         "planned": planned.get("planned", planned),
     }
     table_doc = tables[0].to_dict()
-    if buckets:
+    if profile.buckets:
         table_doc["buckets"] = [t.to_dict() for t in tables]
     report("refit", 2, 3)
-    _write(root, bundle, manifest, profile, table_doc, record)
+    _write(root, bundle, manifest, profile.to_dict(), table_doc, record)
     report("refit", 3, 3)
     return PlanBundle.load(root)
 
@@ -289,8 +298,8 @@ def refit_table(before: PlanBundle, after: PlanBundle) -> Any:
     decision-table cells it wins before and after (main bucket)."""
     from rich.table import Table
 
-    old = (before.profile or {}).get("partitions", {})
-    new = (after.profile or {}).get("partitions", {})
+    old = before.plan_profile.partitions if before.plan_profile else {}
+    new = after.plan_profile.partitions if after.plan_profile else {}
     wins_before = before.decision_table.wins() if before.decision_table else {}
     wins_after = after.decision_table.wins() if after.decision_table else {}
     table = Table(title=f"refit: {after.model_name}")
@@ -298,7 +307,8 @@ def refit_table(before: PlanBundle, after: PlanBundle) -> Any:
                 "cells won (after)"):
         table.add_column(col, justify="left" if col in ("partition", "source") else "right")
     for pid, entry in new.items():
-        table.add_row(pid, f"{float(old.get(pid, {}).get('device_ms', 0.0)):.3f}", f"{float(entry['device_ms']):.3f}",
-                      str(entry.get("device_source", "-")) if entry.get("kind") != "cloud" else "-",
+        before_ms = old[pid].device_ms if pid in old else 0.0
+        table.add_row(pid, f"{before_ms:.3f}", f"{entry.device_ms:.3f}",
+                      (entry.device_source or "-") if entry.kind != "cloud" else "-",
                       str(wins_before.get(pid, 0)), str(wins_after.get(pid, 0)))
     return table

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from splitgate.planner._cost import Conditions
+from splitgate.planner._profile import Timing
 
 __all__ = ["plan_table", "explain_table", "NETWORKS"]
 
@@ -24,8 +25,8 @@ def plan_table(bundle: Any) -> Any:
     table = Table(title=f"plan: {bundle.model_name} ({len(bundle.partitions)} partitions)")
     for col in ("partition", "cut tensors", "up bytes", "device ms", "cloud ms", "est. err dev/cloud", "chosen on"):
         table.add_column(col, justify="left" if col in ("partition", "cut tensors", "chosen on") else "right")
-    prof = bundle.profile or {}
-    entries = prof.get("partitions", {})
+    prof = bundle.plan_profile
+    entries = prof.partitions if prof is not None else {}
     chosen: dict[str, list[str]] = {}
     if bundle.has_profile:
         for net, c in NETWORKS.items():
@@ -38,24 +39,28 @@ def plan_table(bundle: Any) -> Any:
         if e is None:
             table.add_row(p.id, names, "-" if p.cut_bytes is None else f"{p.cut_bytes:,}", "-", "-", "-", "-")
             continue
-
-        def err(side: str) -> str:
-            t = e.get(f"{side}_timing")
-            if not t or not t["median_ms"]:
-                return "-"
-            return f"{100 * (e[f'est_{side}_ms'] - t['median_ms']) / t['median_ms']:+.0f}%"
-
-        spread = lambda t: f" ±{(t['p90_ms'] - t['p10_ms']) / 2:.2f}" if t else ""  # noqa: E731
         table.add_row(
             p.id + ("" if p.id in bundle.candidates else " (ref)"),
             names,
-            f"{e['up_bytes']:,}",
-            f"{e['device_ms']:.2f}{spread(e.get('device_timing'))}",
-            f"{e['cloud_ms']:.2f}{spread(e.get('cloud_timing'))}",
-            f"{err('device')} / {err('cloud')}",
+            f"{e.up_bytes:,}",
+            f"{e.device_ms:.2f}{_spread(e.device_timing)}",
+            f"{e.cloud_ms:.2f}{_spread(e.cloud_timing)}",
+            f"{_error(e.est_device_ms, e.device_timing)} / {_error(e.est_cloud_ms, e.cloud_timing)}",
             ", ".join(chosen.get(p.id, [])) or "-",
         )
     return table
+
+
+def _error(estimate_ms: float, timing: Timing | None) -> str:
+    """The per-node estimate's error against the measured median, as ``+12%``."""
+    if timing is None or not timing.median_ms:
+        return "-"
+    return f"{100 * (estimate_ms - timing.median_ms) / timing.median_ms:+.0f}%"
+
+
+def _spread(timing: Timing | None) -> str:
+    """Half the p10-p90 range, as `` ±0.12``."""
+    return f" ±{(timing.p90_ms - timing.p10_ms) / 2:.2f}" if timing else ""
 
 
 def explain_table(bundle: Any, *, rtt_ms: float = 20.0, battery_pct: float = 100.0) -> Any:

@@ -7,7 +7,8 @@ import random
 import pytest
 from _models import light_model, random_dag_model, two_io_model
 
-from splitgate.planner import CutProblem, ModelGraph, chain_cuts, exhaustive_cut, min_cut
+from splitgate.planner import ModelGraph, chain_cuts
+from splitgate.planner._mincut import CutProblem, exhaustive_cut, min_cut
 from splitgate.planner._blocks import CLOUD, DEVICE, SPLIT, Link, articulations, decompose
 from splitgate.planner._mincut import partition_cost
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from _models import check_partition, constant_weights_model, if_model, light_model, random_dag_model, two_io_model
 
-from splitgate.planner import CutProblem, ModelGraph, chain_cuts, exhaustive_cut, min_cut
+from splitgate.planner import ModelGraph, chain_cuts
+from splitgate.planner._mincut import CutProblem, exhaustive_cut, min_cut
 from splitgate.planner._graph import dummy_inputs
 from splitgate.planner._mincut import down_sets, partition_cost
 from splitgate.errors import InvalidArgument
