@@ -11,6 +11,11 @@ Public API:
     rtt_probe_timeout_s, calibrated -- the decision and link-estimation parts, for experiments
                       that drive them directly.
     DeviceCosts    -- the device's measured speed against the plan (online device costs).
+    DecisionCore   -- every decision rule of the Gateway with no I/O and an injected clock
+                      (probe triggers, the choice, hedge timing, what each outcome teaches);
+                      the Gateway and the analytic experiment engine both drive it. Its
+                      decisions: ProbePlan, Decision, ProbeSpec, CloudCall, NetworkChange.
+    DEFAULT_UPLINK_MBPS, DEFAULT_RTT_MS -- what the link is assumed to be before it is measured.
 
 The edge needs only onnxruntime, numpy, grpcio, protobuf (and prometheus_client
 for metrics); never Ray or torch.
@@ -19,6 +24,16 @@ for metrics); never Ray or torch.
 from __future__ import annotations
 
 from splitgate.edge._client import CloudClient, CloudReply
+from splitgate.edge._decide import (
+    DEFAULT_RTT_MS,
+    DEFAULT_UPLINK_MBPS,
+    CloudCall,
+    Decision,
+    DecisionCore,
+    NetworkChange,
+    ProbePlan,
+    ProbeSpec,
+)
 from splitgate.edge._device import DeviceCosts
 from splitgate.edge._gateway import AsyncGateway, Gateway, Result, Trace
 from splitgate.edge._monitor import LinkCalibration, LinkEstimate, LinkMonitor
@@ -42,4 +57,12 @@ __all__ = [
     "LinkMonitor",
     "LinkEstimate",
     "DeviceCosts",
+    "DecisionCore",
+    "ProbePlan",
+    "Decision",
+    "ProbeSpec",
+    "CloudCall",
+    "NetworkChange",
+    "DEFAULT_UPLINK_MBPS",
+    "DEFAULT_RTT_MS",
 ]

@@ -14,7 +14,6 @@ import hashlib
 import math
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -27,10 +26,12 @@ import numpy as np
 from splitgate.edge._breaker import CircuitBreaker
 from splitgate.edge._cache import ResultCache, input_digest
 from splitgate.edge._client import CloudClient, CloudReply
-from splitgate.edge._device import DeviceCosts, suffix_key
+from splitgate.edge._decide import (
+    DEFAULT_UPLINK_MBPS, DEVICE_PROBE_RUNS, CloudCall, Costs, DecisionCore, ProbeSpec,
+)
+from splitgate.edge._device import DeviceCosts
 from splitgate.edge._metrics import GatewayMetrics
-from splitgate.edge._monitor import BatteryMonitor, CloudLoadMonitor, Ewma, LinkCalibration, LinkMonitor
-from splitgate.edge._policy import Policy, calibrated, hedge_delay_ms, rtt_first, rtt_probe_timeout_s
+from splitgate.edge._monitor import BatteryMonitor, LinkMonitor
 from splitgate.edge._sessions import RunSite, SessionCache
 from splitgate.edge.config import GatewayConfig
 from splitgate.planner import Conditions, Partition, PlanBundle
@@ -41,14 +42,12 @@ from splitgate import contract
 
 __all__ = ["Gateway", "AsyncGateway", "Result", "Trace"]
 
-# Assumed before the first measurement of the link.
-DEFAULT_UPLINK_MBPS = 10.0
-DEFAULT_RTT_MS = 50.0
 PROBE_MODEL = contract.PROBE_MODEL
-# Cost entries cached per (model, plan digest, input shapes); the oldest go first.
-COSTS_CACHE_SIZE = 256
 
-Costs = dict[str, dict[str, Any]]
+
+def _queue_depth(reply: CloudReply) -> int:
+    """The cloud's queue depth a reply reports (0 when it reports none)."""
+    return int(reply.params.get(contract.QUEUE_DEPTH, 0))
 
 
 @dataclass
@@ -125,32 +124,23 @@ class _Core:
         ) if config.cloud else None
         self.limits = Limits(nan_policy=config.nan_policy)
         self.sessions = SessionCache(config.intra_op_threads)
-        self.link = LinkMonitor(stale_after_s=config.probe_interval_s, probe_bytes=config.probe_bytes)
-        self.calibration = LinkCalibration()  # actual vs predicted network time of recent calls
+        # Every decision (link and device estimates, probe triggers, hedge timing,
+        # the choice) is the decision core's; this class does the I/O it asks for.
+        self.decisions = DecisionCore(config)
+        self.link = self.decisions.link
+        self.calibration = self.decisions.calibration
+        self.load = self.decisions.load
+        self.policy = self.decisions.policy
+        self.device = self.decisions.device  # the device's speed against the plans
         self.battery = BatteryMonitor(config.battery_pct)
-        self.load = CloudLoadMonitor()
         self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s)
-        self.policy = Policy(config.hysteresis)
         self.cache = ResultCache(config.cache_size) if config.cache_size > 0 else None
         self.metrics = GatewayMetrics()
         self.overrides: dict[str, str] = {}
-        self._local_suffix_ms: dict[tuple[str, str], Ewma] = {}
         self._pool = ThreadPoolExecutor(max_workers=2 * config.max_concurrency + 1, thread_name_prefix="splitgate")
-        self._probe_lock = threading.Lock()
-        self._probing = False  # a background probe is queued or running
-        self._flags_lock = threading.Lock()
-        self._measuring = False  # a probe holds the link (background or on a request's path)
+        self._probe_lock = threading.Lock()  # one probe holds the link at a time
         self._abandon = threading.Event()  # a network change made the running probe moot
-        # perf_counter() of the last background probe's start and end (end None while it runs)
-        self._probe_span: tuple[float, float | None] = (-1.0, -1.0)
-        self._hedged_in_a_row = 0  # cloud calls the device beat since the last reply in time
-        self.device = DeviceCosts(probe_every=config.device_probe_every)  # the device's speed against the plans
-        self._costs: OrderedDict[tuple[str, str, tuple], Costs] = OrderedDict()
-        self._costs_lock = threading.Lock()
         self._slowdown_lock = threading.Lock()
-        self._device_probing: set[str] = set()  # models with a device probe queued or running
-        self._emulating = config.device_time_from_profile  # the emulated device the learner knows
-        self._last_model: str | None = None  # the model of the last decision (conditions() without one)
         self._request = threading.local()  # the running request's cost entries (for its local suffix)
 
     # -- bundles ------------------------------------------------------------
@@ -234,12 +224,8 @@ class _Core:
     def _forget_costs(self, model: str) -> None:
         """Drop a model's cached cost entries and learned device speed: its plan changed
         (a refit from a device profile keeps the plan digest but not the planned times)."""
-        if not hasattr(self, "device"):
-            return  # (still constructing)
-        with self._costs_lock:
-            for key in [k for k in self._costs if k[0] == model]:
-                del self._costs[key]
-        self.device.reset(model)
+        if hasattr(self, "decisions"):  # (not while constructing)
+            self.decisions.forget(model)
 
     def bundle(self, model: str) -> PlanBundle:
         try:
@@ -252,72 +238,35 @@ class _Core:
     def conditions(self, private: bool, model: str | None = None) -> Conditions:
         """The conditions now; ``device_factor`` is ``model``'s (default: the model
         of the last decision; 1.0 with ``learn_device`` off)."""
-        est = self.link.estimate()
-        return Conditions(
-            uplink_mbps=est.uplink_mbps or DEFAULT_UPLINK_MBPS,
-            downlink_mbps=est.downlink_mbps,
-            rtt_ms=est.rtt_ms if est.rtt_ms is not None else DEFAULT_RTT_MS,
-            battery_pct=self.battery.level(),
-            cloud_load=float(max(self.load.queue_depth - 1, 0)),
-            privacy=private,
-            device_factor=self.device_factor(model),
-        )
+        return self.decisions.conditions(private, model, battery_pct=self.battery.level())
 
     def device_factor(self, model: str | None = None) -> float:
         """The learned device factor of ``model`` (default: the model of the last decision)."""
-        model = model or self._last_model
-        if not self.config.learn_device or model is None:
-            return 1.0
-        return self.device.factor(model)
+        return self.decisions.device_factor(model)
 
     def request_costs(self, bundle: PlanBundle, feeds: Mapping[str, np.ndarray]) -> Costs | None:
-        """The plan's cost entries for these inputs' shapes (:meth:`PlanBundle.costs`),
-        cached per (model, plan digest, shapes); None for a bundle without a profile."""
-        if not bundle.has_profile:
-            return None
-        signature = tuple((name, tuple(int(d) for d in np.shape(feeds[name]))) for name in sorted(feeds))
-        key = (bundle.model_name, bundle.plan_digest, signature)
-        with self._costs_lock:
-            hit = self._costs.get(key)
-            if hit is not None:
-                self._costs.move_to_end(key)
-                return hit
-        costs = bundle.costs({name: list(shape) for name, shape in signature})
-        with self._costs_lock:
-            self._costs[key] = costs
-            while len(self._costs) > COSTS_CACHE_SIZE:
-                self._costs.popitem(last=False)
-        return costs
-
-    def _decision_costs(self, model: str, costs: Costs | None) -> Costs | None:
-        """``costs`` with each partition's measured device ratio (relative to the
-        device factor, which the conditions carry), when learning."""
-        if costs is None or not self.config.learn_device:
-            return costs
-        return self.device.adjust(model, costs)
+        """The plan's cost entries for these inputs' shapes (:meth:`DecisionCore.request_costs`)."""
+        return self.decisions.request_costs(bundle, {name: np.shape(feeds[name]) for name in feeds})
 
     def _select(
         self, bundle: PlanBundle, requested: str | None, private: bool, costs: Costs | None = None,
     ) -> tuple[Partition, str | None]:
         model = bundle.model_name
-        self._last_model = model
         wanted = requested or self.overrides.get(model)
         if wanted is not None:
+            self.decisions.last_model = model
             part = bundle.partition(wanted)
             if private and part.kind == "cloud":
                 raise InvalidArgument(
                     f"model '{model}' is private: partition 'cloud' would send raw inputs off the device"
                 )
         elif self.client is None:
+            self.decisions.last_model = model
             part = bundle.partition("device")
         else:
-            decide = self._decision_costs(model, costs)
-            self._maybe_probe(bundle, private, decide)
-            factor = self.calibration.factor() if self.config.calibrate else 1.0
-            now = calibrated(self.conditions(private, model), factor)
-            part = bundle.partition(self.policy.choose(bundle, now, costs=decide))
-            if private and part.kind == "cloud":
-                part = bundle.partition("device")
+            self._maybe_probe(bundle, private, costs)
+            decision = self.decisions.choose(bundle, costs, private=private, battery_pct=self.battery.level())
+            part = bundle.partition(decision.partition)
         refused = self.refused.get(model, {})
         if part.id in refused:
             return bundle.partition("device"), "bundle-corrupt"
@@ -332,108 +281,93 @@ class _Core:
     # -- probing --------------------------------------------------------------
 
     def _maybe_probe(self, bundle: PlanBundle, private: bool, costs: Costs | None = None) -> None:
-        """Measure the link before the first decision (synchronously: this
-        request's choice needs it), and in the background after a step in it
-        (replacing the estimates), or when the bandwidth estimate is stale or
-        drifting. A step is followed at once by the estimate that saw it; a
-        synchronous re-measurement on a slow link would cost the request ~1 s,
-        so only the RTT is, and only when it can change this decision
-        (:func:`splitgate.edge.rtt_first`)."""
-        why = self.link.probe_needed()
-        if why == "first":
-            self.probe()
-            return
-        if why == "shift" and not self._probing and rtt_first(
-            self.link, bundle, self.conditions(private, bundle.model_name), costs=costs
-        ):
-            self.probe(reset=True, rtt_only=True)  # (a running probe would hold the lock for seconds)
-        if why is not None:
-            self._probe_later(reset=why == "shift")
+        """Run the probes the decision core asks for before this decision
+        (:meth:`DecisionCore.probes_before`): synchronously on the request's
+        path (``full`` before the first decision, ``rtt`` after a step for the
+        worse), then a background one."""
+        plan = self.decisions.probes_before(bundle, costs, private=private, battery_pct=self.battery.level())
+        if plan.sync is not None:
+            # (an "rtt" probe does not wait for a running probe: it would hold the lock for seconds)
+            self.probe(reset=plan.reset, rtt_only=plan.sync == "rtt")
+        if plan.background:
+            self._probe_later(reset=plan.reset)
 
     def _probe_later(self, reset: bool) -> None:
         """Start a background probe, unless one is already queued or running."""
-        with self._flags_lock:
-            if self._probing:
-                return
-            self._probing = True
-        self._pool.submit(self._background_probe, reset)
+        if self.decisions.claim_background_probe():
+            self._pool.submit(self._background_probe, reset)
 
     def _background_probe(self, reset: bool) -> None:
         try:
             self.probe(reset)
         finally:
-            self._probing = False
-        if self.link.change_reported():  # it was abandoned: measure the new network
+            again = self.decisions.background_probe_finished()
+        if again:  # a network change was reported meanwhile: measure the new network
             self._probe_later(reset=True)
 
     def network_changed(self) -> None:
-        self.link.mark_changed()
-        self.calibration.reset()
+        change = self.decisions.network_changed()
         if self.client is None:
             return
-        if self._measuring:
+        if change.abandon_probe:
             # The running probe measures the old network: it stops after its
             # current round trip and records nothing; a fresh probe follows.
             self._abandon.set()
-        self._probe_later(reset=True)
+        if change.probe:
+            self._probe_later(reset=True)
 
     def probe(self, reset: bool = False, rtt_only: bool = False) -> None:
         """Two RTT probes (ServerLive) and two bandwidth probes (a payload the
-        server rejects as NOT_FOUND after receiving it), fed to
-        :meth:`LinkMonitor.observe_probe`. ``reset`` replaces the estimates
+        server rejects as NOT_FOUND after receiving it), as the decision core's
+        :class:`ProbeSpec` says, fed back to it. ``reset`` replaces the estimates
         instead of averaging into them (after a step in the link). A network
         change reported meanwhile (:meth:`network_changed`) abandons it after
         the round trip under way (a fresh one follows in the background)."""
         if self.client is None or not self.breaker.allow():
-            self.link.clear_shift()  # (nothing to measure with: do not ask again on every request)
+            self.decisions.probe_unavailable()  # (do not ask again on every request)
             return
         with self._probe_lock:
-            self.link.clear_shift()
+            spec = self.decisions.probe_started(rtt_only=rtt_only, reset=reset)
             self._abandon.clear()
-            self._measuring = True
-            self._probe_span = (time.perf_counter(), None)
             try:
-                self._measure(reset, rtt_only)
+                self._measure(spec)
             finally:
-                self._measuring = False
-                self._probe_span = (self._probe_span[0], time.perf_counter())
+                self.decisions.probe_ended()
 
-    def _measure(self, reset: bool, rtt_only: bool) -> None:
+    def _measure(self, spec: ProbeSpec) -> None:
+        assert self.client is not None
         leg_bytes, t0 = 0, time.perf_counter()
         try:
             # The first call on a fresh channel also pays for the TCP and
             # HTTP/2 handshakes; the monitor keeps the faster of each pair.
             rtts = []
-            timeout_s = rtt_probe_timeout_s(self.link.estimate().rtt_ms) if rtt_only else 2.0
-            for _ in range(2):
+            for _ in range(spec.round_trips):
                 t0 = time.perf_counter()
-                self.client.server_live(timeout_s=timeout_s)
+                self.client.server_live(timeout_s=spec.rtt_timeout_s)
                 rtts.append((time.perf_counter() - t0) * 1e3)
                 if self._abandon.is_set():
                     return
-            if rtt_only:
-                self.link.observe_probe(rtts, reset=reset)
-                return
-            payload = {"probe": np.zeros(self.config.probe_bytes, dtype=np.uint8)}
-            sends, leg_bytes = [], self.config.probe_bytes
-            for _ in range(2):
+            payload = {"probe": np.zeros(spec.send_bytes, dtype=np.uint8)}
+            sends, leg_bytes = [], spec.send_bytes
+            for _ in range(spec.sends):
                 t0 = time.perf_counter()
                 try:
-                    self.client.infer(PROBE_MODEL, payload, timeout_s=10.0)
+                    self.client.infer(PROBE_MODEL, payload, timeout_s=spec.send_timeout_s)
                 except NotFound:
                     pass
                 sends.append((time.perf_counter() - t0) * 1e3)
                 if self._abandon.is_set():
                     return
-            self.link.observe_probe(rtts, self.config.probe_bytes, sends, reset=reset)
-            self.breaker.record_success()
+            self.decisions.probe_measured(spec, rtts, sends)
+            if not spec.rtt_only:
+                self.breaker.record_success()
         except SplitgateError:
             if self._abandon.is_set():
                 return
             # A probe stuck until its timeout is a censored sample, as a
             # hedged call is: the link is at least this slow (a tunnel).
-            self.link.observe_late(leg_bytes, 0, (time.perf_counter() - t0) * 1e3)
-            if not rtt_only:  # (its short timeout says the link is slow, not that the cloud failed)
+            self.decisions.probe_timed_out(spec, leg_bytes, (time.perf_counter() - t0) * 1e3)
+            if not spec.rtt_only:  # (its short timeout says the link is slow, not that the cloud failed)
                 self.breaker.record_failure()
 
     # -- running --------------------------------------------------------------
@@ -479,76 +413,30 @@ class _Core:
         if (full := self._planned_device_ms(bundle, "device", costs)) is not None:
             target = max(full - (self._planned_device_ms(bundle, part.id, costs) or 0.0), 0.0)
         site = RunSite.of(bundle.model_name, part, "suffix", "device")
-        out, ms = self._device(part.suffix_path, cut, target, site)  # type: ignore[arg-type]
-        key = (bundle.model_name, part.id)
-        self._local_suffix_ms.setdefault(key, Ewma()).add(ms)
-        return out, ms
+        return self._device(part.suffix_path, cut, target, site)  # type: ignore[arg-type]
 
     # -- learning the device's speed ----------------------------------------------
 
-    def _learn(
-        self, model: str, key: str, measured_ms: float, planned_ms: float | None, *, confirmed: bool = False,
-    ) -> None:
-        """Teach :class:`DeviceCosts` one device leg (when learning and planned)."""
-        if not self.config.learn_device or planned_ms is None:
-            return
-        emulating = self.config.device_time_from_profile
-        if emulating != self._emulating:
-            # The emulated device was swapped (an experiment's warm-up ran at this
-            # machine's speed, its run pads to the plan): what was learned is of the old one.
-            self._emulating = emulating
-            self.device.reset()
-        self.device.observe(model, key, measured_ms, planned_ms, confirmed=confirmed)
-
-    def _learn_prefix(self, bundle: PlanBundle, part: Partition, ms: float, costs: Costs | None) -> None:
-        if costs is not None and part.id in costs:
-            self._learn(bundle.model_name, part.id, ms, float(costs[part.id]["device_ms"]))
-
-    def _learn_suffix(self, bundle: PlanBundle, part: Partition, ms: float, costs: Costs | None) -> None:
-        """A local suffix's sample: planned = full model - prefix, for this request's shapes."""
-        if costs is None or "device" not in costs:
-            return
-        prefix = float(costs[part.id]["device_ms"]) if part.id in costs else 0.0
-        self._learn(bundle.model_name, suffix_key(part.id), ms, float(costs["device"]["device_ms"]) - prefix)
-
     def _probe_device_if_due(self, bundle: PlanBundle, feeds: dict, costs: Costs | None) -> None:
-        """A request runs nothing on the device: maybe probe its speed (:class:`DeviceCosts`),
-        in the background while the request waits for the cloud (the device is idle then)."""
-        if not self.config.learn_device or costs is None:
-            return
-        model = bundle.model_name
-        if not self.device.note_offloaded(model):
-            return
-        with self._flags_lock:
-            if model in self._device_probing:
-                return
-            self._device_probing.add(model)
-        self._pool.submit(self._device_probe, bundle, feeds, costs)
+        """A request runs nothing on the device: run the device probe the decision
+        core asks for (:meth:`DecisionCore.device_probe_due`), in the background
+        while the request waits for the cloud (the device is idle then)."""
+        pid = self.decisions.device_probe_due(bundle, costs, self.refused.get(bundle.model_name, {}))
+        if pid is not None:
+            self._pool.submit(self._device_probe, bundle, pid, feeds, costs)
 
-    def _device_probe(self, bundle: PlanBundle, feeds: dict, costs: Costs) -> None:
-        """Run the model's cheapest prefix twice on a request's inputs; the faster
-        run is a sample, confirmed when the two agree (see :class:`DeviceCosts`)."""
-        model = bundle.model_name
+    def _device_probe(self, bundle: PlanBundle, pid: str, feeds: dict, costs: Costs) -> None:
+        """Run a partition's prefix on a request's inputs, as many times as the
+        core says; it learns from the runs (see :class:`DeviceCosts`)."""
+        runs: list[float] = []
         try:
-            refused = self.refused.get(model, {})
-            runnable = [
-                pid for pid, entry in costs.items()
-                if pid in bundle.partitions and bundle.partitions[pid].prefix_path is not None
-                and pid not in refused and float(entry["device_ms"]) >= self.device.min_planned_ms
-            ]
-            if not runnable:
-                return
-            pid = min(runnable, key=lambda p: float(costs[p]["device_ms"]))
             path = bundle.partitions[pid].prefix_path
             target = self._planned_device_ms(bundle, pid, costs)
-            runs = [self._device(path, feeds, target)[1] for _ in range(2)]  # type: ignore[arg-type]
-            agree = max(runs) <= self.device.step_ratio * min(runs)
-            self._learn(model, pid, min(runs), float(costs[pid]["device_ms"]), confirmed=agree)
+            runs = [self._device(path, feeds, target)[1] for _ in range(DEVICE_PROBE_RUNS)]  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - a failed probe teaches nothing; no request waits on it
-            pass
+            runs = []
         finally:
-            with self._flags_lock:
-                self._device_probing.discard(model)
+            self.decisions.device_probe_done(bundle.model_name, pid, runs, costs)
 
     def infer(
         self,
@@ -597,13 +485,14 @@ class _Core:
         *, private: bool = False, costs: Costs | None = None,
     ) -> dict:
         self._request.costs = costs  # (for a local suffix started on this thread)
+        model = bundle.model_name
         cut = feeds
         if part.prefix_path is not None:
             cut, trace.device_ms = self._device(
                 part.prefix_path, feeds, self._planned_device_ms(bundle, part.id, costs),
-                RunSite.of(bundle.model_name, part, "prefix", "device"),
+                RunSite.of(model, part, "prefix", "device"),
             )
-            self._learn_prefix(bundle, part, trace.device_ms, costs)
+            self.decisions.device_leg(model, part.id, trace.device_ms, costs)
         if part.suffix_path is None:
             return cut
         if private and raw_input_leaks(feeds, cut):
@@ -612,7 +501,7 @@ class _Core:
             trace.fallback = "privacy"
             outputs, ms = self._local_suffix(bundle, part, cut, costs)
             trace.device_ms += ms
-            self._learn_suffix(bundle, part, ms, costs)
+            self.decisions.local_suffix_done(model, part.id, ms, costs)
             return outputs
         reply, local = self._cloud_leg(bundle, part, cut, trace, deadline, costs=costs)
         if reply is not None:
@@ -624,18 +513,33 @@ class _Core:
         assert local is not None
         outputs, ms = local
         trace.device_ms += ms
-        self._learn_suffix(bundle, part, ms, costs)
+        self.decisions.local_suffix_done(model, part.id, ms, costs)
         return outputs
 
-    def _overlaps_probe(self, started: float) -> bool:
-        """Did a probe share the link with a call started at ``started`` (perf_counter)?"""
-        _, end = self._probe_span
-        return end is None or end > started
-
-    def _observe(self, reply: CloudReply, shared: bool = False) -> None:
+    def _in_time(self, call: CloudCall, reply: CloudReply) -> CloudReply:
+        """A reply before the device beat it: the breaker and the decision core learn from it."""
         self.breaker.record_success()
-        self.link.observe(reply.bytes_sent, reply.bytes_received, reply.network_ms, shared=shared)
-        self.load.observe(reply.cloud_ms, int(reply.params.get(contract.QUEUE_DEPTH, 0)))
+        self.decisions.reply_in_time(
+            call, reply.bytes_sent, reply.bytes_received, reply.network_ms, reply.cloud_ms, _queue_depth(reply),
+        )
+        return reply
+
+    def _late(self, reply: CloudReply) -> None:
+        """A hedged call's reply, after the device answered the request."""
+        self.breaker.record_success()
+        self.decisions.late_reply(
+            reply.bytes_sent, reply.bytes_received, reply.network_ms, reply.cloud_ms, _queue_depth(reply),
+        )
+
+    def _failed(self, call: CloudCall, exc: BaseException) -> None:
+        """The call failed: the breaker counts a peer failure (a refusal proves the cloud healthy)."""
+        if is_peer_failure(exc):
+            self.breaker.record_failure()
+        else:
+            # The cloud answered: it is healthy, this request (or plan) was
+            # refused. (Recording nothing would leave a half-open probe hanging.)
+            self.breaker.record_success()
+        self.decisions.call_failed(call)
 
     def _cloud_leg(
         self, bundle: PlanBundle, part: Partition, cut: dict, trace: Trace, deadline: float,
@@ -653,28 +557,15 @@ class _Core:
             partition=part.id, plan_digest=bundle.plan_digest, timeout_s=remaining,
             encoding=getattr(part, "encoding", None) or self.config.encoding,
         )
-        predicted = (
-            bundle.estimate(part.id, self.conditions(False, bundle.model_name), costs=costs)
-            if bundle.has_profile else None
-        )
-        hedge_after = self._hedge_after(bundle, part, remaining, predicted)
-        sent_at = time.perf_counter()
+        call = self.decisions.cloud_call(bundle, part.id, costs, remaining)
         try:
-            reply = future.result(timeout=hedge_after)
-            self._hedged_in_a_row = 0
-            self._observe_in_time(predicted, reply, sent_at)
-            return reply, None
+            return self._in_time(call, future.result(timeout=call.hedge_after_s)), None
         except FutureTimeout:
             pass
         except SplitgateError as exc:
-            if is_peer_failure(exc):
-                self.breaker.record_failure()
-            else:
-                # The cloud answered: it is healthy, this request (or plan) was
-                # refused. (Recording nothing would leave a half-open probe hanging.)
-                self.breaker.record_success()
-                if isinstance(exc, ModelRunError):
-                    raise exc from None  # the local suffix would fail the same way
+            self._failed(call, exc)
+            if isinstance(exc, ModelRunError):
+                raise exc from None  # the local suffix would fail the same way
             trace.fallback = exc.code.name.lower()
             return None, self._local_suffix(bundle, part, cut)
         # The cloud is late and the deadline near: race it against the device.
@@ -682,49 +573,19 @@ class _Core:
         done, _ = wait([future, local], return_when=FIRST_COMPLETED)
         if future in done and future.exception() is None:
             local.cancel()
-            self._hedged_in_a_row = 0
-            self._observe_in_time(predicted, future.result(), sent_at)
-            return future.result(), None
+            return self._in_time(call, future.result()), None
         trace.fallback = "hedged"
         exc = future.exception() if future.done() else None
         if exc is not None:
-            if is_peer_failure(exc):
-                self.breaker.record_failure()
-            else:
-                self.breaker.record_success()
+            self._failed(call, exc)
             trace.fallback = exc.code.name.lower() if isinstance(exc, SplitgateError) else "error"
         else:
-            # The cloud stayed slower than the device: the link is at least that
-            # slow (the next request must not walk into the same outage); let
-            # the call finish in the background and teach the monitors.
-            # (Unless a probe shared the link: then the wait says little about
-            # it -- once. A probe's payload delays one call, not the next too.)
-            self._hedged_in_a_row += 1
-            if self._hedged_in_a_row > 1 or not self._overlaps_probe(sent_at):
-                self.link.observe_late(part.cut_bytes, 0, (time.perf_counter() - sent_at) * 1e3)
-            future.add_done_callback(lambda f: None if f.exception() else self._observe(f.result()))
+            # The cloud stayed slower than the device: the core learns the link
+            # is at least that slow; the call finishes in the background and
+            # teaches the monitors.
+            self.decisions.call_late(call, part.cut_bytes)
+            future.add_done_callback(lambda f: None if f.exception() else self._late(f.result()))
         return None, local.result()
-
-    def _observe_in_time(self, predicted, reply: CloudReply, sent_at: float) -> None:
-        """Teach the monitors a call answered in time, and :class:`LinkCalibration`
-        its actual against predicted network time -- unless a probe shared the
-        link: queued behind a probe's payload is not the link swinging."""
-        shared = self._overlaps_probe(sent_at)
-        self._observe(reply, shared=shared)
-        if predicted is not None and not shared:
-            self.calibration.observe(predicted.transfer_ms, reply.network_ms)
-
-    def _hedge_after(self, bundle: PlanBundle, part: Partition, remaining: float, predicted) -> float | None:
-        """Seconds to wait for the cloud before racing the local suffix (:func:`hedge_delay_ms`);
-        ``predicted``: the call's estimate on the current link (None without a profile)."""
-        if not self.config.hedge:
-            return remaining
-        ewma = self._local_suffix_ms.get((bundle.model_name, part.id))
-        leg = None
-        if self.config.hedge_factor > 0 and predicted is not None:
-            leg = predicted.transfer_ms + predicted.cloud_ms
-        local = ewma.value if ewma and ewma.value else None
-        return hedge_delay_ms(remaining * 1e3, local, leg, self.config.hedge_factor) / 1e3
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -2,10 +2,17 @@
 
 Each policy runs closed-loop over the trace in virtual time, exactly like the
 live engine's request threads: a request starts, takes its predicted latency,
-the next starts at the next slot of the spec's ``interval_ms`` grid. Per request:
+the next starts at the next slot of the spec's ``interval_ms`` grid.
 
-* device compute = the profile's ``device_ms`` of the partition
-  (``PlanBundle.estimate``'s input, measured by the planner);
+This module simulates the world only -- the link, the cloud, the device's
+compute and the clock. Every decision the edge makes (probe triggers, the
+choice with its hysteresis, hedge timing, what each outcome teaches the link,
+calibration, cloud-load and device estimates) is the live Gateway's own
+:class:`splitgate.edge.DecisionCore`, driven here with simulated time through
+the same methods in the same order as the Gateway drives it. Per request:
+
+* device compute = the profile's ``device_ms`` of the partition (the live
+  engine pads device legs to the same planned times);
 * the cut tensors (+ a small gRPC/HTTP2 framing overhead) cross the uplink by
   integrating the trace's step-wise bandwidth (:meth:`Trace.transfer_end`;
   zero during outages), then half the RTT, jitter (the max of one uniform draw
@@ -13,14 +20,15 @@ the next starts at the next slot of the spec's ``interval_ms`` grid. Per request
   packet, as the proxy); the cloud computes ``cloud_ms``; the reply crosses the
   downlink the same way. Without steps or loss this is exactly
   ``PlanBundle.estimate(...).latency_ms``;
-* the Gateway's deadline hedge: if the cloud leg is later than
-  ``hedge_after`` (``0.8 x remaining``, then ``remaining - 1.2 x`` the local
-  suffix EWMA), the local suffix races it (fallback ``hedged``);
-* ``neurosurgeon`` and ``adaptive`` decide on a *monitored* estimate: the
-  Gateway's own :class:`splitgate.edge.LinkMonitor` (fed the same observations a
-  live Gateway gets, on a virtual clock, with probes when stale) and, for
-  ``adaptive``, the Gateway's own :class:`splitgate.edge.Policy` (hysteresis).
+* a cloud leg later than the core's ``hedge_after_s`` races the local suffix
+  (fallback ``hedged``): whichever finishes first answers;
+* probes cross the same simulated link (a background probe's payload delays
+  the requests queued behind it, as in the shaping proxy); a reported network
+  change (``spec.network_hints``) abandons a running probe after its round
+  trip under way.
 
+What the edge learns from an outcome reaches the core at the simulated time it
+happens (a reply when it arrives, a probe when it ends), in time order.
 It runs thousands of requests per second of wall time; ``repeats`` replays
 the trace with different jitter/loss seeds.
 """
@@ -33,24 +41,27 @@ import random
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from splitgate.edge import LinkCalibration, LinkMonitor, Policy, calibrated, hedge_delay_ms, rtt_first, rtt_probe_timeout_s
-from splitgate.edge._gateway import DEFAULT_RTT_MS as _DEFAULT_RTT
-from splitgate.edge._gateway import DEFAULT_UPLINK_MBPS as _DEFAULT_UP
+from splitgate.edge import CloudCall, DecisionCore, GatewayConfig, ProbeSpec
 from splitgate.experiments._records import Record, energy_model, request_energy_mj
 from splitgate.experiments.policies import neurosurgeon_choice, static_partition
 from splitgate.experiments.spec import ExperimentSpec
 from splitgate.netsim._proxy import MSS, LinkConditions
 from splitgate.netsim.traces import Trace, TracePoint
-from splitgate.planner import Conditions, Estimate, PlanBundle
+from splitgate.planner import Conditions, PlanBundle
 
-__all__ = ["run_analytic", "simulate_policy", "UP_OVERHEAD", "DOWN_OVERHEAD"]
+__all__ = ["run_analytic", "simulate_policy", "gateway_config", "request_shapes", "UP_OVERHEAD", "DOWN_OVERHEAD"]
 
 #: Bytes a request adds to its cut tensors on the wire (HTTP/2 HEADERS + DATA
 #: frame headers, gRPC prefix, protobuf fields); measured through the proxy.
 UP_OVERHEAD = 400
 DOWN_OVERHEAD = 300
 _CHUNK = 16 * 1024
+#: The live engine's warm-up: each cloud-using partition a policy may run, this many times.
+WARM_UP_CALLS = 3
+#: The decision core's clock during the warm-up: just before the trace starts.
+_BEFORE_START = -1e-3
 
 Progress = Callable[[int], None]
 
@@ -64,39 +75,57 @@ def warm_partitions(bundle: PlanBundle, policy: str, nominal: Conditions) -> lis
     return [pid for pid in bundle.partitions if pid in profiled]
 
 
+def request_shapes(bundle: PlanBundle) -> dict[str, list[int]]:
+    """The input shapes of the engines' requests (dynamic dims = 1)."""
+    return {s.name: [d if isinstance(d, int) and d >= 0 else 1 for d in s.shape] for s in bundle.inputs}
+
+
+def gateway_config(spec: ExperimentSpec) -> GatewayConfig:
+    """The settings of the live engine's Gateways (``spec.gateway``; battery on
+    mains; device legs at the profile's planned times, as the live run pads them).
+
+    Raises:
+        TypeError: ``spec.gateway`` names a setting GatewayConfig does not have.
+    """
+    config = GatewayConfig(**spec.gateway)
+    config.battery_pct = 100.0
+    config.device_time_from_profile = True
+    return config
+
+
 @dataclass
 class _State:
     now: float = 0.0
-    probing: bool = False
-    local_ms: float | None = None  # the Gateway's local-suffix EWMA (alpha 0.5); steady here
-    hedged_in_a_row: int = 0  # Gateway._hedged_in_a_row
-    pending: list[tuple[float, int, str, tuple]] = field(default_factory=list)
+    pending: list[tuple[float, int, int | None, Callable[..., Any], tuple, dict]] = field(default_factory=list)
     counter: int = 0
 
-    def later(self, t: float, kind: str, *args: object) -> None:
-        self.counter += 1
-        heapq.heappush(self.pending, (t, self.counter, kind, args))
+
+@dataclass
+class _Background:
+    """A background probe under way: its id, its legs' end times, its transfers on the link."""
+
+    id: int
+    leg_ends: list[float]
+    transfers: list[tuple[str, tuple[float, float]]]
 
 
 class _Sim:
-    """One policy over one trace replay."""
+    """One policy over one trace replay: the world, and the decision core that drives the edge."""
 
     def __init__(self, spec: ExperimentSpec, bundle: PlanBundle, trace: Trace, policy: str, rng: random.Random):
         self.spec, self.bundle, self.trace, self.policy, self.rng = spec, bundle, trace, policy, rng
         self.entries = bundle.profile["partitions"]  # type: ignore[index]
         self.em = energy_model(bundle)
         self.st = _State()
-        self.monitor = LinkMonitor(stale_after_s=spec.probe_interval_s, probe_bytes=spec.probe_bytes,
-                                   clock=lambda: self.st.now)
-        self.gw_policy = Policy(spec.hysteresis)
-        self.calibration = LinkCalibration(clock=lambda: self.st.now)  # Gateway.calibration
+        self.model = bundle.model_name
+        self.core = DecisionCore(gateway_config(spec), clock=lambda: self.st.now)
+        self.costs = self.core.request_costs(bundle, request_shapes(bundle))
         self.fixed = static_partition(policy, bundle, spec.nominal)
         self.device_full = float(self.entries["device"]["device_ms"])
         # (start, end) of transfers on each direction's bottleneck; off during warm-up
         self.busy: dict[str, list[tuple[float, float]]] = {"up": [], "down": []}
         self.contention = False
-        self.probe_spans: list[tuple[float, float]] = []  # background probes (Gateway._probe_span)
-        self.bg: tuple | None = None  # the last background probe: (id, its legs' end times, its transfers)
+        self.bg: _Background | None = None  # the last background probe
         self.abandoned: set[int] = set()  # background probes a network change cut short
         # OS network-change reports (spec.network_hints), still to come
         self.hints = trace.radio_changes() if spec.network_hints and policy == "adaptive" else []
@@ -148,105 +177,103 @@ class _Sim:
             return arrive
         return self._leg(arrive + cloud_ms / 1e3, down, "down", record)
 
-    # -- monitor ------------------------------------------------------------------
+    # -- simulated time ---------------------------------------------------------------
+
+    def _later(self, t: float, fn: Callable[..., Any], *args: Any, probe_id: int | None = None, **kwargs: Any) -> None:
+        """Call ``fn`` (a decision core method) when the clock reaches ``t``;
+        dropped if ``probe_id`` names a probe abandoned by then."""
+        self.st.counter += 1
+        heapq.heappush(self.st.pending, (t, self.st.counter, probe_id, fn, args, kwargs))
 
     def _apply_pending(self, until: float | None = None) -> None:
+        """Deliver, in time order, everything that happened up to ``until`` (default now)."""
         st = self.st
         until = st.now if until is None else until
         while st.pending and st.pending[0][0] <= until:
-            t, _, kind, args = heapq.heappop(st.pending)
-            if kind in ("probe", "late", "probe_done"):
-                probe_id, *args = args
-                if probe_id in self.abandoned:
-                    continue
-            saved, st.now = st.now, t
-            if kind == "rtt":
-                self.monitor.observe_rtt(*args)
-            elif kind == "obs":
-                self.monitor.observe(*args)
-            elif kind == "probe":
-                rtts, sends, reset = args
-                self.monitor.observe_probe(rtts, self.spec.probe_bytes, sends, reset=reset)
-            elif kind == "late":
-                self.monitor.observe_late(*args)
-            elif kind == "probe_done":
-                st.probing = False
-            st.now = saved
+            t, _, probe_id, fn, args, kwargs = heapq.heappop(st.pending)
+            if probe_id is not None and probe_id in self.abandoned:
+                continue
+            self._at(t, fn, *args, **kwargs)
+
+    def _at(self, t: float, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call ``fn`` with the clock at ``t``."""
+        saved, self.st.now = self.st.now, t
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.st.now = saved
+
+    # -- probes --------------------------------------------------------------------------
 
     def network_changed(self, t: float) -> None:
-        """The OS reports a network change at ``t`` (:meth:`splitgate.edge.Gateway.network_changed`):
-        a background probe starts now, or, if one is running, it is abandoned
-        after its round trip under way and the fresh one starts then."""
-        self._apply_pending(t)
-        self._at(t, self.monitor.mark_changed)
-        self._at(t, self.calibration.reset)
-        if self.st.probing and self.bg is not None:
-            probe_id, leg_ends, transfers = self.bg
-            t = next((e for e in leg_ends if e >= t), leg_ends[-1])
-            self.abandoned.add(probe_id)
-            for direction, span in transfers:
-                if span[0] >= t and span in self.busy[direction]:
-                    self.busy[direction].remove(span)  # legs it no longer sends
-            self.probe_spans[-1] = (self.probe_spans[-1][0], t)
-        self.st.probing = True
-        self._probe(t, sync=False, reset=True)
+        """The OS reports a network change at ``t`` (:meth:`splitgate.edge.Gateway.network_changed`).
 
-    def _probe(self, t: float, sync: bool, reset: bool = False, rtt_only: bool = False) -> float:
-        """A Gateway probe started at ``t`` (:meth:`splitgate.edge.Gateway.probe`): two
-        ServerLive round trips (2 s timeout each; when ``rtt_only`` the timeout
-        of :func:`splitgate.edge.rtt_probe_timeout_s`), then
-        two payload sends (10 s timeout), fed to :meth:`LinkMonitor.observe_probe`.
+        The core says whether the running probe is abandoned (it stops after
+        its round trip under way, records nothing; its later legs never use the
+        link) and whether a fresh probe is due (it starts now, or when the
+        abandoned one stops)."""
+        self._apply_pending(t)
+        change = self._at(t, self.core.network_changed)
+        if change.abandon_probe and self.bg is not None and self.bg.id not in self.abandoned:
+            bg = self.bg
+            stop = next((e for e in bg.leg_ends if e >= t), bg.leg_ends[-1])
+            self.abandoned.add(bg.id)
+            for direction, span in bg.transfers:
+                if span[0] >= stop and span in self.busy[direction]:
+                    self.busy[direction].remove(span)  # legs it no longer sends
+            self._later(stop, self._background_done)
+        if change.probe and self._at(t, self.core.claim_background_probe):
+            self._probe(t, sync=False, reset=True)
+
+    def _background_done(self) -> None:
+        """A background probe ended (now): the Gateway's ``_background_probe`` epilogue."""
+        self.core.probe_ended()
+        if self.core.background_probe_finished() and self.core.claim_background_probe():
+            self._probe(self.st.now, sync=False, reset=True)
+
+    def _probe(self, t: float, sync: bool, reset: bool = False, rtt_only: bool = False,
+               core_at: float | None = None) -> float:
+        """A Gateway probe started at ``t`` (:meth:`splitgate.edge.Gateway.probe`):
+        the round trips and payload sends of the core's :class:`ProbeSpec` over
+        the simulated link, fed back to the core (at once for a probe on the
+        request's path, at its end in simulated time for a background one).
+        ``core_at``: the core's clock for all of it (the warm-up, before t = 0).
         Returns its end time."""
-        self.monitor.clear_shift()
-        now, rtts, sends, late = t, [], [], None
+        spec: ProbeSpec = self._at(t if core_at is None else core_at, self.core.probe_started,
+                                   rtt_only=rtt_only, reset=reset)
+        now, rtts, sends = t, [], []
+        failed: tuple[int, float] | None = None
         leg_ends: list[float] = []
-        transfers: list = [] if not sync else None
-        rtt_timeout = rtt_probe_timeout_s(self.monitor.estimate().rtt_ms) if rtt_only else 2.0
-        legs = ((UP_OVERHEAD // 2, DOWN_OVERHEAD // 2, rtt_timeout, rtts),) * 2
-        if not rtt_only:
-            legs += ((self.spec.probe_bytes + UP_OVERHEAD, DOWN_OVERHEAD, 10.0, sends),) * 2
+        transfers: list = []
+        legs = [(UP_OVERHEAD // 2, DOWN_OVERHEAD // 2, spec.rtt_timeout_s, rtts)] * spec.round_trips
+        legs += [(spec.send_bytes + UP_OVERHEAD, DOWN_OVERHEAD, spec.send_timeout_s, sends)] * spec.sends
         for nbytes, down, timeout_s, into in legs:
-            end = self._round_trip(now, nbytes, down, 0.0, transfers)
-            if end - now > timeout_s:  # the probe fails: a censored sample (Gateway.probe)
+            end = self._round_trip(now, nbytes, down, 0.0, None if sync else transfers)
+            if end - now > timeout_s:  # the leg times out: a censored sample (Gateway._measure)
                 now += timeout_s
-                late = (self.spec.probe_bytes if into is sends else 0, 0, timeout_s * 1e3)
-                rtts = sends = None
+                failed = (spec.send_bytes if into is sends else 0, timeout_s * 1e3)
                 leg_ends.append(now)
                 break
             into.append((end - now) * 1e3)
             now = end
             leg_ends.append(now)
         if sync:
-            if rtts is not None:
-                self._at(now, self.monitor.observe_probe, rtts, self.spec.probe_bytes, sends, reset=reset)
-            elif late is not None:
-                self._at(now, self.monitor.observe_late, *late)
+            at = now if core_at is None else core_at
+            if failed is None:
+                self._at(at, self.core.probe_measured, spec, rtts, sends)
+            else:
+                self._at(at, self.core.probe_timed_out, spec, *failed)
+            self.core.probe_ended(at=at)
+            return now
+        self.st.counter += 1
+        probe_id = self.st.counter
+        self.bg = _Background(probe_id, leg_ends, transfers)
+        if failed is None:
+            self._later(now, self.core.probe_measured, spec, rtts, sends, probe_id=probe_id)
         else:
-            self.probe_spans.append((t, now))
-            self.st.counter += 1
-            probe_id = self.st.counter
-            self.bg = (probe_id, leg_ends, transfers)
-            if rtts is not None:
-                self.st.later(now, "probe", probe_id, rtts, sends, reset)
-            elif late is not None:
-                self.st.later(now, "late", probe_id, *late)
-            self.st.later(now, "probe_done", probe_id)
+            self._later(now, self.core.probe_timed_out, spec, *failed, probe_id=probe_id)
+        self._later(now, self._background_done, probe_id=probe_id)
         return now
-
-    def _at(self, t: float, fn: Callable[..., None], *args: object, **kwargs: object) -> None:
-        """Call a monitor method as if at virtual time ``t``."""
-        saved, self.st.now = self.st.now, t
-        try:
-            fn(*args, **kwargs)
-        finally:
-            self.st.now = saved
-
-    def _monitored(self) -> Conditions:
-        est = self.monitor.estimate()
-        return Conditions(
-            uplink_mbps=est.uplink_mbps or _DEFAULT_UP, downlink_mbps=est.downlink_mbps,
-            rtt_ms=est.rtt_ms if est.rtt_ms is not None else _DEFAULT_RTT, battery_pct=100.0,
-        )
 
     def warm_up(self, partitions: list[str]) -> None:
         """What the live engine's warm-up teaches the Gateway (through the initial link, before t = 0)."""
@@ -254,56 +281,62 @@ class _Sim:
             self._warm_up(partitions)
         finally:
             self.contention = True
+            self.st.now = 0.0
 
     def _warm_up(self, partitions: list[str]) -> None:
         if self.policy not in ("adaptive", "neurosurgeon"):
             return
+        self.st.now = _BEFORE_START
+        deadline_s = self.core.config.deadline_ms / 1e3
         for pid in partitions:
             e = self.entries[pid]
             if pid == "device":
                 continue
-            for _ in range(2):
-                up, down = int(e["up_bytes"]), int(e["down_bytes"])
-                end = self._round_trip(0.0, up + UP_OVERHEAD, down + DOWN_OVERHEAD, float(e["cloud_ms"]))
+            up, down, cloud = int(e["up_bytes"]) + UP_OVERHEAD, int(e["down_bytes"]) + DOWN_OVERHEAD, float(e["cloud_ms"])
+            for _ in range(WARM_UP_CALLS):  # (forced partitions: the Gateway probes nothing before them)
+                call = self.core.cloud_call(self.bundle, pid, self.costs, deadline_s)
+                end = self._round_trip(0.0, up, down, cloud)
                 if not math.isinf(end):
-                    self.monitor.observe(up + UP_OVERHEAD, down + DOWN_OVERHEAD, end * 1e3 - float(e["cloud_ms"]))
-        self._probe(0.0, sync=True)
+                    self.core.reply_in_time(call, up, down, end * 1e3 - cloud, cloud)
+        self._probe(0.0, sync=True, core_at=_BEFORE_START)
 
     # -- one request ------------------------------------------------------------------
 
     def _choose(self) -> tuple[str, float]:
         """(partition, ms spent probing first)."""
+        st = self.st
         if self.fixed is not None:
             return self.fixed, 0.0
-        p = self.trace.at(self.st.now)
         if self.policy == "mincut":
+            p = self.trace.at(st.now)
             return self.bundle.choose(Conditions(uplink_mbps=p.uplink_mbps, downlink_mbps=p.downlink_mbps,
                                                  rtt_ms=p.rtt_ms)), 0.0
-        extra = 0.0
-        why = self.monitor.probe_needed()  # the Gateway's rule (Gateway._maybe_probe)
-        sync = why == "first" or (
-            why == "shift" and not self.st.probing and rtt_first(self.monitor, self.bundle, self._monitored()))
-        if self.policy == "adaptive" and sync:
-            # first: a full probe; shift: the new RTT now, the bandwidth in the background
-            end = self._probe(self.st.now, sync=True, reset=why == "shift", rtt_only=why == "shift")
-            extra = (end - self.st.now) * 1e3
-        if why is not None and not (self.policy == "adaptive" and why == "first") and not self.st.probing:
-            self.st.probing = True
-            self._probe(self.st.now + extra / 1e3, sync=False, reset=why == "shift")
         if self.policy == "neurosurgeon":
-            return neurosurgeon_choice(self.bundle, self._monitored()), extra
-        factor = self.calibration.factor() if self.spec.calibrate else 1.0  # (Gateway._select)
-        return self.gw_policy.choose(self.bundle, calibrated(self._monitored(), factor)), extra
+            # the live engine's chain scan: the link monitor's probe rule, in the background
+            why = self.core.link.probe_needed()
+            if why is not None and self.core.claim_background_probe():
+                self._probe(st.now, sync=False, reset=why == "shift")
+            return neurosurgeon_choice(self.bundle, self.core.conditions()), 0.0
+        # adaptive: the Gateway's own decisions (Gateway._select)
+        plan = self.core.probes_before(self.bundle, self.costs)
+        extra = 0.0
+        if plan.sync is not None:
+            end = self._probe(st.now, sync=True, reset=plan.reset, rtt_only=plan.sync == "rtt")
+            extra = (end - st.now) * 1e3
+        at = st.now + extra / 1e3
+        if plan.background and self._at(at, self.core.claim_background_probe):
+            self._probe(at, sync=False, reset=plan.reset)
+        return self._at(at, self.core.choose, self.bundle, self.costs).partition, extra
 
-    def _overlaps_probe(self, start: float, end: float) -> bool:
-        """Did a background probe share the link with a call (Gateway._overlaps_probe)?"""
-        return any(s0 < end and e0 > start for s0, e0 in self.probe_spans[-4:])
-
-    def _hedge_after(self, predicted: Estimate, remaining_ms: float) -> float:
-        """The Gateway's hedge delay (:func:`splitgate.edge.hedge_delay_ms`); ``predicted``:
-        the call's estimate on the monitored link."""
-        leg = predicted.transfer_ms + predicted.cloud_ms if self.spec.hedge_factor > 0 else None
-        return hedge_delay_ms(remaining_ms, self.st.local_ms, leg, self.spec.hedge_factor)
+    def _device_probe(self, t: float) -> None:
+        """A request that runs nothing on the device: the device probe the core
+        may ask for runs its planned time, twice, from ``t`` (off the request's path)."""
+        pid = self._at(t, self.core.device_probe_due, self.bundle, self.costs)
+        if pid is None:
+            return
+        planned = float(self.entries[pid]["device_ms"])
+        runs = [planned, planned]
+        self._later(t + sum(runs) / 1e3, self.core.device_probe_done, self.model, pid, runs, self.costs)
 
     def request(self, rep: int, seq: int) -> Record:
         st = self.st
@@ -319,41 +352,15 @@ class _Sim:
         cloud = float(e["cloud_ms"])
         up, down = int(e["up_bytes"]), int(e["down_bytes"])
         fallback, network_ms, sent, received = "", 0.0, 0, 0
+        if self.bundle.partitions[pid].prefix_path is not None:
+            self._later(t0 + dev / 1e3, self.core.device_leg, self.model, pid, dev, self.costs)
+        else:
+            self._device_probe(t0)
         if pid == "device":
             latency = probe_ms + dev
         else:
-            t1 = t0 + dev / 1e3
-            predicted = self.bundle.estimate(pid, self._monitored())  # (Gateway._cloud_leg)
-            back = self._round_trip(t1, up + UP_OVERHEAD, down + DOWN_OVERHEAD, cloud)
-            cloud_leg = (back - t1) * 1e3
-            remaining = self.spec.deadline_ms - dev - probe_ms
-            local_ms = max(self.device_full - dev, 0.0)
-            hedge = self.spec.hedge
-            hedge_after = self._hedge_after(predicted, remaining) if hedge else remaining
-            if cloud_leg <= hedge_after or (hedge and cloud_leg <= hedge_after + local_ms):
-                latency = probe_ms + dev + cloud_leg
-                network_ms = cloud_leg - cloud
-                sent, received = up + UP_OVERHEAD, down + DOWN_OVERHEAD
-                shared = self._overlaps_probe(t1, back)  # (Gateway._observe: queued behind a probe?)
-                self.monitor.observe(sent, received, network_ms, shared=shared)
-                if not shared:  # queued behind a probe is not the link swinging
-                    self.calibration.observe(predicted.transfer_ms, network_ms)
-                st.hedged_in_a_row = 0
-            else:
-                fallback = "hedged" if hedge else "deadline_exceeded"
-                latency = probe_ms + dev + hedge_after + local_ms
-                st.local_ms = local_ms if st.local_ms is None else 0.5 * (local_ms + st.local_ms)
-                # the Gateway tells the monitor the link is at least this slow (no probe in the
-                # way, or a second hedge in a row: Gateway._cloud_leg)
-                st.hedged_in_a_row += 1
-                if hedge and (st.hedged_in_a_row > 1
-                              or not self._overlaps_probe(t1, t1 + (hedge_after + local_ms) / 1e3)):
-                    self._at(t1 + (hedge_after + local_ms) / 1e3, self.monitor.observe_late,
-                             up, 0, hedge_after + local_ms)
-                if cloud_leg <= remaining:  # the late reply still teaches the monitors
-                    st.later(back, "obs", up + UP_OVERHEAD, down + DOWN_OVERHEAD, cloud_leg - cloud)
-                dev += local_ms
-                cloud = 0.0
+            latency, fallback, network_ms, sent, received, dev, cloud = self._cloud_leg(
+                pid, t0 + dev / 1e3, probe_ms, dev, cloud, up, down)
         energy = request_energy_mj(
             self.em, point.radio, device_ms=dev, latency_ms=latency, bytes_sent=sent, bytes_received=received,
             uplink_mbps=point.uplink_mbps, downlink_mbps=point.downlink_mbps,
@@ -362,6 +369,35 @@ class _Sim:
         return Record("analytic", self.policy, rep, seq, round(start, 4), point.label, point.uplink_mbps,
                       point.downlink_mbps, point.rtt_ms, point.outage, pid, latency, energy, dev, network_ms,
                       cloud, sent, received, fallback)
+
+    def _cloud_leg(self, pid: str, t1: float, probe_ms: float, dev: float, cloud: float, up: int,
+                   down: int) -> tuple[float, str, float, int, int, float, float]:
+        """The cloud call sent at ``t1`` (Gateway._cloud_leg): the reply in time,
+        or the local suffix that raced it. Returns (latency, fallback,
+        network_ms, bytes sent, bytes received, device ms, cloud ms)."""
+        self._apply_pending(t1)  # what the edge learned by the time it sends
+        remaining = self.spec.deadline_ms - dev - probe_ms
+        call: CloudCall = self._at(t1, self.core.cloud_call, self.bundle, pid, self.costs, remaining / 1e3)
+        sent, received = up + UP_OVERHEAD, down + DOWN_OVERHEAD
+        back = self._round_trip(t1, sent, received, cloud)
+        cloud_leg = (back - t1) * 1e3
+        hedge_after = call.hedge_after_s * 1e3
+        local_ms = max(self.device_full - dev, 0.0)
+        hedge = self.core.config.hedge
+        if cloud_leg <= hedge_after or (hedge and cloud_leg <= hedge_after + local_ms):
+            network_ms = cloud_leg - cloud
+            self._later(back, self.core.reply_in_time, call, sent, received, network_ms, cloud)
+            return probe_ms + dev + cloud_leg, "", network_ms, sent, received, dev, cloud
+        done = t1 + (hedge_after + local_ms) / 1e3  # the local suffix answered
+        if hedge:
+            self._later(done, self.core.call_late, call, up)
+            if cloud_leg <= remaining:  # the late reply still teaches the monitors
+                self._later(back, self.core.late_reply, sent, received, cloud_leg - cloud, cloud)
+        else:
+            self._later(t1 + hedge_after / 1e3, self.core.call_failed, call)  # DEADLINE_EXCEEDED
+        self._later(done, self.core.local_suffix_done, self.model, pid, local_ms, self.costs)
+        fallback = "hedged" if hedge else "deadline_exceeded"
+        return probe_ms + dev + hedge_after + local_ms, fallback, 0.0, 0, 0, dev + local_ms, 0.0
 
 
 def simulate_policy(spec: ExperimentSpec, bundle: PlanBundle, policy: str, *, rep: int = 0,

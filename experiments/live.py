@@ -29,7 +29,7 @@ import numpy as np
 
 from splitgate.edge import Gateway
 from splitgate.experiments._records import Record, energy_model, request_energy_mj
-from splitgate.experiments.analytic import warm_partitions
+from splitgate.experiments.analytic import request_shapes, warm_partitions
 from splitgate.experiments.policies import neurosurgeon_choice, static_partition
 from splitgate.experiments.spec import ExperimentSpec
 from splitgate.netsim import ScheduleDriver, ShapingProxy
@@ -44,8 +44,9 @@ def model_inputs(bundle: PlanBundle, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded inputs for the bundle's model (dynamic dims = 1)."""
     rng = np.random.default_rng(seed)
     feeds = {}
+    shapes = request_shapes(bundle)  # (the analytic engine's requests have the same)
     for spec in bundle.inputs:
-        shape = [d if isinstance(d, int) and d >= 0 else 1 for d in spec.shape]
+        shape = shapes[spec.name]
         if spec.datatype.startswith("INT"):
             feeds[spec.name] = rng.integers(0, 10, size=shape).astype(np.int64)
         else:
