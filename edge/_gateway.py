@@ -126,7 +126,7 @@ class _Core:
         self.sessions = SessionCache(config.intra_op_threads)
         # Every decision (link and device estimates, probe triggers, hedge timing,
         # the choice) is the decision core's; this class does the I/O it asks for.
-        self.decisions = DecisionCore(config)
+        self.decisions = DecisionCore(config, clock=time.monotonic)
         self.link = self.decisions.link
         self.calibration = self.decisions.calibration
         self.load = self.decisions.load
@@ -413,7 +413,10 @@ class _Core:
         if (full := self._planned_device_ms(bundle, "device", costs)) is not None:
             target = max(full - (self._planned_device_ms(bundle, part.id, costs) or 0.0), 0.0)
         site = RunSite.of(bundle.model_name, part, "suffix", "device")
-        return self._device(part.suffix_path, cut, target, site)  # type: ignore[arg-type]
+        out, ms = self._device(part.suffix_path, cut, target, site)  # type: ignore[arg-type]
+        # (learned even when a raced cloud reply answered first: it is the device's time all the same)
+        self.decisions.local_suffix_done(bundle.model_name, part.id, ms, costs)
+        return out, ms
 
     # -- learning the device's speed ----------------------------------------------
 
@@ -501,7 +504,6 @@ class _Core:
             trace.fallback = "privacy"
             outputs, ms = self._local_suffix(bundle, part, cut, costs)
             trace.device_ms += ms
-            self.decisions.local_suffix_done(model, part.id, ms, costs)
             return outputs
         reply, local = self._cloud_leg(bundle, part, cut, trace, deadline, costs=costs)
         if reply is not None:
@@ -513,7 +515,6 @@ class _Core:
         assert local is not None
         outputs, ms = local
         trace.device_ms += ms
-        self.decisions.local_suffix_done(model, part.id, ms, costs)
         return outputs
 
     def _in_time(self, call: CloudCall, reply: CloudReply) -> CloudReply:

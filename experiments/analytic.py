@@ -121,7 +121,7 @@ class _Sim:
         self.core = DecisionCore(gateway_config(spec), clock=lambda: self.st.now)
         self.costs = self.core.request_costs(bundle, request_shapes(bundle))
         self.fixed = static_partition(policy, bundle, spec.nominal)
-        self.device_full = float(self.entries["device"]["device_ms"])
+        self.device_slowdown = 1.0  # the device's compute against the plan (a throttled device: > 1)
         # (start, end) of transfers on each direction's bottleneck; off during warm-up
         self.busy: dict[str, list[tuple[float, float]]] = {"up": [], "down": []}
         self.contention = False
@@ -328,14 +328,17 @@ class _Sim:
             self._probe(at, sync=False, reset=plan.reset)
         return self._at(at, self.core.choose, self.bundle, self.costs).partition, extra
 
+    def _device_ms(self, pid: str) -> float:
+        """The device's time for a partition's prefix (the full model for ``device``)."""
+        return float(self.entries[pid]["device_ms"]) * self.device_slowdown
+
     def _device_probe(self, t: float) -> None:
         """A request that runs nothing on the device: the device probe the core
         may ask for runs its planned time, twice, from ``t`` (off the request's path)."""
         pid = self._at(t, self.core.device_probe_due, self.bundle, self.costs)
         if pid is None:
             return
-        planned = float(self.entries[pid]["device_ms"])
-        runs = [planned, planned]
+        runs = [self._device_ms(pid)] * 2
         self._later(t + sum(runs) / 1e3, self.core.device_probe_done, self.model, pid, runs, self.costs)
 
     def request(self, rep: int, seq: int) -> Record:
@@ -348,7 +351,7 @@ class _Sim:
         pid, probe_ms = self._choose()
         e = self.entries[pid]
         t0 = start + probe_ms / 1e3
-        dev = float(e["device_ms"])
+        dev = self._device_ms(pid)
         cloud = float(e["cloud_ms"])
         up, down = int(e["up_bytes"]), int(e["down_bytes"])
         fallback, network_ms, sent, received = "", 0.0, 0, 0
@@ -382,15 +385,17 @@ class _Sim:
         back = self._round_trip(t1, sent, received, cloud)
         cloud_leg = (back - t1) * 1e3
         hedge_after = call.hedge_after_s * 1e3
-        local_ms = max(self.device_full - dev, 0.0)
+        local_ms = max(self._device_ms("device") - dev, 0.0)
         hedge = self.core.config.hedge
+        done = t1 + (hedge_after + local_ms) / 1e3  # when a local suffix started at hedge_after ends
         if cloud_leg <= hedge_after or (hedge and cloud_leg <= hedge_after + local_ms):
             network_ms = cloud_leg - cloud
             self._later(back, self.core.reply_in_time, call, sent, received, network_ms, cloud)
+            if cloud_leg > hedge_after:  # the cloud won the race; the local suffix still ran
+                self._later(done, self.core.local_suffix_done, self.model, pid, local_ms, self.costs)
             return probe_ms + dev + cloud_leg, "", network_ms, sent, received, dev, cloud
-        done = t1 + (hedge_after + local_ms) / 1e3  # the local suffix answered
         if hedge:
-            self._later(done, self.core.call_late, call, up)
+            self._later(done, self.core.call_late, call, self.bundle.partition(pid).cut_bytes)
             if cloud_leg <= remaining:  # the late reply still teaches the monitors
                 self._later(back, self.core.late_reply, sent, received, cloud_leg - cloud, cloud)
         else:
