@@ -65,7 +65,7 @@ def _load(results: Path, name: str) -> Any:
         raise ReportError(f"result file {path} is not valid JSON: {e}") from e
 
 
-def _num(value: float | int | None, digits: int = 2) -> str:
+def _num(value: float | None, digits: int = 2) -> str:
     """A number with ``digits`` decimals and thousands separators; ``-`` for None."""
     if value is None:
         return "-"
