@@ -11,6 +11,15 @@ returned). The bar is 0 wrong and 0 lost.
 
 Scenarios: replica_kill, link_drop, link_stall, slow_cloud, cloud_restart,
 bundle_corrupt, stale_plan. ``tests/test_faults.py`` runs them short.
+
+breaker_latency measures what the open circuit breaker costs: with the cloud
+app deleted, each open-breaker request (a split partition asked for, run
+device-only) is paired with a device-only request right after it, so both
+see the same machine load; ``measured`` holds the median of the per-pair
+ratios (the bar: <= 1.2) and both medians. The device is emulated 20x slower
+than this machine so the ratio compares paths, not timer noise.
+(``tests/test_edge_integration.py`` checks by counting that the open breaker
+makes no cloud call.)
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ class Tally:
     errors: dict = field(default_factory=dict)
     seconds: float = 0.0
     note: str = ""
+    measured: dict = field(default_factory=dict)
 
 
 class Workload:
@@ -241,6 +251,65 @@ def cloud_restart(tier, bundle, work, requests: int) -> Tally:
     return tally
 
 
+BREAKER_BAR = 1.2  # open-breaker latency / device-only latency, median of pairs
+
+
+def breaker_latency(tier, bundle, work, requests: int) -> Tally:
+    """Open-breaker requests against device-only ones, paired, with the cloud app deleted."""
+    import statistics
+
+    from ray import serve
+
+    from splitgate.cloud import build_app
+
+    tally = Tally("breaker_latency")
+    fallbacks: Counter = Counter()
+    errors: Counter = Counter()
+    ratios, open_ms, device_ms = [], [], []
+    with Gateway([bundle], cloud=tier.address, breaker_failures=3, breaker_reset_s=3600, device_slowdown=20) as gw:
+        for i in range(3):  # warm the sessions and the channel
+            gw.infer(work.model, work.inputs[i % len(work.inputs)], partition=work.cut)
+            gw.infer(work.model, work.inputs[i % len(work.inputs)], partition="device")
+        serve.delete(tier.config.app_name)
+        start = time.perf_counter()
+        try:
+            for i in range(requests):
+                x = work.inputs[i % len(work.inputs)]
+                tally.sent += 1
+                try:
+                    result = gw.infer(work.model, x, partition=work.cut)
+                except Exception as exc:  # noqa: BLE001 - counted, never hidden
+                    tally.failed += 1
+                    errors[f"{type(exc).__name__}: {str(exc)[:120]}"] += 1
+                    continue
+                tally.answered += 1
+                tally.wrong += 0 if work.correct(i, result.outputs) else 1
+                fallbacks[result.trace.fallback] += 1
+                device = gw.infer(work.model, x, partition="device").trace.total_ms
+                if result.trace.fallback == "breaker-open":
+                    ratios.append(result.trace.total_ms / device)
+                    open_ms.append(result.trace.total_ms)
+                    device_ms.append(device)
+        finally:
+            serve.run(build_app(tier.config), name=tier.config.app_name, route_prefix="/")
+        tally.seconds = round(time.perf_counter() - start, 2)
+    wait_cloud_serving(tier.address, work)
+    tally.fallbacks, tally.errors = dict(fallbacks), dict(errors)
+    tally.lost = tally.sent - tally.answered - tally.failed
+    if ratios:
+        ratio = statistics.median(ratios)
+        tally.measured = {
+            "pairs": len(ratios),
+            "median_ratio": round(ratio, 3),
+            "median_open_breaker_ms": round(statistics.median(open_ms), 2),
+            "median_device_only_ms": round(statistics.median(device_ms), 2),
+            "bar": BREAKER_BAR,
+            "within_bar": ratio <= BREAKER_BAR,
+        }
+    tally.note = f"{len(ratios)} open-breaker requests paired with device-only ones (device emulated 20x slower)"
+    return tally
+
+
 def bundle_corrupt(tier, bundle, work, requests: int, workdir: Path) -> Tally:
     """Flip a byte in a prefix on disk; a Gateway loading the bundle refuses that
     partition (runs it on the device), and update_bundle to it is refused whole."""
@@ -286,7 +355,8 @@ def stale_plan(tier, bundle, work, requests: int, stale_bundle) -> Tally:
     return tally
 
 
-SCENARIOS = ("replica_kill", "link_drop", "link_stall", "slow_cloud", "cloud_restart", "bundle_corrupt", "stale_plan")
+SCENARIOS = ("replica_kill", "link_drop", "link_stall", "slow_cloud", "cloud_restart", "breaker_latency",
+             "bundle_corrupt", "stale_plan")
 
 
 def run_all(tier, bundle, stale_bundle, requests: int, workdir: Path, only: tuple[str, ...] = SCENARIOS) -> list[Tally]:
@@ -297,6 +367,7 @@ def run_all(tier, bundle, stale_bundle, requests: int, workdir: Path, only: tupl
         "link_stall": lambda: link_stall(tier, bundle, work, requests),
         "slow_cloud": lambda: slow_cloud(tier, bundle, work, requests),
         "cloud_restart": lambda: cloud_restart(tier, bundle, work, requests),
+        "breaker_latency": lambda: breaker_latency(tier, bundle, work, requests),
         "bundle_corrupt": lambda: bundle_corrupt(tier, bundle, work, requests, workdir),
         "stale_plan": lambda: stale_plan(tier, bundle, work, requests, stale_bundle),
     }

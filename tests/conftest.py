@@ -17,6 +17,21 @@ SLOW_DEVICE_MS = 200.0
 # The shared tier's request size limit (small, so tests can cross it cheaply).
 CLOUD_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
+# A test that uses one of these fixtures is an integration test whatever its
+# module says (``make test-fast`` runs ``-m "not integration"``): forgetting the
+# marker must not pull a Ray Serve start or a virtualenv build into the unit run.
+INTEGRATION_FIXTURES = {
+    "cloud_tier": "starts a real Ray Serve tier",
+    "device_venv": "builds a fresh virtualenv with `pip install .`",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that uses an :data:`INTEGRATION_FIXTURES` fixture ``integration``."""
+    for item in items:
+        if INTEGRATION_FIXTURES.keys() & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
 
 @pytest.fixture(scope="session")
 def zoo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:

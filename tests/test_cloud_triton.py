@@ -1,9 +1,10 @@
 """Interop: Triton's ``tritonclient[grpc]`` calls the Ray Serve cloud tier.
 
-tritonclient pins its own protobuf/grpcio, so it lives in its own virtualenv
-(created once and cached; ``SPLITGATE_TRITON_VENV`` overrides the path) and runs
-as a subprocess against the session tier: ServerLive, ServerReady,
-ModelMetadata (full model and a partition), and ModelInfer of a split suffix
+tritonclient[grpc] needs protobuf<7 and splitgate protobuf>=7.35, so it lives
+in its own pinned virtualenv, ``.venv/triton``, made by the install step
+(``make test`` or ``make triton-env``; ``SPLITGATE_TRITON_VENV`` overrides the
+path), never at test time. It runs as a subprocess against the session tier:
+ServerLive, ServerReady, ModelMetadata (full model and a partition), and ModelInfer of a split suffix
 with ``splitgate.partition`` in the request parameters. No Serve
 ``application`` metadata is sent: with one app, Ray 2.60 routes without it.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,8 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-VENV = Path(os.environ.get("SPLITGATE_TRITON_VENV", "/tmp/splitgate-triton-venv"))
+REPO = Path(__file__).resolve().parents[1]
+VENV = Path(os.environ.get("SPLITGATE_TRITON_VENV", REPO / ".venv" / "triton"))
 PY = VENV / "bin" / "python"
 
 CLIENT = r'''
@@ -54,26 +55,15 @@ print(json.dumps(out))
 '''
 
 
-def _triton_python() -> Path:
-    """The cached tritonclient venv's python, created on first use (~40 s from PyPI)."""
-    check = [str(PY), "-c", "import tritonclient.grpc, numpy"]
-    if PY.exists() and subprocess.run(check, capture_output=True).returncode == 0:
-        return PY
-    try:
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True, capture_output=True)
-        subprocess.run(
-            [str(PY), "-m", "pip", "install", "-q", "tritonclient[grpc]", "numpy"],
-            check=True,
-            capture_output=True,
-            timeout=600,
-        )
-    except (subprocess.SubprocessError, OSError) as exc:
-        pytest.skip(f"cannot create the tritonclient virtualenv at {VENV}: {exc}")
+@pytest.fixture(scope="module")
+def triton_python() -> Path:
+    """The pinned tritonclient virtualenv's python; skips (before the tier starts) when it was never made."""
+    if not PY.exists():
+        pytest.skip(f"no tritonclient virtualenv at {VENV}: `make triton-env` makes it (`make test` does too)")
     return PY
 
 
-def test_tritonclient_calls_the_cloud_tier(cloud_tier, zoo_bundle, tmp_path) -> None:
-    python = _triton_python()
+def test_tritonclient_calls_the_cloud_tier(triton_python: Path, cloud_tier, zoo_bundle, tmp_path) -> None:
     cuts = [p for p in zoo_bundle.partitions.values() if p.kind == "split"]
     part = cuts[len(cuts) // 2]
     (spec,) = part.cut_tensors
@@ -89,7 +79,7 @@ def test_tritonclient_calls_the_cloud_tier(cloud_tier, zoo_bundle, tmp_path) -> 
         "y": str(tmp_path / "y_"),
     }
     proc = subprocess.run(
-        [str(python), "-c", CLIENT, json.dumps(args)], capture_output=True, text=True, timeout=180
+        [str(triton_python), "-c", CLIENT, json.dumps(args)], capture_output=True, text=True, timeout=180
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -54,12 +54,15 @@ def test_cache_hits_are_served_and_counted(zoo_bundle, sample) -> None:
 def test_async_twin_shares_the_core(zoo_bundle, sample) -> None:
     name, x, want = sample
 
-    async def main() -> list:
+    async def main() -> tuple[list, dict]:
         async with AsyncGateway([zoo_bundle], max_concurrency=2) as gw:
-            return await asyncio.gather(*(gw.infer(zoo_bundle.model_name, {name: x}) for _ in range(6)))
+            results = await asyncio.gather(*(gw.infer(zoo_bundle.model_name, {name: x}) for _ in range(6)))
+            return results, gw.metrics.snapshot()
 
-    results = asyncio.run(main())
-    assert len(results) == 6
+    results, snap = asyncio.run(main())
+    # All six went through the shared core: its policy and its metrics.
+    assert [r.trace.partition for r in results] == ["device"] * 6
+    assert snap[f"splitgate_requests_total{{model={zoo_bundle.model_name},outcome=ok,partition=device}}"] == 6
     for r in results:
         np.testing.assert_allclose(next(iter(r.outputs.values())), want, rtol=1e-5, atol=1e-6)
 

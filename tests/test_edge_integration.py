@@ -3,7 +3,6 @@ real shaping TCP proxy: split switching, fallbacks, the circuit breaker."""
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import numpy as np
@@ -141,9 +140,15 @@ def test_a_reported_network_change_abandons_the_probe_measuring_the_old_link(swi
             return observe_probe(rtts, *args, **kwargs)
 
         monitor.observe_probe = spy
+        sent_before = link.bytes_up
         old = threading.Thread(target=gw.probe, daemon=True)
         old.start()
-        time.sleep(0.8)                  # into its first 16 KB send (~1 s), after two ~0.3 s round trips
+        # Wait for the probe's 16 KB send to reach the link (after its ~0.3 s round
+        # trips, far more than their few hundred bytes); it takes ~1 s to cross.
+        deadline = time.monotonic() + 10.0
+        while link.bytes_up - sent_before < 8 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert link.bytes_up - sent_before >= 8 * 1024, "the probe never started its send"
         link.set(WIFI)
         gw.network_changed()
         old.join(timeout=10.0)
@@ -166,7 +171,12 @@ def _near_best(bundle, partition: str, c: Conditions, hysteresis: float) -> bool
     return bundle.estimate(partition, c).latency_ms <= best * (1 + hysteresis) + 1e-9
 
 
-def test_cloud_killed_mid_run_loses_nothing_and_breaker_bounds_latency(zoo_bundle, cloud_tier) -> None:
+def test_cloud_killed_mid_run_loses_nothing_and_the_open_breaker_skips_the_cloud(zoo_bundle, cloud_tier) -> None:
+    """The cloud app is deleted mid-run: every request is still answered, right,
+    and after ``breaker_failures`` failed calls the breaker opens and the rest
+    run device-only without a call (nothing sent, no network or cloud time).
+    What that saves in latency (open-breaker vs device-only, paired medians) is
+    measured by ``benchmarks/bench_faults.py --only breaker_latency``."""
     from ray import serve
 
     from splitgate.cloud import build_app
@@ -175,46 +185,37 @@ def test_cloud_killed_mid_run_loses_nothing_and_breaker_bounds_latency(zoo_bundl
     x = _input(zoo_bundle)
     want = _expected(zoo_bundle, x)
     cut = [p.id for p in zoo_bundle.partitions.values() if p.kind == "split"][0]
-    failures, results = 0, []
-    # A device a few times slower than this machine keeps device-only latency
-    # in milliseconds, so the comparison is about paths, not timer noise.
-    with Gateway(
-        [zoo_bundle], cloud=cloud_tier.address, breaker_failures=3, breaker_reset_s=60, device_slowdown=20
-    ) as gw:
+    results, errors = [], []
+    with Gateway([zoo_bundle], cloud=cloud_tier.address, breaker_failures=3, breaker_reset_s=60) as gw:
         for _ in range(3):
             assert gw.infer(model, x, partition=cut).trace.fallback is None
         serve.delete(cloud_tier.config.app_name)  # the cloud dies mid-run
-        device_ms = []
         try:
             for _ in range(40):
                 try:
                     results.append(gw.infer(model, x, partition=cut))
-                except Exception:  # noqa: BLE001 - counting, the assert says what failed
-                    failures += 1
-                    results.append(None)
-                # Device-only, interleaved so both see the same machine load.
-                device_ms.append(gw.infer(model, x, partition="device").trace.total_ms)
+                except Exception as exc:  # noqa: BLE001 - counted, the assert says what failed
+                    errors.append(f"{type(exc).__name__}: {exc}")
         finally:
             # Bring the cloud back for the tests after this one.
             serve.run(build_app(cloud_tier.config), name=cloud_tier.config.app_name, route_prefix="/")
-        assert failures == 0
-        assert len(results) == 40
+        assert len(results) == 40, f"{len(errors)} of 40 requests raised: {errors[:3]}"
         for r in results:
             np.testing.assert_allclose(r.outputs[next(iter(r.outputs))], want, rtol=1e-4, atol=1e-5)
         reasons = [r.trace.fallback for r in results]
         assert all(reasons), f"every request after the kill must have fallen back: {reasons}"
         assert gw.breaker_state == "open"
-        assert reasons[-1] == "breaker-open"
-        # Each breaker-open request against the device-only one right after it:
-        # pairs see the same load, so Ray's background work on 2 cores cancels out.
-        pairs = [
-            r.trace.total_ms / d for r, d in zip(results, device_ms) if r.trace.fallback == "breaker-open"
-        ]
-        assert len(pairs) >= 30
-        ratio = statistics.median(pairs)
-        assert ratio <= 1.2, f"open-breaker latency {ratio:.2f}x device-only"
+        assert "breaker-open" in reasons, reasons
+        opened = reasons.index("breaker-open")
+        assert reasons[opened:] == ["breaker-open"] * (40 - opened), f"the breaker closed again: {reasons}"
+        assert 40 - opened >= 30, f"the breaker opened only after {opened} failed calls: {reasons}"
+        for r in results[opened:]:
+            t = r.trace
+            assert (t.partition, t.bytes_sent, t.network_ms, t.cloud_ms) == ("device", 0, 0.0, 0.0), (
+                f"an open-breaker request touched the cloud: {t}"
+            )
         snap = gw.metrics.snapshot()
-        assert snap[f"splitgate_fallbacks_total{{model={model},partition=device,reason=breaker-open}}"] >= 30
+        assert snap[f"splitgate_fallbacks_total{{model={model},partition=device,reason=breaker-open}}"] == 40 - opened
 
 
 def test_deadline_falls_back_to_local_suffix(slow_device_bundle, cloud_tier) -> None:

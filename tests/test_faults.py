@@ -9,6 +9,7 @@ a deleted app is redeployed and answers again."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import sys
@@ -196,7 +197,11 @@ def test_replica_killed_under_load_loses_nothing(cloud_tier, zoo_bundle, work) -
 def test_cloud_restart_loses_nothing(cloud_tier, zoo_bundle, work) -> None:
     tally = bench_faults.cloud_restart(cloud_tier, zoo_bundle, work, N)  # redeploys and waits
     _check(tally)
-    assert "8/8 later requests answered by the cloud" in tally.note or "/8 later" in tally.note
+    # After the redeploy the edge goes back to the cloud (the breaker closes again);
+    # the first of the 8 later requests may still find it half-open.
+    later = re.search(r"(\d+)/8 later requests answered by the cloud", tally.note)
+    assert later is not None, tally.note
+    assert int(later.group(1)) >= 1, f"no request after the restart reached the cloud: {tally.note}"
 
 
 # -- privacy: what crosses the link ---------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -86,14 +87,24 @@ def test_stall_holds_traffic_then_ends_by_itself(echo_server: str) -> None:
 
 
 def test_schedule_driver_changes_the_link_on_time(echo_server: str) -> None:
+    """Each change reaches the link in order, never before its time, and (on a
+    loaded box, generously) not long after it. Waits on the changes, not on sleeps."""
     tr = traces.steps([("wifi", 0.3), ("cat1", 0.3), ("wifi", 0.3)])
-    with ShapingProxy(echo_server) as proxy, ScheduleDriver(tr, [proxy]) as driver:
-        assert proxy.conditions.uplink_mbps == 18.88
-        time.sleep(0.45)
-        assert proxy.conditions.uplink_mbps == 0.13 and driver.current().label == "cat1"
-        time.sleep(0.3)
-        assert proxy.conditions.uplink_mbps == 18.88
+    seen: list[tuple[float, str, float]] = []  # (trace time, label, the link's uplink then)
+    all_applied = threading.Event()
+    with ShapingProxy(echo_server) as proxy:
+
+        def on_change(elapsed_s: float, point) -> None:
+            seen.append((elapsed_s, point.label, proxy.conditions.uplink_mbps))
+            if len(seen) == len(tr.points):
+                all_applied.set()
+
+        with ScheduleDriver(tr, [proxy], on_change=on_change) as driver:
+            assert all_applied.wait(10.0), f"changes applied: {seen}"
+    assert [(label, up) for _, label, up in seen] == [("wifi", 18.88), ("cat1", 0.13), ("wifi", 18.88)]
     assert [p.label for _, p in driver.applied] == ["wifi", "cat1", "wifi"]
+    for (at, label, _), point in zip(seen, tr.points):
+        assert point.t_s <= at < point.t_s + 1.0, f"{label} due at {point.t_s}s, applied at {at:.3f}s"
 
 
 @pytest.mark.skipif(tbf_available() is not None, reason=f"tc tbf backend: {tbf_available()}")
