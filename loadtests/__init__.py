@@ -3,7 +3,7 @@
 * ``loadtests/locustfile.py`` -- the gRPC user replaying recorded split traffic.
 * ``loadtests/stepload.py``   -- the same user with a step-load shape that finds
   the max sustainable rps at a p99 target.
-* :func:`run_loadtest` / ``splitgate loadtest`` / ``python -m loadtests`` -- start
+* :func:`run_loadtest` / ``splitgate loadtest`` / ``python -m splitgate.loadtests`` -- start
   or target a tier, run locust headless, write CSV + HTML + PNG, print a summary.
 
 Importing this package is cheap (no locust, gevent or Ray); the pieces load on use.

@@ -1,4 +1,4 @@
-"""``python -m loadtests``: the same as ``splitgate loadtest``."""
+"""``python -m splitgate.loadtests``: the same as ``splitgate loadtest``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from splitgate.errors import SplitgateError
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m loadtests", description="Locust load test of the splitgate cloud tier (OIP over gRPC)."
+        prog="python -m splitgate.loadtests", description="Locust load test of the splitgate cloud tier (OIP over gRPC)."
     )
     add_arguments(parser)
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Command-line options of ``splitgate loadtest`` / ``python -m loadtests``.
+"""Command-line options of ``splitgate loadtest`` / ``python -m splitgate.loadtests``.
 
 Only argparse here: ``splitgate --help`` builds this parser without importing
 locust, gevent, Ray or torch. The run itself is :func:`run_from_args`.

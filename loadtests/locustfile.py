@@ -6,7 +6,7 @@ to ``GRPCInferenceService/ModelInfer``. A client interceptor times every call
 and fires locust's ``request`` event with ``request_type="grpc"`` and
 ``name="MODEL/PARTITION"``, so the statistics show each partition.
 
-Run it through ``splitgate loadtest`` / ``python -m loadtests`` (which start a
+Run it through ``splitgate loadtest`` / ``python -m splitgate.loadtests`` (which start a
 tier, record traffic and write the reports), or directly::
 
     locust -f loadtests/locustfile.py --headless -u 8 -r 4 -t 60s \\
