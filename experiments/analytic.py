@@ -96,17 +96,20 @@ def gateway_config(spec: ExperimentSpec) -> GatewayConfig:
 @dataclass
 class _State:
     now: float = 0.0
-    pending: list[tuple[float, int, int | None, Callable[..., Any], tuple, dict]] = field(default_factory=list)
+    pending: list[tuple[float, int, Callable[..., Any], tuple, dict]] = field(default_factory=list)
     counter: int = 0
 
 
 @dataclass
 class _Background:
-    """A background probe under way: its id, its legs' end times, its transfers on the link."""
+    """A background probe under way: its spec, its legs (bytes up, bytes down,
+    timeout, which samples), what it measured so far; ``abandoned`` by a network change."""
 
-    id: int
-    leg_ends: list[float]
-    transfers: list[tuple[str, tuple[float, float]]]
+    spec: ProbeSpec
+    legs: list[tuple[int, int, float, list[float]]]
+    rtts: list[float]
+    sends: list[float]
+    abandoned: bool = False
 
 
 class _Sim:
@@ -126,7 +129,6 @@ class _Sim:
         self.busy: dict[str, list[tuple[float, float]]] = {"up": [], "down": []}
         self.contention = False
         self.bg: _Background | None = None  # the last background probe
-        self.abandoned: set[int] = set()  # background probes a network change cut short
         # OS network-change reports (spec.network_hints), still to come
         self.hints = trace.radio_changes() if spec.network_hints and policy == "adaptive" else []
 
@@ -179,20 +181,17 @@ class _Sim:
 
     # -- simulated time ---------------------------------------------------------------
 
-    def _later(self, t: float, fn: Callable[..., Any], *args: Any, probe_id: int | None = None, **kwargs: Any) -> None:
-        """Call ``fn`` (a decision core method) when the clock reaches ``t``;
-        dropped if ``probe_id`` names a probe abandoned by then."""
+    def _later(self, t: float, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Call ``fn`` (a decision core method, or the next step of a probe) when the clock reaches ``t``."""
         self.st.counter += 1
-        heapq.heappush(self.st.pending, (t, self.st.counter, probe_id, fn, args, kwargs))
+        heapq.heappush(self.st.pending, (t, self.st.counter, fn, args, kwargs))
 
     def _apply_pending(self, until: float | None = None) -> None:
         """Deliver, in time order, everything that happened up to ``until`` (default now)."""
         st = self.st
         until = st.now if until is None else until
         while st.pending and st.pending[0][0] <= until:
-            t, _, probe_id, fn, args, kwargs = heapq.heappop(st.pending)
-            if probe_id is not None and probe_id in self.abandoned:
-                continue
+            t, _, fn, args, kwargs = heapq.heappop(st.pending)
             self._at(t, fn, *args, **kwargs)
 
     def _at(self, t: float, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -209,71 +208,78 @@ class _Sim:
         """The OS reports a network change at ``t`` (:meth:`splitgate.edge.Gateway.network_changed`).
 
         The core says whether the running probe is abandoned (it stops after
-        its round trip under way, records nothing; its later legs never use the
-        link) and whether a fresh probe is due (it starts now, or when the
-        abandoned one stops)."""
+        its round trip under way and records nothing) and whether a fresh probe
+        is due (it starts now, or when the abandoned one stops)."""
         self._apply_pending(t)
         change = self._at(t, self.core.network_changed)
-        if change.abandon_probe and self.bg is not None and self.bg.id not in self.abandoned:
-            bg = self.bg
-            stop = next((e for e in bg.leg_ends if e >= t), bg.leg_ends[-1])
-            self.abandoned.add(bg.id)
-            for direction, span in bg.transfers:
-                if span[0] >= stop and span in self.busy[direction]:
-                    self.busy[direction].remove(span)  # legs it no longer sends
-            self._later(stop, self._background_done)
+        if change.abandon_probe and self.bg is not None:
+            self.bg.abandoned = True
         if change.probe and self._at(t, self.core.claim_background_probe):
-            self._probe(t, sync=False, reset=True)
+            self._at(t, self._probe, t, sync=False, reset=True)
+
+    def _probe(self, t: float, sync: bool, reset: bool = False, rtt_only: bool = False,
+               core_at: float | None = None) -> float:
+        """A Gateway probe started at ``t`` (:meth:`splitgate.edge.Gateway.probe`):
+        the round trips and payload sends of the core's :class:`ProbeSpec` over
+        the simulated link, fed back to the core. One on the request's path is
+        simulated at once (``core_at``: the core's clock for all of it, for the
+        warm-up before t = 0); a background one leg by leg as simulated time
+        passes, each leg sharing the link with the transfers under way when it
+        starts. Returns its end time (``t`` for a background probe)."""
+        spec: ProbeSpec = self._at(t if core_at is None else core_at, self.core.probe_started,
+                                   rtt_only=rtt_only, reset=reset)
+        rtts: list[float] = []
+        sends: list[float] = []
+        legs = [(UP_OVERHEAD // 2, DOWN_OVERHEAD // 2, spec.rtt_timeout_s, rtts)] * spec.round_trips
+        legs += [(spec.send_bytes + UP_OVERHEAD, DOWN_OVERHEAD, spec.send_timeout_s, sends)] * spec.sends
+        if not sync:
+            self.bg = _Background(spec, legs, rtts, sends)
+            self._at(t, self._probe_leg, self.bg, 0)
+            return t
+        now = t
+        at = (lambda: now) if core_at is None else (lambda: core_at)
+        for nbytes, down, timeout_s, into in legs:
+            end = self._round_trip(now, nbytes, down, 0.0)
+            if end - now > timeout_s:  # the leg times out: a censored sample (Gateway._measure)
+                now += timeout_s
+                self._at(at(), self.core.probe_timed_out, spec, spec.send_bytes if into is sends else 0, timeout_s * 1e3)
+                break
+            into.append((end - now) * 1e3)
+            now = end
+        else:
+            self._at(at(), self.core.probe_measured, spec, rtts, sends)
+        self.core.probe_ended(at=at())
+        return now
+
+    def _probe_leg(self, probe: _Background, i: int) -> None:
+        """A background probe's leg ``i`` starts now."""
+        now = self.st.now
+        nbytes, down, timeout_s, into = probe.legs[i]
+        end = self._round_trip(now, nbytes, down, 0.0)
+        if end - now > timeout_s:  # a censored sample, unless abandoned meanwhile
+            failed = (probe.spec.send_bytes if into is probe.sends else 0, timeout_s * 1e3)
+            self._later(now + timeout_s, self._probe_leg_done, probe, i, None, failed)
+        else:
+            self._later(end, self._probe_leg_done, probe, i, (end - now) * 1e3, None)
+
+    def _probe_leg_done(self, probe: _Background, i: int, ms: float | None, failed: tuple[int, float] | None) -> None:
+        """A background probe's leg ``i`` ended now (``ms``), or timed out (``failed``)."""
+        if not probe.abandoned:
+            if failed is not None:
+                self.core.probe_timed_out(probe.spec, *failed)
+            else:
+                probe.legs[i][3].append(ms)  # type: ignore[arg-type]
+                if i + 1 < len(probe.legs):
+                    self._probe_leg(probe, i + 1)
+                    return
+                self.core.probe_measured(probe.spec, probe.rtts, probe.sends)
+        self._background_done()
 
     def _background_done(self) -> None:
         """A background probe ended (now): the Gateway's ``_background_probe`` epilogue."""
         self.core.probe_ended()
         if self.core.background_probe_finished() and self.core.claim_background_probe():
             self._probe(self.st.now, sync=False, reset=True)
-
-    def _probe(self, t: float, sync: bool, reset: bool = False, rtt_only: bool = False,
-               core_at: float | None = None) -> float:
-        """A Gateway probe started at ``t`` (:meth:`splitgate.edge.Gateway.probe`):
-        the round trips and payload sends of the core's :class:`ProbeSpec` over
-        the simulated link, fed back to the core (at once for a probe on the
-        request's path, at its end in simulated time for a background one).
-        ``core_at``: the core's clock for all of it (the warm-up, before t = 0).
-        Returns its end time."""
-        spec: ProbeSpec = self._at(t if core_at is None else core_at, self.core.probe_started,
-                                   rtt_only=rtt_only, reset=reset)
-        now, rtts, sends = t, [], []
-        failed: tuple[int, float] | None = None
-        leg_ends: list[float] = []
-        transfers: list = []
-        legs = [(UP_OVERHEAD // 2, DOWN_OVERHEAD // 2, spec.rtt_timeout_s, rtts)] * spec.round_trips
-        legs += [(spec.send_bytes + UP_OVERHEAD, DOWN_OVERHEAD, spec.send_timeout_s, sends)] * spec.sends
-        for nbytes, down, timeout_s, into in legs:
-            end = self._round_trip(now, nbytes, down, 0.0, None if sync else transfers)
-            if end - now > timeout_s:  # the leg times out: a censored sample (Gateway._measure)
-                now += timeout_s
-                failed = (spec.send_bytes if into is sends else 0, timeout_s * 1e3)
-                leg_ends.append(now)
-                break
-            into.append((end - now) * 1e3)
-            now = end
-            leg_ends.append(now)
-        if sync:
-            at = now if core_at is None else core_at
-            if failed is None:
-                self._at(at, self.core.probe_measured, spec, rtts, sends)
-            else:
-                self._at(at, self.core.probe_timed_out, spec, *failed)
-            self.core.probe_ended(at=at)
-            return now
-        self.st.counter += 1
-        probe_id = self.st.counter
-        self.bg = _Background(probe_id, leg_ends, transfers)
-        if failed is None:
-            self._later(now, self.core.probe_measured, spec, rtts, sends, probe_id=probe_id)
-        else:
-            self._later(now, self.core.probe_timed_out, spec, *failed, probe_id=probe_id)
-        self._later(now, self._background_done, probe_id=probe_id)
-        return now
 
     def warm_up(self, partitions: list[str]) -> None:
         """What the live engine's warm-up teaches the Gateway (through the initial link, before t = 0)."""
