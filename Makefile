@@ -1,6 +1,7 @@
 # Two set-up commands do everything on a fresh machine with Python 3.11:
 #   make demo   -- create .venv, install, run the end-to-end demo on a local Ray Serve tier
 #   make test   -- create .venv, install, run the test suite
+# and, for quick work: make test-fast (unit tests only, no Ray, under a minute).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -13,10 +14,11 @@ STAMP  := $(VENV)/.installed
 # --no-deps; `pip check` and importing tritonclient.grpc fail the build if a pin is
 # missing. Adds about 10 s and 150 MB to a fresh install.
 TRITON_VENV  := $(VENV)/triton
-TRITON_STAMP := $(TRITON_VENV)/.installed
 TRITON_PINS  := tritonclient==2.73.0 grpcio==1.85.3 protobuf==6.33.6 numpy==2.4.6 \
                 ml-dtypes==0.5.4 packaging==26.4 python-rapidjson==1.25 urllib3==2.8.0 \
                 typing_extensions==4.16.0
+# The stamp's name carries a digest of the pins: changing a pin rebuilds the env.
+TRITON_STAMP := $(TRITON_VENV)/.installed-$(shell echo '$(TRITON_PINS)' | sha256sum | cut -c1-12)
 
 .PHONY: demo test test-fast install triton-env proto clean
 
@@ -49,7 +51,7 @@ $(STAMP): pyproject.toml
 
 triton-env: $(TRITON_STAMP)
 
-$(TRITON_STAMP): Makefile
+$(TRITON_STAMP):
 	$(PYTHON) -m venv --clear $(TRITON_VENV)
 	$(TRITON_VENV)/bin/python -m pip install -q --no-deps $(TRITON_PINS)
 	$(TRITON_VENV)/bin/python -m pip check
