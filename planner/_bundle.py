@@ -380,6 +380,7 @@ class PlanBundle:
         self._constraints = Constraints()
         self.decision_tables: list[DecisionTable] = []
         self._costs_cache: dict[tuple, dict[str, dict[str, Any]]] = {}
+        self._entry_dicts: dict[tuple[int, str], dict[str, Any]] = {}
         self._skeleton: onnx.ModelProto | None = None
         prof_rel, table_rel = manifest.get("profile"), manifest.get("decision_table")
         if prof_rel and table_rel:
@@ -487,14 +488,14 @@ class PlanBundle:
         key = tuple((k, tuple(int(d) for d in shapes[k])) for k in sorted(shapes))
         cached = self._costs_cache.get(key)
         if cached is None:
-            cached = {pid: e.to_dict() for pid, e in self._costs_at(buckets, {k: v for k, v in key}).items()}
+            cached = self._costs_at(buckets, {k: v for k, v in key})
             if len(self._costs_cache) >= 256:
                 self._costs_cache.pop(next(iter(self._costs_cache)))
             self._costs_cache[key] = cached
         return {pid: dict(e) for pid, e in cached.items()}
 
-    def _costs_at(self, buckets: list[BucketProfile], shapes: dict[str, tuple[int, ...]]) -> dict[str, PartitionProfile]:
-        """Figures for a request of ``shapes``: the nearest bucket's (by input
+    def _costs_at(self, buckets: list[BucketProfile], shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, Any]]:
+        """Entries for a request of ``shapes``: the nearest bucket's (by input
         elements, on a log scale), times scaled by the size ratio, bytes the
         request's own (shape inference of the model at those shapes)."""
         import math
@@ -509,7 +510,7 @@ class PlanBundle:
         nbytes = self._tensor_nbytes(shapes)
         outs = [o.name for o in self.outputs]
         down = sum(nbytes[t] for t in outs) if all(t in nbytes for t in outs) else None
-        out: dict[str, PartitionProfile] = {}
+        out: dict[str, dict[str, Any]] = {}
         for pid in self.candidates:
             entry = buckets[i].partitions[pid]
             part = self.partitions[pid]
@@ -523,9 +524,18 @@ class PlanBundle:
             down_bytes = entry.down_bytes
             if part.kind != "device":
                 down_bytes = down if down is not None else int(round(entry.down_bytes * scale))
-            out[pid] = replace(entry, device_ms=entry.device_ms * scale, cloud_ms=entry.cloud_ms * scale,
-                               up_bytes=up, down_bytes=down_bytes, bucket=i, scale=scale)
+            out[pid] = {**self._entry_dict(i, pid, entry), "device_ms": entry.device_ms * scale,
+                        "cloud_ms": entry.cloud_ms * scale, "up_bytes": up, "down_bytes": down_bytes,
+                        "bucket": i, "scale": scale}
         return out
+
+    def _entry_dict(self, bucket: int, pid: str, entry: PartitionProfile) -> dict[str, Any]:
+        """``entry.to_dict()``, made once per bucket and partition (costs at new shapes copy it)."""
+        key = (bucket, pid)
+        d = self._entry_dicts.get(key)
+        if d is None:
+            d = self._entry_dicts[key] = entry.to_dict()
+        return d
 
     def _tensor_nbytes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
         """Bytes of the model's tensors at ``shapes``, from shape inference of a

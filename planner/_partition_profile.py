@@ -298,7 +298,7 @@ class BucketProfile:
             elements=None if d.get("elements") is None else int(d["elements"]),
             from_sample=None if d.get("from_sample") is None else bool(d["from_sample"]),
             model_ms=None if d.get("model_ms") is None else dict(d["model_ms"]),
-            node_ms=None if d.get("node_ms") is None else _node_ms(d["node_ms"]),
+            node_ms=d.get("node_ms"),  # per-node times: read as they are (large, never changed in place)
             extra={k: v for k, v in d.items() if k not in known},
         )
 
@@ -418,7 +418,7 @@ class Profile:
             estimate_error=d.get("estimate_error"),
             graph=d.get("graph"),
             encodings=d.get("encodings"),
-            node_ms=None if d.get("node_ms") is None else _node_ms(d["node_ms"]),
+            node_ms=d.get("node_ms"),
             planning_ms=d.get("planning_ms"),
             extra={k: v for k, v in d.items() if k not in _PROFILE_KEYS},
         )
