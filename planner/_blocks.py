@@ -1,7 +1,7 @@
 """Grouping a model by dominators: the blocks between articulation segments.
 
 The partition problem of :mod:`splitgate.planner._mincut` lives on the DAG of *segments*
-(maximal chains of units, see :class:`splitgate.planner.CutProblem`), between a virtual
+(maximal chains of units, see :class:`splitgate.planner._mincut.CutProblem`), between a virtual
 source (the graph inputs) and a virtual sink (the graph outputs). A segment
 that lies on every source-sink path — it dominates the sink and post-dominates
 the source, like the nodes :func:`splitgate.planner.chain_cuts` finds — is an

@@ -358,6 +358,12 @@ class PlanBundle:
     Attributes:
         root: the bundle directory.
         manifest: the parsed ``manifest.json``.
+        partitions: partition id -> :class:`Partition`, ordered cloud, splits, device.
+        profile: ``profile.json`` as read (a dict; None without a profile).
+        plan_profile: the same document typed (:class:`~splitgate.planner.Profile`:
+            :class:`~splitgate.planner.PartitionProfile` per partition and shape bucket).
+        decision_table: the main bucket's decision table (None without a profile).
+        decision_tables: one decision table per shape bucket.
     """
 
     def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
