@@ -113,7 +113,7 @@ class _Background:
 
 
 class _Sim:
-    """One policy over one trace replay: the world, and the decision core that drives the edge."""
+    """One policy over one trace replay: the simulated world, driving the Gateway's decision core."""
 
     def __init__(self, spec: ExperimentSpec, bundle: PlanBundle, trace: Trace, policy: str, rng: random.Random):
         self.spec, self.bundle, self.trace, self.policy, self.rng = spec, bundle, trace, policy, rng

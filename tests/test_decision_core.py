@@ -300,38 +300,38 @@ def _recording(log: list, clock: FakeClock | None = None) -> type[DecisionCore]:
     """A DecisionCore that notes every decision it hands out, with the time."""
 
     class Recording(DecisionCore):
-        def __init__(self, config=None, *, clock=None) -> None:  # noqa: ANN001 - as DecisionCore
+        def __init__(self, config=None, *, clock=None) -> None:
             super().__init__(config, clock=clock)
 
         def _note(self, *what: object) -> None:
             log.append((round(self.clock(), 3), *what))
 
-        def probes_before(self, *a, **k):  # noqa: ANN002, ANN003
+        def probes_before(self, *a, **k):
             plan = super().probes_before(*a, **k)
             self._note("probes", plan.sync, plan.background, plan.reset)
             return plan
 
-        def choose(self, *a, **k):  # noqa: ANN002, ANN003
+        def choose(self, *a, **k):
             decision = super().choose(*a, **k)
             self._note("choose", decision.partition, round(decision.device_factor, 2))
             return decision
 
-        def cloud_call(self, *a, **k):  # noqa: ANN002, ANN003
+        def cloud_call(self, *a, **k):
             call = super().cloud_call(*a, **k)
             self._note("hedge_after", call.partition, round(call.hedge_after_s, 3))
             return call
 
-        def call_late(self, *a, **k):  # noqa: ANN002, ANN003
+        def call_late(self, *a, **k):
             learned = super().call_late(*a, **k)
             self._note("late", learned)
             return learned
 
-        def network_changed(self):  # noqa: ANN201
+        def network_changed(self):
             change = super().network_changed()
             self._note("network_changed", change.abandon_probe, change.probe)
             return change
 
-        def device_probe_due(self, *a, **k):  # noqa: ANN002, ANN003
+        def device_probe_due(self, *a, **k):
             pid = super().device_probe_due(*a, **k)
             if pid is not None:
                 self._note("device_probe", pid)
@@ -361,7 +361,7 @@ class _CloudFuture(Future):
 class _SimCloud:
     """The cloud tier behind the analytic engine's simulated link (the same world model)."""
 
-    def __init__(self, world, sim: _SimTime) -> None:  # noqa: ANN001 - an analytic _Sim
+    def __init__(self, world, sim: _SimTime) -> None:  # (world: an analytic _Sim)
         self.world, self.sim = world, sim
 
     def _round_trip(self, up: int, down: int, timeout_s: float) -> None:
@@ -399,7 +399,7 @@ class _SimPool:
     def __init__(self, sim: _SimTime, cloud: _SimCloud) -> None:
         self.sim, self.cloud = sim, cloud
 
-    def submit(self, fn, *args: Any, **kwargs: Any) -> Future:  # noqa: ANN001
+    def submit(self, fn, *args: Any, **kwargs: Any) -> Future:
         if getattr(fn, "__self__", None) is self.cloud:
             return self.cloud.call(kwargs["partition"])
         return self.sim.spawn(fn, *args, **kwargs)
