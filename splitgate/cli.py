@@ -18,7 +18,7 @@ __all__ = ["main"]
 def _cmd_demo(args: argparse.Namespace) -> int:
     from splitgate._demo import run_demo
 
-    return run_demo(model=args.model, requests=args.requests, workdir=args.workdir)
+    return run_demo(model=args.model, requests=args.requests, workdir=args.workdir, device_factor=args.device_factor)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -232,9 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run a zoo model at device-only, cloud-only and a middle split")
-    demo.add_argument("--model", default="mobilenet", help="zoo model to demo (default: mobilenet)")
-    demo.add_argument("--requests", type=int, default=10, help="timed requests per partition")
+    demo = sub.add_parser(
+        "demo", help="a Pi-class device on a link stepping WiFi -> 4G -> 3G -> outage -> WiFi: "
+        "the policy's pick vs device-only and cloud-only, on a local Ray Serve tier",
+    )
+    demo.add_argument("--model", default="resnet18_224", help="zoo model to demo (default: resnet18_224)")
+    demo.add_argument("--requests", type=int, default=3, help="requests per link phase, each run in all three modes")
+    demo.add_argument("--device-factor", type=float, default=30.0,
+                      help="the emulated device is this many times slower than this machine (default 30)")
     demo.add_argument("--workdir", default=None, help="keep models and bundles here (default: a temp dir)")
     demo.set_defaults(func=_cmd_demo)
 
