@@ -1,11 +1,12 @@
 """Dynamic batching rules (cloud._batch): which requests share a run, and that
 splitting a batched run gives each request exactly its own rows. Pure numpy +
-onnxruntime, no Ray."""
+onnxruntime, no Ray (except the drain queue's test: ``cloud._app`` imports Ray Serve)."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from splitgate.cloud._batch import Item, group_batches, run_group
@@ -92,6 +93,7 @@ def test_graph_mixing_rows_falls_back_to_single_runs() -> None:
         np.testing.assert_allclose(y, sess.run(["y"], {"x": x})[0], rtol=1e-6)
 
 
+@pytest.mark.integration  # cloud._app imports Ray Serve (seconds); `make test-fast` leaves it out
 def test_drain_queue_batches_what_queued_while_busy_and_answers_each() -> None:
     """The replica's drain batcher: a compute thread that was busy takes every
     request queued meanwhile as one batch; each caller gets its own result, and

@@ -23,6 +23,7 @@ def test_config_file_and_overrides(tmp_path) -> None:
     assert CloudConfig.from_dict({"bundles": "x,y"}).bundles == ["x", "y"]
 
 
+@pytest.mark.integration  # imports Ray Serve (seconds); `make test-fast` leaves it out
 def test_serve_config_builds_the_app(zoo_bundle, monkeypatch) -> None:
     pytest.importorskip("ray")
     from splitgate.cloud.app import build

@@ -390,6 +390,7 @@ def test_baseline_answers_invalid_argument_naming_the_node_and_serves_on(bundles
             assert stub.ModelInfer(_cloud_request("reshaper", cut, "scaled", GOOD), timeout=30).outputs
 
 
+@pytest.mark.integration  # imports Ray Serve (seconds); `make test-fast` leaves it out
 def test_ray_app_batch_path_isolates_the_failing_request(bundles) -> None:
     """The deployment's drain worker (``_work``, the default batcher), called
     without Ray: a batch that fails only because it is a batch is rerun singly
