@@ -22,7 +22,9 @@ from splitgate.security import (
     generate_dev_certs,
     is_loopback,
     open_channel,
+    raw_input_leaks,
     secure_server_port,
+    token_digest,
 )
 
 TOKEN = "s3cret-token"
@@ -68,6 +70,62 @@ def test_loopback_rule() -> None:
         secure_server_port(server, "0.0.0.0:0", tls=None)
     with pytest.raises(ConfigError, match="insecure"):
         CloudClient("203.0.113.7:9000")
+
+
+# What `from splitgate.security import ...` offered before the module became a package.
+PUBLIC_NAMES = {
+    "TlsConfig", "TokenCheck", "AuthInterceptor", "TlsFront", "AUTH_METADATA_KEY", "auth_metadata",
+    "token_digest", "server_credentials", "channel_credentials", "open_channel", "is_loopback",
+    "is_local_address", "generate_dev_certs", "add_inference_servicer", "secure_server_port",
+    "raw_input_leaks", "malformed_message",
+}
+
+
+def test_public_names_and_the_servicer_path_serve_deploy_uses(repo_root: Path) -> None:
+    import importlib
+
+    import yaml
+
+    import splitgate.security as security
+
+    assert set(security.__all__) == PUBLIC_NAMES
+    assert [n for n in sorted(PUBLIC_NAMES) if not hasattr(security, n)] == []
+    homes = {getattr(security, n).__module__ for n in PUBLIC_NAMES if callable(getattr(security, n))}
+    assert all(home.startswith("splitgate.security._") for home in homes), homes  # defined in private modules
+    config = yaml.safe_load((repo_root / "cloud" / "serve_config.yaml").read_text())
+    for dotted in config["grpc_options"]["grpc_servicer_functions"]:
+        module, _, attr = dotted.rpartition(".")
+        assert getattr(importlib.import_module(module), attr) is security.add_inference_servicer, dotted
+
+
+def test_tokens_are_checked_by_digest_and_refused_with_a_reason() -> None:
+    check = TokenCheck(tokens=[TOKEN], digests=[token_digest("other").upper()])
+    check.check(auth_metadata(TOKEN))
+    check.check([("Authorization", b"bearer other")])  # any case, bytes metadata
+    assert TOKEN not in "".join(check.digests)
+    for metadata, reason in (((), "missing"), ([("authorization", f"Basic {TOKEN}")], "malformed"),
+                             (auth_metadata("wrong"), "bad credentials")):
+        with pytest.raises(Unauthenticated, match=reason):
+            check.check(metadata)
+    with pytest.raises(ConfigError, match="at least one token"):
+        TokenCheck()
+
+
+def test_dev_certs_without_cryptography_name_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cryptography", None)  # import cryptography -> ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'splitgate\[security\]'"):
+        generate_dev_certs(tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_raw_input_leaks_finds_verbatim_copies_only() -> None:
+    x = np.arange(64, dtype=np.float32).reshape(1, 4, 4, 4)
+    tiny = np.zeros(2, dtype=np.float32)  # 8 bytes: too short to mean anything
+    cut = {"copy": x.reshape(1, -1), "inside": np.concatenate([x.ravel(), x.ravel() + 1]), "transposed": x.T,
+           "other": x * 2, "zeros": np.zeros(8, dtype=np.float32)}
+    assert raw_input_leaks({"x": x, "t": tiny}, cut) == ["copy", "inside"]
 
 
 def test_baseline_tls_mutual_tls_and_tokens(zoo_bundle, certs, other_ca) -> None:
