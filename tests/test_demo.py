@@ -7,6 +7,7 @@ must not touch the session's shared tier in this process (``conftest.cloud_tier`
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -30,10 +31,15 @@ def _ray_processes(gcs_address: str) -> list[str]:
     return found
 
 
-def _gone(gcs_address: str, timeout_s: float = 15.0) -> list[str]:
-    """Wait for the cluster's processes to exit; return those still running."""
+def _descendants(pid: int) -> list[str]:
+    return [f"{p.pid}: {' '.join(p.cmdline())[:120]}" for p in psutil.Process(pid).children(recursive=True)]
+
+
+def _gone(gcs_address: str, child_pid: int, timeout_s: float = 15.0) -> list[str]:
+    """Wait for the cluster's processes (by address, and the child's own
+    descendants) to exit; return those still running."""
     deadline = time.monotonic() + timeout_s
-    while (left := _ray_processes(gcs_address)) and time.monotonic() < deadline:
+    while (left := _ray_processes(gcs_address) + _descendants(child_pid)) and time.monotonic() < deadline:
         time.sleep(0.5)
     return left
 
@@ -46,8 +52,9 @@ def test_demo_shows_the_policy_follow_the_link_and_stops_everything(tmp_path) ->
         report = child.submit(run_link_demo, settings).result(timeout=240)
         # The child is still alive here: its Ray must be gone because the demo stopped it,
         # not because the child exited.
+        child_pid = child.submit(os.getpid).result()
         assert report.ray_gcs_address, "the demo did not record the Ray it started"
-        left = _gone(report.ray_gcs_address)
+        left = _gone(report.ray_gcs_address, child_pid)
     assert not left, "Ray processes outlived the demo:\n" + "\n".join(left)
     assert report.stopped and all(report.stopped.values()), report.stopped
 
