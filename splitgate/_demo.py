@@ -101,12 +101,25 @@ class DemoSettings:
 
 @dataclass
 class ModeStats:
-    """One mode's requests in one phase."""
+    """One mode's requests in one phase.
+
+    Attributes:
+        latencies_ms: each request's wall time.
+        partitions: how often each partition ran (a ``breaker-open`` fallback
+            counts as ``device``, where it ran).
+        fallbacks: how often each fallback reason occurred.
+        bytes_sent: cut or input bytes the cloud received.
+        local: requests whose outputs were computed on the device (the
+            ``device`` partition, or a fallback).
+        matched: requests whose outputs matched the full model.
+        lossy: requests judged by top-1 agreement (a lossy-encoded cut).
+    """
 
     latencies_ms: list[float] = field(default_factory=list)
     partitions: Counter[str] = field(default_factory=Counter)
     fallbacks: Counter[str] = field(default_factory=Counter)
     bytes_sent: int = 0
+    local: int = 0
     matched: int = 0
     lossy: int = 0
 
@@ -117,11 +130,6 @@ class ModeStats:
     @property
     def mean_ms(self) -> float:
         return statistics.fmean(self.latencies_ms) if self.latencies_ms else float("nan")
-
-    @property
-    def local(self) -> int:
-        """Requests whose outputs were computed on the device (device-only, or a fallback)."""
-        return self.partitions.get("device", 0) + sum(self.fallbacks.values())
 
     def ran(self) -> str:
         """``cut-11@int8 ×2, cloud ×1``: what ran, most used first."""
@@ -524,6 +532,7 @@ def _record(stats: ModeStats, bundle: PlanBundle, result: Result, want: dict[str
     stats.partitions[tr.partition] += 1
     if tr.fallback:
         stats.fallbacks[tr.fallback] += 1
+    stats.local += tr.partition == "device" or bool(tr.fallback)
     stats.bytes_sent += tr.bytes_sent
     encoding = bundle.partition(tr.partition).wire_encoding
     # A fallback finishes on the device from the raw cut tensors: no encoding loss.
