@@ -381,6 +381,8 @@ def _serve_and_run(settings: DemoSettings, bundle: PlanBundle, report: DemoRepor
                 )
             )
         console.print(_summary_table(report))
+        if legend := _fallback_legend(report):
+            console.print(legend)
     finally:
         _stop_all(cloud, proxy, gateways, report, console)
 
@@ -582,7 +584,7 @@ def _summary_table(report: DemoReport) -> Table:
         ("device-only", "right"), ("cloud-only", "right"), ("cloud-only fallbacks", "left"),
         ("KB sent adaptive / cloud-only", "right"), ("outputs match", "right"),
     ):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+        table.add_column(col, justify=justify, no_wrap=col in ("phase", "uplink, RTT"))  # type: ignore[arg-type]
     for phase in report.phases:
         a, d, c = (phase.modes[m] for m in MODES)
         best = min(a.mean_ms, d.mean_ms, c.mean_ms)
@@ -598,6 +600,21 @@ def _summary_table(report: DemoReport) -> Table:
             + (f" ({lossy} by top-1)" if lossy else ""),
         )
     return table
+
+
+#: What each fallback reason means, for the legend under the table.
+FALLBACK_MEANING = {
+    "hedged": "the cloud call was late, so the device ran the rest of the model and answered",
+    "breaker-open": "the circuit breaker had opened after failed calls: the device ran it without trying the cloud",
+    "deadline_exceeded": "the cloud call ran out of time: the device ran the rest",
+    "unavailable": "the cloud was unreachable: the device ran the rest",
+}
+
+
+def _fallback_legend(report: DemoReport) -> str:
+    """One line per fallback reason that occurred (none: empty)."""
+    seen = sorted({why for p in report.phases for s in p.modes.values() for why in s.fallbacks})
+    return "\n".join(f"fallback {why}: {FALLBACK_MEANING.get(why, 'the device finished the request')}" for why in seen)
 
 
 def _fallbacks(stats: ModeStats) -> str:

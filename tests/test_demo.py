@@ -71,6 +71,24 @@ def test_the_report_is_ok_only_when_the_policy_moved_outputs_matched_and_all_sto
     assert ModeStats().count == 0
 
 
+def test_the_summary_names_what_ran_the_fallbacks_and_the_verdict() -> None:
+    from rich.console import Console
+
+    from splitgate._demo import _conclusion, _fallback_legend, _summary_table
+
+    outage = _phase("outage", "device")
+    outage.outage = True
+    outage.modes["cloud-only"].fallbacks["hedged"] += 1
+    report = DemoReport("m", 30.0, phases=[_phase("wifi", "cloud"), outage], stopped={"x": True})
+    console = Console(record=True, width=200)
+    console.print(_summary_table(report))
+    console.print(_conclusion(report, 12.0))
+    text = console.export_text()
+    assert "cloud ×1" in text and "hedged ×1" in text and "outage: nothing passes" in text
+    assert "wifi: cloud -> outage: device" in text and "shown" in text and "not shown" not in text
+    assert _fallback_legend(report).startswith("fallback hedged: the cloud call was late")
+
+
 def test_bad_settings_are_refused_before_anything_starts(tmp_path) -> None:
     with pytest.raises(InvalidArgument, match="requests per phase"):
         run_link_demo(DemoSettings(requests=0, workdir=str(tmp_path)))
