@@ -20,14 +20,22 @@ TRITON_PINS  := tritonclient==2.73.0 grpcio==1.85.3 protobuf==6.33.6 numpy==2.4.
 # The stamp's name carries a digest of the pins: changing a pin rebuilds the env.
 TRITON_STAMP := $(TRITON_VENV)/.installed-$(shell echo '$(TRITON_PINS)' | sha256sum | cut -c1-12)
 
-.PHONY: demo test test-fast install triton-env proto clean
+# What a device has: a virtualenv holding only `pip install .` (no extras: no torch, no
+# Ray), for tests/test_device_profile.py (`splitgate profile` runs there). Made here,
+# never at test time; rebuilt when the package's sources change.
+DEVICE_VENV    := $(VENV)/device
+DEVICE_SOURCES := pyproject.toml $(shell find splitgate planner edge cloud netsim experiments loadtests \
+                    -name '*.py' -o -name '*.yaml' -o -name '*.log' 2>/dev/null)
+DEVICE_STAMP   := $(DEVICE_VENV)/.installed
+
+.PHONY: demo test test-fast install triton-env device-env proto clean
 
 demo: $(STAMP)
 	$(BIN)/splitgate demo
 
 # The lint rule first (only `splitgate` is a top-level import name), then the suite.
 # pytest exits 5 when it collects no test; treat that as a failure to find tests, loudly.
-test: $(STAMP) $(TRITON_STAMP)
+test: $(STAMP) $(TRITON_STAMP) $(DEVICE_STAMP)
 	$(BIN)/ruff check --select TID251 .
 	$(BIN)/python -m pytest -q ; rc=$$? ; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi ; exit $$rc
@@ -48,6 +56,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
+
+device-env: $(DEVICE_STAMP)
+
+$(DEVICE_STAMP): $(DEVICE_SOURCES)
+	$(PYTHON) -m venv --clear $(DEVICE_VENV)
+	$(DEVICE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(DEVICE_VENV)/bin/python -m pip install -q .
+	touch $(DEVICE_STAMP)
 
 triton-env: $(TRITON_STAMP)
 

@@ -199,4 +199,10 @@ def test_costs_use_the_requests_own_bytes_and_the_nearest_bucket_scaled(crnn_bun
     # the choice for the large request is made on its own figures
     c = Conditions(uplink_mbps=5.0, rtt_ms=20.0)
     assert crnn_bundle.estimate("cloud", c, costs=four).transfer_ms > crnn_bundle.estimate("cloud", c, costs=planned).transfer_ms
-    assert crnn_bundle.choose(c, costs=four) in crnn_bundle.candidates
+    # ... and follows them: the argmin of the given entries (full battery: latency), whatever they say
+    best = min(crnn_bundle.candidates, key=lambda pid: crnn_bundle.estimate(pid, c, costs=four).latency_ms)
+    assert crnn_bundle.choose(c, costs=four) == best
+    slow_device = {pid: {**e, "device_ms": e["device_ms"] * 1e4} for pid, e in four.items()}
+    assert crnn_bundle.choose(c, costs=slow_device) == "cloud"
+    huge_upload = {pid: {**e, "up_bytes": e["up_bytes"] * 10**6} for pid, e in four.items()}
+    assert crnn_bundle.choose(c, costs=huge_upload) == "device"
