@@ -107,14 +107,9 @@ def load_calibration(
     if source is None:
         reqs = [dummy_inputs(list(inputs), dynamic=batch, seed=10_000 + i) for i in range(max(1, samples))]
         return Calibration(reqs, "random", len(reqs) * batch)
-    label = "arrays"
-    if not isinstance(source, Mapping):
-        label = os.fspath(source)
-        try:
-            with np.load(label, allow_pickle=False) as npz:
-                source = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError) as exc:
-            raise InvalidArgument(f"cannot read calibration inputs {label}: {exc}") from exc
+    from splitgate.planner._shapes import read_arrays
+
+    source, label = read_arrays(source, "calibration inputs")
     missing = [s.name for s in inputs if s.name not in source]
     if missing:
         raise InvalidArgument(f"calibration inputs lack {missing} (have {sorted(source)})")

@@ -137,12 +137,10 @@ def plan_digest(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: Path) -> str:
+    """sha256 hex of a file's bytes (read in blocks)."""
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _weights_bytes(model: onnx.ModelProto) -> int:
@@ -249,7 +247,7 @@ def build_bundle(
     opts.validate()
 
     report("load model", 0, 1)
-    model_sha = _sha256_file(src)
+    model_sha = sha256_file(src)
     g = ModelGraph.load(src)
     if not g.order:
         raise InvalidArgument(f"{src}: the model has no nodes")
@@ -311,7 +309,7 @@ def build_bundle(
                 path.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n", encoding="utf-8")
                 written.append(path)
                 extra[key] = rel_name
-        files = {p.relative_to(tmp).as_posix(): _sha256_file(p) for p in written}
+        files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in written}
         manifest: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "model_name": name,
@@ -683,7 +681,7 @@ class PlanBundle:
             target = cls._resolve(base, rel)
             if not target.is_file():
                 raise BundleError(f"{rel}: file missing from bundle {base}")
-            if verify and _sha256_file(target) != digest:
+            if verify and sha256_file(target) != digest:
                 raise BundleError(f"{rel}: sha256 mismatch in bundle {base} (file modified or corrupted)")
         bundle = cls(base, manifest)
         for part in bundle.partitions.values():

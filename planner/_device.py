@@ -520,14 +520,6 @@ def load_device_profile(source: DeviceProfile | str | os.PathLike[str]) -> Devic
 # -- measuring ---------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _is_bundle(path: Path) -> bool:
     return path.is_dir() and (path / "manifest.json").is_file()
 
@@ -635,7 +627,9 @@ def measure_device(
         name, sha, digest = bundle.model_name, bundle.model_sha256, bundle.plan_digest
     elif src.is_file():
         g = ModelGraph.load(src)
-        name, sha, digest = src.stem, _sha256_file(src), None
+        from splitgate.planner._bundle import sha256_file
+
+        name, sha, digest = src.stem, sha256_file(src), None
     else:
         raise InvalidArgument(f"{src}: no such ONNX file or plan bundle")
     if not g.order:

@@ -29,7 +29,6 @@ in the bundle, so a refit chooses among those the plan kept.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -42,7 +41,7 @@ from typing import Any
 
 import onnx
 
-from splitgate.planner._bundle import MANIFEST, PlanBundle, _replace_dir, plan_digest
+from splitgate.planner._bundle import MANIFEST, PlanBundle, _replace_dir, plan_digest, sha256_file
 from splitgate.planner._decide import DecisionTable
 from splitgate.planner._device import DeviceProfile, load_device_profile
 from splitgate.planner._partition_profile import BucketProfile, PartitionProfile, Profile
@@ -55,12 +54,6 @@ Progress = Callable[[str, int, int], None]
 Shapes = Mapping[str, Any]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _PrefixNodes:
@@ -280,7 +273,7 @@ def _write(root: Path, bundle: PlanBundle, manifest: dict[str, Any], profile: di
             path = PlanBundle._resolve(tmp, rel)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-            manifest["files"][rel] = _sha256(path)
+            manifest["files"][rel] = sha256_file(path)
         manifest["device"] = record
         digest = plan_digest(manifest)
         if digest != bundle.plan_digest:

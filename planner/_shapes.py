@@ -125,6 +125,22 @@ def declared_dims(model: onnx.ModelProto) -> dict[str, list[Dim]]:
     return out
 
 
+def read_arrays(source: str | os.PathLike[str] | Mapping[str, Any], what: str) -> tuple[Mapping[str, Any], str]:
+    """Name -> array from an ``.npz`` file (or a mapping, as is), and a label for messages.
+
+    Raises:
+        InvalidArgument: the file cannot be read as ``.npz`` (``what`` names it).
+    """
+    if isinstance(source, Mapping):
+        return source, "arrays"
+    label = os.fspath(source)
+    try:
+        with np.load(label, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}, label
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"cannot read {what} {label}: {exc}") from exc
+
+
 def load_samples(source: str | os.PathLike[str] | Mapping[str, Any], inputs: Sequence[Any]) -> list[dict[str, np.ndarray]]:
     """Real requests from an ``.npz`` (or a mapping): one array per model input,
     samples on axis 0.
@@ -146,14 +162,7 @@ def load_samples(source: str | os.PathLike[str] | Mapping[str, Any], inputs: Seq
     """
     from splitgate.codec import numpy_dtype
 
-    label = "samples"
-    if not isinstance(source, Mapping):
-        label = os.fspath(source)
-        try:
-            with np.load(label, allow_pickle=False) as npz:
-                source = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError) as exc:
-            raise InvalidArgument(f"cannot read samples {label}: {exc}") from exc
+    source, label = read_arrays(source, "samples")
     missing = [s.name for s in inputs if s.name not in source]
     if missing:
         raise InvalidArgument(f"samples {label} lack input(s) {missing} (have {sorted(source)})")
