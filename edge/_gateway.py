@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -585,8 +585,20 @@ class _Core:
             # is at least that slow; the call finishes in the background and
             # teaches the monitors.
             self.decisions.call_late(call, part.cut_bytes)
-            future.add_done_callback(lambda f: None if f.exception() else self._late(f.result()))
+            future.add_done_callback(self._late_done)
         return None, local.result()
+
+    def _late_done(self, future: Future) -> None:
+        """A hedged call finished in the background: its reply teaches the monitors;
+        its failure still tells the breaker (a half-open breaker whose trial call was
+        hedged would otherwise wait for an outcome forever)."""
+        exc = future.exception()
+        if exc is None:
+            self._late(future.result())
+        elif is_peer_failure(exc):
+            self.breaker.record_failure()
+        else:
+            self.breaker.record_success()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -196,6 +196,10 @@ class LinkMonitor:
     ) -> None:
         self._updated = self._clock()
         sample, ewma = self._bandwidth_sample(bytes_sent, bytes_received, network_ms)
+        if ewma is not None and network_ms <= (self._rtt.value or 0.0):
+            # Faster than one round trip: the RTT estimate is stale, and the
+            # "transfer time" left is noise (a floor of 0.05 ms made 5 GB/s of it).
+            return
         if ewma is None:
             rtt = self._rtt_sample(bytes_sent, bytes_received, network_ms)
             self._rtt.add(rtt, confirmed=confirmed, suspect=shared)

@@ -357,3 +357,35 @@ def test_calibration_reset_forgets_the_old_network() -> None:
     assert cal.factor() > 1.3
     cal.reset()
     assert cal.factor() == 1.0
+
+
+def test_a_call_faster_than_one_round_trip_teaches_no_bandwidth() -> None:
+    link = LinkMonitor()
+    link.observe_probe([100.0, 100.0], 64_000, [150.0, 150.0])  # RTT 100 ms, 64 KB in 50 ms
+    before = link.estimate().uplink_mbps
+    for _ in range(3):  # under the RTT: the RTT is stale, the 'transfer' is noise (not a step up)
+        link.observe(64_000, 0, 90.0)
+    assert link.estimate().uplink_mbps == before
+
+
+def test_a_hedged_trial_call_that_fails_later_still_reaches_the_breaker() -> None:
+    """A half-open breaker lets one call through; if that call is hedged and fails
+    in the background, the breaker must hear of it, or it stays half-open forever."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from splitgate.edge._gateway import _Core
+    from splitgate.errors import Unavailable
+
+    now = [0.0]
+    breaker = CircuitBreaker(1, 1.0, clock=lambda: now[0])
+    breaker.record_failure()
+    now[0] = 2.0
+    assert breaker.allow() and breaker.state == "half-open"  # the trial call goes out ...
+    core = SimpleNamespace(breaker=breaker, _late=lambda reply: None)
+    failed: Future = Future()
+    failed.set_exception(Unavailable("replica died"))
+    _Core._late_done(core, failed)  # ... is hedged, then fails in the background
+    assert breaker.state == "open"
+    now[0] = 4.0
+    assert breaker.allow()  # a new trial after the reset time, not stuck
