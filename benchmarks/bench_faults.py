@@ -388,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="splitgate-faults-"))
     model = export_zoo_model("mobilenet", work / "mobilenet.onnx", seed=0)
     bundle = build_bundle(model, work / "mobilenet.bundle")
-    stale = build_bundle(model, work / "mobilenet-old.bundle", profile=False)
+    # another plan (other partitions): a profile alone would not change the plan digest
+    stale = build_bundle(model, work / "mobilenet-old.bundle", profile=False, candidates="chain")
     with start_local(CloudConfig(bundles=[str(bundle.root)], grpc_port=0)) as tier:
         tallies = run_all(tier, bundle, stale, args.requests, work, tuple(args.only))
     rows = [asdict(t) for t in tallies]

@@ -144,8 +144,10 @@ def main() -> int:
         zoo = ["mobilenet", "resnet18", "transformer", "lstm"]
         paths = {z: export_zoo_model(z, work / f"{z}.onnx") for z in zoo}
         reps = {"repeats": 5, "warmup": 2} if args.quick else {"repeats": 20, "warmup": 3}
+        # the sequence models' dynamic `seq` axis needs a size (their export example's)
+        shapes = {"transformer": ["tokens=1x12"], "lstm": ["input=1x8x16"]}
         for z in zoo:
-            out["estimate_error"].append(bench_estimates(paths[z], work, **reps))
+            out["estimate_error"].append(bench_estimates(paths[z], work, input_shapes=shapes.get(z), **reps))
         out["estimate_error"].append(bench_estimates(light / "light_squeezenet.onnx", work, **reps))
         for z in ("mobilenet", "resnet18"):
             row = {"model": z}
