@@ -375,7 +375,14 @@ def faults(results: Path) -> str:
                      f"**{s['wrong']}**", f"**{s['lost']}**", _num(s["seconds"]), _fault_note(s.get("note", ""))])
     table = _table(["scenario", "sent", "answered", "by cloud", "fell back (reasons)", "failed", "wrong", "lost",
                     "run s", "note"], rows)
-    return f"{table}\n\n{data['requests_per_scenario']} requests per scenario.\n{_source('faults.json')}"
+    measured = [
+        f"`{s['scenario']}`: open breaker / device-only, median of {m['pairs']} paired ratios "
+        f"**{_num(m['median_ratio'], 3)}** (bar <= {_num(m['bar'])}; medians {_num(m['median_open_breaker_ms'])} ms / "
+        f"{_num(m['median_device_only_ms'])} ms)."
+        for s in data["scenarios"] if (m := s.get("measured"))
+    ]
+    extra = "\n\n" + "\n".join(measured) if measured else ""
+    return f"{table}{extra}\n\n{data['requests_per_scenario']} requests per scenario.\n{_source('faults.json')}"
 
 
 def fuzz(results: Path) -> str:

@@ -35,7 +35,15 @@ from splitgate.edge._monitor import BatteryMonitor, LinkMonitor
 from splitgate.edge._sessions import RunSite, SessionCache
 from splitgate.edge.config import GatewayConfig
 from splitgate.planner import Conditions, Partition, PlanBundle
-from splitgate.errors import BundleError, InvalidArgument, ModelRunError, NotFound, SplitgateError, is_peer_failure
+from splitgate.errors import (
+    BundleError,
+    FailedPrecondition,
+    InvalidArgument,
+    ModelRunError,
+    NotFound,
+    SplitgateError,
+    is_peer_failure,
+)
 from splitgate.security import TlsConfig, raw_input_leaks
 from splitgate.validate import Limits, validate_inputs
 from splitgate import contract
@@ -114,6 +122,11 @@ class _Core:
         self.config = config
         self.bundles: dict[str, PlanBundle] = {}
         self.refused: dict[str, dict[str, str]] = {}
+        # model -> monotonic time until which its cloud calls are not tried: the
+        # cloud refused its plan (stale digest) or model, and a refusal is not an
+        # outage (the breaker, shared by every model, stays closed), but asking
+        # again on every request would cost each a round trip to be refused.
+        self._cloud_refused: dict[str, float] = {}
         self.previous: dict[str, tuple[PlanBundle, dict[str, str]]] = {}  # for rollback_bundle
         self._swap_lock = threading.Lock()
         for b in bundles:
@@ -226,6 +239,7 @@ class _Core:
         (a refit from a device profile keeps the plan digest but not the planned times)."""
         if hasattr(self, "decisions"):  # (not while constructing)
             self.decisions.forget(model)
+            self._cloud_refused.pop(model, None)
 
     def bundle(self, model: str) -> PlanBundle:
         try:
@@ -276,6 +290,8 @@ class _Core:
             )
         if part.suffix_path is not None and not self.breaker.allow():
             return bundle.partition("device"), "breaker-open"
+        if part.suffix_path is not None and self._cloud_refused.get(model, 0.0) > time.monotonic():
+            return bundle.partition("device"), "cloud-refused"
         return part, None
 
     # -- probing --------------------------------------------------------------
@@ -540,6 +556,8 @@ class _Core:
             # The cloud answered: it is healthy, this request (or plan) was
             # refused. (Recording nothing would leave a half-open probe hanging.)
             self.breaker.record_success()
+            if isinstance(exc, (FailedPrecondition, NotFound)):  # this model's plan or name: back off it alone
+                self._cloud_refused[call.model] = time.monotonic() + self.config.breaker_reset_s
         self.decisions.call_failed(call)
 
     def _cloud_leg(

@@ -169,7 +169,9 @@ def test_stale_plan_falls_back_locally_never_wrong(cloud_tier, zoo_bundle, stale
     tally = bench_faults.stale_plan(cloud_tier, zoo_bundle, work, N, stale_bundle)
     _check(tally)
     assert tally.by_cloud == 0
-    assert set(tally.fallbacks) <= {"failed_precondition", "breaker-open"}, tally.fallbacks
+    assert set(tally.fallbacks) <= {"failed_precondition", "cloud-refused"}, tally.fallbacks
+    # a refusal backs this model off the cloud: not a round trip per request
+    assert tally.fallbacks.get("cloud-refused", 0) > tally.fallbacks.get("failed_precondition", 0), tally.fallbacks
 
 
 @pytest.mark.integration

@@ -16,6 +16,7 @@ from __future__ import annotations
 import pickle
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import grpc
@@ -459,15 +460,19 @@ def test_refusals_fall_back_locally_without_opening_the_breaker(bundles, cloud) 
     stale = bundles["stale"]
     stale_cut = _split_before_reshape(stale)
     want = np.tanh((3 * np.maximum(GOOD, 0)).reshape(2, 4) @ (np.arange(12, dtype=np.float32).reshape(4, 3) / 10))
-    with Gateway([bundles["lonely"], stale], cloud, hedge=False, breaker_failures=2) as gw:
-        for _ in range(4):
+    backoff_s = 0.5
+    with Gateway([bundles["lonely"], stale], cloud, hedge=False, breaker_failures=2, breaker_reset_s=backoff_s) as gw:
+        for k in range(4):
+            # the first refusal costs a round trip; then the model alone backs off the cloud
             r = gw.infer("lonely", {"x": BAD}, partition=lonely_cut)
-            assert r.trace.fallback == "not_found"
+            assert r.trace.fallback == ("not_found" if k == 0 else "cloud-refused")
             np.testing.assert_allclose(r.outputs["y"], np.tanh(3 * np.maximum(BAD, 0)), rtol=1e-6)
             r = gw.infer("reshaper", {"x": GOOD}, partition=stale_cut)
-            assert r.trace.fallback == "failed_precondition"
+            assert r.trace.fallback == ("failed_precondition" if k == 0 else "cloud-refused")
             np.testing.assert_allclose(r.outputs["y"], want, rtol=1e-5)
             assert gw.breaker_state == "closed"
+        time.sleep(backoff_s + 0.1)  # after the back-off the cloud is asked again
+        assert gw.infer("lonely", {"x": BAD}, partition=lonely_cut).trace.fallback == "not_found"
         # A stale plan whose suffix fails: the local suffix names itself.
         with pytest.raises(ModelRunError, match=rf"partition '{stale_cut}' \(suffix on the device\)"):
             gw.infer("reshaper", {"x": BAD}, partition=stale_cut)
