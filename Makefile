@@ -40,11 +40,12 @@ test: $(STAMP) $(TRITON_STAMP) $(DEVICE_STAMP)
 	$(BIN)/python -m pytest -q ; rc=$$? ; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi ; exit $$rc
 
-# The unit tests alone: no Ray Serve tier, no server subprocesses (under a minute).
+# The unit tests alone: no Ray Serve tier, no server subprocesses, no whole-model
+# sweeps (`slow`); under a minute.
 # Tests that need them carry the `integration` marker (pyproject.toml).
 test-fast: $(STAMP)
 	$(BIN)/ruff check --select TID251 .
-	$(BIN)/python -m pytest -q -m "not integration" ; rc=$$? ; \
+	$(BIN)/python -m pytest -q -m "not integration and not slow" ; rc=$$? ; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi ; exit $$rc
 
 install: $(STAMP)

@@ -27,7 +27,7 @@ def _feeds(g: ModelGraph, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray
 
 @pytest.mark.parametrize(
     ("name", "expected_cuts"),
-    [("squeezenet", 33), ("resnet50", 39)],
+    [("squeezenet", 33), pytest.param("resnet50", 39, marks=pytest.mark.slow)],
 )
 def test_light_models_every_cut_is_exact(name: str, expected_cuts: int) -> None:
     g = ModelGraph.load(light_model(name))

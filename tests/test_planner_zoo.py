@@ -65,6 +65,7 @@ def test_fixed_batch_export(tmp_path: Path) -> None:
     assert dim0.dim_value == 1
 
 
+@pytest.mark.slow
 def test_dynamo_exporter(tmp_path: Path) -> None:
     pytest.importorskip("onnxscript")
     path = export_zoo_model("vggchain", tmp_path / "dynamo.onnx", exporter="dynamo")
