@@ -272,7 +272,7 @@ class _Core:
             part = bundle.partition(wanted)
             if private and part.kind == "cloud":
                 raise InvalidArgument(
-                    f"model '{model}' is private: partition 'cloud' would send raw inputs off the device"
+                    f"model '{model}' is private: partition '{part.id}' would send its inputs off the device"
                 )
         elif self.client is None:
             self.decisions.last_model = model
@@ -421,6 +421,17 @@ class _Core:
             return float(costs[part_id]["device_ms"])
         return bundle.estimate(part_id, Conditions(uplink_mbps=DEFAULT_UPLINK_MBPS)).device_ms
 
+    def _emulate_input_encoding(self, bundle: PlanBundle, part: Partition, costs: Costs | None) -> float:
+        """A ``cloud@E`` twin runs no prefix, but its plan counts the encoding of the
+        inputs as device time: when emulating the device, take that time here
+        (as a split twin's emulated prefix does); returns the ms taken (0 when not emulating)."""
+        target = self._planned_device_ms(bundle, part.id, costs)
+        if not target:
+            return 0.0
+        ms = target * max(self.config.device_slowdown, 1.0)  # (as _device emulates a prefix)
+        time.sleep(ms / 1e3)
+        return ms
+
     def _local_suffix(
         self, bundle: PlanBundle, part: Partition, cut: dict[str, np.ndarray], costs: Costs | None = None,
     ):
@@ -512,6 +523,8 @@ class _Core:
                 RunSite.of(model, part, "prefix", "device"),
             )
             self.decisions.device_leg(model, part.id, trace.device_ms, costs)
+        elif part.encoding is not None:
+            trace.device_ms = self._emulate_input_encoding(bundle, part, costs)
         if part.suffix_path is None:
             return cut
         if private and raw_input_leaks(feeds, cut):

@@ -267,9 +267,11 @@ def build_bundle(
         for i, p in enumerate(plan.partitions):
             report("write partitions", i, len(plan.partitions))
             entry: dict[str, Any] = {"id": p.id, "kind": p.kind, "total_nodes": total}
-            if p.kind == "cloud":
+            if p.kind == "cloud":  # a cloud@E twin sends the inputs encoded, to the same full model
                 entry.update(device_nodes=0, cut_tensors=inputs, prefix=None, suffix=MODEL_FILE,
-                             cut_bytes=p.up_bytes)
+                             cut_bytes=p.measured().up_bytes if p.base else p.up_bytes)
+                if p.base:
+                    entry.update(encoding=p.encoding)
             elif p.kind == "device":
                 entry.update(device_nodes=total, cut_tensors=[], prefix=MODEL_FILE, suffix=None, cut_bytes=0)
             else:
@@ -592,7 +594,8 @@ class PlanBundle:
         measured device speed, the privacy floor, or values outside the grid — fall back to the argmin of
         :meth:`estimate` over :attr:`candidates` (same objective, SLO and
         exclusions as the table). With ``privacy`` the answer is never
-        ``"cloud"`` nor any partition sending a raw graph input.
+        ``"cloud"``, its encoded twins (``cloud@int8``) nor any partition
+        sending a raw graph input.
 
         With ``costs`` (entries for this request, see :meth:`costs`: measured
         device times, the request's own bytes) the table, built for the
@@ -622,11 +625,12 @@ class PlanBundle:
             return pick(ests, c, ref, slo_ms=self._constraints.slo_ms)
         cands = self.candidates if costs is not None else table.candidates
         excluded = set(profile.excluded or [])
-        if c.privacy:
+        clouds = {pid for pid in cands if pid in self.partitions and self.partitions[pid].kind == "cloud"}
+        if c.privacy:  # never the inputs off the device: raw (cloud) nor encoded (cloud@int8...)
             excluded |= {pid for pid in cands if profile.partitions[pid].sends_input}
-            excluded.add("cloud")
+            excluded |= clouds | {"cloud"}
         if not set(cands) - excluded:
-            excluded = {"cloud"} if c.privacy else set()
+            excluded = clouds | {"cloud"} if c.privacy else set()
         ests = {pid: self.estimate(pid, c, costs=costs) for pid in cands}
         ref = self.estimate("device", c, costs=costs) if "device" in self.partitions else next(iter(ests.values()))
         return pick(ests, c, ref, slo_ms=self._constraints.slo_ms, excluded=frozenset(excluded))

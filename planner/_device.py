@@ -191,6 +191,8 @@ class BucketTimes:
         node_ms: node name -> ms (onnxruntime's profiler).
         attributed: share of kernel time attributed to nodes by name.
         partitions: measured partitions (a bundle only).
+        input_encode_ms: encoding -> median ms to encode the model's own inputs
+            into a request (a bundle with ``cloud@E`` twins only).
     """
 
     shapes: dict[str, tuple[int, ...]]
@@ -199,6 +201,7 @@ class BucketTimes:
     node_ms: dict[str, float]
     attributed: float = 1.0
     partitions: list[PartitionTimes] = field(default_factory=list)
+    input_encode_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -218,7 +221,8 @@ class BucketTimes:
             "attributed": round(self.attributed, 4),
             "partitions": [p.to_dict() for p in self.partitions],
             "node_ms": {k: round(v, 5) for k, v in self.node_ms.items()},
-        }
+        } | ({"input_encode_ms": {k: round(v, 4) for k, v in self.input_encode_ms.items()}}
+             if self.input_encode_ms else {})
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> BucketTimes:
@@ -230,6 +234,7 @@ class BucketTimes:
             {str(k): float(v) for k, v in d["node_ms"].items()},
             float(d.get("attributed", 1.0)),
             [PartitionTimes.from_dict(p) for p in d.get("partitions", [])],
+            {str(k): float(v) for k, v in (d.get("input_encode_ms") or {}).items()},
         )
 
 
@@ -373,8 +378,10 @@ class DeviceProfile:
             ms, or None when the device did not measure this partition (or,
             for an encoded candidate, its encoding).
         """
-        if (kind or pid) == "cloud":
+        if (kind or pid) == "cloud" and "@" not in pid:
             return 0.0
+        if pid.partition("@")[0] == "cloud":  # cloud@E: nothing runs here but the encoding
+            return self.encode_ms(pid, shapes)
         times, scale, enc = self._times(pid, shapes, kind, tensors)
         if times is None:
             return None
@@ -387,7 +394,12 @@ class DeviceProfile:
 
     def encode_ms(self, pid: str, shapes: Shapes | None = None, *,
                   tensors: Sequence[str] | None = None) -> float | None:
-        """Measured time to encode an encoded candidate's cut tensors (``cut-3@int8``), or None."""
+        """Measured time to encode an encoded candidate's cut tensors (``cut-3@int8``; for
+        ``cloud@int8`` the model's inputs), or None."""
+        base, _, enc = pid.partition("@")
+        if base == "cloud":
+            b, scale = self.bucket_for(shapes)
+            return b.input_encode_ms[enc] * scale if enc in b.input_encode_ms else None
         times, scale, enc = self._times(pid, shapes, "split", tensors)
         if times is None or enc not in times.encode_ms:
             return None
@@ -414,7 +426,8 @@ class DeviceProfile:
                         {k: v * factor for k, v in b.node_ms.items()}, b.attributed,
                         [PartitionTimes(p.id, p.kind, list(p.cut), _scale(p.device, factor),
                                         None if p.suffix is None else _scale(p.suffix, factor),
-                                        {k: v * factor for k, v in p.encode_ms.items()}) for p in b.partitions])
+                                        {k: v * factor for k, v in p.encode_ms.items()}) for p in b.partitions],
+                        {k: v * factor for k, v in b.input_encode_ms.items()})
             for b in self.buckets
         ]
         device = dict(self.device, scaled=factor * float(self.device.get("scaled", 1.0)))
@@ -554,9 +567,6 @@ def _bundle_buckets(bundle: Any, g: Any, input_shapes: Any, samples: Any) -> tup
 def _time_encodings(prefix: Any, cut: Sequence[str], encodings: Sequence[str], feeds: Mapping[str, np.ndarray],
                     threads: int, warmup: int, repeats: int) -> dict[str, float]:
     """Median ms to encode a prefix's real cut tensors into an OIP request, per encoding."""
-    from splitgate.encoding import add_encoded_inputs
-    from splitgate.protocol import inference_pb2 as pb
-
     sess = make_session(prefix, threads)
     names = [o.name for o in sess.get_outputs()]
     args = {i.name: feeds[i.name] for i in sess.get_inputs()}
@@ -564,7 +574,15 @@ def _time_encodings(prefix: Any, cut: Sequence[str], encodings: Sequence[str], f
         outs = dict(zip(names, sess.run(names, args)))
     except Exception as exc:  # noqa: BLE001 - ORT run failures
         raise BundleError(f"onnxruntime failed running a prefix: {str(exc).splitlines()[0]}") from exc
-    arrays = {t: outs[t] for t in cut if t in outs}
+    return _encode_times({t: outs[t] for t in cut if t in outs}, encodings, warmup, repeats)
+
+
+def _encode_times(arrays: Mapping[str, np.ndarray], encodings: Sequence[str], warmup: int,
+                  repeats: int) -> dict[str, float]:
+    """Median ms to encode ``arrays`` into an OIP request (the edge's path), per encoding."""
+    from splitgate.encoding import add_encoded_inputs
+    from splitgate.protocol import inference_pb2 as pb
+
     out: dict[str, float] = {}
     for enc in encodings:
         samples = []
@@ -646,6 +664,7 @@ def measure_device(
     device_id: str | None = "device" if bundle is None else None
     splits: list[Any] = []
     encoded: dict[str, list[str]] = {}
+    cloud_encodings: list[str] = []  # cloud@E twins: the encode time of the model's own inputs
     if bundle is not None:
         device_id = next((p.id for p in bundle.partitions.values() if p.kind == "device"), None)
         splits = [p for p in bundle.partitions.values() if p.kind == "split" and p.encoding is None]
@@ -653,6 +672,8 @@ def measure_device(
         for p in bundle.partitions.values():
             if p.kind == "split" and p.encoding is not None:
                 encoded.setdefault(p.id.partition("@")[0], []).append(p.encoding)
+            elif p.kind == "cloud" and p.encoding is not None:
+                cloud_encodings.append(p.encoding)
 
     measured: list[BucketTimes] = []
     for bi, bucket in enumerate(buckets):
@@ -680,6 +701,10 @@ def measure_device(
             times.append(pt)
         measured.append(BucketTimes(dict(bucket.shapes), bucket.elements, model_t, nodes.node_ms,
                                     nodes.attributed, times))
+        if cloud_encodings:
+            report(f"input encodings {tag}", 0, 1)
+            measured[-1].input_encode_ms = _encode_times(bucket.feeds, cloud_encodings, warmup, repeats)
+            report(f"input encodings {tag}", 1, 1)
     settings = {"threads": threads, "warmup": warmup, "repeats": repeats, "gap_ms": gap_ms,
                 "source": "bundle" if bundle is not None else "model"}
     return DeviceProfile(identity(threads), name, sha, digest, measured, settings, list(notes))

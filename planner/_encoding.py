@@ -3,9 +3,14 @@
 For every measured split partition ``P`` and every lossy or lossless encoding
 ``E`` in :attr:`splitgate.planner.PlanOptions.encodings` the planner adds a candidate
 ``P@E`` (e.g. ``cut-12@int8``, ``dag-2@fp16``). ``P`` itself is the raw one
-(``"raw"`` is never written into an id); ``device`` and ``cloud`` have no
-encoded twins (the cloud partition sends the model's own inputs). An encoded
-candidate shares its raw twin's prefix and suffix ONNX files.
+(``"raw"`` is never written into an id). The ``cloud`` partition gets twins too
+(``cloud@int8``: the model's own inputs sent encoded, the honest cloud-only
+baseline), measured the same way with the full model as the suffix and no
+prefix; its lossy twins are dropped as not applicable when the model has no
+float input (integer inputs such as tokens travel raw except under ``zstd``),
+and the planner keeps a cloud twin only if it wins somewhere or sends fewer
+bytes than ``cloud``. ``device`` has no twins. An encoded candidate shares its
+raw twin's files.
 
 Measured on the real prefix/suffix sessions over calibration requests
 (:mod:`splitgate.planner._accuracy`):
@@ -144,7 +149,7 @@ def _roundtrip(cut: Mapping[str, np.ndarray], encoding: str) -> dict[str, np.nda
 
 
 def measure_encodings(
-    prefix: onnx.ModelProto,
+    prefix: onnx.ModelProto | None,
     suffix: onnx.ModelProto,
     calibration: Calibration,
     encodings: Sequence[str],
@@ -155,10 +160,12 @@ def measure_encodings(
     warmup: int = 2,
     repeats: int = 10,
 ) -> dict[str, EncodingResult]:
-    """Measure each non-raw encoding of one split partition (see module docs).
+    """Measure each non-raw encoding of one split partition, or of the ``cloud``
+    partition (see module docs).
 
     Args:
-        prefix, suffix: the partition's models.
+        prefix, suffix: the partition's models; ``prefix`` None = the cut
+            tensors are the model's inputs (``cloud``; ``suffix`` is the full model).
         calibration: the calibration requests.
         encodings: encodings to measure (``"raw"`` is skipped: it is the twin).
         guard: accuracy thresholds.
@@ -174,17 +181,12 @@ def measure_encodings(
     wanted = [e for e in dict.fromkeys(encodings) if e != "raw"]
     if not wanted:
         return {}
-    pre = make_session(prefix, device_threads)
+    pre = make_session(prefix, device_threads) if prefix is not None else None
     suf = make_session(suffix, cloud_threads)
-    pre_out = [o.name for o in pre.get_outputs()]
     suf_in = [i.name for i in suf.get_inputs()]
     suf_out = [o.name for o in suf.get_outputs()]
-    pre_in = [i.name for i in pre.get_inputs()]
     try:
-        cuts: list[dict[str, np.ndarray]] = []
-        for feeds in calibration.requests:
-            produced = dict(zip(pre_out, pre.run(pre_out, {k: feeds[k] for k in pre_in})))
-            cuts.append({k: produced[k] if k in produced else feeds[k] for k in suf_in})
+        cuts = [_cut_tensors(pre, feeds, suf_in) for feeds in calibration.requests]
         ref = [dict(zip(suf_out, suf.run(suf_out, c))) for c in cuts]
         raw_bytes = int(statistics.median(wire_nbytes(c, "raw") for c in cuts))
         results: dict[str, EncodingResult] = {}
@@ -195,8 +197,10 @@ def measure_encodings(
                 decoded = [_roundtrip(c, enc) for c in cuts]
                 nbytes = int(statistics.median(wire_nbytes(c, enc) for c in cuts))
             except InvalidArgument as exc:  # e.g. int8c of a tensor without a channel axis
-                none = Timing(0.0, 0.0, 0.0, 0)
-                results[enc] = EncodingResult(enc, raw_bytes, raw_bytes, none, none, {}, f"not applicable: {exc}")
+                results[enc] = _not_applicable(enc, raw_bytes, str(exc))
+                continue
+            if prefix is None and enc != "zstd" and not any(a.dtype.kind == "f" for a in cuts[0].values()):
+                results[enc] = _not_applicable(enc, raw_bytes, "no float input to encode (integer inputs travel raw)")
                 continue
             got = [dict(zip(suf_out, suf.run(suf_out, d))) for d in decoded]
             metrics = compare_outputs(ref, got, output_kind=guard.output_kind)
@@ -206,6 +210,22 @@ def measure_encodings(
     except Exception as exc:  # noqa: BLE001 - ORT run failures
         raise BundleError(f"onnxruntime failed while measuring encodings: {str(exc).splitlines()[0]}") from exc
     return results
+
+
+def _cut_tensors(pre: Any, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The tensors ``names`` a request sends: the prefix session's outputs, else
+    the request's own inputs (``pre`` None: the ``cloud`` partition)."""
+    if pre is None:
+        return {k: np.asarray(feeds[k]) for k in names}
+    pre_out = [o.name for o in pre.get_outputs()]
+    pre_in = [i.name for i in pre.get_inputs()]
+    produced = dict(zip(pre_out, pre.run(pre_out, {k: feeds[k] for k in pre_in})))
+    return {k: produced[k] if k in produced else feeds[k] for k in names}
+
+
+def _not_applicable(encoding: str, raw_bytes: int, why: str) -> EncodingResult:
+    none = Timing(0.0, 0.0, 0.0, 0)
+    return EncodingResult(encoding, raw_bytes, raw_bytes, none, none, {}, f"not applicable: {why}")
 
 
 def _build(cut: Mapping[str, np.ndarray], encoding: str) -> pb.ModelInferRequest:
@@ -222,7 +242,7 @@ def add_encoded(
     *,
     calibration: Calibration | None = None,
 ) -> tuple[list[PlannedPartition], dict[str, Any]]:
-    """Add the encoded twins of the measured split partitions that pass the guard.
+    """Add the encoded twins of the measured split partitions and of ``cloud`` that pass the guard.
 
     Args:
         g: the model.
@@ -232,17 +252,18 @@ def add_encoded(
         calibration: the calibration requests; default: from ``options.calibration``.
 
     Returns:
-        (``parts`` with each split followed by its surviving encoded twins,
+        (``parts`` with each split and ``cloud`` followed by its surviving encoded twins,
         the ``encodings`` section of ``profile.json``: options, calibration,
         every measured candidate's figures and the dropped ones with reasons).
     """
     report = progress or (lambda step, done, total: None)
     encs = [e for e in dict.fromkeys(options.encodings) if e != "raw"]
     guard = options.guard()
-    splits = [p for p in parts if p.kind == "split" and p.prefix is not None and p.suffix is not None]
+    encodable = [p for p in parts if (p.kind == "split" and p.prefix is not None and p.suffix is not None)
+                 or (p.kind == "cloud" and not p.base)]
     info: dict[str, Any] = {"encodings": list(options.encodings), "guard": guard.to_dict(),
                             "calibration": None, "measured": {}, "dropped": {}}
-    if not encs or not splits:
+    if not encs or not encodable:
         return parts, info
     calib = calibration or load_calibration(options.calibration, g.inputs, samples=options.calibration_samples,
                                             batch=options.batch)
@@ -252,12 +273,14 @@ def add_encoded(
     done = 0
     for p in parts:
         out.append(p)
-        if p not in splits:
+        if p not in encodable:
             continue
-        report("measure encodings", done, len(splits))
+        report("measure encodings", done, len(encodable))
         done += 1
+        suffix = g.model if p.kind == "cloud" else p.suffix
+        assert suffix is not None
         results = measure_encodings(
-            p.prefix, p.suffix, calib, encs, guard, device_threads=options.device_threads,
+            p.prefix, suffix, calib, encs, guard, device_threads=options.device_threads,
             cloud_threads=options.cloud_threads, warmup=options.warmup, repeats=options.repeats,
         )
         for enc, r in results.items():
@@ -273,5 +296,5 @@ def add_encoded(
                 encode_ms=r.encode.median_ms * slowdown, decode_ms=r.decode.median_ms, wire_ratio=round(r.ratio, 3),
             )
             out.append(replace(p, id=pid, encoding=enc, base=p.id, profile=twin, reference=False))
-    report("measure encodings", len(splits), len(splits))
+    report("measure encodings", len(encodable), len(encodable))
     return out, info

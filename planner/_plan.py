@@ -15,8 +15,8 @@ method each:
 5. :meth:`~Planner.extract`: prefix and suffix models of every split;
 6. :meth:`~Planner.measure`: the real prefix and suffix sessions of every
    partition (``device``, ``cloud``, the splits) timed at every bucket;
-7. :meth:`~Planner.encode`: encoded twins (``cut-3@int8``) of the splits that
-   pass the accuracy guard, at every bucket;
+7. :meth:`~Planner.encode`: encoded twins (``cut-3@int8``, ``cloud@int8``) of
+   the splits and of ``cloud`` that pass the accuracy guard, at every bucket;
 8. :meth:`~Planner.decide`: one decision table per bucket; partitions that win
    nowhere are dropped (reference cuts, ``device`` and ``cloud`` stay);
 9. :meth:`~Planner.document`: the typed ``profile.json``
@@ -303,7 +303,8 @@ class Planner:
             p.profile = self.buckets[0].stats[p.id]
 
     def encode(self) -> None:
-        """Encoded twins of the splits that pass the accuracy guard, their figures at every bucket.
+        """Encoded twins of the splits and of ``cloud`` that pass the accuracy guard, their figures
+        at every bucket.
 
         Raises:
             BundleError: onnxruntime fails while measuring encodings.
@@ -324,7 +325,9 @@ class Planner:
 
         Returns:
             The partitions kept: those that win somewhere (and an encoded
-            winner's raw twin), the reference cuts, ``device`` and ``cloud``.
+            winner's raw twin), the reference cuts, ``device``, ``cloud`` and
+            every guarded ``cloud@E`` twin that wins or sends fewer bytes than
+            ``cloud`` (the honest cloud-only baselines).
         """
         self.report("decision table", 0, len(self.buckets))
         t0 = time.perf_counter()
@@ -335,13 +338,15 @@ class Planner:
         self.planning_ms += (time.perf_counter() - t0) * 1e3
         winners = {pid for b in self.buckets if b.table is not None for pid in b.table.candidates}
         keep = {p.id for p in self.parts if p.id in winners or p.reference or p.kind != "split"}
+        keep -= {p.id for p in self.parts if p.kind == "cloud" and p.base and p.id not in winners
+                 and p.measured().up_bytes >= self.buckets[0].stats[p.base].up_bytes}  # cloud@E not smaller
         keep |= {p.base for p in self.parts if p.base and p.id in keep}  # an encoded winner keeps its raw twin
         return [p for p in self.parts if p.id in keep]
 
     def document(self, kept: list[PlannedPartition]) -> Profile:
         """The ``profile.json`` document of the kept partitions."""
         measured = [p for p in self.parts if p.kind == "split" and not p.base] + \
-            [p for p in self.parts if p.kind != "split"]
+            [p for p in self.parts if p.kind != "split" and not p.base]
         profile = _profile_doc(self.buckets, kept, measured, self.options, self.encodings, self.notes)
         profile.planning_ms = round(self.planning_ms, 3)
         return profile

@@ -7,7 +7,7 @@ from typing import Any
 from splitgate.planner._cost import Conditions
 from splitgate.planner._profile import Timing
 
-__all__ = ["plan_table", "explain_table", "NETWORKS"]
+__all__ = ["plan_table", "explain_table", "best_cloud_only", "NETWORKS"]
 
 #: DADS (INFOCOM'19) uplinks, with RTTs typical of each technology.
 NETWORKS: dict[str, Conditions] = {
@@ -18,8 +18,20 @@ NETWORKS: dict[str, Conditions] = {
 }
 
 
+def best_cloud_only(bundle: Any, c: Conditions) -> str:
+    """The honest "cloud-only" baseline under ``c``: the fastest of ``cloud`` and
+    its guarded encoded twins (``cloud@int8``...) by the plan's estimate.
+
+    Raises:
+        BundleError: the bundle has no profile.
+    """
+    clouds = [pid for pid, p in bundle.partitions.items() if p.kind == "cloud"]
+    return min(clouds, key=lambda pid: bundle.estimate(pid, c).latency_ms)
+
+
 def plan_table(bundle: Any) -> Any:
-    """Per partition: cut bytes, measured device/cloud ms (estimate error), and where it is chosen."""
+    """Per partition: cut bytes, measured device/cloud ms (estimate error), and where it is chosen;
+    the caption names the cloud-only baseline per network (the best guarded cloud encoding)."""
     from rich.table import Table
 
     table = Table(title=f"plan: {bundle.model_name} ({len(bundle.partitions)} partitions)")
@@ -31,6 +43,8 @@ def plan_table(bundle: Any) -> Any:
     if bundle.has_profile:
         for net, c in NETWORKS.items():
             chosen.setdefault(bundle.choose(c), []).append(net)
+        table.caption = "cloud-only = best guarded cloud encoding: " + ", ".join(
+            f"{net} {best_cloud_only(bundle, c)}" for net, c in NETWORKS.items())
     for p in bundle.partitions.values():
         e = entries.get(p.id)
         names = ", ".join(t.name for t in p.cut_tensors) or "-"
@@ -40,7 +54,7 @@ def plan_table(bundle: Any) -> Any:
             table.add_row(p.id, names, "-" if p.cut_bytes is None else f"{p.cut_bytes:,}", "-", "-", "-", "-")
             continue
         table.add_row(
-            p.id + ("" if p.id in bundle.candidates else " (ref)"),
+            p.id + _label(p, bundle.candidates),
             names,
             f"{e.up_bytes:,}",
             f"{e.device_ms:.2f}{_spread(e.device_timing)}",
@@ -49,6 +63,13 @@ def plan_table(bundle: Any) -> Any:
             ", ".join(chosen.get(p.id, [])) or "-",
         )
     return table
+
+
+def _label(p: Any, candidates: list[str]) -> str:
+    """`` (ref)`` for a reference cut no table picks, `` (baseline)`` for such a cloud twin."""
+    if p.id in candidates:
+        return ""
+    return " (baseline)" if p.kind == "cloud" and p.encoding else " (ref)"
 
 
 def _error(estimate_ms: float, timing: Timing | None) -> str:

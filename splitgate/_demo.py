@@ -14,7 +14,7 @@ cloud-only. At each phase switch the Gateways are told of the radio change
 
 Every output is checked against the full model run by onnxruntime: within
 ``rtol`` for partitions that send raw (or losslessly encoded) cut tensors, by
-top-1 agreement for lossy-encoded ones (``cut-K@int8``: the planner admitted
+top-1 agreement for lossy-encoded ones (``cut-K@int8``, ``cloud@fp16``: the planner admitted
 them through its accuracy guard, which judges top-1 agreement).
 
 Public: :func:`run_demo` (the CLI command), :func:`run_link_demo` (the work,
@@ -628,7 +628,8 @@ def _check_line(all_match: bool, outputs: int, lossy: int) -> str:
     line = f"[green]all {outputs} outputs match the full model[/] within rtol {RTOL:g}"
     if lossy:
         line += (
-            f"; the {lossy} that ran an int8/fp16-encoded cut by their top-1 class, which agrees (a lossy encoding "
+            f"; the {lossy} that sent an int8/fp16-encoded cut or input by their top-1 class, which agrees "
+            "(a lossy encoding "
             "cannot meet rtol; the planner's accuracy guard admitted it by top-1 agreement)"
         )
     return line

@@ -61,7 +61,8 @@ def test_typed_entries_carry_the_measured_figures(two_buckets: PlanBundle) -> No
         assert (e.device_ms, e.cloud_ms, e.up_bytes, e.down_bytes) == (
             raw["device_ms"], raw["cloud_ms"], raw["up_bytes"], raw["down_bytes"])
         assert e.device_timing is None or isinstance(e.device_timing, Timing)
-        assert e.sends_input == (pid == "cloud")  # only the cloud partition ships the model's input here
+        # only the cloud partition and its encoded twins (cloud@fp16...) ship the model's input here
+        assert e.sends_input == (pid.partition("@")[0] == "cloud")
     assert typed.partitions["device"].device_timing is not None and typed.partitions["cloud"].device_timing is None
     assert typed.energy_model == EnergyModel() and typed.constraints_model.slo_ms is None
     # every split's encodings were measured (twins that win nowhere are not kept)
