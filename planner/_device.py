@@ -727,4 +727,7 @@ def profile_table(dp: DeviceProfile) -> Any:
                 "-" if p.suffix is None else f"{p.suffix.median_ms:.3f}",
                 ", ".join(f"{k} {v:.3f}" for k, v in p.encode_ms.items()) or "-",
             )
+        if b.input_encode_ms:  # the cloud@E twins: the model's inputs, encoded on the device
+            table.add_row("", "cloud (inputs)", "-", "-", "-",
+                          ", ".join(f"{k} {v:.3f}" for k, v in b.input_encode_ms.items()))
     return table

@@ -302,6 +302,6 @@ def refit_table(before: PlanBundle, after: PlanBundle) -> Any:
     for pid, entry in new.items():
         before_ms = old[pid].device_ms if pid in old else 0.0
         table.add_row(pid, f"{before_ms:.3f}", f"{entry.device_ms:.3f}",
-                      (entry.device_source or "-") if entry.kind != "cloud" else "-",
+                      (entry.device_source or "-") if entry.kind != "cloud" or entry.is_twin else "-",
                       str(wins_before.get(pid, 0)), str(wins_after.get(pid, 0)))
     return table
