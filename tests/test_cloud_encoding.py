@@ -160,3 +160,28 @@ def test_gateway_sends_cloud_twins_encoded(bundle: PlanBundle, baseline: str, en
         guard = Guard(**bundle.profile["encodings"]["guard"])
         metrics = compare_outputs([{"y": want}], [{"y": got}], output_kind=guard.output_kind)
         assert check(metrics, guard) is None, metrics
+
+
+@pytest.mark.integration
+def test_ray_tier_serves_cloud_twins(cloud_tier, zoo_bundle) -> None:
+    """The real Ray Serve tier decodes a cloud twin's inputs before the full model."""
+    from splitgate.edge import Gateway
+
+    twins = [p for p in zoo_bundle.partitions.values() if p.kind == "cloud" and p.encoding]
+    assert twins, list(zoo_bundle.partitions)
+    (spec,) = zoo_bundle.inputs
+    x = {spec.name: np.random.default_rng(5).standard_normal([d if d >= 0 else 1 for d in spec.shape]).astype(
+        np.float32)}
+    want = session(zoo_bundle.model_path).run(None, x)
+    with Gateway([zoo_bundle], cloud=cloud_tier.address) as gw:
+        for p in twins:
+            result = gw.infer(zoo_bundle.model_name, x, partition=p.id)
+            assert result.trace.partition == p.id and not result.trace.fallback, (p.id, result.trace)
+            assert result.trace.bytes_sent == wire_nbytes(x, p.encoding), p.id
+            got = list(result.outputs.values())
+            for g, w in zip(got, want):
+                if p.encoding == "zstd":
+                    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+                else:
+                    g64, w64 = g.astype(np.float64).ravel(), w.astype(np.float64).ravel()
+                    assert g64 @ w64 / (np.linalg.norm(g64) * np.linalg.norm(w64)) > 0.99, p.id
