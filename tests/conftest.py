@@ -86,6 +86,9 @@ def switch_bundle(zoo_model: Path, slow_device_factor: float):
     return build_bundle(
         zoo_model, zoo_model.parent / "mobilenet_switch.bundle",
         model_name="mobilenet_switch", device_slowdown=1.6 * slow_device_factor,
+        # raw partitions only: encoded twins (cloud@fp16 at 3G) sit within a few percent of
+        # each other, closer than a 3G bandwidth measurement (0.87 vs 1.1 Mbps) can rank them
+        encodings=("raw",),
     )
 
 
