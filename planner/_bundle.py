@@ -57,6 +57,7 @@ __all__ = [
     "build_bundle",
     "load_bundle",
     "plan_digest",
+    "digest_payload",
     "DECISION_KEYS",
 ]
 
@@ -125,16 +126,23 @@ class Partition:
 DECISION_KEYS = ("profile", "decision_table", "device")
 
 
-def plan_digest(manifest: dict[str, Any]) -> str:
-    """sha256 hex of the manifest's canonical JSON, ignoring any ``plan_digest`` key
-    and the decision data (:data:`DECISION_KEYS` and their files): two bundles with
-    the same digest have the same partitions, byte for byte."""
+def digest_payload(manifest: dict[str, Any]) -> bytes:
+    """The canonical JSON (UTF-8) that :func:`plan_digest` hashes and a bundle
+    signature (:mod:`splitgate.security`) signs: the manifest without any
+    ``plan_digest`` key and without the decision data (:data:`DECISION_KEYS`
+    and their files), keys sorted, no whitespace."""
     decision_files = {manifest.get(k) for k in DECISION_KEYS if isinstance(manifest.get(k), str)}
     body = {k: v for k, v in manifest.items() if k != "plan_digest" and k not in DECISION_KEYS}
     if isinstance(body.get("files"), dict):
         body["files"] = {f: d for f, d in body["files"].items() if f not in decision_files}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def plan_digest(manifest: dict[str, Any]) -> str:
+    """sha256 hex of the manifest's canonical JSON (:func:`digest_payload`), ignoring
+    any ``plan_digest`` key and the decision data (:data:`DECISION_KEYS` and their
+    files): two bundles with the same digest have the same partitions, byte for byte."""
+    return hashlib.sha256(digest_payload(manifest)).hexdigest()
 
 
 def sha256_file(path: Path) -> str:

@@ -24,6 +24,7 @@ __all__ = [
     "DeadlineExceeded",
     "InternalError",
     "BundleError",
+    "BundleSignatureError",
     "ConfigError",
     "from_rpc_error",
     "error_for_code",
@@ -198,6 +199,14 @@ class BundleError(SplitgateError):
     """A plan bundle is missing, malformed, or fails its integrity check."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class BundleSignatureError(BundleError):
+    """A plan bundle is not authentic for this trust set: unsigned (and unsigned
+    bundles are not allowed), its signature does not verify (the bundle changed
+    after signing), or it is signed by a key outside the trusted set. The
+    message names the bundle, the problem and the fix. Never retried or loaded
+    partially."""
 
 
 class ConfigError(SplitgateError, ValueError):

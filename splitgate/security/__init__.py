@@ -19,9 +19,13 @@
 - :func:`add_inference_servicer` registers the inference service so that
   unparseable request bytes get INVALID_ARGUMENT (:func:`malformed_message`).
 - :func:`raw_input_leaks` checks that no raw input crosses the network verbatim.
+- Signed bundles: :func:`generate_signing_key` (``splitgate keys``),
+  :func:`sign_bundle` (``splitgate sign``: a detached ed25519
+  ``signature.json``), :class:`TrustedKeys` and :func:`verify_bundle` (raises
+  :class:`~splitgate.errors.BundleSignatureError`).
 
 One job per private module: ``_addresses`` (is this host?), ``_tls``,
-``_tokens``, ``_front``, ``_certs``, ``_servicer``, ``_privacy``.
+``_tokens``, ``_front``, ``_certs``, ``_servicer``, ``_privacy``, ``_signing``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from splitgate.security._certs import generate_dev_certs
 from splitgate.security._front import TlsFront
 from splitgate.security._privacy import raw_input_leaks
 from splitgate.security._servicer import add_inference_servicer, malformed_message
+from splitgate.security._signing import TrustedKeys, generate_signing_key, key_id, sign_bundle, verify_bundle
 from splitgate.security._tls import (
     TlsConfig,
     channel_credentials,
@@ -52,16 +57,21 @@ __all__ = [
     "TlsConfig",
     "TlsFront",
     "TokenCheck",
+    "TrustedKeys",
     "add_inference_servicer",
     "auth_metadata",
     "channel_credentials",
     "generate_dev_certs",
+    "generate_signing_key",
     "is_local_address",
     "is_loopback",
+    "key_id",
     "malformed_message",
     "open_channel",
     "raw_input_leaks",
     "secure_server_port",
     "server_credentials",
+    "sign_bundle",
     "token_digest",
+    "verify_bundle",
 ]
