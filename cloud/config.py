@@ -61,6 +61,13 @@ class CloudConfig:
             otherwise); only their sha256 reaches the replicas. Empty = no token auth.
         auth_token_digests: accepted tokens given as sha256 hex instead.
         nan_policy: ``"allow"`` or ``"reject"`` NaN/Inf in float cut tensors.
+        trust: public key files (``signing.pub``) whose bundle signatures are
+            accepted, read where the app is built; the keys themselves (not the
+            paths) reach every replica. Empty = signatures not checked (one
+            WARNING per process). With keys, unsigned, tampered or foreign-signed
+            bundles are refused (``splitgate.errors.BundleSignatureError``).
+        allow_unsigned: with ``trust``, still serve unsigned bundles (a WARNING
+            each; development only). A bad signature is refused regardless.
     """
 
     bundles: list[str] = field(default_factory=list)
@@ -90,6 +97,8 @@ class CloudConfig:
     auth_tokens: list[str] = field(default_factory=list)
     auth_token_digests: list[str] = field(default_factory=list)
     nan_policy: str = "allow"
+    trust: list[str] = field(default_factory=list)
+    allow_unsigned: bool = False
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> CloudConfig:
@@ -109,6 +118,8 @@ class CloudConfig:
         data.update({k: v for k, v in overrides.items() if v is not None})
         if isinstance(data.get("bundles"), str):
             data["bundles"] = [b for b in data["bundles"].split(",") if b]
+        if isinstance(data.get("trust"), str):
+            data["trust"] = [t for t in data["trust"].split(",") if t]
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:

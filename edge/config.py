@@ -59,6 +59,12 @@ class GatewayConfig:
         cloud_discover: call the replicas' direct-ingress ports found through
             the tier (faster; falls back to ``cloud``). Leave off when ``cloud``
             is a shaping proxy or any front the replicas' ports would bypass.
+        trust: public key files (``signing.pub`` from ``splitgate keys``) whose
+            bundle signatures are accepted; empty = signatures not checked (one
+            WARNING per process). With keys, unsigned, tampered or foreign-signed
+            bundles are refused (``splitgate.errors.BundleSignatureError``).
+        allow_unsigned: with ``trust``, still load unsigned bundles (a WARNING
+            each; development only). A bad signature is refused regardless.
     """
 
     cloud: str | None = None
@@ -86,6 +92,8 @@ class GatewayConfig:
     cloud_insecure: bool = False
     nan_policy: str = "allow"
     cloud_discover: bool = False
+    trust: list[str] = field(default_factory=list)
+    allow_unsigned: bool = False
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> GatewayConfig:
