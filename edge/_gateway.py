@@ -44,7 +44,7 @@ from splitgate.errors import (
     SplitgateError,
     is_peer_failure,
 )
-from splitgate.security import TlsConfig, raw_input_leaks
+from splitgate.security import TlsConfig, TrustedKeys, raw_input_leaks, verify_bundle
 from splitgate.validate import Limits, validate_inputs
 from splitgate import contract
 
@@ -129,6 +129,7 @@ class _Core:
         self._cloud_refused: dict[str, float] = {}
         self.previous: dict[str, tuple[PlanBundle, dict[str, str]]] = {}  # for rollback_bundle
         self._swap_lock = threading.Lock()
+        self.trusted = TrustedKeys.from_paths(config.trust)  # empty: signatures not checked
         for b in bundles:
             self.add_bundle(b)
         self.client = CloudClient(
@@ -159,7 +160,11 @@ class _Core:
     # -- bundles ------------------------------------------------------------
 
     def add_bundle(self, source: str | Path | PlanBundle) -> PlanBundle:
-        """Load a bundle, refusing (only) the partitions whose files are corrupt."""
+        """Load a bundle, refusing (only) the partitions whose files are corrupt.
+
+        The signature is checked against ``config.trust`` outside the corrupt-file
+        fallback: an unauthentic bundle is refused whole (BundleSignatureError).
+        """
         if isinstance(source, PlanBundle):
             bundle = source
         else:
@@ -167,6 +172,7 @@ class _Core:
                 bundle = PlanBundle.load(source)
             except BundleError:
                 bundle = PlanBundle.load(source, verify=False)
+        verify_bundle(bundle, self.trusted, allow_unsigned=self.config.allow_unsigned)
         refused = _corrupt_partitions(bundle)
         if "device" in refused:
             raise BundleError(
@@ -182,12 +188,16 @@ class _Core:
         atomically; the old one is kept for :meth:`rollback_bundle`.
 
         Unlike :meth:`add_bundle`, a new version must be whole (every sha256
-        matches) and, with ``smoke``, run the full model once on zeros.
+        matches), authentic for ``config.trust`` and, with ``smoke``, run the
+        full model once on its sample input.
 
         Raises:
+            BundleSignatureError: unsigned (and not allowed), tampered or
+                signed by an untrusted key; the old version keeps serving.
             BundleError: integrity or smoke failure; the old version keeps serving.
         """
         bundle = PlanBundle.load(source)
+        verify_bundle(bundle, self.trusted, allow_unsigned=self.config.allow_unsigned)
         if smoke:
             self._smoke(bundle)
         with self._swap_lock:
@@ -702,7 +712,13 @@ class Gateway:
         return self._core.bundle(model)
 
     def add_bundle(self, source: str | Path | PlanBundle) -> PlanBundle:
-        """Load (or replace) a model's bundle at run time."""
+        """Load (or replace) a model's bundle at run time.
+
+        Raises:
+            BundleSignatureError: with ``config.trust``, an unsigned (unless
+                ``allow_unsigned``), tampered or foreign-signed bundle.
+            BundleError: a missing or malformed bundle, or a corrupt full model.
+        """
         return self._core.add_bundle(source)
 
     def update_bundle(self, source: str | Path, *, smoke: bool = True) -> PlanBundle:
