@@ -31,6 +31,7 @@ from splitgate.errors import (
     SplitgateError,
 )
 from splitgate.protocol import inference_pb2 as pb
+from splitgate.security import TrustedKeys, verify_bundle
 from splitgate.validate import Limits, validate_inputs, validate_outputs
 from splitgate import contract
 
@@ -71,11 +72,17 @@ class SuffixService:
             a model is its current version.
         intra_op_threads: onnxruntime threads per session (0 = ORT default).
         limits: size limits and NaN policy applied to every ModelInfer request.
+        trusted: public keys whose bundle signatures are accepted (None or
+            empty = signatures not checked); see :func:`splitgate.security.verify_bundle`.
+        allow_unsigned: with ``trusted``, still serve unsigned bundles (development only).
     """
 
     def __init__(
-        self, bundle_dirs: Iterable[str | Path], *, intra_op_threads: int = 0, limits: Limits | None = None
+        self, bundle_dirs: Iterable[str | Path], *, intra_op_threads: int = 0, limits: Limits | None = None,
+        trusted: TrustedKeys | None = None, allow_unsigned: bool = False,
     ) -> None:
+        self.trusted = trusted
+        self.allow_unsigned = allow_unsigned
         self._versions: dict[str, dict[str, PlanBundle]] = {}
         self._current: dict[str, str] = {}
         self._threads = intra_op_threads
@@ -98,9 +105,12 @@ class SuffixService:
         ``cloud``) runs once on zeros first; if that fails nothing changes.
 
         Raises:
+            BundleSignatureError: with ``trusted``, an unsigned (unless
+                ``allow_unsigned``), tampered or foreign-signed bundle.
             BundleError: the bundle fails its integrity check or the smoke run.
         """
         bundle = source if isinstance(source, PlanBundle) else PlanBundle.load(source)
+        verify_bundle(bundle, self.trusted, allow_unsigned=self.allow_unsigned)
         if smoke:
             self._smoke(bundle)
         with self._lock:
