@@ -15,7 +15,12 @@ __all__ = [
     "QUEUE_DEPTH",
     "BATCH_SIZE",
     "DEADLINE_MS",
+    "PRIORITY",
+    "RETRY_AFTER_MS",
     "PRIVATE",
+    "CALLER",
+    "CALLER_METADATA",
+    "VERSION",
     "DEVICE_MS",
     "NETWORK_MS",
     "TOTAL_MS",
@@ -39,11 +44,21 @@ PARTITION = "splitgate.partition"
 #: the plan the edge holds; the cloud refuses a digest it does not serve.
 PLAN_DIGEST = "splitgate.plan_digest"
 
-# -- request parameters: app -> edge server ------------------------------------------
-#: a per-request deadline in ms (also honoured by the cloud when given).
+#: OIP's (Triton's) request priority: 1 is served first, larger numbers later; 0 or
+#: absent = the tier's default level (the cloud serves its queue in this order).
+PRIORITY = "priority"
+
+# -- request parameters: app -> edge server, edge -> cloud ----------------------------
+#: a per-request deadline in ms: the app's budget at the edge server; the edge sends
+#: the budget left to the cloud, which refuses work it cannot finish in time.
 DEADLINE_MS = "splitgate.deadline_ms"
 #: keep raw inputs on the device (bool).
 PRIVATE = "splitgate.private"
+#: the caller's key (a user or device id): a staged rollout assigns each caller
+#: to one version for the whole rollout (``Gateway.infer(..., caller=)``).
+CALLER = "splitgate.caller"
+#: gRPC metadata key carrying the same caller key (for clients that cannot set parameters).
+CALLER_METADATA = "x-splitgate-caller"
 
 # -- response parameters: cloud -> edge ------------------------------------------------
 #: the suffix's compute time in the replica.
@@ -52,6 +67,10 @@ CLOUD_MS = "splitgate.cloud_ms"
 QUEUE_DEPTH = "splitgate.queue_depth"
 #: rows of the onnxruntime run that served the request.
 BATCH_SIZE = "splitgate.batch_size"
+#: trailing-metadata key of an admission refusal (RESOURCE_EXHAUSTED: queue full;
+#: UNAVAILABLE: would miss its deadline): ms after which the cloud expects to admit
+#: work again. An edge finishes the request locally and sends no new work for that long.
+RETRY_AFTER_MS = "splitgate.retry_after_ms"
 
 # -- response parameters: edge server -> app ----------------------------------------------
 DEVICE_MS = "splitgate.device_ms"
@@ -62,6 +81,9 @@ BYTES_SENT = "splitgate.bytes_sent"
 FALLBACK = "splitgate.fallback"
 #: the device's learned speed against the plan (1 = as profiled).
 DEVICE_FACTOR = "splitgate.device_factor"
+#: the model version that answered: the first 12 hex digits of its plan digest
+#: (as ``ModelMetadata.versions``); differs from the stable one for a rollout's candidate.
+VERSION = "splitgate.version"
 
 # -- per-tensor parameters of an encoded cut tensor (:mod:`splitgate.encoding`) ----------
 ENCODING = "splitgate.encoding"

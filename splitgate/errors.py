@@ -26,6 +26,9 @@ __all__ = [
     "BundleError",
     "BundleSignatureError",
     "ConfigError",
+    "Overloaded",
+    "QueueFull",
+    "DeadlineUnmeetable",
     "from_rpc_error",
     "error_for_code",
     "PEER_FAILURE_CODES",
@@ -189,6 +192,40 @@ class DeadlineExceeded(SplitgateError, TimeoutError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Overloaded(SplitgateError):
+    """A busy server refused the request at admission, before any compute.
+
+    Not a failure of the server (a circuit breaker does not count it): the
+    caller should finish the work elsewhere now and send the server no new
+    work for ``retry_after_ms`` (``splitgate.retry_after_ms`` in the
+    status's trailing metadata; None when the server gave no hint).
+    """
+
+    def __init__(self, message: str = "", *, retry_after_ms: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+    def __reduce__(self) -> tuple:
+        return (_rebuild_overloaded, (type(self), str(self), self.retry_after_ms))
+
+
+def _rebuild_overloaded(cls: type, message: str, retry_after_ms: float | None) -> Overloaded:
+    return cls(message, retry_after_ms=retry_after_ms)
+
+
+class QueueFull(Overloaded, ResourceExhausted):
+    """Refused at admission: the server's queue is full (RESOURCE_EXHAUSTED)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineUnmeetable(Overloaded, Unavailable):
+    """Refused at admission: the work queued ahead means the request would
+    miss its deadline (UNAVAILABLE)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 class InternalError(SplitgateError):
     """A bug or an unexpected failure inside splitgate or the runtime."""
 
@@ -277,6 +314,8 @@ def is_peer_failure(exc: BaseException) -> bool:
     application (Ray Serve's proxy with no app deployed), or anything that is not
     a :class:`SplitgateError` (a transport or client-side failure)."""
     if isinstance(exc, SplitgateError):
+        if isinstance(exc, Overloaded):  # a healthy, busy peer answered at once
+            return False
         if exc.code == grpc.StatusCode.NOT_FOUND:
             return any(marker in str(exc) for marker in _NO_APPLICATION)
         return exc.code in PEER_FAILURE_CODES
