@@ -31,7 +31,7 @@ from splitgate.cloud._service import SuffixService
 from splitgate.cloud.config import CloudConfig
 from splitgate.errors import ResourceExhausted, SplitgateError, Unauthenticated
 from splitgate.protocol import inference_pb2 as pb
-from splitgate.security import TokenCheck, malformed_message, token_digest
+from splitgate.security import TokenCheck, TrustedKeys, malformed_message, token_digest
 from splitgate.validate import Limits
 from splitgate import contract
 
@@ -96,6 +96,8 @@ class InferenceDeployment:
         nan_policy: ``"allow"`` or ``"reject"`` NaN/Inf in float cut tensors.
         publish_endpoints: list the replicas' direct-ingress endpoints in
             ServerMetadata (off when clients must come through a TLS front).
+        trusted_keys: PEM public keys whose bundle signatures are accepted
+            (empty = not checked); ``allow_unsigned``: serve unsigned bundles anyway.
         batcher: ``"drain"`` (default): the event loop only hands the parsed
             request to the compute threads, which decode, validate, run and
             encode; each compute thread takes *everything* queued (up to
@@ -117,11 +119,15 @@ class InferenceDeployment:
         nan_policy: str = "allow",
         publish_endpoints: bool = True,
         batcher: str = "drain",
+        *,
+        trusted_keys: Sequence[str] | None = None,
+        allow_unsigned: bool = False,
     ) -> None:
         self._service = SuffixService(
             bundle_dirs, intra_op_threads=intra_op_threads,
             # Decoded bytes: compressed cut tensors (zstd, int8) may inflate past the wire limit.
             limits=Limits(nan_policy=nan_policy, max_request_bytes=4 * int(max_message_bytes)),
+            trusted=TrustedKeys.from_pems(trusted_keys or []), allow_unsigned=allow_unsigned,
         )
         self._auth = TokenCheck(digests=token_digests) if token_digests else None
         self._publish = publish_endpoints
@@ -450,4 +456,7 @@ def build_app(bundle_dirs: Sequence[str] | CloudConfig, **overrides: Any):
         config.nan_policy,
         config.tls is None,  # behind a TLS front, the plaintext replica ports are not advertised
         config.batcher,
+        # the keys themselves, read here: replicas on other nodes need no key files
+        trusted_keys=TrustedKeys.from_paths(config.trust).pems,
+        allow_unsigned=config.allow_unsigned,
     )

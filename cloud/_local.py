@@ -160,6 +160,9 @@ def start_local(config: CloudConfig, *, ready_timeout_s: float = 120.0) -> Local
     Raises:
         TimeoutError: the tier did not become ready in time.
         splitgate.errors.BundleError: a bundle failed its integrity check.
+        splitgate.errors.BundleSignatureError: with ``config.trust``, a bundle
+            is unsigned (unless ``allow_unsigned``), tampered or foreign-signed.
+        splitgate.errors.ConfigError: a trusted key file cannot be read.
     """
     config = replace(
         config,
@@ -178,9 +181,16 @@ def start_local(config: CloudConfig, *, ready_timeout_s: float = 120.0) -> Local
 
     from splitgate.planner import PlanBundle
 
-    # Verify bundles here too, so a bad one fails fast with a clear error
-    # instead of as a replica crash loop.
-    names = [PlanBundle.load(b).model_name for b in config.bundles]
+    from splitgate.security import TrustedKeys, verify_bundle
+
+    # Verify bundles (and their signatures) here too, so a bad one fails fast
+    # with a clear error instead of as a replica crash loop.
+    trusted = TrustedKeys.from_paths(config.trust)
+    names = []
+    for b in config.bundles:
+        bundle = PlanBundle.load(b)
+        verify_bundle(bundle, trusted, allow_unsigned=config.allow_unsigned)
+        names.append(bundle.model_name)
     # Serve's driver-side INFO lines would interleave with the CLI's own output.
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     started_ray = False
