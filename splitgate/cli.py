@@ -118,6 +118,7 @@ def _cmd_cloud_serve(args: argparse.Namespace) -> int:
         )
     if not config.bundles:
         raise SplitgateError("no plan bundles given: pass BUNDLE directories or a config file with 'bundles'")
+    _apply_trust(config, args)
     tls, tokens = _server_security(args)
     if tls is not None:  # TLS front on the public port; Serve's plaintext proxy on a free one
         config.tls, config.tls_port, config.grpc_port = tls, config.grpc_port, 0
@@ -179,6 +180,45 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from splitgate.security import TrustedKeys, generate_signing_key
+
+    private, public = generate_signing_key(args.output)
+    kid = TrustedKeys.from_paths([public]).ids[0]
+    print(f"signing key {private} (secret, mode 0600): splitgate sign BUNDLE --key {private}")
+    print(f"public key  {public} (key id {kid}): give edges and the cloud tier --trust {public}")
+    return 0
+
+
+def _cmd_sign(args: argparse.Namespace) -> int:
+    import json
+
+    from splitgate.security import sign_bundle
+
+    path = sign_bundle(args.bundle, args.key)
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    print(f"signed '{doc['model_name']}' (plan {doc['plan_digest'][:12]}) with key {doc['key_id']}: {path}")
+    return 0
+
+
+def _add_trust_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("signed bundles")
+    g.add_argument("--trust", action="append", default=[], metavar="PUBKEY",
+                   help="accept bundles signed by this public key (signing.pub; repeatable: a key set); "
+                        "unsigned or wrongly signed bundles are refused")
+    g.add_argument("--allow-unsigned", action="store_true",
+                   help="with --trust, still load unsigned bundles (development only)")
+
+
+def _apply_trust(config: object, args: argparse.Namespace) -> None:
+    """Add ``--trust`` keys and ``--allow-unsigned`` to a Gateway/Cloud config; say loudly when unsigned is allowed."""
+    config.trust = [*config.trust, *args.trust]  # type: ignore[attr-defined]
+    config.allow_unsigned = bool(args.allow_unsigned or config.allow_unsigned)  # type: ignore[attr-defined]
+    if config.allow_unsigned:  # type: ignore[attr-defined]
+        print("splitgate: WARNING: --allow-unsigned: UNSIGNED BUNDLES WILL BE SERVED, with no proof of who made "
+              "them; development only, never in production", file=sys.stderr, flush=True)
+
+
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from splitgate.experiments.runner import run_experiments
 
@@ -197,6 +237,7 @@ def _cmd_edge_serve(args: argparse.Namespace) -> int:
     from splitgate.edge._serve import serve_edge
 
     config = GatewayConfig.from_file(args.config) if args.config else GatewayConfig()
+    _apply_trust(config, args)
     if args.cloud:
         config.cloud = args.cloud
     if args.deadline_ms:
@@ -310,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     eserve.add_argument("--cloud-key", default=None, help="client key for mutual TLS to the cloud")
     eserve.add_argument("--cloud-token", default=None, help="bearer token sent to the cloud tier")
     eserve.add_argument("--cloud-insecure", action="store_true", help="allow plaintext to a non-loopback cloud")
+    _add_trust_flags(eserve)
     eserve.set_defaults(func=_cmd_edge_serve)
 
     certs = sub.add_parser("certs", help="write a dev CA, server and client certificate (TLS / mutual TLS)")
@@ -317,6 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--host", action="append", default=[], help="server name/IP (repeatable; default localhost, 127.0.0.1, ::1)")
     certs.add_argument("--days", type=int, default=30, help="validity in days")
     certs.set_defaults(func=_cmd_certs)
+
+    keys = sub.add_parser("keys", help="make an ed25519 key pair for signing plan bundles")
+    keys.add_argument("-o", "--output", required=True, help="directory for signing.key (0600) and signing.pub")
+    keys.set_defaults(func=_cmd_keys)
+
+    sign = sub.add_parser("sign", help="sign a plan bundle (detached BUNDLE/signature.json)")
+    sign.add_argument("bundle", help="plan bundle directory")
+    sign.add_argument("--key", required=True, help="private key (signing.key from `splitgate keys`)")
+    sign.set_defaults(func=_cmd_sign)
 
     cloud = sub.add_parser("cloud", help="the Ray Serve cloud tier")
     cloud_sub = cloud.add_subparsers(dest="cloud_command", required=True)
@@ -332,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-direct-ingress", action="store_true", help="proxy only: replicas get no gRPC port of their own")
     serve.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     _add_security_flags(serve)
+    _add_trust_flags(serve)
     serve.set_defaults(func=_cmd_cloud_serve)
 
     from splitgate.loadtests._options import add_arguments as add_loadtest_arguments  # argparse only: cheap

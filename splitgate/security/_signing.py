@@ -143,8 +143,8 @@ def _load_private_key(key_path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
-        hint = " (that is a public key: sign with signing.key)" if b"PUBLIC KEY" in data else ""
-        raise ConfigError(f"signing key {path}: not an unencrypted PEM private key{hint}: {exc}") from None
+        detail = f"that is a public key: sign with {PRIVATE_KEY_FILE}" if b"PUBLIC KEY" in data else str(exc)
+        raise ConfigError(f"signing key {path}: not an unencrypted PEM private key ({detail})") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise ConfigError(f"signing key {path}: a {type(key).__name__}, not ed25519; "
                           "make one with `splitgate keys -o DIR`")
