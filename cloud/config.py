@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CloudConfig"]
+__all__ = ["CloudConfig", "execution_providers"]
 
 
 @dataclass
@@ -61,6 +61,18 @@ class CloudConfig:
             otherwise); only their sha256 reaches the replicas. Empty = no token auth.
         auth_token_digests: accepted tokens given as sha256 hex instead.
         nan_policy: ``"allow"`` or ``"reject"`` NaN/Inf in float cut tensors.
+        max_queue: requests that may wait per replica (admission control); one
+            more is refused at once with RESOURCE_EXHAUSTED and a retry hint
+            (trailing metadata ``splitgate.retry_after_ms``). Also Ray Serve's
+            ``max_queued_requests`` in front of each replica. 0 = unbounded.
+            Keep ``max_ongoing_requests`` above ``max_queue`` + ``max_batch_size``,
+            or Serve's own bound refuses first (without a hint).
+        priority_levels: priority levels (OIP ``priority`` parameter, 1 = served first).
+        default_priority: level of requests without ``priority`` (or with 0).
+        default_deadline_ms: deadline of requests that give none
+            (``splitgate.deadline_ms``); None = no deadline. A request whose
+            deadline the queue ahead says it would miss is refused at once
+            with UNAVAILABLE and a retry hint.
         trust: public key files (``signing.pub``) whose bundle signatures are
             accepted, read where the app is built; the keys themselves (not the
             paths) reach every replica. Empty = signatures not checked (one
@@ -68,6 +80,17 @@ class CloudConfig:
             bundles are refused (``splitgate.errors.BundleSignatureError``).
         allow_unsigned: with ``trust``, still serve unsigned bundles (a WARNING
             each; development only). A bad signature is refused regardless.
+        bundle_cache: where each node keeps bundles fetched from a URI (``bundles``
+            may hold ``http(s)://`` URLs of ``.tar.gz`` archives, fsspec URLs, or
+            local ``.tar.gz`` files; see docs/cloud.md). None = the node's
+            ``SPLITGATE_BUNDLE_CACHE``, else ``~/.cache/splitgate/bundles``.
+        providers: onnxruntime execution providers for suffix sessions, in order
+            of preference (``"CUDAExecutionProvider"`` or short ``"cuda"``, ...).
+            Empty = auto: CUDA when this node's onnxruntime has it, else CPU.
+            Unknown names are a ``ConfigError``; each replica logs and reports
+            (ServerMetadata ``splitgate.providers=``) the providers its sessions use.
+        gpus_per_replica: GPUs Ray reserves per replica (``ray_actor_options``
+            ``num_gpus``; fractions share a GPU); 0 = none.
     """
 
     bundles: list[str] = field(default_factory=list)
@@ -99,6 +122,9 @@ class CloudConfig:
     nan_policy: str = "allow"
     trust: list[str] = field(default_factory=list)
     allow_unsigned: bool = False
+    bundle_cache: str | None = None
+    providers: list[str] = field(default_factory=list)
+    gpus_per_replica: float = 0.0
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> CloudConfig:
@@ -120,7 +146,62 @@ class CloudConfig:
             data["bundles"] = [b for b in data["bundles"].split(",") if b]
         if isinstance(data.get("trust"), str):
             data["trust"] = [t for t in data["trust"].split(",") if t]
+        if isinstance(data.get("providers"), str):
+            data["providers"] = [p.strip() for p in data["providers"].split(",") if p.strip()]
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_AUTO = ("", "auto")
+
+
+def execution_providers(requested: list[str] | tuple[str, ...], available: list[str] | None = None) -> list[str]:
+    """The onnxruntime execution providers a suffix session uses, in order.
+
+    Args:
+        requested: ``CloudConfig.providers``: full names (``"CUDAExecutionProvider"``)
+            or short ones (``"cuda"``), case-insensitive; empty or ``["auto"]`` =
+            CUDA then CPU when ``available`` has CUDA, else CPU alone.
+        available: the providers this node's onnxruntime has (None = ask it);
+            pass ``[]`` to check names only (where the sessions will not run).
+
+    Returns:
+        Full provider names; CPU is appended as the last resort when missing.
+
+    Raises:
+        ConfigError: a name onnxruntime does not know, or (with ``available``)
+            a provider this node's onnxruntime lacks.
+    """
+    import onnxruntime as ort
+
+    from splitgate.errors import ConfigError
+
+    names = [str(p).strip() for p in requested if str(p).strip().lower() not in _AUTO]
+    check_only = available is not None and not available
+    have = list(ort.get_available_providers()) if available is None else list(available)
+    if not names:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in have \
+            else ["CPUExecutionProvider"]
+    known = {k.lower(): k for k in ort.get_all_providers()}
+    known.update({k.lower().removesuffix("executionprovider"): k for k in ort.get_all_providers()})
+    out: list[str] = []
+    for name in names:
+        full = known.get(name.lower())
+        if full is None:
+            raise ConfigError(
+                f"unknown onnxruntime execution provider {name!r} in cloud 'providers'; known: "
+                f"{sorted(ort.get_all_providers())} (or short names such as 'cuda', 'cpu'; empty = auto)"
+            )
+        if not check_only and full not in have:
+            raise ConfigError(
+                f"execution provider {full} is not available in this node's onnxruntime "
+                f"(available: {have}); install the matching onnxruntime build (e.g. onnxruntime-gpu) "
+                "or leave 'providers' empty for auto"
+            )
+        if full not in out:
+            out.append(full)
+    if "CPUExecutionProvider" not in out:
+        out.append("CPUExecutionProvider")
+    return out
