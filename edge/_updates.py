@@ -1,0 +1,793 @@
+"""Over-the-air updates of the edge Gateway's plan bundles.
+
+An *update source* is a directory, or an HTTP(S) URL, holding ``index.json``
+(:data:`INDEX_NAME`) and one ``.tar.gz`` archive per published bundle version
+(``splitgate publish`` writes both; any static file server can serve them)::
+
+    {"format": "splitgate-updates/1",
+     "models": {"mobilenet": [
+        {"version": "v2", "plan_digest": "<64 hex>", "archive": "mobilenet/mobilenet-v2-3f2a9c1b0d4e.tar.gz",
+         "sha256": "<64 hex of the archive>", "size": 2712345}]}}
+
+The last entry of a model's list is the version its edges should run. An
+:class:`Updater` (one per Gateway; :meth:`Gateway.check_updates
+<splitgate.edge.Gateway.check_updates>` and the poller started by
+``GatewayConfig.update_source``) checks each loaded model: it downloads a new
+version's archive resumably (HTTP ``Range`` into ``<sha256>.part``; an
+interrupted transfer continues where it stopped on the next check), verifies
+the archive's sha256 and size, unpacks it safely (regular files and directories
+only, ``tarfile`` ``filter="data"``: no links, no absolute paths, no ``..``) into
+``update_dir/<model>/<version>-<digest>``, then hands that directory to
+``Gateway.update_bundle``, which verifies every file digest (and the signature,
+when trust keys are configured), smoke-runs the model and swaps atomically.
+Any failure leaves the running version serving and is reported: a log line,
+``splitgate_updates_total{model,outcome}`` in the Gateway's Prometheus registry,
+the returned :class:`UpdateOutcome` list and the listeners' callbacks.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
+
+from splitgate import __version__
+from splitgate.errors import BundleError, ConfigError, SplitgateError, Unavailable
+from splitgate.planner import PlanBundle
+
+__all__ = [
+    "INDEX_NAME",
+    "INDEX_FORMAT",
+    "OUTCOMES",
+    "IndexEntry",
+    "UpdateOutcome",
+    "Updater",
+    "default_update_dir",
+    "publish",
+    "read_index",
+    "unpack_archive",
+    "write_archive",
+]
+
+log = logging.getLogger("splitgate.edge.updates")
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "splitgate-updates/1"
+#: What one model's check can end in (the ``outcome`` label of ``splitgate_updates_total``).
+OUTCOMES = (
+    "updated",       # the new version verified, smoke-ran and now serves
+    "current",       # the index's version is the one serving
+    "declined",      # the index's version was rolled back by the app (rollback_bundle): not reinstalled
+    "skipped",       # this archive was refused before (same sha256): not fetched again
+    "interrupted",   # the download stopped early; the partial file is kept and resumed next time
+    "corrupt",       # the archive's size or sha256 is not the index's; the download is dropped
+    "refused",       # the archive or bundle failed unpacking, verification, signature or smoke run
+    "unavailable",   # the source (index or archive) could not be reached
+    "invalid-index", # the index is not a valid update index
+)
+#: The largest index read (an index lists versions, not data).
+MAX_INDEX_BYTES = 4 * 1024 * 1024
+#: Seconds a download may stall (no byte received) before it counts as interrupted.
+READ_TIMEOUT_S = 30.0
+_CHUNK = 1 << 16
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One published bundle version.
+
+    Attributes:
+        model: the bundle's model name.
+        version: a label for people (``--version``; default the digest's first 12 hex).
+        plan_digest: the bundle's ``plan_digest``.
+        archive: the archive's path relative to the index (``/``-separated).
+        sha256: sha256 hex of the archive file.
+        size: the archive's size in bytes.
+    """
+
+    model: str
+    version: str
+    plan_digest: str
+    archive: str
+    sha256: str
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        del out["model"]
+        return out
+
+
+@dataclass
+class UpdateOutcome:
+    """What one check did for one model (plain data; see :data:`OUTCOMES`).
+
+    Attributes:
+        model: the model ("" for a problem with the index or source as a whole).
+        outcome: one of :data:`OUTCOMES`.
+        version: the index's version label (None when no entry was read).
+        plan_digest: the index's plan digest for that version.
+        detail: a sentence for people: what happened, or why not.
+        fetched_bytes: archive bytes transferred by this check.
+        resumed_from: the byte offset a resumed download continued from (0 = from the start).
+    """
+
+    model: str
+    outcome: str
+    version: str | None = None
+    plan_digest: str | None = None
+    detail: str = ""
+    fetched_bytes: int = 0
+    resumed_from: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing went wrong (updated, already current, or deliberately not installed)."""
+        return self.outcome in ("updated", "current", "declined")
+
+
+class _Interrupted(Unavailable):
+    """A transfer stopped before its last byte (the partial file is kept)."""
+
+
+class _Corrupt(BundleError):
+    """Downloaded bytes are not the archive the index names."""
+
+
+class _InvalidIndex(BundleError):
+    """The index document is not a valid update index."""
+
+
+# -- names and the index ----------------------------------------------------------
+
+
+def _safe_name(text: str) -> str:
+    """``text`` as one safe path component (letters, digits, ``._-``)."""
+    name = _UNSAFE.sub("_", text).strip("._") or "_"
+    return name[:80]
+
+
+def default_update_dir() -> Path:
+    """Where downloads and unpacked versions live when ``update_dir`` is not set:
+    ``$XDG_CACHE_HOME/splitgate/updates`` (``~/.cache/...``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "splitgate" / "updates"
+
+
+def _relative_archive(path: str, where: str) -> str:
+    """``path`` if it is a relative, ``/``-separated path inside the index's folder."""
+    pure = PurePosixPath(path)
+    if (not path or pure.is_absolute() or ".." in pure.parts or "\\" in path or ":" in path
+            or "?" in path or "#" in path):
+        raise _InvalidIndex(f"{where}: archive {path!r} must be a relative path below the index (no '..', no URL)")
+    return path
+
+
+def read_index(data: bytes, where: str = INDEX_NAME) -> dict[str, list[IndexEntry]]:
+    """Parse an update index.
+
+    Args:
+        data: the index file's bytes.
+        where: the index's location, for messages.
+
+    Returns:
+        model -> its versions in publish order (the last is the one to run).
+
+    Raises:
+        BundleError: not JSON, another format, or a malformed entry (the message names it).
+    """
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _InvalidIndex(f"{where}: not a JSON update index ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != INDEX_FORMAT:
+        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise _InvalidIndex(f"{where}: format {got!r} is not {INDEX_FORMAT!r}")
+    models = doc.get("models")
+    if not isinstance(models, dict):
+        raise _InvalidIndex(f"{where}: 'models' must map model names to lists of versions")
+    out: dict[str, list[IndexEntry]] = {}
+    for model, versions in models.items():
+        if not isinstance(versions, list):
+            raise _InvalidIndex(f"{where}: model {model!r}: versions must be a list")
+        out[model] = [_entry(model, v, f"{where}: model {model!r} entry {i}") for i, v in enumerate(versions)]
+    return out
+
+
+def _entry(model: str, data: Any, where: str) -> IndexEntry:
+    if not isinstance(data, dict):
+        raise _InvalidIndex(f"{where}: not an object")
+    try:
+        entry = IndexEntry(
+            model=model, version=str(data["version"]), plan_digest=str(data["plan_digest"]),
+            archive=_relative_archive(str(data["archive"]), where), sha256=str(data["sha256"]).lower(),
+            size=data["size"],
+        )
+    except KeyError as exc:
+        raise _InvalidIndex(f"{where}: missing {exc.args[0]!r}") from None
+    if not _HEX64.match(entry.sha256) or not _HEX64.match(entry.plan_digest):
+        raise _InvalidIndex(f"{where}: sha256 and plan_digest must be 64 lower-case hex digits")
+    if isinstance(entry.size, bool) or not isinstance(entry.size, int) or entry.size <= 0:
+        raise _InvalidIndex(f"{where}: size must be a positive integer, got {entry.size!r}")
+    return entry
+
+
+def _index_doc(index: dict[str, list[IndexEntry]]) -> dict[str, Any]:
+    return {"format": INDEX_FORMAT, "models": {m: [e.to_json() for e in es] for m, es in index.items()}}
+
+
+# -- publishing -------------------------------------------------------------------
+
+
+def write_archive(bundle_dir: str | os.PathLike[str], dest: str | os.PathLike[str]) -> tuple[str, int]:
+    """Write ``bundle_dir``'s files to a ``.tar.gz`` at ``dest`` (the same thing as
+    ``tar czf DEST -C BUNDLE .``, but reproducible: sorted, no owners, time 0).
+
+    Returns:
+        (sha256 hex, size in bytes) of the archive.
+
+    Raises:
+        BundleError: the bundle holds a symbolic link or a special file.
+    """
+    root, dest = Path(bundle_dir), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink() or not (path.is_file() or path.is_dir()):
+                raise BundleError(f"{path}: bundles hold regular files only (a link or special file cannot be published)")
+            info = tar.gettarinfo(str(path), arcname=rel)
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            info.mode = 0o755 if path.is_dir() else 0o644
+            if path.is_file():
+                with open(path, "rb") as fh:
+                    tar.addfile(info, fh)
+            else:
+                tar.addfile(info)
+    os.replace(tmp, dest)
+    return _file_sha256(dest), dest.stat().st_size
+
+
+def _write_index(to_dir: Path, index: dict[str, list[IndexEntry]]) -> None:
+    tmp = to_dir / f".{INDEX_NAME}.tmp"
+    tmp.write_text(json.dumps(_index_doc(index), indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, to_dir / INDEX_NAME)  # readers see the old index or the new one, whole
+
+
+def publish(
+    bundles: Iterable[str | os.PathLike[str]], to_dir: str | os.PathLike[str], *, version: str | None = None,
+) -> list[IndexEntry]:
+    """Publish bundle versions to an update directory: write each bundle's archive
+    and append it to ``to_dir/index.json`` as its model's newest version (serve
+    ``to_dir`` with any static file server, or use it as a directory source).
+
+    Publishing a plan digest that is already listed moves it to the end again
+    (the way to send a fleet back to an earlier version).
+
+    Args:
+        bundles: plan bundle directories (each verified first).
+        to_dir: the update directory (created if missing).
+        version: the version label (default: each plan digest's first 12 hex).
+
+    Returns:
+        The entries written, one per bundle.
+
+    Raises:
+        BundleError: a bundle fails verification, or the existing index is invalid.
+        ConfigError: ``version`` is already published for another plan of that model.
+    """
+    to = Path(to_dir)
+    to.mkdir(parents=True, exist_ok=True)
+    index_path = to / INDEX_NAME
+    index = read_index(index_path.read_bytes(), str(index_path)) if index_path.exists() else {}
+    written = []
+    for source in bundles:
+        bundle = PlanBundle.load(source)
+        model, digest = bundle.model_name, bundle.plan_digest
+        label = version or digest[:12]
+        entries = index.setdefault(model, [])
+        clash = [e for e in entries if e.version == label and e.plan_digest != digest]
+        if clash:
+            raise ConfigError(
+                f"model '{model}' version {label!r} is already published with plan {clash[0].plan_digest[:12]}; "
+                f"pick another --version"
+            )
+        rel = f"{_safe_name(model)}/{_safe_name(model)}-{_safe_name(label)}-{digest[:12]}.tar.gz"
+        sha, size = write_archive(bundle.root, to / rel)
+        entry = IndexEntry(model=model, version=label, plan_digest=digest, archive=rel, sha256=sha, size=size)
+        index[model] = [e for e in entries if e.plan_digest != digest] + [entry]
+        written.append(entry)
+    _write_index(to, index)
+    return written
+
+
+# -- unpacking --------------------------------------------------------------------
+
+
+def unpack_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str], *, max_bytes: int) -> Path:
+    """Unpack a bundle archive into ``dest`` safely.
+
+    Only regular files and directories are accepted; names are checked by
+    ``tarfile``'s ``filter="data"`` (no absolute paths, no ``..``, no device
+    files); the declared sizes may total at most ``max_bytes``.
+
+    Returns:
+        The bundle directory: ``dest``, or its one sub-directory when the
+        archive was made from the bundle's parent folder.
+
+    Raises:
+        BundleError: unreadable archive, a link or special file, a name that
+            escapes ``dest``, or more than ``max_bytes`` of content.
+    """
+    dest = Path(dest)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = tar.getmembers()
+            total = 0
+            for m in members:
+                if not (m.isfile() or m.isdir()):
+                    kind = "link" if (m.issym() or m.islnk()) else "special file"
+                    raise BundleError(f"archive {archive}: member {m.name!r} is a {kind}; bundles hold files only")
+                total += m.size
+            if total > max_bytes:
+                raise BundleError(f"archive {archive}: {total} bytes of content is over the {max_bytes} byte limit")
+            tar.extractall(dest, members=members, filter="data")
+    except tarfile.FilterError as exc:
+        raise BundleError(f"archive {archive}: refused member ({exc})") from None
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise BundleError(f"archive {archive}: not a readable .tar.gz ({exc})") from None
+    entries = [p for p in dest.iterdir()]
+    if not (dest / "manifest.json").exists() and len(entries) == 1 and entries[0].is_dir():
+        return entries[0]
+    return dest
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+# -- sources ------------------------------------------------------------------------
+
+
+class _Source:
+    """Where the index and archives come from: a directory or an HTTP(S) URL."""
+
+    def __init__(self, location: str) -> None:
+        location = str(location).strip()
+        if not location:
+            raise ConfigError("update source is empty: give a directory or an http(s):// URL")
+        scheme = urllib.parse.urlsplit(location).scheme.lower()
+        self.is_http = scheme in ("http", "https")
+        if self.is_http:
+            self.index_url = location if location.endswith(".json") else location.rstrip("/") + "/" + INDEX_NAME
+            self.where = self.index_url
+        elif scheme in ("", "file") or len(scheme) == 1:  # (a Windows drive letter is no scheme)
+            path = Path(urllib.parse.urlsplit(location).path if scheme == "file" else location)
+            self.index_path = path if path.suffix == ".json" else path / INDEX_NAME
+            self.where = str(self.index_path)
+        else:
+            raise ConfigError(f"update source {location!r}: use a directory or an http(s):// URL, not {scheme}://")
+
+    def index(self, timeout_s: float) -> bytes:
+        """The index's bytes. Raises Unavailable (unreachable) or BundleError (too large)."""
+        if not self.is_http:
+            try:
+                with open(self.index_path, "rb") as fh:
+                    data = fh.read(MAX_INDEX_BYTES + 1)
+            except OSError as exc:
+                raise Unavailable(f"update index {self.where}: {exc.strerror or exc}") from None
+        else:
+            request = urllib.request.Request(self.index_url, headers=_headers({"Cache-Control": "no-cache"}))
+            try:
+                with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                    data = response.read(MAX_INDEX_BYTES + 1)
+            except urllib.error.HTTPError as exc:
+                raise Unavailable(f"update index {self.where}: HTTP {exc.code} {exc.reason}") from None
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                raise Unavailable(f"update index {self.where}: {_reason(exc)}") from None
+        if len(data) > MAX_INDEX_BYTES:
+            raise _InvalidIndex(f"update index {self.where}: larger than {MAX_INDEX_BYTES} bytes")
+        return data
+
+    def archive_location(self, rel: str) -> str:
+        if self.is_http:
+            return urllib.parse.urljoin(self.index_url, urllib.parse.quote(rel))
+        return str(self.index_path.parent.joinpath(*PurePosixPath(rel).parts))
+
+    def fetch(self, rel: str, part: Path, size: int, timeout_s: float, progress: _Progress) -> None:
+        """Bring the archive ``rel`` into ``part``, continuing a partial file;
+        ``progress`` counts the bytes transferred and the offset resumed from.
+
+        Raises:
+            _Interrupted: the transfer stopped early (``part`` keeps what arrived).
+            _Corrupt: more bytes than ``size``.
+            Unavailable: the archive cannot be reached.
+        """
+        have = part.stat().st_size if part.exists() else 0
+        if have > size:
+            part.unlink()
+            have = 0
+        if have == size:
+            return
+        where = self.archive_location(rel)
+        if self.is_http:
+            _fetch_http(where, part, have, size, timeout_s, progress)
+        else:
+            _fetch_file(Path(where), part, have, size, progress)
+
+
+@dataclass
+class _Progress:
+    """A download's bytes transferred so far and the offset it resumed from."""
+
+    fetched: int = 0
+    resumed_from: int = 0
+
+
+def _headers(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {"User-Agent": f"splitgate/{__version__}", **(extra or {})}
+
+
+def _reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    return str(reason if reason is not None else exc) or type(exc).__name__
+
+
+def _copy_body(body: Any, part: Path, have: int, size: int, where: str, progress: _Progress) -> None:
+    """Write ``body``'s bytes to ``part`` from offset ``have`` on (0: a new file).
+
+    Raises:
+        _Interrupted: the body ended or failed early. _Corrupt: it is too long.
+    """
+    progress.resumed_from, copied = have, 0
+    with open(part, "ab" if have else "wb") as out:
+        try:
+            while True:
+                chunk = body.read(_CHUNK)
+                if not chunk:
+                    break
+                if have + copied + len(chunk) > size:
+                    raise _Corrupt(f"{where}: more than the index's {size} bytes")
+                out.write(chunk)
+                copied += len(chunk)
+                progress.fetched = copied
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            out.flush()
+            raise _Interrupted(
+                f"{where}: transfer stopped at byte {have + copied} of {size} ({_reason(exc)}); resumes next check"
+            ) from None
+    if have + copied < size:
+        raise _Interrupted(f"{where}: transfer stopped at byte {have + copied} of {size}; resumes next check")
+
+
+def _fetch_http(url: str, part: Path, have: int, size: int, timeout_s: float, progress: _Progress) -> None:
+    headers = _headers({"Range": f"bytes={have}-"} if have else None)
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # the partial file is no prefix of what is served now
+            part.unlink(missing_ok=True)
+            raise _Interrupted(f"{url}: the server refused to resume at byte {have}; restarts next check") from None
+        raise Unavailable(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        raise Unavailable(f"{url}: {_reason(exc)}") from None
+    with response:
+        if have and response.status == 206:
+            start = _content_range_start(response.headers.get("Content-Range", ""))
+            if start != have:
+                part.unlink(missing_ok=True)
+                raise _Interrupted(f"{url}: asked for byte {have} on, got range start {start}; restarts next check")
+            _copy_body(response, part, have, size, url, progress)
+        else:
+            _copy_body(response, part, 0, size, url, progress)  # (a server that ignores Range sends it all)
+
+
+def _content_range_start(value: str) -> int | None:
+    match = re.match(r"^\s*bytes\s+(\d+)-", value)
+    return int(match.group(1)) if match else None
+
+
+def _fetch_file(path: Path, part: Path, have: int, size: int, progress: _Progress) -> None:
+    try:
+        body = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise Unavailable(f"archive {path}: {exc.strerror or exc}") from None
+    with body:
+        body.seek(have)
+        _copy_body(body, part, have, size, str(path), progress)
+
+
+# -- the updater ----------------------------------------------------------------------
+
+
+class _GatewayLike(Protocol):
+    """What the updater needs of a Gateway."""
+
+    @property
+    def models(self) -> list[str]: ...
+
+    def bundle(self, model: str) -> PlanBundle: ...
+
+    def update_bundle(self, source: str | Path, *, smoke: bool = True) -> PlanBundle: ...
+
+
+Listener = Callable[[UpdateOutcome], Any]
+
+
+class Updater:
+    """Checks an update source for new versions of a Gateway's models and installs them.
+
+    Thread-safe: checks run one at a time (the poller's and on-demand ones).
+    Keeps ``update_dir/downloads/<sha256>.part`` (resumable downloads) and
+    ``update_dir/<model>/<version>-<digest12>`` (unpacked versions); after each
+    check only the serving and the previous version of each model stay.
+
+    Args:
+        gateway: the Gateway to update.
+        source: a directory or an http(s):// URL (of the index or its folder).
+        update_dir: staging and cache directory (default :func:`default_update_dir`).
+        interval_s: the poller's period (0 = no poller; :meth:`check` on demand only).
+        registry: Prometheus registry for ``splitgate_updates_total`` (None = no metric).
+        previous_root: model -> the root of its previous (rollback) version, if any.
+        evict: called with a bundle whose files are deleted (drop its cached sessions).
+        timeout_s: socket timeout of each request (a stalled download is interrupted).
+
+    Raises:
+        ConfigError: a source that is neither a directory nor an http(s) URL, or interval_s < 0.
+    """
+
+    def __init__(
+        self,
+        gateway: _GatewayLike,
+        source: str,
+        *,
+        update_dir: str | os.PathLike[str] | None = None,
+        interval_s: float = 300.0,
+        registry: Any = None,
+        previous_root: Callable[[str], Path | None] = lambda model: None,
+        evict: Callable[[PlanBundle], None] = lambda bundle: None,
+        timeout_s: float = READ_TIMEOUT_S,
+    ) -> None:
+        if isinstance(interval_s, bool) or not (isinstance(interval_s, (int, float)) and interval_s >= 0):
+            raise ConfigError(f"update_interval_s must be seconds >= 0 (0 = on demand only), got {interval_s!r}")
+        self.source = _Source(source)
+        self.dir = Path(update_dir) if update_dir else default_update_dir()
+        self.interval_s = float(interval_s)
+        self.timeout_s = timeout_s
+        self._gateway = gateway
+        self._previous_root = previous_root
+        self._evict = evict
+        self._lock = threading.Lock()
+        self._listeners: list[Listener] = []
+        self._refused: dict[str, str] = {}  # archive sha256 -> why its bundle was refused
+        self._installed: dict[str, str] = {}  # model -> plan digest this updater installed
+        self._declined: dict[str, set[str]] = {}  # model -> digests the app rolled back from
+        self._staged: dict[Path, PlanBundle] = {}  # unpacked versions this updater installed
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._counter = None
+        if registry is not None:
+            from prometheus_client import Counter
+
+            self._counter = Counter(
+                "splitgate_updates", "Over-the-air update checks by model and outcome",
+                ("model", "outcome"), registry=registry,
+            )
+
+    # -- public ---------------------------------------------------------------------
+
+    def add_listener(self, callback: Listener) -> None:
+        """Call ``callback(outcome)`` for every :class:`UpdateOutcome` from now on
+        (on the checking thread; an exception it raises is logged and ignored)."""
+        self._listeners.append(callback)
+
+    def check(self) -> list[UpdateOutcome]:
+        """Check the source once; install what is new. Never raises for a bad
+        source, download or bundle: each problem is an outcome.
+
+        Returns:
+            One outcome per loaded model the index lists (or one with model ""
+            when the index itself could not be read).
+        """
+        with self._lock:
+            outcomes = self._check()
+        for outcome in outcomes:
+            self._report(outcome)
+        return outcomes
+
+    def start(self) -> None:
+        """Start the poller thread: a check now, then one every ``interval_s``
+        (with ``interval_s`` 0, none: checks run on demand only)."""
+        if self._thread is not None or self.interval_s == 0:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._poll, name="splitgate-updates", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the poller (a check under way finishes its current step first)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    # -- internals ------------------------------------------------------------------
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.check()
+            except Exception:  # noqa: BLE001 - the poller outlives a bug in one check
+                log.exception("update check failed unexpectedly; next check in %.0f s", self.interval_s)
+            self._stop.wait(self.interval_s)
+
+    def _check(self) -> list[UpdateOutcome]:
+        try:
+            index = read_index(self.source.index(self.timeout_s), self.source.where)
+        except _InvalidIndex as exc:
+            return [UpdateOutcome(model="", outcome="invalid-index", detail=str(exc))]
+        except SplitgateError as exc:
+            return [UpdateOutcome(model="", outcome="unavailable", detail=str(exc))]
+        loaded = set(self._gateway.models)
+        outcomes, wanted = [], set()
+        for model, entries in sorted(index.items()):
+            if model not in loaded or not entries:
+                continue
+            entry = entries[-1]
+            wanted.add(entry.sha256)
+            outcomes.append(self._check_model(entry))
+        self._clean(wanted)
+        return outcomes
+
+    def _check_model(self, entry: IndexEntry) -> UpdateOutcome:
+        model = entry.model
+        current = self._gateway.bundle(model).plan_digest
+        installed = self._installed.get(model)
+        if installed is not None and installed != current:  # the app rolled back (or replaced) our version
+            self._declined.setdefault(model, set()).add(installed)
+            del self._installed[model]
+        outcome = UpdateOutcome(model=model, outcome="current", version=entry.version, plan_digest=entry.plan_digest)
+        if entry.plan_digest == current:
+            return outcome
+        if entry.plan_digest in self._declined.get(model, set()):
+            outcome.outcome, outcome.detail = "declined", "the app rolled this version back; publish another to update"
+            return outcome
+        if entry.sha256 in self._refused:
+            outcome.outcome, outcome.detail = "skipped", f"refused before: {self._refused[entry.sha256]}"
+            return outcome
+        try:
+            self._install(entry, outcome)
+        except _Interrupted as exc:
+            outcome.outcome, outcome.detail = "interrupted", str(exc)
+        except _Corrupt as exc:
+            outcome.outcome, outcome.detail = "corrupt", str(exc)
+        except Unavailable as exc:
+            outcome.outcome, outcome.detail = "unavailable", str(exc)
+        except BundleError as exc:
+            self._refused[entry.sha256] = str(exc)
+            outcome.outcome, outcome.detail = "refused", str(exc)
+        return outcome
+
+    def _install(self, entry: IndexEntry, outcome: UpdateOutcome) -> None:
+        """Download, verify, unpack and swap in ``entry``; fills ``outcome``."""
+        downloads = self.dir / "downloads"
+        downloads.mkdir(parents=True, exist_ok=True)
+        part = downloads / f"{entry.sha256}.part"
+        progress = _Progress()
+        try:
+            self.source.fetch(entry.archive, part, entry.size, self.timeout_s, progress)
+        finally:
+            outcome.fetched_bytes, outcome.resumed_from = progress.fetched, progress.resumed_from
+        if _file_sha256(part) != entry.sha256:
+            part.unlink(missing_ok=True)
+            raise _Corrupt(f"archive {entry.archive}: sha256 differs from the index (corrupted in transit or on the server); "
+                           "dropped, fetched again next check")
+        staged = self._unpack(entry, part)
+        try:
+            self._verify_matches(entry, staged)
+            bundle = self._gateway.update_bundle(staged)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        part.unlink(missing_ok=True)
+        self._staged[bundle.root.resolve()] = bundle
+        self._installed[entry.model] = entry.plan_digest
+        outcome.outcome = "updated"
+        outcome.detail = f"now serving version {entry.version} (plan {entry.plan_digest[:12]}) from {bundle.root}"
+
+    def _unpack(self, entry: IndexEntry, part: Path) -> Path:
+        """Unpack into ``update_dir/<model>/<version>-<digest12>[-n]``; returns the bundle root."""
+        model_dir = self.dir / _safe_name(entry.model)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+        try:
+            root = unpack_archive(part, tmp, max_bytes=max(64 * entry.size, 256 << 20))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        name = f"{_safe_name(entry.version)}-{entry.plan_digest[:12]}"
+        final, n = model_dir / name, 1
+        while final.exists():  # (never reuse a path: the session cache is keyed by file path)
+            n += 1
+            final = model_dir / f"{name}-{n}"
+        os.replace(root, final)  # (root: tmp, or the bundle's own folder inside the archive)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+    @staticmethod
+    def _verify_matches(entry: IndexEntry, root: Path) -> None:
+        """The unpacked bundle is the model and plan the index promised."""
+        try:
+            manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"archive {entry.archive}: no readable manifest.json ({exc})") from None
+        name, digest = manifest.get("model_name"), manifest.get("plan_digest")
+        if name != entry.model or digest != entry.plan_digest:
+            raise BundleError(
+                f"archive {entry.archive}: holds model {name!r} plan {str(digest)[:12]}, "
+                f"the index promised {entry.model!r} plan {entry.plan_digest[:12]}"
+            )
+
+    def _clean(self, wanted: set[str]) -> None:
+        """Drop partial downloads no longer wanted and unpacked versions other than
+        each model's serving and previous one."""
+        downloads = self.dir / "downloads"
+        if downloads.is_dir():
+            for part in downloads.glob("*.part"):
+                if part.name[:-5] not in wanted:
+                    part.unlink(missing_ok=True)
+        for model in self._gateway.models:
+            model_dir = self.dir / _safe_name(model)
+            if not model_dir.is_dir():
+                continue
+            keep = {self._gateway.bundle(model).root.resolve()}
+            if (previous := self._previous_root(model)) is not None:
+                keep.add(Path(previous).resolve())
+            for child in model_dir.iterdir():
+                if any(k == child.resolve() or child.resolve() in k.parents for k in keep):
+                    continue
+                bundle = self._staged.pop(child.resolve(), None)
+                if bundle is not None:
+                    self._evict(bundle)
+                shutil.rmtree(child, ignore_errors=True)
+
+    def _report(self, outcome: UpdateOutcome) -> None:
+        if self._counter is not None:
+            self._counter.labels(outcome.model, outcome.outcome).inc()
+        what = f"update {outcome.model or self.source.where}"
+        if outcome.version:
+            what += f" -> {outcome.version} ({(outcome.plan_digest or '')[:12]})"
+        if outcome.outcome == "updated":
+            log.info("%s: updated; %s", what, outcome.detail)
+        elif outcome.ok:
+            log.debug("%s: %s %s", what, outcome.outcome, outcome.detail)
+        else:
+            log.warning("%s: %s, the running version keeps serving: %s", what, outcome.outcome, outcome.detail)
+        for listener in list(self._listeners):
+            try:
+                listener(outcome)
+            except Exception:  # noqa: BLE001 - a listener's bug must not stop updates
+                log.exception("update listener %r failed", listener)
