@@ -75,12 +75,17 @@ class SuffixService:
         trusted: public keys whose bundle signatures are accepted (None or
             empty = signatures not checked); see :func:`splitgate.security.verify_bundle`.
         allow_unsigned: with ``trusted``, still serve unsigned bundles (development only).
+        providers: onnxruntime execution providers of the suffix sessions, in
+            order (None = CPU); ``providers_used`` collects what the sessions got.
     """
 
     def __init__(
         self, bundle_dirs: Iterable[str | Path], *, intra_op_threads: int = 0, limits: Limits | None = None,
         trusted: TrustedKeys | None = None, allow_unsigned: bool = False,
+        providers: Iterable[str] | None = None,
     ) -> None:
+        self.providers = list(providers or ["CPUExecutionProvider"])
+        self.providers_used: list[str] = []  # execution providers the sessions actually run on
         self.trusted = trusted
         self.allow_unsigned = allow_unsigned
         self._versions: dict[str, dict[str, PlanBundle]] = {}
@@ -212,12 +217,18 @@ class SuffixService:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             if f"{rel}.data" in files:  # external weights: ORT resolves them next to the file
-                return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+                session = ort.InferenceSession(str(path), opts, providers=self.providers)
+            else:
+                session = ort.InferenceSession(data, opts, providers=self.providers)
         except Exception as exc:
             if not is_onnxruntime_error(exc):
                 raise
             raise load_error(exc, RunSite.of(bundle.model_name, partition, "suffix", "cloud"), rel) from None
+        with self._lock:
+            for used in session.get_providers():  # what onnxruntime registered (CUDA may fall back)
+                if used not in self.providers_used:
+                    self.providers_used.append(used)
+        return session
 
     def _session(
         self, model: str, partition_id: str, digest: str | None = None
