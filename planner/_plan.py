@@ -59,6 +59,7 @@ from splitgate.planner._partition_profile import (
     partition_estimate,
 )
 from splitgate.planner._profile import NodeProfile, profile_nodes, time_partitions
+from splitgate.planner._reference import ReferenceStats, reference_from_model
 from splitgate.planner._shapes import ShapeBucket, load_samples, resolve_buckets, seeded_feeds, tensor_nbytes
 from splitgate.errors import BundleError, InvalidArgument
 
@@ -78,6 +79,8 @@ class Plan:
         shapes: the shape buckets planned at (the first is the main one).
         notes: what planning assumed (e.g. a dynamic batch planned at 1).
         tables: one decision table per bucket (empty without profiling).
+        reference: the drift reference statistics of the calibration inputs
+            (:mod:`splitgate.planner._reference`; None without real inputs).
     """
 
     partitions: list[PlannedPartition]
@@ -86,6 +89,7 @@ class Plan:
     shapes: list[ShapeBucket] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     tables: list[DecisionTable] = field(default_factory=list)
+    reference: ReferenceStats | None = None
 
 
 def _bytes(problem: CutProblem, tensors: list[str]) -> int:
@@ -212,6 +216,7 @@ class Planner:
         self.parts: list[PlannedPartition] = []
         self.encodings: dict[str, Any] = {}
         self.planning_ms = 0.0
+        self._calibration: Calibration | None = None
 
     def run(self) -> Plan:
         """Run every stage.
@@ -226,7 +231,7 @@ class Planner:
         self.find_cuts()
         if not self.options.profile:
             self.extract()
-            return Plan(self.parts, None, None, self.shapes, self.notes)
+            return Plan(self.parts, None, None, self.shapes, self.notes, reference=self.reference())
         self.profile_nodes()
         self.search()
         self.extract()
@@ -234,7 +239,7 @@ class Planner:
         self.encode()
         kept = self.decide()
         return Plan(kept, self.document(kept), self.buckets[0].table, self.shapes, self.notes,
-                    [b.table for b in self.buckets if b.table is not None])
+                    [b.table for b in self.buckets if b.table is not None], reference=self.reference())
 
     def resolve_shapes(self) -> None:
         """The shape buckets to plan at (``input_shapes``, samples, a dynamic batch),
@@ -311,7 +316,7 @@ class Planner:
             InvalidArgument: unreadable calibration inputs.
         """
         main = self.buckets[0]
-        calibration = _calibration(self.g, self.options, self.shapes[0], self.samples)
+        calibration = self.calibration()
         self.parts, self.encodings = add_encoded(self.g, self.parts, self.options, self.report,
                                                  calibration=calibration)
         if self.device is not None:
@@ -319,6 +324,34 @@ class Planner:
         main.stats = {p.id: p.measured() for p in self.parts}
         for b in self.buckets[1:]:
             _encoded_stats(self.parts, main, b)
+
+    def calibration(self) -> Calibration:
+        """The calibration requests (the encoding guard's and the drift reference's), loaded once.
+
+        Raises:
+            InvalidArgument: unreadable calibration inputs.
+        """
+        if self._calibration is None:
+            self._calibration = _calibration(self.g, self.options, self.shapes[0], self.samples)
+        return self._calibration
+
+    def reference(self) -> ReferenceStats | None:
+        """The drift reference statistics of the model on the calibration inputs
+        (:mod:`splitgate.planner._reference`), when they are real (``calibration`` or
+        ``samples``); None for generated inputs, which say nothing about real traffic.
+
+        Raises:
+            InvalidArgument: unreadable calibration inputs, or the model fails on one.
+        """
+        if self.options.calibration is None and not self.samples:
+            return None
+        calibration = self.calibration()
+        if calibration.source == "random":
+            return None
+        self.report("drift reference", 0, 1)
+        ref = reference_from_model(self.g.model.SerializeToString(), calibration.requests, calibration.source)
+        self.report("drift reference", 1, 1)
+        return ref
 
     def decide(self) -> list[PlannedPartition]:
         """One decision table per bucket.
