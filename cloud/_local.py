@@ -187,8 +187,14 @@ def start_local(config: CloudConfig, *, ready_timeout_s: float = 120.0) -> Local
     # with a clear error instead of as a replica crash loop.
     trusted = TrustedKeys.from_paths(config.trust)
     names = []
+    from splitgate.cloud._fetch import is_uri, resolve_bundle
+
     for b in config.bundles:
-        bundle = PlanBundle.load(b)
+        # A URI is fetched here into this host's cache too (a fast, clear failure);
+        # the replicas get the URI and fetch it on their own nodes.
+        bundle = PlanBundle.load(resolve_bundle(
+            b, cache_dir=config.bundle_cache, trusted=trusted, allow_unsigned=config.allow_unsigned
+        ))
         verify_bundle(bundle, trusted, allow_unsigned=config.allow_unsigned)
         names.append(bundle.model_name)
     # Serve's driver-side INFO lines would interleave with the CLI's own output.
@@ -210,7 +216,7 @@ def start_local(config: CloudConfig, *, ready_timeout_s: float = 120.0) -> Local
         http_options={"host": "127.0.0.1", "port": config.http_port},
         grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
     )
-    app = build_app(replace(config, bundles=[os.path.abspath(b) for b in config.bundles]))
+    app = build_app(replace(config, bundles=[b if is_uri(b) else os.path.abspath(b) for b in config.bundles]))
     # route_prefix must be set: apps without one are not exposed on the gRPC proxy.
     serve.run(app, name=config.app_name, route_prefix="/")
     front = None
