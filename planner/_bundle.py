@@ -9,6 +9,7 @@ Layout::
     BUNDLE/profile.json                     measured profile (schema 2, when profiled)
     BUNDLE/decision_table.json              conditions grid -> partition (schema 2, when profiled)
     BUNDLE/reference.json                   drift reference statistics (when planned with real inputs)
+    BUNDLE/reference.json                   drift reference statistics (when planned with real inputs)
 
 ``manifest.json`` lists every file with its sha256 and carries ``plan_digest``,
 the sha256 of its own canonical JSON without that field and without the
@@ -44,6 +45,7 @@ from splitgate.planner._decide import DecisionTable, explain, pick
 from splitgate.planner._options import PlanOptions
 from splitgate.planner._partition_profile import BucketProfile, PartitionProfile, Profile, partition_estimate
 from splitgate.planner._plan import plan_model
+from splitgate.planner._reference import REFERENCE_FILE, ReferenceStats
 from splitgate.planner._quantize import PRECISIONS, candidate_parts
 from splitgate.planner._reference import REFERENCE_FILE, ReferenceStats
 from splitgate.errors import BundleError, InvalidArgument, NotFound
@@ -340,6 +342,10 @@ def build_bundle(
             (tmp / REFERENCE_FILE).write_text(json.dumps(plan.reference.to_dict(), indent=1) + "\n", encoding="utf-8")
             written.append(tmp / REFERENCE_FILE)
             extra["reference"] = REFERENCE_FILE
+        if plan.reference is not None:  # plan data (in the digest): the reference the edge measures drift from
+            (tmp / REFERENCE_FILE).write_text(json.dumps(plan.reference.to_dict(), indent=1) + "\n", encoding="utf-8")
+            written.append(tmp / REFERENCE_FILE)
+            extra["reference"] = REFERENCE_FILE
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in written}
         manifest: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
@@ -475,6 +481,22 @@ class PlanBundle:
         if recorded:
             return [{k: tuple(int(d) for d in v) for k, v in b.items()} for b in recorded]
         return [{s.name: tuple(d if d >= 0 else 1 for d in s.shape) for s in self.inputs}]
+
+    @property
+    def reference(self) -> ReferenceStats | None:
+        """The drift reference statistics recorded at plan time (``reference.json``,
+        :mod:`splitgate.planner._reference`); None for bundles planned without real inputs
+        and older bundles.
+
+        Raises:
+            BundleError: the file is unreadable or malformed.
+        """
+        rel = self.manifest.get("reference")
+        if not rel:
+            return None
+        if "_reference" not in self.__dict__:
+            self.__dict__["_reference"] = ReferenceStats.from_dict(self._read_json(rel), where=str(self.root / rel))
+        return self.__dict__["_reference"]
 
     @property
     def reference(self) -> ReferenceStats | None:
