@@ -14,6 +14,7 @@ and ``splitgate.queue_depth`` counts real waiting work.
 from __future__ import annotations
 
 import asyncio
+import logging
 import collections
 import os
 import threading
@@ -27,15 +28,16 @@ from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 
 from splitgate.cloud._batch import group_batches, run_group
+from splitgate.cloud._fetch import resolve_bundles
 from splitgate.cloud._service import SuffixService
-from splitgate.cloud.config import CloudConfig
-from splitgate.errors import ResourceExhausted, SplitgateError, Unauthenticated
+from splitgate.cloud.config import CloudConfig, execution_providers
+from splitgate.errors import ConfigError, ResourceExhausted, SplitgateError, Unauthenticated
 from splitgate.protocol import inference_pb2 as pb
 from splitgate.security import TokenCheck, TrustedKeys, malformed_message, token_digest
 from splitgate.validate import Limits
 from splitgate import contract
 
-__all__ = ["ENDPOINTS_EXTENSION", "SERVICER_FUNCTION", "InferenceDeployment", "build_app"]
+__all__ = ["ENDPOINTS_EXTENSION", "PROVIDERS_EXTENSION", "SERVICER_FUNCTION", "InferenceDeployment", "build_app"]
 
 # What Ray Serve's gRPC ingress must import to expose the OIP service.
 # (splitgate's registration: like the generated add_..._to_server, but bytes that
@@ -45,6 +47,10 @@ SERVICER_FUNCTION = "splitgate.security.add_inference_servicer"
 # ServerMetadata.extensions entry that lists the replicas' direct-ingress gRPC
 # endpoints: "splitgate.endpoints=host:port,host:port" (absent without direct ingress).
 ENDPOINTS_EXTENSION = contract.ENDPOINTS_EXTENSION
+# ServerMetadata.extensions entry naming the onnxruntime execution providers the
+# answering replica's suffix sessions run on: "splitgate.providers=CUDAExecutionProvider,CPUExecutionProvider".
+PROVIDERS_EXTENSION = "splitgate.providers="
+_log = logging.getLogger("ray.serve")  # lands in the replica's own Serve log
 _ENDPOINTS_TTL_S = 2.0
 
 
@@ -80,6 +86,33 @@ def _grpc_enforces(limit: int) -> bool:
         return False
 
 
+def _warm_and_announce(service: SuffixService, refs: Sequence[str], local_dirs: Sequence[str],
+                       requested: Sequence[str]) -> None:
+    """Open the first model's whole-model suffix (so the providers that really
+    run are known, and the first request does not pay for the session), then
+    log one line for this replica and set its ``splitgate_replica_execution_provider``
+    gauge (Ray's metrics: 1 for the provider its sessions run on)."""
+    if service.models:
+        try:
+            service._session(service.models[0], "cloud")
+        except Exception as exc:  # noqa: BLE001 - the first request reports it properly
+            _log.warning("splitgate replica: warm-up of model '%s' failed: %s", service.models[0], exc)
+    ran = service.providers_used or service.providers
+    fetched = {str(r): str(d) for r, d in zip(refs, local_dirs) if str(r) != str(d)}
+    _log.info(
+        "splitgate replica: suffix sessions run on %s (requested %s); models %s%s", ran,
+        list(requested) or "auto", service.models, f"; fetched {fetched}" if fetched else "",
+    )
+    try:
+        from ray.serve.metrics import Gauge
+
+        gauge = Gauge("splitgate_replica_execution_provider", tag_keys=("provider",),
+                      description="1 for the onnxruntime execution provider this replica's suffix sessions run on")
+        gauge.set(1, tags={"provider": ran[0]})
+    except Exception:  # noqa: BLE001 - metrics are best effort
+        pass
+
+
 @serve.deployment(name="splitgate-cloud", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 class InferenceDeployment:
     """One replica serving every loaded bundle's suffixes over OIP, with dynamic batching.
@@ -98,6 +131,12 @@ class InferenceDeployment:
             ServerMetadata (off when clients must come through a TLS front).
         trusted_keys: PEM public keys whose bundle signatures are accepted
             (empty = not checked); ``allow_unsigned``: serve unsigned bundles anyway.
+        bundle_cache: where this replica's node keeps bundles fetched from URIs
+            (None = ``SPLITGATE_BUNDLE_CACHE`` or ``~/.cache/splitgate/bundles``).
+            ``bundle_dirs`` may hold URIs (``cloud/_fetch.py``): they are fetched
+            and verified here, on the replica's node, not on the driver.
+        providers: onnxruntime execution providers (empty = auto: CUDA when this
+            node has it, else CPU); logged once and listed in ServerMetadata.
         batcher: ``"drain"`` (default): the event loop only hands the parsed
             request to the compute threads, which decode, validate, run and
             encode; each compute thread takes *everything* queued (up to
@@ -122,13 +161,19 @@ class InferenceDeployment:
         *,
         trusted_keys: Sequence[str] | None = None,
         allow_unsigned: bool = False,
+        bundle_cache: str | None = None,
+        providers: Sequence[str] | None = None,
     ) -> None:
+        trusted = TrustedKeys.from_pems(trusted_keys or [])
+        # Bundle URIs are fetched here, on this replica's node, into its cache (verified).
+        local_dirs = resolve_bundles(bundle_dirs, cache_dir=bundle_cache, trusted=trusted, allow_unsigned=allow_unsigned)
         self._service = SuffixService(
-            bundle_dirs, intra_op_threads=intra_op_threads,
+            local_dirs, intra_op_threads=intra_op_threads,
             # Decoded bytes: compressed cut tensors (zstd, int8) may inflate past the wire limit.
             limits=Limits(nan_policy=nan_policy, max_request_bytes=4 * int(max_message_bytes)),
-            trusted=TrustedKeys.from_pems(trusted_keys or []), allow_unsigned=allow_unsigned,
+            trusted=trusted, allow_unsigned=allow_unsigned, providers=execution_providers(list(providers or [])),
         )
+        _warm_and_announce(self._service, bundle_dirs, local_dirs, list(providers or []))
         self._auth = TokenCheck(digests=token_digests) if token_digests else None
         self._publish = publish_endpoints
         self._max_batch = max(int(max_batch_size), 1)
@@ -185,6 +230,8 @@ class InferenceDeployment:
             endpoints = await self._direct_endpoints() if self._publish else []
             if endpoints:
                 response.extensions.append(ENDPOINTS_EXTENSION + ",".join(endpoints))
+            ran = self._service.providers_used or self._service.providers
+            response.extensions.append(PROVIDERS_EXTENSION + ",".join(ran))
             return response
         except Exception as exc:  # noqa: BLE001
             _fail(grpc_context, exc)
@@ -441,6 +488,11 @@ def build_app(bundle_dirs: Sequence[str] | CloudConfig, **overrides: Any):
         # Serve writes one access-log line per request on the replica's event loop.
         "logging_config": {"enable_access_log": bool(config.access_log)},
     }
+    execution_providers(list(config.providers), available=[])  # unknown names fail here, on the driver
+    if config.gpus_per_replica < 0:
+        raise ConfigError(f"gpus_per_replica must be >= 0, not {config.gpus_per_replica}")
+    if config.gpus_per_replica:
+        options["ray_actor_options"] = {"num_cpus": 0, "num_gpus": float(config.gpus_per_replica)}
     if config.autoscaling:
         options["autoscaling_config"] = dict(config.autoscaling)
     else:
@@ -459,4 +511,6 @@ def build_app(bundle_dirs: Sequence[str] | CloudConfig, **overrides: Any):
         # the keys themselves, read here: replicas on other nodes need no key files
         trusted_keys=TrustedKeys.from_paths(config.trust).pems,
         allow_unsigned=config.allow_unsigned,
+        bundle_cache=config.bundle_cache,
+        providers=list(config.providers),  # resolved on each replica: auto depends on its node
     )
