@@ -107,6 +107,9 @@ def _cmd_cloud_serve(args: argparse.Namespace) -> int:
         "max_message_bytes": args.max_message_bytes,
         "direct_ingress": False if args.no_direct_ingress else None,
         "ray_address": args.ray_address,
+        "bundle_cache": args.bundle_cache,
+        "providers": [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None,
+        "gpus_per_replica": args.gpus_per_replica,
     }
     if args.config:
         config = CloudConfig.from_file(args.config, **overrides)
@@ -372,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     cloud = sub.add_parser("cloud", help="the Ray Serve cloud tier")
     cloud_sub = cloud.add_subparsers(dest="cloud_command", required=True)
     serve = cloud_sub.add_parser("serve", help="start a local Ray Serve tier serving plan bundles")
-    serve.add_argument("bundles", nargs="*", help="plan bundle directories")
+    serve.add_argument("bundles", nargs="*", help="plan bundles: directories, .tar.gz files, http(s):// URLs of "
+                       ".tar.gz archives, or fsspec URLs (s3://...); each replica fetches URIs on its own node")
     serve.add_argument("--config", default=None, help="TOML or YAML file with [cloud] settings")
     serve.add_argument("--port", type=int, default=None, help="gRPC port (default 9000)")
     serve.add_argument("--replicas", type=int, default=None, help="replicas (default 1)")
@@ -382,6 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-message-bytes", type=int, default=None, help="largest request (default 64 MiB)")
     serve.add_argument("--no-direct-ingress", action="store_true", help="proxy only: replicas get no gRPC port of their own")
     serve.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    serve.add_argument("--bundle-cache", default=None, help="where each node keeps fetched bundles "
+                       "(default: $SPLITGATE_BUNDLE_CACHE or ~/.cache/splitgate/bundles)")
+    serve.add_argument("--providers", default=None, help="onnxruntime execution providers, comma-separated "
+                       "(e.g. cuda,cpu; default auto: CUDA when present, else CPU)")
+    serve.add_argument("--gpus-per-replica", type=float, default=None, help="GPUs Ray reserves per replica (default 0)")
     _add_security_flags(serve)
     _add_trust_flags(serve)
     serve.set_defaults(func=_cmd_cloud_serve)
