@@ -91,6 +91,9 @@ class CloudConfig:
             (ServerMetadata ``splitgate.providers=``) the providers its sessions use.
         gpus_per_replica: GPUs Ray reserves per replica (``ray_actor_options``
             ``num_gpus``; fractions share a GPU); 0 = none.
+        max_replicas_per_node: at most this many replicas on one Ray node (Serve's
+            ``max_replicas_per_node``; 1 spreads replicas over nodes, so losing a
+            node loses one replica); None = Serve's placement.
     """
 
     bundles: list[str] = field(default_factory=list)
@@ -125,6 +128,7 @@ class CloudConfig:
     bundle_cache: str | None = None
     providers: list[str] = field(default_factory=list)
     gpus_per_replica: float = 0.0
+    max_replicas_per_node: int | None = None
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> CloudConfig:
