@@ -493,6 +493,8 @@ def build_app(bundle_dirs: Sequence[str] | CloudConfig, **overrides: Any):
         raise ConfigError(f"gpus_per_replica must be >= 0, not {config.gpus_per_replica}")
     if config.gpus_per_replica:
         options["ray_actor_options"] = {"num_cpus": 0, "num_gpus": float(config.gpus_per_replica)}
+    if config.max_replicas_per_node:
+        options["max_replicas_per_node"] = int(config.max_replicas_per_node)
     if config.autoscaling:
         options["autoscaling_config"] = dict(config.autoscaling)
     else:
