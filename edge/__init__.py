@@ -16,6 +16,9 @@ Public API:
                       the Gateway and the analytic experiment engine both drive it. Its
                       decisions: ProbePlan, Decision, ProbeSpec, CloudCall, NetworkChange.
     DEFAULT_UPLINK_MBPS, DEFAULT_RTT_MS -- what the link is assumed to be before it is measured.
+    RolloutRule    -- when a staged candidate version is promoted or rolled back
+                      (``Gateway.stage_candidate``); Rollout, judge, Judgement, RolloutStats,
+                      VersionStats -- the I/O-free rollout core (sticky A/B split, statistics, verdict).
 
 The edge needs only onnxruntime, numpy, grpcio, protobuf (and prometheus_client
 for metrics); never Ray or torch.
@@ -38,6 +41,7 @@ from splitgate.edge._device import DeviceCosts
 from splitgate.edge._gateway import AsyncGateway, Gateway, Result, Trace
 from splitgate.edge._monitor import LinkCalibration, LinkEstimate, LinkMonitor
 from splitgate.edge._policy import Policy, calibrated, hedge_delay_ms, rtt_first, rtt_probe_timeout_s
+from splitgate.edge._rollout import Judgement, Rollout, RolloutRule, RolloutStats, VersionStats, judge
 from splitgate.edge.config import GatewayConfig
 
 __all__ = [
@@ -65,4 +69,10 @@ __all__ = [
     "NetworkChange",
     "DEFAULT_UPLINK_MBPS",
     "DEFAULT_RTT_MS",
+    "RolloutRule",
+    "Rollout",
+    "RolloutStats",
+    "VersionStats",
+    "Judgement",
+    "judge",
 ]

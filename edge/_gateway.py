@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 import threading
 import time
@@ -32,6 +33,7 @@ from splitgate.edge._decide import (
 from splitgate.edge._device import DeviceCosts
 from splitgate.edge._metrics import GatewayMetrics
 from splitgate.edge._monitor import BatteryMonitor, LinkMonitor
+from splitgate.edge._rollout import Rollout, RolloutMetrics, RolloutRule, outputs_agree, version_of
 from splitgate.edge._sessions import RunSite, SessionCache
 from splitgate.edge.config import GatewayConfig
 from splitgate.planner import Conditions, Partition, PlanBundle
@@ -51,6 +53,7 @@ from splitgate import contract
 __all__ = ["Gateway", "AsyncGateway", "Result", "Trace"]
 
 PROBE_MODEL = contract.PROBE_MODEL
+_log = logging.getLogger("splitgate.edge")
 
 
 def _queue_depth(reply: CloudReply) -> int:
@@ -65,6 +68,9 @@ class Trace:
     ``device_factor`` is the device's measured speed against the plan that the
     choice was made with (``Conditions.device_factor``: 3.0 = three times
     slower than profiled; 1.0 when online device costs are off).
+    ``version`` is the model version that answered (the first 12 hex digits
+    of its plan digest; a staged candidate's in a rollout, see
+    :meth:`Gateway.stage_candidate`).
     """
 
     model: str
@@ -78,6 +84,7 @@ class Trace:
     fallback: str | None = None
     cached: bool = False
     device_factor: float = 1.0
+    version: str = ""
 
 
 @dataclass
@@ -113,6 +120,33 @@ def _corrupt_partitions(bundle: PlanBundle) -> dict[str, str]:
             if path is not None and path.resolve() in bad_files:
                 bad[p.id] = bad_files[path.resolve()]
     return bad
+
+
+@dataclass
+class _Staged:
+    """A model's staged candidate version and its rollout (:meth:`Gateway.stage_candidate`)."""
+
+    bundle: PlanBundle
+    rollout: Rollout
+    shadows: int = 0  # shadow runs queued or running
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _request_fault(exc: BaseException) -> bool:
+    """Is this the request's own fault (bad inputs, an unknown partition) rather than
+    a failure of the version that ran it? A model failing on valid inputs is not."""
+    return isinstance(exc, (InvalidArgument, NotFound)) and not isinstance(exc, ModelRunError)
+
+
+def _same_interface(stable: PlanBundle, candidate: PlanBundle) -> str | None:
+    """Why ``candidate`` cannot stand in for ``stable`` (inputs or outputs differ), or None."""
+    for what, mine, theirs in (("inputs", stable.inputs, candidate.inputs),
+                               ("outputs", stable.outputs, candidate.outputs)):
+        a = [(t.name, t.datatype, tuple(t.shape)) for t in mine]
+        b = [(t.name, t.datatype, tuple(t.shape)) for t in theirs]
+        if a != b:
+            return f"its {what} {b} differ from the stable version's {a}"
+    return None
 
 
 class _Core:
@@ -151,6 +185,9 @@ class _Core:
         self.cache = ResultCache(config.cache_size) if config.cache_size > 0 else None
         self.metrics = GatewayMetrics()
         self.overrides: dict[str, str] = {}
+        self.rollouts: dict[str, _Staged] = {}  # model -> its staged candidate (stage_candidate)
+        self.rollout_ended: dict[str, dict[str, Any]] = {}  # model -> how its last rollout ended
+        self.rollout_metrics = RolloutMetrics(self.metrics.registry)
         self._pool = ThreadPoolExecutor(max_workers=2 * config.max_concurrency + 1, thread_name_prefix="splitgate")
         self._probe_lock = threading.Lock()  # one probe holds the link at a time
         self._abandon = threading.Event()  # a network change made the running probe moot
@@ -486,13 +523,250 @@ class _Core:
         partition: str | None = None,
         deadline_ms: float | None = None,
         private: bool | None = None,
+        caller: str | None = None,
     ) -> Result:
+        """Answer one request from the model's stable version, or as its staged
+        rollout routes it (:meth:`_rollout_infer`)."""
+        staged = self.rollouts.get(model)
+        if staged is None:
+            return self._infer_version(
+                self.bundle(model), inputs, partition=partition, deadline_ms=deadline_ms, private=private,
+            )
+        return self._rollout_infer(
+            staged, inputs, partition=partition, deadline_ms=deadline_ms, private=private, caller=caller,
+        )
+
+    # -- staged rollout -------------------------------------------------------------
+
+    def stage_candidate(
+        self, model: str, source: str | Path, *, share: float = 0.1, shadow: bool = False,
+        rule: RolloutRule | None = None,
+    ) -> dict[str, Any]:
+        """Load a candidate version of ``model`` next to its stable one and start
+        routing to it (:class:`~splitgate.edge._rollout.Rollout`). The candidate is
+        loaded as :meth:`update_bundle` loads a new version: whole, authentic,
+        smoke-run. Returns :meth:`rollout_status`.
+
+        Raises:
+            NotFound: ``model`` is not loaded.
+            BundleError: the candidate fails its integrity, signature or smoke check.
+            InvalidArgument: it is another model, has other inputs or outputs, is
+                the stable version, lives in the stable version's directory, or
+                a bad share or rule.
+            FailedPrecondition: a candidate of ``model`` is already staged.
+        """
+        stable = self.bundle(model)
+        if not isinstance(shadow, bool):
+            raise InvalidArgument(f"shadow must be a bool, got {shadow!r}")
+        candidate = self._load_candidate(source)
+        if candidate.model_name != model:
+            raise InvalidArgument(f"bundle {candidate.root} is model '{candidate.model_name}', not '{model}'")
+        if (why := _same_interface(stable, candidate)) is not None:
+            raise InvalidArgument(f"candidate {candidate.root} cannot stand in for '{model}': {why}")
+        if candidate.root.resolve() == stable.root.resolve():
+            raise InvalidArgument(
+                f"candidate of '{model}' is in the stable version's directory {stable.root}: stage it from its own"
+            )
+        rollout = Rollout(model, stable.plan_digest, candidate.plan_digest, share=share,
+                          mode="shadow" if shadow else "ab", rule=rule)
+        with self._swap_lock:
+            if model in self.rollouts:
+                raise FailedPrecondition(
+                    f"model '{model}' already has a candidate staged "
+                    f"({self.rollouts[model].rollout.candidate_version}): promote or abort it first"
+                )
+            self.rollouts[model] = _Staged(candidate, rollout)
+            self.rollout_ended.pop(model, None)
+        self.rollout_metrics.staged(rollout)
+        _log.info("rollout of model '%s': candidate %s staged next to %s (%s)", model, rollout.candidate_version,
+                  rollout.stable_version, "shadow" if shadow else f"A/B share {rollout.share:g}")
+        return self.rollout_status(model)
+
+    def _load_candidate(self, source: str | Path) -> PlanBundle:
+        """A new version, loaded by the same steps as :meth:`update_bundle`: every
+        sha256 and the plan digest checked, the signature verified against
+        ``config.trust``, the full model smoke-run on its sample input."""
+        bundle = PlanBundle.load(source)
+        verify_bundle(bundle, self.trusted, allow_unsigned=self.config.allow_unsigned)
+        self._smoke(bundle)
+        return bundle
+
+    def promote(self, model: str) -> PlanBundle:
+        """Make ``model``'s candidate its stable version (the old one is kept for
+        :meth:`rollback_bundle`); returns it.
+
+        Raises:
+            NotFound: no candidate of ``model`` is staged.
+        """
+        return self._end_rollout(model, "promote", "promoted by hand")
+
+    def abort_candidate(self, model: str) -> PlanBundle:
+        """Drop ``model``'s candidate (a rollback); returns the stable version, which keeps serving.
+
+        Raises:
+            NotFound: no candidate of ``model`` is staged.
+        """
+        return self._end_rollout(model, "abort", "aborted by hand")
+
+    def rollout_status(self, model: str) -> dict[str, Any]:
+        """Plain data about ``model``'s rollout: ``state`` ("none", "staged",
+        "promoted", "rolled_back", "aborted"), mode, share, the rule, both
+        versions' statistics, and the reason of the last judgement.
+
+        Raises:
+            NotFound: ``model`` is not loaded.
+        """
+        stable = self.bundle(model)
+        staged = self.rollouts.get(model)
+        if staged is not None:
+            judgement = staged.rollout.decided
+            return {"state": "staged", **staged.rollout.describe(), "candidate_root": str(staged.bundle.root),
+                    "reason": judgement.reason if judgement else None}
+        if model in self.rollout_ended:
+            return dict(self.rollout_ended[model])
+        return {"state": "none", "model": model, "stable": {"version": version_of(stable.plan_digest)}}
+
+    def _end_rollout(self, model: str, verdict: str, reason: str, staged: _Staged | None = None) -> PlanBundle:
+        """End ``model``'s rollout (``staged``: only if it is still that one):
+        ``promote`` swaps the candidate in, ``rollback``/``abort`` drop it.
+        Returns the version now serving."""
+        with self._swap_lock:
+            current = self.rollouts.get(model)
+            if current is None or (staged is not None and current is not staged):
+                if staged is not None:  # (another thread ended it already)
+                    return self.bundle(model)
+                raise NotFound(f"model '{model}' has no candidate staged")
+            del self.rollouts[model]
+            rollout, candidate = current.rollout, current.bundle
+            if verdict == "promote":
+                old = self.bundles[model]
+                self.previous[model] = (old, self.refused.get(model, {}))
+                self.refused[model] = {}
+                self.bundles[model] = candidate
+            state = {"promote": "promoted", "rollback": "rolled_back"}.get(verdict, "aborted")
+            self.rollout_ended[model] = {"state": state, **rollout.describe(),
+                                         "candidate_root": str(candidate.root), "reason": reason}
+        if verdict == "promote":
+            self._forget_costs(model)  # (as update_bundle: the model's plan changed)
+        else:
+            self._evict_sessions(candidate)
+        self.rollout_metrics.ended(rollout, verdict)
+        (_log.info if verdict == "promote" else _log.warning)(
+            "rollout of model '%s': candidate %s %s: %s", model, rollout.candidate_version, state.replace("_", " "),
+            reason,
+        )
+        return self.bundles[model]
+
+    def _rollout_infer(
+        self, staged: _Staged, inputs: Mapping[str, Any], *, partition: str | None, deadline_ms: float | None,
+        private: bool | None, caller: str | None,
+    ) -> Result:
+        """Route a request of a model with a staged candidate.
+
+        A/B: the candidate answers the callers :meth:`Rollout.assign` gives it;
+        when it fails (other than on the request's own fault), the failure
+        counts against it and the stable version answers in the time left.
+        Shadow: the stable version answers; the candidate runs the same inputs
+        in the pool and its outputs are compared. Each run is counted for its
+        version; then the rule is judged and may promote or roll back."""
+        rollout = staged.rollout
+        stable = self.bundle(rollout.model)
+        if stable.plan_digest != rollout.stable_digest:  # update_bundle/add_bundle replaced it underneath
+            self._end_rollout(rollout.model, "abort", "the stable version was replaced during the rollout", staged)
+            return self._infer_version(stable, inputs, partition=partition, deadline_ms=deadline_ms, private=private)
+        budget_ms = deadline_ms if deadline_ms is not None else self.config.deadline_ms
+        start = time.perf_counter()
+        if rollout.assign(caller) == "candidate":
+            try:
+                result = self._infer_version(
+                    staged.bundle, inputs, partition=partition, deadline_ms=deadline_ms, private=private,
+                )
+            except Exception as exc:  # noqa: BLE001 - a candidate's failure never fails the request
+                if not _request_fault(exc):
+                    self._rollout_run(staged, "candidate", 0.0, error=True)
+                if budget_ms > 0:  # (the stable version gets the time left, at least 1 ms)
+                    deadline_ms = max(budget_ms - (time.perf_counter() - start) * 1e3, 1.0)
+            else:
+                self._rollout_run(staged, "candidate", result.trace.total_ms, fallback=bool(result.trace.fallback))
+                return result
+        try:
+            result = self._infer_version(stable, inputs, partition=partition, deadline_ms=deadline_ms, private=private)
+        except Exception as exc:
+            if not _request_fault(exc):
+                self._rollout_run(staged, "stable", 0.0, error=True)
+            raise
+        self._rollout_run(staged, "stable", result.trace.total_ms, fallback=bool(result.trace.fallback))
+        if rollout.mode == "shadow":
+            self._shadow_later(staged, inputs, result.outputs, partition=partition, private=private)
+        return result
+
+    def _rollout_run(self, staged: _Staged, arm: str, latency_ms: float, *, error: bool = False,
+                     fallback: bool = False) -> None:
+        """Count one run of a version, then judge the rollout and act on a verdict."""
+        rollout = staged.rollout
+        rollout.record(arm, latency_ms, error=error, fallback=fallback)  # type: ignore[arg-type]
+        self.rollout_metrics.run(rollout, arm, latency_ms, error=error, fallback=fallback)  # type: ignore[arg-type]
+        verdict, reason = rollout.judge()
+        if verdict is not None:
+            self._end_rollout(rollout.model, verdict, reason, staged)
+
+    def _shadow_later(
+        self, staged: _Staged, inputs: Mapping[str, Any], stable_outputs: Mapping[str, np.ndarray], *,
+        partition: str | None, private: bool | None,
+    ) -> None:
+        """Run the candidate on a copy of the request's inputs in the pool, off the
+        request's path; skipped while ``max_concurrency`` shadow runs are queued
+        (the candidate must not build a backlog behind the stable version)."""
+        with staged.lock:
+            if staged.shadows >= self.config.max_concurrency:
+                return
+            staged.shadows += 1
+        feeds = {name: np.array(value, copy=True) for name, value in inputs.items()}
+        want = {name: np.array(value, copy=True) for name, value in stable_outputs.items()}
+        try:
+            self._pool.submit(self._shadow_run, staged, feeds, want, partition, private)
+        except RuntimeError:  # the pool is shut down (closing)
+            with staged.lock:
+                staged.shadows -= 1
+
+    def _shadow_run(
+        self, staged: _Staged, feeds: dict[str, np.ndarray], want: dict[str, np.ndarray],
+        partition: str | None, private: bool | None,
+    ) -> None:
+        try:
+            if self.rollouts.get(staged.rollout.model) is not staged:
+                return  # the rollout ended meanwhile
+            rule = staged.rollout.rule
+            try:
+                result = self._infer_version(staged.bundle, feeds, partition=partition, private=private)
+            except Exception as exc:  # noqa: BLE001 - counted against the candidate; no request waits on it
+                if not _request_fault(exc):
+                    self._rollout_run(staged, "candidate", 0.0, error=True)
+                return
+            agreed = outputs_agree(want, result.outputs, compare=rule.compare, rtol=rule.rtol, atol=rule.atol)
+            staged.rollout.record_agreement(agreed)
+            self.rollout_metrics.comparison(staged.rollout, agreed)
+            self._rollout_run(staged, "candidate", result.trace.total_ms, fallback=bool(result.trace.fallback))
+        finally:
+            with staged.lock:
+                staged.shadows -= 1
+
+    def _infer_version(
+        self,
+        bundle: PlanBundle,
+        inputs: Mapping[str, Any],
+        *,
+        partition: str | None = None,
+        deadline_ms: float | None = None,
+        private: bool | None = None,
+    ) -> Result:
+        """Run one version (``bundle``) of a model on one request."""
         start = time.perf_counter()
         budget_s = (deadline_ms if deadline_ms is not None else self.config.deadline_ms) / 1e3
         if budget_s <= 0:
             raise InvalidArgument(f"deadline_ms must be positive, got {deadline_ms}")
         deadline = start + budget_s
-        bundle = self.bundle(model)
+        model = bundle.model_name
         feeds = validate_inputs(inputs, bundle.inputs, where=f"model '{model}'", limits=self.limits)
         private = bool(private) or model in self.config.private_models
         key = None
@@ -500,13 +774,16 @@ class _Core:
             key = (model, bundle.plan_digest, input_digest(feeds))
             hit = self.cache.get(key)
             if hit is not None:
-                trace = Trace(model=model, partition="cache", cached=True)
+                trace = Trace(model=model, partition="cache", cached=True, version=version_of(bundle.plan_digest))
                 trace.total_ms = (time.perf_counter() - start) * 1e3
                 self.metrics.record(trace)
                 return Result(outputs=hit, trace=trace)
         costs = self.request_costs(bundle, feeds)
         part, fallback = self._select(bundle, partition, private, costs)
-        trace = Trace(model=model, partition=part.id, fallback=fallback, device_factor=self.device_factor(model))
+        trace = Trace(
+            model=model, partition=part.id, fallback=fallback, device_factor=self.device_factor(model),
+            version=version_of(bundle.plan_digest),
+        )
         if part.prefix_path is None:
             self._probe_device_if_due(bundle, feeds, costs)  # (a probe runs while this request waits for the cloud)
         try:
@@ -686,6 +963,7 @@ class Gateway:
         partition: str | None = None,
         deadline_ms: float | None = None,
         private: bool | None = None,
+        caller: str | None = None,
     ) -> Result:
         """Run ``model`` on ``inputs``; return outputs and a Trace.
 
@@ -695,14 +973,21 @@ class Gateway:
             partition: force a partition ("device", "cloud", "cut-K"); None = policy.
             deadline_ms: budget for this request (default ``config.deadline_ms``).
             private: keep raw inputs on the device for this request.
+            caller: the caller's key (a user or device id): while a candidate
+                version is staged (:meth:`stage_candidate`), each caller sees
+                one version for the whole rollout; None = a per-request draw.
 
         Raises:
             NotFound: unknown model or partition.
             InvalidArgument: inputs with wrong names, dtypes or shapes; a
                 cloud-only partition for a private request.
         """
+        if caller is not None and not isinstance(caller, str):
+            raise InvalidArgument(f"caller must be a string, got {type(caller).__name__}")
         with self._slots:
-            return self._core.infer(model, inputs, partition=partition, deadline_ms=deadline_ms, private=private)
+            return self._core.infer(
+                model, inputs, partition=partition, deadline_ms=deadline_ms, private=private, caller=caller,
+            )
 
     @property
     def models(self) -> list[str]:
@@ -729,6 +1014,53 @@ class Gateway:
     def rollback_bundle(self, model: str) -> PlanBundle:
         """Switch a model back to the version before the last :meth:`update_bundle`."""
         return self._core.rollback_bundle(model)
+
+    def stage_candidate(
+        self, model: str, source: str | Path, *, share: float = 0.1, shadow: bool = False,
+        rule: RolloutRule | None = None,
+    ) -> dict[str, Any]:
+        """Stage a candidate version of a loaded model next to its stable one
+        (docs/rollout.md).
+
+        The candidate bundle is loaded as :meth:`update_bundle` loads a new
+        version (every sha256, the signature for ``config.trust``, a smoke run)
+        and must have the stable version's inputs and outputs. In A/B mode a
+        ``share`` of callers (sticky per ``infer(..., caller=)``) get it; a
+        failure of the candidate counts against it and the stable version
+        answers. With ``shadow=True`` the stable version answers every request
+        and the candidate runs the same inputs off the request's path, only
+        compared. ``rule`` (:class:`RolloutRule`) promotes or rolls it back
+        automatically.
+
+        Returns:
+            :meth:`rollout_status`.
+
+        Raises:
+            NotFound: ``model`` is not loaded.
+            BundleError: the candidate fails its integrity, signature or smoke check.
+            InvalidArgument: another model, other inputs/outputs, the same plan
+                digest or directory as the stable version, a bad share or rule.
+            FailedPrecondition: a candidate is already staged for ``model``.
+        """
+        return self._core.stage_candidate(model, source, share=share, shadow=shadow, rule=rule)
+
+    def promote(self, model: str) -> PlanBundle:
+        """Make the staged candidate ``model``'s stable version now (the old one is
+        kept for :meth:`rollback_bundle`). Raises NotFound without a candidate."""
+        return self._core.promote(model)
+
+    def abort_candidate(self, model: str) -> PlanBundle:
+        """Roll the staged candidate back: drop it, the stable version answers
+        every request. Returns the stable version. Raises NotFound without a candidate."""
+        return self._core.abort_candidate(model)
+
+    def rollout_status(self, model: str) -> dict[str, Any]:
+        """Plain data about ``model``'s rollout: ``state`` ("none", "staged",
+        "promoted", "rolled_back", "aborted"), ``mode``, ``share``, ``rule``,
+        ``stable`` and ``candidate`` statistics (version, requests, errors,
+        fallbacks, p95_ms, compared, agreed, error_rate, agreement) and
+        ``reason`` (why it ended). Raises NotFound for an unknown model."""
+        return self._core.rollout_status(model)
 
     def refused_partitions(self, model: str) -> dict[str, str]:
         """Partitions refused at load (corrupt or missing files): id -> reason."""
@@ -846,12 +1178,16 @@ class AsyncGateway(Gateway):
         partition: str | None = None,
         deadline_ms: float | None = None,
         private: bool | None = None,
+        caller: str | None = None,
     ) -> Result:
+        if caller is not None and not isinstance(caller, str):
+            raise InvalidArgument(f"caller must be a string, got {type(caller).__name__}")
         if self._async_slots is None:
             self._async_slots = asyncio.Semaphore(self._core.config.max_concurrency)
         async with self._async_slots:
             return await asyncio.to_thread(
-                self._core.infer, model, inputs, partition=partition, deadline_ms=deadline_ms, private=private
+                self._core.infer, model, inputs, partition=partition, deadline_ms=deadline_ms, private=private,
+                caller=caller,
             )
 
     async def aclose(self) -> None:

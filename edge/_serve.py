@@ -25,6 +25,25 @@ __all__ = ["EdgeServicer", "serve_edge"]
 PARAM_PARTITION = contract.PARTITION
 PARAM_DEADLINE_MS = contract.DEADLINE_MS
 PARAM_PRIVATE = contract.PRIVATE
+PARAM_CALLER = contract.CALLER
+
+
+def _caller_key(params: dict, context: grpc.ServicerContext) -> str | None:
+    """The request's caller key: parameter ``splitgate.caller``, else gRPC metadata
+    ``x-splitgate-caller``, else None (a staged rollout then draws per request).
+
+    Raises:
+        InvalidArgument: the parameter is not a non-empty string.
+    """
+    if PARAM_CALLER in params:
+        caller = params[PARAM_CALLER]
+        if not isinstance(caller, str) or not caller:
+            raise InvalidArgument(f"parameter {PARAM_CALLER} must be a non-empty string, got {caller!r}")
+        return caller
+    for key, value in context.invocation_metadata() or ():
+        if key == contract.CALLER_METADATA and value:
+            return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return None
 
 
 class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -90,6 +109,7 @@ class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 partition=str(params[PARAM_PARTITION]) if PARAM_PARTITION in params else None,
                 deadline_ms=deadline,
                 private=private,
+                caller=_caller_key(params, context),
             )
             response = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
             codec.add_outputs(response, {n: result.outputs[n] for n in wanted})
@@ -105,6 +125,7 @@ class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     contract.BYTES_SENT: t.bytes_sent,
                     contract.FALLBACK: t.fallback or "",
                     contract.DEVICE_FACTOR: t.device_factor,
+                    contract.VERSION: t.version,
                 },
             )
             return response
