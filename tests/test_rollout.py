@@ -430,6 +430,28 @@ def test_promote_abort_and_refusals_by_hand(bundles, tmp_path: Path) -> None:
         assert gw.infer(MODEL, {"x": _inputs(1)[0]}).trace.version == version_of(close.plan_digest)
 
 
+def test_two_versions_keep_their_own_cached_results_and_sessions(bundles) -> None:
+    stable, other = bundles["stable"], bundles["other"]  # other weights: other answers
+    x = _inputs(1, seed=9)[0]
+    want_other = x @ _weights(1)[0] + _weights(1)[1]
+    with Gateway([stable.root], cache_size=64) as gw:
+        gw.stage_candidate(MODEL, other.root, share=0.5, rule=RolloutRule(promote_after=None, max_p95_ratio=None))
+        callers = {}
+        for i in range(64):
+            callers.setdefault(gw.infer(MODEL, {"x": x}, caller=f"u{i}").trace.version, f"u{i}")
+        assert len(callers) == 2
+        for _ in range(2):  # the second round comes from the result cache, still per version
+            on_stable = gw.infer(MODEL, {"x": x}, caller=callers[version_of(stable.plan_digest)])
+            on_candidate = gw.infer(MODEL, {"x": x}, caller=callers[version_of(other.plan_digest)])
+            np.testing.assert_allclose(on_stable.outputs["logits"], _expected(x), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(on_candidate.outputs["logits"], want_other, rtol=1e-5, atol=1e-5)
+        assert on_stable.trace.cached and on_candidate.trace.cached
+        sessions = gw._core.sessions._sessions  # noqa: SLF001 - which files have live sessions
+        assert {p.resolve().parent for p in sessions} == {stable.root.resolve(), other.root.resolve()}
+        gw.abort_candidate(MODEL)  # the candidate's sessions are released, the stable one's kept
+        assert {p.resolve().parent for p in sessions} == {stable.root.resolve()}
+
+
 def test_a_request_the_input_fails_is_not_counted_against_the_candidate(bundles) -> None:
     with Gateway([bundles["stable"].root]) as gw:
         gw.stage_candidate(MODEL, bundles["close"].root, share=1.0)
