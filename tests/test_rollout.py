@@ -452,6 +452,16 @@ def test_two_versions_keep_their_own_cached_results_and_sessions(bundles) -> Non
         assert {p.resolve().parent for p in sessions} == {stable.root.resolve()}
 
 
+def test_a_stable_version_replaced_underneath_ends_the_rollout(bundles) -> None:
+    with Gateway([bundles["stable"].root]) as gw:
+        gw.stage_candidate(MODEL, bundles["close"].root, share=1.0)
+        gw.update_bundle(bundles["other"].root)  # e.g. an over-the-air update of the stable version
+        result = gw.infer(MODEL, {"x": _inputs(1)[0]}, caller="a")
+        assert result.trace.version == version_of(bundles["other"].plan_digest)
+        status = gw.rollout_status(MODEL)
+        assert status["state"] == "aborted" and "replaced" in status["reason"]
+
+
 def test_a_request_the_input_fails_is_not_counted_against_the_candidate(bundles) -> None:
     with Gateway([bundles["stable"].root]) as gw:
         gw.stage_candidate(MODEL, bundles["close"].root, share=1.0)
