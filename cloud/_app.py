@@ -29,7 +29,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from splitgate.cloud._batch import group_batches, run_group
 from splitgate.cloud._fetch import resolve_bundles
-from splitgate.cloud._service import SuffixService
+from splitgate.cloud._service import SuffixService, infer_span
 from splitgate.cloud.config import CloudConfig, execution_providers
 from splitgate.errors import ConfigError, ResourceExhausted, SplitgateError, Unauthenticated
 from splitgate.protocol import inference_pb2 as pb
@@ -252,6 +252,10 @@ class InferenceDeployment:
     # -- inference ------------------------------------------------------------
 
     async def ModelInfer(self, request: pb.ModelInferRequest, grpc_context: RayServegRPCContext):
+        with infer_span(grpc_context.invocation_metadata(), request):  # OpenTelemetry, where installed
+            return await self._model_infer(request, grpc_context)
+
+    async def _model_infer(self, request: pb.ModelInferRequest, grpc_context: RayServegRPCContext):
         if self._denied(grpc_context, request):
             return pb.ModelInferResponse()
         self._in_flight += 1

@@ -12,6 +12,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Iterable
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -359,6 +360,20 @@ class SuffixService:
             with self._lock:
                 self._in_flight -= 1
         return self.respond(prepared, values, cloud_ms=cloud_ms, queue_depth=depth)
+
+
+def infer_span(metadata: Iterable[tuple[str, Any]] | None, request: pb.ModelInferRequest) -> Any:
+    """The cloud tier's span of one ModelInfer call, as a context manager: an OpenTelemetry
+    server span (where the package is installed) under the W3C trace context the edge put in
+    the call's gRPC ``metadata``; a no-op without OpenTelemetry."""
+    from splitgate._tracing import server_span
+
+    params = request.parameters
+    partition = params[PARAM_PARTITION].string_param if PARAM_PARTITION in params else DEFAULT_PARTITION
+    return server_span(metadata, "splitgate.cloud.infer", {
+        "rpc.system": "grpc", "rpc.method": "ModelInfer", "splitgate.model": request.model_name,
+        "splitgate.partition": partition,
+    })
 
 
 @dataclass

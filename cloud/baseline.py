@@ -14,7 +14,7 @@ from typing import Any, Self
 
 import grpc
 
-from splitgate.cloud._service import SuffixService
+from splitgate.cloud._service import SuffixService, infer_span
 from splitgate.errors import SplitgateError
 from splitgate.protocol import inference_pb2_grpc as pb_grpc
 from splitgate.security import (
@@ -57,6 +57,10 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
         return self._answer(context, lambda: self._service.model_metadata(request))
 
     def ModelInfer(self, request, context):
+        with infer_span(context.invocation_metadata(), request):  # OpenTelemetry, where installed
+            return self._model_infer(request, context)
+
+    def _model_infer(self, request, context):
         return self._answer(context, lambda: self._service.model_infer(request))
 
 

@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 
 from splitgate import codec
+from splitgate._tracing import client_span
 from splitgate.encoding import add_encoded_inputs
 from splitgate.errors import SplitgateError, Unavailable, from_rpc_error
 from splitgate.security import TlsConfig, auth_metadata, open_channel
@@ -191,7 +192,8 @@ class CloudClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, request: object, timeout_s: float | None) -> object:
+    def _call(self, method: str, request: object, timeout_s: float | None,
+              metadata: tuple[tuple[str, str], ...] = ()) -> object:
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
         targets = self._targets() if method == "ModelInfer" else [(self.address, self._stub)]
         for i, (address, stub) in enumerate(targets):
@@ -199,7 +201,7 @@ class CloudClient:
             with self._lock:
                 self._in_flight[address] = self._in_flight.get(address, 0) + 1
             try:
-                return getattr(stub, method)(request, timeout=remaining, metadata=self._metadata)
+                return getattr(stub, method)(request, timeout=remaining, metadata=(*self._metadata, *metadata))
             except grpc.RpcError as exc:
                 error = _typed(exc)
                 if isinstance(error, Unavailable) and i + 1 < len(targets):
@@ -235,11 +237,15 @@ class CloudClient:
         plan_digest: str | None = None,
         timeout_s: float | None = None,
         encoding: str = "raw",
+        trace_context: Mapping[str, str] | None = None,
     ) -> CloudReply:
         """Send tensors for (model, partition); return the suffix outputs.
 
         ``encoding`` compresses float cut tensors on the wire (see
         :mod:`splitgate.encoding`: raw, fp16, int8, int8c, zstd).
+        ``trace_context``: W3C trace headers of the caller's span (OpenTelemetry,
+        where installed): the call gets a client span under it, and its own
+        context travels in the gRPC metadata (``traceparent``, ``tracestate``).
 
         Raises:
             splitgate.errors.SplitgateError subclasses mapped from the gRPC status.
@@ -253,7 +259,10 @@ class CloudClient:
         codec.set_params(request.parameters, params)
         sent = add_encoded_inputs(request, tensors, encoding)
         start = time.perf_counter()
-        response = self._call("ModelInfer", request, timeout_s)
+        attrs = {"rpc.system": "grpc", "rpc.method": "ModelInfer", "splitgate.model": model,
+                 "splitgate.partition": partition or contract.DEFAULT_PARTITION, "splitgate.bytes_sent": sent}
+        with client_span("splitgate.cloud", trace_context, attrs) as trace_metadata:  # (no-op without OTel)
+            response = self._call("ModelInfer", request, timeout_s, trace_metadata)
         round_trip_ms = (time.perf_counter() - start) * 1e3
         params_out = codec.read_params(response.parameters)
         return CloudReply(

@@ -31,7 +31,9 @@ from splitgate.edge._decide import (
     DEFAULT_UPLINK_MBPS, DEVICE_PROBE_RUNS, CloudCall, Costs, DecisionCore, ProbeSpec,
 )
 from splitgate.edge._device import DeviceCosts
+from splitgate.edge._drift import DriftReport
 from splitgate.edge._metrics import GatewayMetrics
+from splitgate.edge._telemetry import RequestTelemetry
 from splitgate.edge._monitor import BatteryMonitor, LinkMonitor
 from splitgate.edge._rollout import Rollout, RolloutMetrics, RolloutRule, outputs_agree, version_of
 from splitgate.edge._sessions import RunSite, SessionCache
@@ -71,6 +73,9 @@ class Trace:
     ``version`` is the model version that answered (the first 12 hex digits
     of its plan digest; a staged candidate's in a rollout, see
     :meth:`Gateway.stage_candidate`).
+    ``energy_mj`` is the request's estimated device energy (the plan's power
+    model applied to the measured legs, see :mod:`splitgate.edge._telemetry`)
+    and ``battery_pct`` the battery level it was decided with.
     """
 
     model: str
@@ -85,6 +90,8 @@ class Trace:
     cached: bool = False
     device_factor: float = 1.0
     version: str = ""
+    energy_mj: float | None = None
+    battery_pct: float | None = None
 
 
 @dataclass
@@ -184,6 +191,11 @@ class _Core:
         self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s)
         self.cache = ResultCache(config.cache_size) if config.cache_size > 0 else None
         self.metrics = GatewayMetrics()
+        self.telemetry = RequestTelemetry(  # energy, battery, version, drift, spans (docs/telemetry.md)
+            self.metrics.registry, drift_threshold=config.drift_threshold, drift_window=config.drift_window,
+            drift_min_requests=config.drift_min_requests, link=self.link, default_uplink_mbps=DEFAULT_UPLINK_MBPS,
+        )
+        self.infer = self.telemetry.traced(self.infer)  # type: ignore[method-assign]  # a span per request
         self.overrides: dict[str, str] = {}
         self.rollouts: dict[str, _Staged] = {}  # model -> its staged candidate (stage_candidate)
         self.rollout_ended: dict[str, dict[str, Any]] = {}  # model -> how its last rollout ended
@@ -793,6 +805,8 @@ class _Core:
             raise
         trace.total_ms = (time.perf_counter() - start) * 1e3
         self.metrics.record(trace)
+        self.telemetry.request_done(bundle, feeds, outputs, trace, battery_pct=self.battery.level(),
+                                    current=self.bundles.get(model) is bundle)
         if key is not None:
             self.cache.put(key, outputs)  # type: ignore[union-attr]
         return Result(outputs=outputs, trace=trace)
@@ -875,6 +889,7 @@ class _Core:
             self.client.infer, bundle.model_name, cut,
             partition=part.id, plan_digest=bundle.plan_digest, timeout_s=remaining,
             encoding=getattr(part, "encoding", None) or self.config.encoding,
+            trace_context=self.telemetry.cloud_context(),
         )
         call = self.decisions.cloud_call(bundle, part.id, costs, remaining)
         try:
@@ -1140,6 +1155,26 @@ class Gateway:
     @property
     def breaker_state(self) -> str:
         return self._core.breaker.state
+
+    def drift(self, model: str) -> DriftReport | None:
+        """How far ``model``'s recent requests have drifted from its plan's reference
+        statistics (:mod:`splitgate.edge._drift`; the score is a population stability
+        index, ``None`` until the window holds ``config.drift_min_requests``).
+
+        Returns:
+            The report, or None when the serving bundle has no reference (planned
+            without real calibration inputs, or an older bundle).
+
+        Raises:
+            NotFound: ``model`` is not loaded.
+        """
+        return self._core.telemetry.drift.report(self._core.bundle(model))
+
+    def on_drift(self, callback: Callable[[DriftReport], None]) -> None:
+        """Call ``callback(report)`` when a model's drift score crosses
+        ``config.drift_threshold`` (again only after it fell below 0.8 x the threshold).
+        It runs on the Gateway's drift worker thread (or in :meth:`drift`): keep it short."""
+        self._core.telemetry.drift.on_drift(callback)
 
     @property
     def metrics(self) -> GatewayMetrics:

@@ -65,6 +65,11 @@ class GatewayConfig:
             bundles are refused (``splitgate.errors.BundleSignatureError``).
         allow_unsigned: with ``trust``, still load unsigned bundles (a WARNING
             each; development only). A bad signature is refused regardless.
+        drift_threshold: drift score (population stability index) at which a
+            model counts as drifted: ``Gateway.on_drift`` callbacks fire, one
+            WARNING is logged (0.1 = moderate, 0.25 = significant shift; see docs/telemetry.md).
+        drift_window: recent requests per model the drift score is computed over.
+        drift_min_requests: no drift score before the window holds this many requests.
     """
 
     cloud: str | None = None
@@ -94,6 +99,9 @@ class GatewayConfig:
     cloud_discover: bool = False
     trust: list[str] = field(default_factory=list)
     allow_unsigned: bool = False
+    drift_threshold: float = 0.25
+    drift_window: int = 256
+    drift_min_requests: int = 128
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> GatewayConfig:

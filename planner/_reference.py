@@ -32,6 +32,8 @@ from them (drift is then unavailable on the edge).
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +71,15 @@ def subsample(a: np.ndarray, k: int = ELEMENTS_PER_REQUEST) -> np.ndarray:
     flat = np.asarray(a).reshape(-1)
     stride = max(1, flat.size // k) | 1
     return flat[::stride][:k].astype(np.float64, copy=False)
+
+
+def _moments(x: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """``(x, mean, std)`` of sub-sampled elements (std as numpy's, population)."""
+    if x.size == 0:
+        return x, 0.0, 0.0
+    m = float(x.mean())
+    d = x - m
+    return x, m, math.sqrt(float(d @ d) / x.size)
 
 
 def _is_probabilities(rows: np.ndarray) -> bool:
@@ -126,6 +137,10 @@ class Signal:
     groups: tuple[int, ...] = ()
     softmax: bool = False
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_edges", np.asarray(self.edges, dtype=np.float64))
+        object.__setattr__(self, "_groups", np.asarray(self.groups, dtype=np.int64))
+
     @property
     def bins(self) -> int:
         """Number of bins."""
@@ -135,13 +150,19 @@ class Signal:
         """Counts of ``values`` in this signal's bins (int64, length :attr:`bins`)."""
         if self.kind == "class":
             ids = np.asarray(values, dtype=np.int64).reshape(-1)
-            groups = np.asarray(self.groups, dtype=np.int64)
+            groups = self._groups  # type: ignore[attr-defined]
             idx = np.full(ids.shape, self.bins - 1, dtype=np.int64)  # classes the reference never listed
             known = (ids >= 0) & (ids < groups.size)
             idx[known] = groups[ids[known]]
         else:
-            idx = np.searchsorted(np.asarray(self.edges), values, side="right")
+            idx = np.searchsorted(self._edges, values, side="right")  # type: ignore[attr-defined]
         return np.bincount(idx, minlength=self.bins)[: self.bins]
+
+    def count_one(self, value: float) -> np.ndarray:
+        """Counts of one value (a request's mean or std): a one-hot vector."""
+        out = np.zeros(self.bins, dtype=np.int64)
+        out[bisect.bisect_right(self.edges, value)] = 1
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -191,31 +212,53 @@ class ReferenceStats:
     requests: int
     summary: dict[str, Any]
 
+    def sample(self, feeds: Mapping[str, Any], outputs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray],
+                                                                                 dict[str, np.ndarray]]:
+        """What :meth:`request_counts` reads of a request, copied (a few hundred elements per input,
+        the classifier outputs): cheap to take on the request's thread, safe to bin later on another
+        (the caller may reuse its arrays). ``request_counts`` of the sample equals that of the request."""
+        ins = {t: subsample(feeds[t]).copy() for t in self._tensors("in") if t in feeds}
+        outs = {t: np.array(outputs[t], copy=True) for t in self._tensors("out")
+                if t in outputs and _classifier_shaped(np.asarray(outputs[t]))}
+        return ins, outs
+
+    def __post_init__(self) -> None:
+        for side, inputs in (("in", True), ("out", False)):
+            tensors = sorted({s.tensor for s in self.signals.values()
+                              if (s.kind in ("elements", "mean", "std")) == inputs})
+            object.__setattr__(self, f"_{side}", tensors)
+
+    def _tensors(self, side: str) -> list[str]:
+        return getattr(self, f"_{side}")
+
     def request_counts(self, feeds: Mapping[str, Any], outputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Bin one request: signal name -> counts per bin. Tensors a signal reads that are
         missing (or of another shape kind) are skipped."""
         out: dict[str, np.ndarray] = {}
-        per_tensor: dict[str, Any] = {}
+        per_tensor: dict[Any, Any] = {}
         for name, sig in self.signals.items():
             if sig.kind in ("elements", "mean", "std"):
-                if sig.tensor not in feeds:
-                    continue
                 x = per_tensor.get(sig.tensor)
                 if x is None:
-                    x = per_tensor[sig.tensor] = subsample(feeds[sig.tensor])
-                if x.size == 0:
+                    if sig.tensor not in feeds:
+                        continue
+                    x = per_tensor[sig.tensor] = _moments(subsample(feeds[sig.tensor]))
+                if x[0].size == 0:
                     continue
-                values = x if sig.kind == "elements" else np.array([x.mean() if sig.kind == "mean" else x.std()])
-            else:
+                if sig.kind == "elements":
+                    out[name] = sig.count(x[0])
+                else:
+                    out[name] = sig.count_one(x[1] if sig.kind == "mean" else x[2])
+                continue
+            key = (sig.tensor, "top1")
+            if key not in per_tensor:
                 y = outputs.get(sig.tensor)
-                if y is None or not _classifier_shaped(np.asarray(y)):
-                    continue
-                key = (sig.tensor, "top1")
-                if key not in per_tensor:
-                    per_tensor[key] = top1(np.asarray(y), sig.softmax)
-                conf, cls = per_tensor[key]
-                values = conf if sig.kind == "confidence" else cls
-            out[name] = sig.count(values)
+                per_tensor[key] = top1(np.asarray(y), sig.softmax) if y is not None and _classifier_shaped(
+                    np.asarray(y)) else None
+            if per_tensor[key] is None:
+                continue
+            conf, cls = per_tensor[key]
+            out[name] = sig.count(conf if sig.kind == "confidence" else cls)
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -292,8 +335,9 @@ def build_reference(
         if not any(s.size for s in samples):
             continue
         pooled = np.concatenate(samples)
-        means = np.array([s.mean() for s in samples if s.size])
-        stds = np.array([s.std() for s in samples if s.size])
+        moments = [_moments(s) for s in samples if s.size]
+        means = np.array([m[1] for m in moments])
+        stds = np.array([m[2] for m in moments])
         signals[f"input:{name}"] = _binned(f"input:{name}", "elements", name, pooled, MAX_BINS)
         signals[f"input_mean:{name}"] = _binned(f"input_mean:{name}", "mean", name, means, _bins_for(n))
         signals[f"input_std:{name}"] = _binned(f"input_std:{name}", "std", name, stds, _bins_for(n))
