@@ -44,6 +44,7 @@ from splitgate.planner._decide import DecisionTable, explain, pick
 from splitgate.planner._options import PlanOptions
 from splitgate.planner._partition_profile import BucketProfile, PartitionProfile, Profile, partition_estimate
 from splitgate.planner._plan import plan_model
+from splitgate.planner._quantize import PRECISIONS, candidate_parts
 from splitgate.planner._reference import REFERENCE_FILE, ReferenceStats
 from splitgate.errors import BundleError, InvalidArgument, NotFound
 
@@ -86,7 +87,9 @@ class Partition:
             ``"dag-<k>"`` (a DAG cut: several tensors cross; k numbers a
             bundle's DAG partitions by device node count); a split id followed
             by ``"@<encoding>"`` (``"cut-12@int8"``) is the same split sending
-            its cut tensors in that encoding.
+            its cut tensors in that encoding; ``"~int8"`` after a split id or
+            ``device`` (``"cut-9~int8"``, ``"device~int8"``, ``"cut-9~int8@fp16"``)
+            is the same partition with an int8 device prefix.
         kind: ``"device"``, ``"cloud"`` or ``"split"``.
         device_nodes: nodes run on the device.
         total_nodes: nodes in the full model.
@@ -104,6 +107,9 @@ class Partition:
             bundles, raw candidates): then the edge's configured default
             applies (``GatewayConfig.encoding``, normally ``"raw"``). An
             encoded candidate shares its raw twin's prefix/suffix files.
+        prefix_precision: ``"fp32"``, or ``"int8"`` for an int8 twin
+            (``"cut-9~int8"``, ``"device~int8"``: its own int8 prefix file, the
+            fp32 partition's suffix file); None without a prefix (``"cloud"``).
     """
 
     id: str
@@ -115,6 +121,7 @@ class Partition:
     suffix_path: Path | None
     cut_bytes: int | None
     encoding: str | None = None
+    prefix_precision: str | None = None
 
     @property
     def wire_encoding(self) -> str:
@@ -274,6 +281,13 @@ def build_bundle(
         parts: list[dict[str, Any]] = []
         inputs = [s.to_dict() for s in g.inputs]
         saved: set[PurePosixPath] = set()  # an encoded candidate shares its raw twin's files
+
+        def save_once(model: onnx.ModelProto, rel: PurePosixPath) -> str:
+            if rel not in saved:
+                saved.add(rel)
+                written.extend(_save_model(model, tmp / rel))
+            return str(rel)
+
         for i, p in enumerate(plan.partitions):
             report("write partitions", i, len(plan.partitions))
             entry: dict[str, Any] = {"id": p.id, "kind": p.kind, "total_nodes": total}
@@ -282,26 +296,27 @@ def build_bundle(
                              cut_bytes=p.measured().up_bytes if p.base else p.up_bytes)
                 if p.base:
                     entry.update(encoding=p.encoding)
-            elif p.kind == "device":
-                entry.update(device_nodes=total, cut_tensors=[], prefix=MODEL_FILE, suffix=None, cut_bytes=0)
+            elif p.kind == "device":  # device~int8: the int8 full model, in its own folder
+                prefix = MODEL_FILE if p.precision == "fp32" or p.prefix is None else \
+                    save_once(p.prefix, PurePosixPath("partitions") / p.id / "prefix.onnx")
+                entry.update(device_nodes=total, cut_tensors=[], prefix=prefix, suffix=None, cut_bytes=0)
             else:
                 assert p.prefix is not None and p.suffix is not None
                 base = getattr(p, "base", None)
                 rel = PurePosixPath("partitions") / (base or p.id)
+                fp32_rel = PurePosixPath("partitions") / candidate_parts(base or p.id)[0]  # an int8 twin's suffix
                 specs = [extractor.tensor_spec(t) for t in p.tensors]
-                if rel not in saved:
-                    saved.add(rel)
-                    written += _save_model(p.prefix, tmp / rel / "prefix.onnx")
-                    written += _save_model(p.suffix, tmp / rel / "suffix.onnx")
                 entry.update(
-                    device_nodes=len({n.name for n in p.prefix.graph.node}),
+                    device_nodes=len({n.name for n in (p.fp32_prefix or p.prefix).graph.node}),
                     cut_tensors=[s.to_dict() for s in specs],
-                    prefix=str(rel / "prefix.onnx"),
-                    suffix=str(rel / "suffix.onnx"),
+                    prefix=save_once(p.prefix, rel / "prefix.onnx"),
+                    suffix=save_once(p.suffix, fp32_rel / "suffix.onnx"),
                     cut_bytes=p.up_bytes,
                 )
                 if base:
                     entry.update(encoding=p.encoding, cut_bytes=p.measured().up_bytes)
+            if opts.quantize:  # (only then: the manifests and digests of other plans stay as they were)
+                entry.update(prefix_precision=p.precision if entry["prefix"] else None, encoding=p.encoding)
             parts.append(entry)
         report("write partitions", len(plan.partitions), len(plan.partitions))
         report("write bundle", 0, 1)
@@ -334,7 +349,8 @@ def build_bundle(
             "inputs": inputs,
             "outputs": [s.to_dict() for s in g.outputs],
             "partitions": parts,
-            "planner": {"candidates": opts.candidates, "reference_cuts": opts.reference_cuts},
+            "planner": {"candidates": opts.candidates, "reference_cuts": opts.reference_cuts,
+                        **({"quantize": True} if opts.quantize else {})},
             "shapes": [b.to_dict()["shapes"] for b in plan.shapes],
             "sample": sample,
             **extra,
@@ -745,6 +761,7 @@ class PlanBundle:
             suffix_path=path_of(data["suffix"]),
             cut_bytes=None if data["cut_bytes"] is None else int(data["cut_bytes"]),
             encoding=_encoding_of(data),
+            prefix_precision=_precision_of(data),
         )
 
     @property
@@ -795,6 +812,16 @@ def _encoding_of(data: dict[str, Any]) -> str | None:
     if enc not in ENCODINGS:
         raise ValueError(f"partition {data.get('id')!r}: unknown encoding {enc!r}")
     return str(enc)
+
+
+def _precision_of(data: dict[str, Any]) -> str | None:
+    """A manifest partition's ``prefix_precision`` (None without a prefix; absent = fp32)."""
+    if data.get("prefix") is None:
+        return None
+    precision = data.get("prefix_precision") or "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"partition {data.get('id')!r}: unknown prefix_precision {precision!r}")
+    return str(precision)
 
 
 def load_bundle(root: str | os.PathLike[str], *, verify: bool = True) -> PlanBundle:

@@ -26,7 +26,9 @@ Measured on the real prefix/suffix sessions over calibration requests
   :func:`~splitgate.encoding.read_decoded_inputs` (the cloud's path), median
   after warm-up; encode time (times ``device_slowdown``) is added to the
   twin's device time, decode time to its cloud time;
-* **accuracy**: suffix outputs on decoded tensors vs. on raw tensors;
+* **accuracy**: suffix outputs on decoded tensors vs. on raw tensors (the
+  twins of an int8 prefix, ``cut-9~int8@fp16``: vs. the fp32 full model's
+  outputs, so the guard bounds quantization and encoding together);
   encodings failing the :class:`~splitgate.planner._accuracy.Guard` are dropped and
   listed with the reason in ``profile.json`` (``encodings.dropped``).
 """
@@ -159,6 +161,7 @@ def measure_encodings(
     cloud_threads: int = 2,
     warmup: int = 2,
     repeats: int = 10,
+    reference: Sequence[Mapping[str, np.ndarray]] | None = None,
 ) -> dict[str, EncodingResult]:
     """Measure each non-raw encoding of one split partition, or of the ``cloud``
     partition (see module docs).
@@ -171,6 +174,9 @@ def measure_encodings(
         guard: accuracy thresholds.
         device_threads, cloud_threads: session threads.
         warmup, repeats: of the encode/decode timings.
+        reference: the outputs the guard compares with, per calibration request;
+            default: the suffix's on the raw cut tensors (an int8 prefix's
+            twins pass the fp32 full model's, so the guard covers both errors).
 
     Returns:
         encoding -> result (dropped ones included, with the reason).
@@ -187,7 +193,7 @@ def measure_encodings(
     suf_out = [o.name for o in suf.get_outputs()]
     try:
         cuts = [_cut_tensors(pre, feeds, suf_in) for feeds in calibration.requests]
-        ref = [dict(zip(suf_out, suf.run(suf_out, c))) for c in cuts]
+        ref = list(reference) if reference is not None else [dict(zip(suf_out, suf.run(suf_out, c))) for c in cuts]
         raw_bytes = int(statistics.median(wire_nbytes(c, "raw") for c in cuts))
         results: dict[str, EncodingResult] = {}
         for enc in wanted:
@@ -221,6 +227,21 @@ def _cut_tensors(pre: Any, feeds: Mapping[str, np.ndarray], names: Sequence[str]
     pre_in = [i.name for i in pre.get_inputs()]
     produced = dict(zip(pre_out, pre.run(pre_out, {k: feeds[k] for k in pre_in})))
     return {k: produced[k] if k in produced else feeds[k] for k in names}
+
+
+def _model_outputs(model: onnx.ModelProto, calibration: Calibration, threads: int) -> list[dict[str, np.ndarray]]:
+    """A model's outputs on every calibration request.
+
+    Raises:
+        BundleError: onnxruntime cannot run it.
+    """
+    session = make_session(model, threads)
+    names = [o.name for o in session.get_outputs()]
+    inputs = [i.name for i in session.get_inputs()]
+    try:
+        return [dict(zip(names, session.run(names, {k: r[k] for k in inputs}))) for r in calibration.requests]
+    except Exception as exc:  # noqa: BLE001 - ORT run failures
+        raise BundleError(f"onnxruntime failed on the calibration inputs: {str(exc).splitlines()[0]}") from exc
 
 
 def _not_applicable(encoding: str, raw_bytes: int, why: str) -> EncodingResult:
@@ -269,6 +290,7 @@ def add_encoded(
                                             batch=options.batch)
     info["calibration"] = {"source": calib.source, "samples": calib.samples, "requests": len(calib.requests)}
     slowdown = options.device_slowdown if options.device_profile is None else 1.0
+    fp32_outputs: list[dict[str, np.ndarray]] = []  # the full model's, for int8 prefixes' twins
     out: list[PlannedPartition] = []
     done = 0
     for p in parts:
@@ -279,9 +301,12 @@ def add_encoded(
         done += 1
         suffix = g.model if p.kind == "cloud" else p.suffix
         assert suffix is not None
+        if p.precision != "fp32" and not fp32_outputs:
+            fp32_outputs = _model_outputs(g.model, calib, options.cloud_threads)
         results = measure_encodings(
             p.prefix, suffix, calib, encs, guard, device_threads=options.device_threads,
             cloud_threads=options.cloud_threads, warmup=options.warmup, repeats=options.repeats,
+            reference=fp32_outputs if p.precision != "fp32" else None,
         )
         for enc, r in results.items():
             pid = candidate_id(p.id, enc)

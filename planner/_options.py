@@ -81,6 +81,11 @@ class PlanOptions:
             see :func:`splitgate.planner._shapes.load_samples`): the model runs on them
             while planning (inputs whose values matter) and, without
             ``calibration``, they are the encoding guard's calibration set.
+        quantize: also plan int8 twins of the device prefixes (``cut-9~int8``,
+            ``device~int8``; :mod:`splitgate.planner._quantize`), each kept only
+            when it passes the accuracy guard on the calibration requests and
+            its prefix is measured faster or is smaller than the fp32 one.
+            Off by default (planning takes longer).
     """
 
     candidates: str = "optimal"
@@ -106,6 +111,7 @@ class PlanOptions:
     output_kind: str = "auto"
     input_shapes: Mapping[str, Sequence[Sequence[int]]] | Sequence[str] | None = field(default=None, compare=False)
     samples: str | os.PathLike[str] | Mapping[str, Any] | None = field(default=None, compare=False)
+    quantize: bool = False
 
     def shapes(self) -> dict[str, list[tuple[int, ...]]] | None:
         """``input_shapes`` as input name -> shapes (parsing ``--input-shape`` strings)."""

@@ -52,7 +52,7 @@ _CORE_KEYS = (
 _OPTIONAL_KEYS = (
     "encoding", "base", "encode_ms", "decode_ms", "wire_ratio",
     "device_source", "planned_device_ms", "device_suffix_ms",
-    "bucket", "scale",
+    "bucket", "scale", "precision",
 )
 _KNOWN = frozenset(_CORE_KEYS + _OPTIONAL_KEYS)
 
@@ -90,6 +90,8 @@ class PartitionProfile:
         device_suffix_ms: after a refit: the device's time for the suffix (a fallback's cost).
         bucket: in a per-request cost entry: the bucket it was scaled from.
         scale: in a per-request cost entry: the size ratio times were scaled by.
+        precision: the prefix precision of an int8 twin (``cut-9~int8``) and of its
+            encoded twins (``"int8"``; None: fp32, see :mod:`splitgate.planner._quantize`).
         extra: keys this class does not know, kept as read.
     """
 
@@ -117,6 +119,7 @@ class PartitionProfile:
     device_suffix_ms: float | None = None
     bucket: int | None = None
     scale: float | None = None
+    precision: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -218,6 +221,7 @@ class PartitionProfile:
             device_suffix_ms=opt("device_suffix_ms", float),
             bucket=opt("bucket", int),
             scale=opt("scale", float),
+            precision=opt("precision", str),
             extra={k: v for k, v in d.items() if k not in _KNOWN},
         )
 
@@ -306,7 +310,7 @@ class BucketProfile:
 # profile.json top-level keys, in the order the planner writes them
 _PROFILE_KEYS = (
     "version", "batch", "shapes", "notes", "device", "cloud", "energy", "constraints", "excluded",
-    "estimate_error", "graph", "partitions", "encodings", "node_ms", "buckets", "planning_ms",
+    "estimate_error", "graph", "partitions", "encodings", "node_ms", "buckets", "planning_ms", "quantization",
 )
 
 
@@ -334,6 +338,9 @@ class Profile:
             ``measured`` and ``dropped`` candidates).
         node_ms: the main bucket's per-node times.
         planning_ms: time spent in search and decision tables.
+        quantization: the int8 prefix twins tried (``PlanOptions.quantize``):
+            method, calibration, guard, ``measured`` and ``dropped`` twins
+            (see :mod:`splitgate.planner._quantize`).
         extra: keys this class does not know, kept as read.
     """
 
@@ -353,6 +360,7 @@ class Profile:
     encodings: dict[str, Any] | None = None
     node_ms: dict[str, dict[str, float]] | None = None
     planning_ms: float | None = None
+    quantization: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -384,6 +392,7 @@ class Profile:
             "node_ms": None if self.node_ms is None else _node_ms(self.node_ms),
             "buckets": None if self.buckets is None else [b.to_dict() for b in self.buckets],
             "planning_ms": self.planning_ms,
+            "quantization": self.quantization,
         }
         d = {k: values[k] for k in _PROFILE_KEYS if values[k] is not None}
         d.update({k: v for k, v in self.extra.items() if k not in d and k not in _PROFILE_KEYS})
@@ -420,6 +429,7 @@ class Profile:
             encodings=d.get("encodings"),
             node_ms=d.get("node_ms"),
             planning_ms=d.get("planning_ms"),
+            quantization=d.get("quantization"),
             extra={k: v for k, v in d.items() if k not in _PROFILE_KEYS},
         )
 
@@ -439,6 +449,10 @@ class PlannedPartition:
         encoding: wire encoding of the cut tensors (``"raw"`` or see :mod:`splitgate.planner._encoding`).
         base: for an encoded candidate, the id of its raw twin (same files).
         up_bytes: bytes of the cut tensors at the main shape bucket.
+        precision: the prefix's precision: ``"fp32"``, or ``"int8"`` for an int8
+            twin (``cut-9~int8``, ``device~int8``; see :mod:`splitgate.planner._quantize`).
+        fp32_prefix: an int8 twin's fp32 prefix (its node count is the twin's
+            ``device_nodes``; its suffix file is the twin's).
     """
 
     id: str
@@ -452,6 +466,8 @@ class PlannedPartition:
     encoding: str = "raw"
     base: str | None = None
     up_bytes: int | None = None
+    precision: str = "fp32"
+    fp32_prefix: onnx.ModelProto | None = None
 
     def measured(self) -> PartitionProfile:
         """Its figures.

@@ -13,12 +13,16 @@ method each:
 4. :meth:`~Planner.search`: DADS min-cut over the condition space on those
    estimates -> a shortlist of splits;
 5. :meth:`~Planner.extract`: prefix and suffix models of every split;
+   then, with ``PlanOptions.quantize``, :meth:`~Planner.quantize`: guarded int8
+   twins of the prefixes and of the full model (``cut-9~int8``, ``device~int8``);
 6. :meth:`~Planner.measure`: the real prefix and suffix sessions of every
-   partition (``device``, ``cloud``, the splits) timed at every bucket;
+   partition (``device``, ``cloud``, the splits) timed at every bucket (int8
+   twins neither faster nor smaller than their fp32 prefix are dropped);
 7. :meth:`~Planner.encode`: encoded twins (``cut-3@int8``, ``cloud@int8``) of
    the splits and of ``cloud`` that pass the accuracy guard, at every bucket;
 8. :meth:`~Planner.decide`: one decision table per bucket; partitions that win
-   nowhere are dropped (reference cuts, ``device`` and ``cloud`` stay);
+   nowhere are dropped (reference cuts and their int8 twins, ``device``,
+   ``device~int8`` and ``cloud`` stay);
 9. :meth:`~Planner.document`: the typed ``profile.json``
    (:class:`~splitgate.planner._partition_profile.Profile`).
 
@@ -27,7 +31,9 @@ Without profiling (``PlanOptions.profile=False``) only stages 1, 2 and 5 run.
 Partition ids: ``device``, ``cloud``, ``cut-<k>`` for a partition whose cut is
 the single tensor of chain cut k (numbered as :func:`splitgate.planner.chain_cuts`), and
 ``dag-<k>`` for a cut of several tensors, k = 1, 2, ... in order of device
-node count (ties by the first crossing tensor's topological position).
+node count (ties by the first crossing tensor's topological position);
+``P~int8`` for the int8 twin of ``P``'s prefix and ``P@E`` (``cut-9~int8@fp16``)
+for an encoded twin (:func:`splitgate.planner._quantize.candidate_parts`).
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ from splitgate.planner._partition_profile import (
     partition_estimate,
 )
 from splitgate.planner._profile import NodeProfile, profile_nodes, time_partitions
+from splitgate.planner._quantize import PrefixQuantizer, QuantizeResult
 from splitgate.planner._reference import ReferenceStats, reference_from_model
 from splitgate.planner._shapes import ShapeBucket, load_samples, resolve_buckets, seeded_feeds, tensor_nbytes
 from splitgate.errors import BundleError, InvalidArgument
@@ -216,6 +223,8 @@ class Planner:
         self.parts: list[PlannedPartition] = []
         self.encodings: dict[str, Any] = {}
         self.planning_ms = 0.0
+        self.quantization: dict[str, Any] = {}
+        self._int8: dict[str, QuantizeResult] = {}
         self._calibration: Calibration | None = None
 
     def run(self) -> Plan:
@@ -235,6 +244,7 @@ class Planner:
         self.profile_nodes()
         self.search()
         self.extract()
+        self.quantize()
         self.measure()
         self.encode()
         kept = self.decide()
@@ -294,6 +304,62 @@ class Planner:
         for p in self.parts:
             p.up_bytes = _bytes(problem, p.tensors)
 
+    def quantize(self) -> None:
+        """Int8 twins (``cut-9~int8``, ``device~int8``) of every split's prefix and of the full
+        model that pass the accuracy guard (``PlanOptions.quantize``; :mod:`splitgate.planner._quantize`),
+        each placed after its fp32 partition. :meth:`measure` times them with the others
+        and drops those neither faster nor smaller than their fp32 prefix.
+
+        Raises:
+            InvalidArgument: unreadable calibration inputs.
+            BundleError: onnxruntime cannot run the fp32 model on them.
+        """
+        if not self.options.quantize:
+            return
+        calibration = self.calibration()
+        guard = self.options.guard()
+        bases = [p.id for p in self.parts if (p.kind == "split" and p.prefix is not None) or p.kind == "device"]
+        out: list[PlannedPartition] = []
+        with PrefixQuantizer(self.g.model, calibration, guard, threads=self.options.cloud_threads) as quantizer:
+            for p in self.parts:
+                out.append(p)
+                if p.id not in bases:
+                    continue
+                self.report("quantize prefixes", len(self._int8), len(bases))
+                int8, result = quantizer.quantize(p.id, p.prefix, p.suffix)
+                self._int8[result.pid] = result
+                if int8 is not None:
+                    out.append(replace(p, id=result.pid, prefix=int8, precision="int8",  # (a reference's twin stays too)
+                                       fp32_prefix=p.prefix if p.prefix is not None else self.g.model))
+            self.report("quantize prefixes", len(bases), len(bases))
+            self.quantization = {
+                "method": quantizer.method, "guard": guard.to_dict(),
+                "calibration": {"source": calibration.source, "samples": calibration.samples,
+                                "requests": len(calibration.requests)},
+                "calibration_s": round(quantizer.calibration_s, 3), "measured": {}, "dropped": {},
+            }
+        self.parts = out
+
+    def _keep_helpful_int8(self) -> None:
+        """Drop the int8 twins whose prefix is neither measured faster nor smaller than the fp32 one;
+        record every twin tried in ``self.quantization``."""
+        main = self.buckets[0].stats
+        for p in self.parts:
+            if p.precision != "fp32":
+                r = self._int8[p.id]
+                r.fp32_ms, r.int8_ms = main[r.base].device_ms, main[p.id].device_ms
+                if not (r.int8_ms < r.fp32_ms or r.int8_bytes < r.fp32_bytes):
+                    r.dropped = (f"neither faster ({r.int8_ms:.3f} ms vs {r.fp32_ms:.3f} ms) nor smaller "
+                                 f"({r.int8_bytes} vs {r.fp32_bytes} bytes) than the fp32 prefix")
+        gone = {pid for pid, r in self._int8.items() if r.dropped}
+        self.parts = [p for p in self.parts if p.id not in gone]
+        for b in self.buckets:
+            for pid in gone:
+                b.stats.pop(pid, None)
+        if self.quantization:
+            self.quantization["measured"] = {pid: r.to_dict() for pid, r in self._int8.items()}
+            self.quantization["dropped"] = {pid: r.dropped for pid, r in self._int8.items() if r.dropped}
+
     def measure(self) -> None:
         """Time every partition's real sessions at every bucket.
 
@@ -306,6 +372,7 @@ class Planner:
             _measure(self.g, self.parts, b, self.options, self.report, step, self.device)
         for p in self.parts:
             p.profile = self.buckets[0].stats[p.id]
+        self._keep_helpful_int8()
 
     def encode(self) -> None:
         """Encoded twins of the splits and of ``cloud`` that pass the accuracy guard, their figures
@@ -378,10 +445,11 @@ class Planner:
 
     def document(self, kept: list[PlannedPartition]) -> Profile:
         """The ``profile.json`` document of the kept partitions."""
-        measured = [p for p in self.parts if p.kind == "split" and not p.base] + \
-            [p for p in self.parts if p.kind != "split" and not p.base]
+        measured = [p for p in self.parts if p.kind == "split" and not p.base and p.precision == "fp32"] + \
+            [p for p in self.parts if p.kind != "split" and not p.base and p.precision == "fp32"]
         profile = _profile_doc(self.buckets, kept, measured, self.options, self.encodings, self.notes)
         profile.planning_ms = round(self.planning_ms, 3)
+        profile.quantization = self.quantization or None
         return profile
 
 
@@ -552,7 +620,8 @@ def _measure(g: ModelGraph, parts: list[PlannedPartition], b: _Bucket, options: 
     down = _bytes(problem, list(g.output_names))
     inputs = set(g.input_names)
     # all partitions measured together, round by round (load drift hits them alike)
-    sides = [(g.model if p.kind == "device" else p.prefix, g.model if p.kind == "cloud" else p.suffix) for p in parts]
+    sides = [(g.model if p.kind == "device" and p.prefix is None else p.prefix, g.model if p.kind == "cloud" else p.suffix)
+             for p in parts]
     timings = time_partitions(
         sides, b.shape.feeds, device_threads=options.device_threads, cloud_threads=options.cloud_threads,
         warmup=options.warmup, repeats=options.repeats, device_gap_ms=10.0,
@@ -567,7 +636,7 @@ def _measure(g: ModelGraph, parts: list[PlannedPartition], b: _Bucket, options: 
             if b.imported is not None:
                 correction = dev_t.typical_ms / est_d if est_d > 0 else 1.0
                 device_ms = b.imported.sum(p.device_set) * correction
-            if device is not None:
+            if device is not None and p.precision == "fp32":  # (an int8 twin: the per-node sum, corrected)
                 measured = device.partition_ms(p.id, b.shape.shapes, kind=p.kind, tensors=p.tensors)
                 device_ms = measured if measured is not None else device_ms
         b.stats[p.id] = PartitionProfile(
@@ -585,6 +654,7 @@ def _measure(g: ModelGraph, parts: list[PlannedPartition], b: _Bucket, options: 
             est_cloud_ms=round(est_c, 4),
             device_mem_bytes=_mem_bytes(problem, pre_model if p.kind != "cloud" else None, p.device_set),
             reference=p.reference,
+            precision=None if p.precision == "fp32" else p.precision,
         )
 
 

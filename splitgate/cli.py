@@ -35,7 +35,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         constraints=Constraints(slo_ms=args.slo_ms, device_memory_mb=args.device_memory_mb),
         encodings=tuple(e.strip() for e in args.encodings.split(",") if e.strip()),
         calibration=args.calibration, min_top1_agreement=args.min_top1, min_cosine=args.min_cosine,
-        input_shapes=args.input_shape or None, samples=args.sample,
+        input_shapes=args.input_shape or None, samples=args.sample, quantize=args.quantize,
     )
     console = Console()
     with progress_callback(console) as progress:
@@ -311,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a real input shape to plan at (repeatable; several for one input = shape buckets)")
     plan.add_argument("--sample", default=None, metavar="FILE.npz",
                       help="real inputs, one array per input, samples on axis 0 (also the calibration set)")
+    plan.add_argument("--quantize", action="store_true",
+                      help="also plan int8 device prefixes (cut-K~int8, device~int8), each behind the accuracy guard")
     plan.add_argument("--explain", action="store_true", help="show why each partition wins where it does")
     plan.add_argument("--rtt-ms", type=float, default=20.0, help="RTT of the --explain view")
     plan.add_argument("--battery", type=float, default=100.0, help="battery %% of the --explain view")

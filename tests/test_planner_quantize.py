@@ -1,0 +1,201 @@
+"""Quantized device prefixes (``cut-K~int8``, ``device~int8``): built with onnxruntime's
+quantization tools, guarded against the fp32 full model, recorded in the manifest and
+profile, chosen jointly with the cut and the wire encoding, and run through a real
+Gateway and a real cloud tier (grpcio + the same SuffixService + onnxruntime)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from _models import IR_VERSION, OPSET, save, session
+from onnx import TensorProto, helper, numpy_helper
+
+from splitgate.planner import Conditions, Constraints, PlanBundle, build_bundle, load_bundle
+from splitgate.planner._accuracy import Guard, check, compare_outputs
+from splitgate.planner._encoding import split_id
+from splitgate.planner._quantize import candidate_parts, quantization_method, quantized_id
+
+FAST = {"repeats": 3, "warmup": 1}
+CALIBRATION = 24
+
+
+def test_candidate_ids() -> None:
+    assert quantized_id("cut-9") == "cut-9~int8" and quantized_id("cut-9", "fp32") == "cut-9"
+    assert candidate_parts("cut-9~int8@fp16") == ("cut-9", "int8", "fp16")
+    assert candidate_parts("device~int8") == ("device", "int8", "raw")
+    assert candidate_parts("cloud@int8") == ("cloud", "fp32", "int8")
+    assert candidate_parts("dag-2") == ("dag-2", "fp32", "raw")
+    assert split_id("cut-9~int8@fp16") == ("cut-9~int8", "fp16"), "the encoded twin's raw twin is the int8 one"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    """The trained small resnet18 (gratings10) and held-out calibration images."""
+    pytest.importorskip("torch")
+    from splitgate.planner.zoo import calibration_inputs, export_zoo_model
+
+    model = export_zoo_model("resnet18", tmp_path_factory.mktemp("q") / "resnet18.onnx", trained=True)
+    return model, calibration_inputs(CALIBRATION)["input"]
+
+
+@pytest.fixture(scope="module")
+def bundle(trained: tuple[Path, np.ndarray]) -> PlanBundle:
+    """Planned with int8 twins, for a device 20x slower than here with 1.5 MB for the prefix:
+    the fp32 full model (2.9 MB) does not fit, its int8 twin (0.9 MB) does."""
+    model, images = trained
+    return build_bundle(model, model.parent / "r18q.bundle", quantize=True, device_slowdown=20.0,
+                        constraints=Constraints(device_memory_mb=1.5), calibration={"input": images}, **FAST)
+
+
+def test_int8_twins_pass_the_guard_and_are_recorded(bundle: PlanBundle) -> None:
+    b = load_bundle(bundle.root)  # verifies every file and the digest
+    quant = b.profile["quantization"]
+    assert quant["method"] == "static" and quant["calibration"]["source"] == "arrays"
+    refs = [p.id for p in b.partitions.values() if p.kind == "split" and b.plan_profile.partitions[p.id].reference
+            and candidate_parts(p.id)[1] == "fp32"]
+    assert len(refs) == 3, list(b.partitions)
+    for pid in [*refs, "device"]:
+        twin = quantized_id(pid)
+        r = quant["measured"][twin]
+        assert r["dropped"] is None and twin in b.partitions, (twin, r)
+        assert r["accuracy"]["logits"]["top1_agreement"] >= 0.99
+        assert 0 < r["int8_bytes"] < r["fp32_bytes"]
+        assert r["int8_ms"] > 0 and r["fp32_ms"] > 0
+    # profile entries: the int8 twin's own measured time, the fp32 cut's bytes, less device memory
+    prof = b.plan_profile.partitions
+    for pid in refs:
+        fp32, int8 = prof[pid], prof[quantized_id(pid)]
+        assert int8.precision == "int8" and fp32.precision is None
+        assert int8.tensors == fp32.tensors and int8.up_bytes == fp32.up_bytes
+        assert int8.device_mem_bytes < fp32.device_mem_bytes
+        assert int8.device_timing is not None and int8.device_timing != fp32.device_timing
+    assert prof["device~int8"].device_mem_bytes < 1.5e6 < prof["device"].device_mem_bytes
+    assert b.plan_profile.excluded and "device" in b.plan_profile.excluded
+    # estimate errors compare per-node sums of the fp32 model with fp32 sessions only
+    rows = b.profile["estimate_error"]["device"]["partitions"]
+    assert rows and not any("~" in r["id"] for r in rows)
+
+
+def test_manifest_records_precision_and_encoding(bundle: PlanBundle) -> None:
+    manifest = json.loads((bundle.root / "manifest.json").read_text())
+    assert manifest["planner"]["quantize"] is True
+    for entry in manifest["partitions"]:
+        base, precision, encoding = candidate_parts(entry["id"])
+        assert entry["encoding"] == encoding, entry["id"]
+        assert entry["prefix_precision"] == (None if entry["kind"] == "cloud" else precision), entry["id"]
+    parts = bundle.partitions
+    for pid, p in parts.items():
+        base, precision, encoding = candidate_parts(pid)
+        assert p.prefix_precision == (None if p.kind == "cloud" else precision)
+        if precision == "int8" and p.kind == "split":
+            own = quantized_id(base)
+            assert p.prefix_path == bundle.root / "partitions" / own / "prefix.onnx"
+            assert p.suffix_path == bundle.root / "partitions" / base / "suffix.onnx", "shares the fp32 suffix"
+            assert p.device_nodes == parts[base].device_nodes if base in parts else p.device_nodes > 0
+    assert parts["device~int8"].prefix_path == bundle.root / "partitions" / "device~int8" / "prefix.onnx"
+    assert parts["device~int8"].suffix_path is None and parts["device"].prefix_path == bundle.model_path
+    files = manifest["files"]
+    assert not any(f.startswith("partitions/") and "~int8" in f and f.endswith("suffix.onnx") for f in files)
+    assert not any("@" in f for f in files), "encoded twins have no files of their own"
+
+
+def test_choice_is_joint_over_precision(bundle: PlanBundle) -> None:
+    """The fp32 model does not fit the device's memory: offline (a link too slow to send
+    even 1 KB in time) the plan answers with the int8 full model."""
+    assert "device~int8" in bundle.candidates
+    assert bundle.choose(Conditions(uplink_mbps=0.05, rtt_ms=300.0)) == "device~int8"
+    assert bundle.estimate("device~int8", Conditions(uplink_mbps=1.0)).latency_ms > 0
+
+
+def test_plans_without_quantize_are_unchanged(trained: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    model, _ = trained
+    b = build_bundle(model, tmp_path / "plain", profile=False)
+    manifest = json.loads((b.root / "manifest.json").read_text())
+    assert "quantize" not in manifest["planner"]
+    assert not any("prefix_precision" in e or "~" in e["id"] for e in manifest["partitions"])
+    assert {p.prefix_precision for p in b.partitions.values() if p.kind != "cloud"} == {"fp32"}
+
+
+def _wide_range_model() -> object:
+    """A tiny conv net whose one activation tensor holds a channel 10^5 times larger than the
+    other, and whose class is decided by the small one: per-tensor int8 ranges erase it."""
+    w = np.zeros((2, 2, 1, 1), np.float32)
+    w[0, 0], w[1, 1] = 1000.0, 0.01
+    fc = np.array([[0.0, 0.0, 1e-6, 0.0], [100.0, -100.0, 0.0, 0.0]], np.float32)  # [2 features, 4 classes]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["h"]),
+        helper.make_node("Conv", ["h", "w2"], ["h2"]),
+        helper.make_node("GlobalAveragePool", ["h2"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc"], ["logits"]),
+    ]
+    w2 = np.eye(2, dtype=np.float32).reshape(2, 2, 1, 1)
+    graph = helper.make_graph(
+        nodes, "wide",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 4])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(fc, "fc")],
+    )
+    return helper.make_model(graph, opset_imports=OPSET, ir_version=IR_VERSION)
+
+
+def test_guard_refuses_an_activation_that_quantizes_badly(tmp_path: Path) -> None:
+    model = save(_wide_range_model(), tmp_path / "wide.onnx")
+    x = np.random.default_rng(0).standard_normal((32, 2, 4, 4)).astype(np.float32)
+    assert quantization_method(onnx.load(model)) == "static"
+    b = build_bundle(model, tmp_path / "wide", quantize=True, calibration={"x": x}, **FAST)
+    quant = b.profile["quantization"]
+    assert quant["dropped"], quant
+    for pid, reason in quant["dropped"].items():
+        assert "top-1 agreement" in reason, (pid, reason)
+        assert quant["measured"][pid]["accuracy"]["logits"]["top1_agreement"] < 0.99
+        assert pid not in b.partitions
+    assert "device~int8" in quant["dropped"]
+    assert not any("~" in pid for pid in b.partitions)
+    # the fp32 model itself is fine: its own sessions agree exactly
+    want = session(b.model_path).run(None, {"x": x})[0]
+    assert len(set(want.argmax(axis=1))) > 1, "the test model must not be constant"
+
+
+@pytest.fixture(scope="module")
+def tier(bundle: PlanBundle) -> Iterator[str]:
+    """A real cloud tier for the bundle: grpcio + the cloud's SuffixService + onnxruntime."""
+    from splitgate.cloud.baseline import start_baseline
+
+    server = start_baseline([str(bundle.root)])
+    try:
+        yield server.address
+    finally:
+        server.stop()
+
+
+def test_gateway_runs_int8_twins_within_the_guard(bundle: PlanBundle, trained: tuple[Path, np.ndarray],
+                                                  tier: str) -> None:
+    """Every int8 twin (splits and their encoded twins through the cloud, device~int8 on the
+    device) answers the calibration images through a real Gateway as the guard measured:
+    top-1 agreement with the fp32 full model at or above the guard."""
+    from splitgate.edge import Gateway
+
+    _, images = trained
+    fp32 = session(bundle.model_path)
+    want = [{"logits": fp32.run(None, {"input": images[i:i + 1]})[0]} for i in range(len(images))]
+    guard = Guard(**bundle.profile["quantization"]["guard"])
+    int8 = [pid for pid in bundle.partitions if candidate_parts(pid)[1] == "int8"]
+    assert any(bundle.partitions[pid].kind == "split" for pid in int8), int8
+    with Gateway([bundle], cloud=tier) as gw:
+        for pid in int8:
+            part = bundle.partitions[pid]
+            got = []
+            for i in range(len(images)):
+                result = gw.infer(bundle.model_name, {"input": images[i:i + 1]}, partition=pid)
+                assert result.trace.partition == pid and not result.trace.fallback, (pid, result.trace)
+                assert (result.trace.bytes_sent > 0) == (part.kind == "split"), (pid, result.trace)
+                got.append({"logits": result.outputs["logits"]})
+            metrics = compare_outputs(want, got)
+            assert check(metrics, guard) is None, (pid, metrics)
+            assert metrics["logits"]["cosine_min"] < 1.0, f"{pid} ran the fp32 prefix"
