@@ -80,8 +80,12 @@ class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ModelMetadata(self, request, context):
         def run() -> pb.ModelMetadataResponse:
             bundle = self.gateway.bundle(request.name)
+            versions = [bundle.plan_digest[:12]]
+            rollout = self.gateway.rollout_status(request.name)
+            if rollout["state"] == "staged":  # a staged candidate answers some requests too
+                versions.append(rollout["candidate"]["version"])
             response = pb.ModelMetadataResponse(
-                name=bundle.model_name, versions=[bundle.plan_digest[:12]], platform="onnxruntime_onnx"
+                name=bundle.model_name, versions=versions, platform="onnxruntime_onnx"
             )
             for spec in bundle.inputs:
                 response.inputs.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))

@@ -496,6 +496,8 @@ def test_edge_serve_takes_the_caller_key_and_names_the_version(bundles) -> None:
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name=MODEL))
+            assert list(metadata.versions) == [version_of(stable.plan_digest), version_of(close.plan_digest)]
             for caller in callers:
                 by_param = pb.ModelInferRequest(model_name=MODEL)
                 codec.add_inputs(by_param, {"x": _inputs(1)[0]})
