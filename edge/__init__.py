@@ -19,6 +19,8 @@ Public API:
     RolloutRule    -- when a staged candidate version is promoted or rolled back
                       (``Gateway.stage_candidate``); Rollout, judge, Judgement, RolloutStats,
                       VersionStats -- the I/O-free rollout core (sticky A/B split, statistics, verdict).
+    UpdateOutcome  -- what one over-the-air update check did for a model (``Gateway.check_updates``).
+    publish        -- write bundle archives and an update index (``splitgate publish``).
 
 The edge needs only onnxruntime, numpy, grpcio, protobuf (and prometheus_client
 for metrics); never Ray or torch.
@@ -42,6 +44,7 @@ from splitgate.edge._gateway import AsyncGateway, Gateway, Result, Trace
 from splitgate.edge._monitor import LinkCalibration, LinkEstimate, LinkMonitor
 from splitgate.edge._policy import Policy, calibrated, hedge_delay_ms, rtt_first, rtt_probe_timeout_s
 from splitgate.edge._rollout import Judgement, Rollout, RolloutRule, RolloutStats, VersionStats, judge
+from splitgate.edge._updates import UpdateOutcome, publish
 from splitgate.edge.config import GatewayConfig
 
 __all__ = [
@@ -75,4 +78,6 @@ __all__ = [
     "VersionStats",
     "Judgement",
     "judge",
+    "UpdateOutcome",
+    "publish",
 ]

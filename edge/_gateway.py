@@ -15,7 +15,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -37,10 +37,12 @@ from splitgate.edge._telemetry import RequestTelemetry
 from splitgate.edge._monitor import BatteryMonitor, LinkMonitor
 from splitgate.edge._rollout import Rollout, RolloutMetrics, RolloutRule, outputs_agree, version_of
 from splitgate.edge._sessions import RunSite, SessionCache
+from splitgate.edge._updates import UpdateOutcome, Updater
 from splitgate.edge.config import GatewayConfig
 from splitgate.planner import Conditions, Partition, PlanBundle
 from splitgate.errors import (
     BundleError,
+    ConfigError,
     FailedPrecondition,
     InvalidArgument,
     ModelRunError,
@@ -967,6 +969,14 @@ class Gateway:
             config.cloud = cloud
         self._core = _Core(bundles, config)
         self._slots = threading.BoundedSemaphore(config.max_concurrency)
+        self._updates: Updater | None = None
+        self._updates_lock = threading.Lock()
+        if config.update_source:
+            try:
+                self._updater().start()  # over-the-air updates: a check now, then every update_interval_s
+            except BaseException:
+                self._core.close()
+                raise
 
     # -- the API ----------------------------------------------------------------
 
@@ -1081,6 +1091,49 @@ class Gateway:
         """Partitions refused at load (corrupt or missing files): id -> reason."""
         return dict(self._core.refused.get(model, {}))
 
+    def check_updates(self) -> list[UpdateOutcome]:
+        """Check ``config.update_source`` for new versions of the loaded models now
+        and install them (download resumably, verify, smoke-run, swap; see
+        docs/updates.md). A failed download or refused bundle leaves the running
+        version serving; it is an outcome here, a log line, a count in
+        ``splitgate_updates_total{model,outcome}`` and a call to each
+        :meth:`on_update` listener.
+
+        Returns:
+            One :class:`~splitgate.edge.UpdateOutcome` per loaded model the index
+            lists (one with model "" when the index cannot be read).
+
+        Raises:
+            ConfigError: no ``update_source`` is configured, or it is not a
+                directory or http(s):// URL.
+        """
+        return self._updater().check()
+
+    def on_update(self, callback: Callable[[UpdateOutcome], Any]) -> None:
+        """Call ``callback(outcome)`` after every model's update check from now on
+        (from the poller's thread or :meth:`check_updates`' caller).
+
+        Raises:
+            ConfigError: no ``update_source`` is configured.
+        """
+        self._updater().add_listener(callback)
+
+    def _updater(self) -> Updater:
+        with self._updates_lock:
+            return self._updates or self._new_updater()
+
+    def _new_updater(self) -> Updater:
+        """The Updater of ``config.update_source`` (raises ConfigError without one)."""
+        core, config = self._core, self._core.config
+        if not config.update_source:
+            raise ConfigError("no update source: set GatewayConfig.update_source (a directory or http(s):// URL)")
+        self._updates = Updater(
+            self, config.update_source, update_dir=config.update_dir, interval_s=config.update_interval_s,
+            registry=core.metrics.registry, evict=core._evict_sessions,  # noqa: SLF001 - same package
+            previous_root=lambda model: core.previous[model][0].root if model in core.previous else None,
+        )
+        return self._updates
+
     def override(self, model: str, partition: str | None) -> None:
         """Pin ``model`` to a partition for experiments (None = back to the policy)."""
         if partition is None:
@@ -1185,6 +1238,8 @@ class Gateway:
         return self._core.config
 
     def close(self) -> None:
+        if self._updates is not None:
+            self._updates.stop()
         self._core.close()
 
     def __enter__(self) -> Gateway:

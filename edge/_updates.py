@@ -299,21 +299,25 @@ def publish(
         ConfigError: ``version`` is already published for another plan of that model.
     """
     to = Path(to_dir)
-    to.mkdir(parents=True, exist_ok=True)
     index_path = to / INDEX_NAME
     index = read_index(index_path.read_bytes(), str(index_path)) if index_path.exists() else {}
+    loaded = [PlanBundle.load(source) for source in bundles]  # every bundle whole before anything is written
+    labels: dict[tuple[str, str], str] = {
+        (e.model, e.version): e.plan_digest for entries in index.values() for e in entries
+    }
+    for bundle in loaded:
+        key = (bundle.model_name, version or bundle.plan_digest[:12])
+        if labels.setdefault(key, bundle.plan_digest) != bundle.plan_digest:
+            raise ConfigError(
+                f"model '{key[0]}' version {key[1]!r} is already published with plan {labels[key][:12]}; "
+                f"pick another --version"
+            )
+    to.mkdir(parents=True, exist_ok=True)
     written = []
-    for source in bundles:
-        bundle = PlanBundle.load(source)
+    for bundle in loaded:
         model, digest = bundle.model_name, bundle.plan_digest
         label = version or digest[:12]
         entries = index.setdefault(model, [])
-        clash = [e for e in entries if e.version == label and e.plan_digest != digest]
-        if clash:
-            raise ConfigError(
-                f"model '{model}' version {label!r} is already published with plan {clash[0].plan_digest[:12]}; "
-                f"pick another --version"
-            )
         rel = f"{_safe_name(model)}/{_safe_name(model)}-{_safe_name(label)}-{digest[:12]}.tar.gz"
         sha, size = write_archive(bundle.root, to / rel)
         entry = IndexEntry(model=model, version=label, plan_digest=digest, archive=rel, sha256=sha, size=size)
@@ -347,6 +351,9 @@ def unpack_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str]
             members = tar.getmembers()
             total = 0
             for m in members:
+                name = PurePosixPath(m.name)
+                if name.is_absolute() or ".." in name.parts:
+                    raise BundleError(f"archive {archive}: member {m.name!r} escapes the bundle directory")
                 if not (m.isfile() or m.isdir()):
                     kind = "link" if (m.issym() or m.islnk()) else "special file"
                     raise BundleError(f"archive {archive}: member {m.name!r} is a {kind}; bundles hold files only")
@@ -445,6 +452,7 @@ class _Progress:
 
     fetched: int = 0
     resumed_from: int = 0
+    cancel: threading.Event | None = None  # set: stop the transfer (the partial file is kept)
 
 
 def _headers(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -466,6 +474,9 @@ def _copy_body(body: Any, part: Path, have: int, size: int, where: str, progress
     with open(part, "ab" if have else "wb") as out:
         try:
             while True:
+                if progress.cancel is not None and progress.cancel.is_set():
+                    raise _Interrupted(f"{where}: stopped at byte {have + copied} of {size} (Gateway closing); "
+                                       "resumes at the next check")
                 chunk = body.read(_CHUNK)
                 if not chunk:
                     break
@@ -696,7 +707,7 @@ class Updater:
         downloads = self.dir / "downloads"
         downloads.mkdir(parents=True, exist_ok=True)
         part = downloads / f"{entry.sha256}.part"
-        progress = _Progress()
+        progress = _Progress(cancel=self._stop)
         try:
             self.source.fetch(entry.archive, part, entry.size, self.timeout_s, progress)
         finally:

@@ -65,6 +65,13 @@ class GatewayConfig:
             bundles are refused (``splitgate.errors.BundleSignatureError``).
         allow_unsigned: with ``trust``, still load unsigned bundles (a WARNING
             each; development only). A bad signature is refused regardless.
+        update_source: over-the-air updates: a directory or http(s):// URL
+            holding an update ``index.json`` (``splitgate publish``); None = off.
+            See docs/updates.md.
+        update_interval_s: seconds between update checks (the first runs at
+            start); 0 = on demand only (``Gateway.check_updates``).
+        update_dir: staging and cache directory of downloads and unpacked
+            versions (None = ``~/.cache/splitgate/updates``).
         drift_threshold: drift score (population stability index) at which a
             model counts as drifted: ``Gateway.on_drift`` callbacks fire, one
             WARNING is logged (0.1 = moderate, 0.25 = significant shift; see docs/telemetry.md).
@@ -99,6 +106,9 @@ class GatewayConfig:
     cloud_discover: bool = False
     trust: list[str] = field(default_factory=list)
     allow_unsigned: bool = False
+    update_source: str | None = None
+    update_interval_s: float = 300.0
+    update_dir: str | None = None
     drift_threshold: float = 0.25
     drift_window: int = 256
     drift_min_requests: int = 128

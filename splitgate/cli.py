@@ -222,6 +222,17 @@ def _apply_trust(config: object, args: argparse.Namespace) -> None:
               "them; development only, never in production", file=sys.stderr, flush=True)
 
 
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from splitgate.edge._updates import INDEX_NAME, publish
+
+    for entry in publish(args.bundles, args.to, version=args.version):
+        print(f"published '{entry.model}' version {entry.version} (plan {entry.plan_digest[:12]}, "
+              f"{entry.size} bytes): {entry.archive}")
+    print(f"update index: {args.to}/{INDEX_NAME}; serve it with e.g. `python -m http.server -d {args.to}` and "
+          f"run edges with --update-source URL_OR_DIR")
+    return 0
+
+
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from splitgate.experiments.runner import run_experiments
 
@@ -254,6 +265,19 @@ def _cmd_edge_serve(args: argparse.Namespace) -> int:
         config.cloud_tls = {"ca": args.cloud_ca, "cert": args.cloud_cert, "key": args.cloud_key}
     config.cloud_token = args.cloud_token or config.cloud_token
     config.cloud_insecure = args.cloud_insecure or config.cloud_insecure
+    if args.update_source:
+        config.update_source = args.update_source
+    if args.update_interval is not None:
+        config.update_interval_s = args.update_interval
+    if args.update_dir:
+        config.update_dir = args.update_dir
+    if config.update_source:  # each update and each refusal is one line on the console
+        import logging
+
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("splitgate: %(message)s"))
+        logging.getLogger("splitgate.edge.updates").addHandler(handler)
+        logging.getLogger("splitgate.edge.updates").setLevel(logging.INFO)
     gateway = Gateway(args.bundles, config=config)
     server, port, _ = serve_edge(
         gateway, port=args.port, metrics_port=args.metrics_port, tls=TlsConfig.from_dict(tls),
@@ -262,6 +286,8 @@ def _cmd_edge_serve(args: argparse.Namespace) -> int:
     where = f"cloud {config.cloud}" if config.cloud else "device only"
     metrics = f", Prometheus metrics on 127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else ""
     print(f"edge gateway serving {gateway.models} on 127.0.0.1:{port} ({where}){metrics}; Ctrl-C to stop", flush=True)
+    if config.update_source:
+        print(f"checking {config.update_source} for updates every {config.update_interval_s:g} s", flush=True)
     try:
         wait_for_stop()
     finally:
@@ -357,7 +383,19 @@ def build_parser() -> argparse.ArgumentParser:
     eserve.add_argument("--cloud-token", default=None, help="bearer token sent to the cloud tier")
     eserve.add_argument("--cloud-insecure", action="store_true", help="allow plaintext to a non-loopback cloud")
     _add_trust_flags(eserve)
+    g = eserve.add_argument_group("over-the-air updates (docs/updates.md)")
+    g.add_argument("--update-source", default=None, metavar="URL_OR_DIR",
+                   help="poll this directory or http(s):// URL (an index.json from `splitgate publish`) for new versions")
+    g.add_argument("--update-interval", type=float, default=None, metavar="S",
+                   help="seconds between update checks (default 300; 0 = never poll)")
+    g.add_argument("--update-dir", default=None, help="download and staging directory (default ~/.cache/splitgate/updates)")
     eserve.set_defaults(func=_cmd_edge_serve)
+
+    pub = sub.add_parser("publish", help="publish bundle versions for over-the-air updates (archives + index.json)")
+    pub.add_argument("bundles", nargs="+", metavar="BUNDLE", help="plan bundle directories (sign them first)")
+    pub.add_argument("--to", required=True, metavar="DIR", help="update directory to write (serve it statically)")
+    pub.add_argument("--version", default=None, metavar="LABEL", help="version label (default: plan digest, 12 hex)")
+    pub.set_defaults(func=_cmd_publish)
 
     certs = sub.add_parser("certs", help="write a dev CA, server and client certificate (TLS / mutual TLS)")
     certs.add_argument("-o", "--output", required=True, help="directory to write the PEM files to")
