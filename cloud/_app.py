@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import collections
 import os
 import threading
 import time
@@ -27,11 +26,13 @@ import grpc
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 
+from splitgate.cloud._admission import AdmissionPolicy, AdmissionQueue, ServiceTime, request_terms
 from splitgate.cloud._batch import group_batches, run_group
 from splitgate.cloud._fetch import resolve_bundles
 from splitgate.cloud._service import SuffixService, infer_span
 from splitgate.cloud.config import CloudConfig, execution_providers
-from splitgate.errors import ConfigError, ResourceExhausted, SplitgateError, Unauthenticated
+from splitgate import codec
+from splitgate.errors import ConfigError, Overloaded, QueueFull, ResourceExhausted, SplitgateError, Unauthenticated
 from splitgate.protocol import inference_pb2 as pb
 from splitgate.security import TokenCheck, TrustedKeys, malformed_message, token_digest
 from splitgate.validate import Limits
@@ -58,6 +59,9 @@ def _fail(context: RayServegRPCContext, exc: BaseException) -> None:
     if isinstance(exc, SplitgateError):
         context.set_code(exc.code)
         context.set_details(str(exc))
+        if isinstance(exc, Overloaded) and exc.retry_after_ms is not None:
+            # (trailing metadata: the only place a failed call can carry it)
+            context.set_trailing_metadata([(contract.RETRY_AFTER_MS, str(int(exc.retry_after_ms + 0.999)))])
     else:  # a bug must still answer, never hang
         context.set_code(grpc.StatusCode.INTERNAL)
         context.set_details(f"internal error: {type(exc).__name__}: {exc}")
@@ -129,6 +133,12 @@ class InferenceDeployment:
         nan_policy: ``"allow"`` or ``"reject"`` NaN/Inf in float cut tensors.
         publish_endpoints: list the replicas' direct-ingress endpoints in
             ServerMetadata (off when clients must come through a TLS front).
+        admission: :class:`~splitgate.cloud._admission.AdmissionPolicy` fields
+            (``max_queue``, ``priority_levels``, ``default_priority``,
+            ``default_deadline_ms``); None = the defaults. Requests that would
+            wait past ``max_queue`` or miss their deadline are refused before
+            any compute (RESOURCE_EXHAUSTED / UNAVAILABLE with trailing metadata
+            ``splitgate.retry_after_ms``); waiting ones run by priority.
         trusted_keys: PEM public keys whose bundle signatures are accepted
             (empty = not checked); ``allow_unsigned``: serve unsigned bundles anyway.
         bundle_cache: where this replica's node keeps bundles fetched from URIs
@@ -163,7 +173,9 @@ class InferenceDeployment:
         allow_unsigned: bool = False,
         bundle_cache: str | None = None,
         providers: Sequence[str] | None = None,
+        admission: dict[str, Any] | None = None,
     ) -> None:
+        self._policy = AdmissionPolicy(**(admission or {}))
         trusted = TrustedKeys.from_pems(trusted_keys or [])
         # Bundle URIs are fetched here, on this replica's node, into its cache (verified).
         local_dirs = resolve_bundles(bundle_dirs, cache_dir=bundle_cache, trusted=trusted, allow_unsigned=allow_unsigned)
@@ -184,8 +196,9 @@ class InferenceDeployment:
             raise ValueError(f"batcher must be 'drain' or 'serve', not {batcher!r}")
         self._batcher = batcher
         self._drain = _DrainQueue(
-            self._work, self._max_batch, max(compute_threads, 1), batch_wait_timeout_s
+            self._work, self._max_batch, max(compute_threads, 1), batch_wait_timeout_s, self._policy
         ) if batcher == "drain" else None
+        self._timing = self._drain.queue.timing if self._drain is not None else ServiceTime()
         self._in_flight = 0
         self._endpoints: list[str] = []
         self._endpoints_at = 0.0
@@ -265,14 +278,20 @@ class InferenceDeployment:
             # event loop saves two thread hops but blocks the loop, which hides the
             # start of a burst from the batcher (measured; see the README).
             try:
-                ok, value = await self._drain.submit(request, depth)
+                # Admission first: a refusal costs no decode and no compute.
+                priority, deadline_ms = self._terms(request)
+                ok, value = await self._drain.submit(request, depth, priority, deadline_ms)
                 if ok:
                     return value
                 _fail(grpc_context, value)
                 return pb.ModelInferResponse()
+            except SplitgateError as exc:
+                _fail(grpc_context, exc)
+                return pb.ModelInferResponse()
             finally:
                 self._in_flight -= 1
         try:
+            self._admit_unqueued(request, depth)
             size = _request_bytes(request)
             if size > self._max_bytes:
                 raise ResourceExhausted(
@@ -299,6 +318,40 @@ class InferenceDeployment:
             return pb.ModelInferResponse()
         finally:
             self._in_flight -= 1
+
+    def _terms(self, request: pb.ModelInferRequest) -> tuple[int, float | None]:
+        """(priority level, deadline ms) of a request; no deadline for a model not
+        served here (it is answered NOT_FOUND at once, e.g. the edge's bandwidth probe).
+
+        Raises:
+            InvalidArgument: a malformed ``priority`` or ``splitgate.deadline_ms``.
+        """
+        if not request.parameters and self._policy.default_deadline_ms is None:
+            return self._policy.default_priority, None
+        level, deadline_ms = request_terms(codec.read_params(request.parameters), self._policy)
+        return level, (deadline_ms if self._service.serves(request.model_name) else None)
+
+    def _admit_unqueued(self, request: pb.ModelInferRequest, depth: int) -> None:
+        """Admission for the ``serve`` batcher (Serve's FIFO batch queue, no priority):
+        the queue bound on requests in flight and the deadline estimate.
+
+        Raises:
+            QueueFull, DeadlineUnmeetable: refused before any compute.
+        """
+        limit = self._policy.max_queue
+        waiting = max(depth - self._max_batch, 0)
+        if limit and waiting >= limit:
+            retry = min(max(self._timing.estimate_ms(depth, 0), 5.0), 5000.0)
+            raise QueueFull(
+                f"the cloud replica's queue is full ({waiting} waiting, max_queue {limit}); refused before "
+                f"any compute, retry after {retry:.0f} ms", retry_after_ms=retry,
+            )
+        _, deadline_ms = self._terms(request)
+        if deadline_ms is not None:
+            # The same estimate and refusal as the drain batcher's queue, for the work ahead.
+            check = AdmissionQueue(self._policy, workers=1, timing=self._timing)
+            check.running(depth - 1)
+            check.offer(None, priority=1, deadline_ms=deadline_ms)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
     async def _infer_batch(self, batch: list) -> list[tuple]:
@@ -386,74 +439,71 @@ class InferenceDeployment:
 
 
 class _DrainQueue:
-    """Continuous batching without timers: compute threads take all queued work.
+    """Continuous batching without timers: compute threads take all queued work,
+    from a bounded priority queue that refuses at once what cannot be served in time.
 
-    The event loop appends ``(request, depth)`` and awaits a future; a free
-    compute thread pops up to ``max_rows`` requests (whatever arrived while it
-    was busy), runs ``work(entries)`` and settles all futures with one
-    ``call_soon_threadsafe``. Under load the batch size follows the queue
-    depth; when idle a request runs at once.
+    The event loop offers ``(request, depth)`` to an :class:`AdmissionQueue`
+    (a refusal raises there, before any decode or compute) and awaits a
+    future; a free compute thread takes up to ``max_rows`` rows in priority
+    order (whatever arrived while it was busy), refuses those whose deadline
+    their own run would now miss, runs ``work(entries)`` and settles all
+    futures with one ``call_soon_threadsafe``. Under load the batch size
+    follows the queue depth; when idle a request runs at once. Each run's
+    time teaches the queue's service-time estimate.
     """
 
-    def __init__(self, work: Callable[[list], list], max_rows: int, threads: int, wait_s: float = 0.0) -> None:
+    def __init__(
+        self, work: Callable[[list], list], max_rows: int, threads: int, wait_s: float = 0.0,
+        policy: AdmissionPolicy | None = None,
+    ) -> None:
         self._work = work
         self._max = max(int(max_rows), 1)
         self._wait = max(float(wait_s), 0.0)
         self._gap = float("inf")  # smoothed time between arrivals
         self._last = 0.0
-        self._queue: collections.deque = collections.deque()
-        self._cv = threading.Condition()
+        self.queue = AdmissionQueue(policy, workers=threads)
         for k in range(threads):
             threading.Thread(target=self._loop, name=f"suffix-drain-{k}", daemon=True).start()
 
-    def submit(self, request: Any, depth: int) -> asyncio.Future:
+    def submit(self, request: Any, depth: int, priority: int, deadline_ms: float | None) -> asyncio.Future:
+        """Queue a request; returns the future of its ``(ok, response | error)``.
+
+        Raises:
+            QueueFull, DeadlineUnmeetable: refused at admission.
+        """
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         now = time.monotonic()
-        with self._cv:
-            gap = now - self._last
-            self._last = now
-            self._gap = gap if self._gap == float("inf") else 0.8 * self._gap + 0.2 * gap
-            self._queue.append((request, depth, future, loop))
-            self._cv.notify()
+        gap = now - self._last
+        self._last = now
+        self._gap = gap if self._gap == float("inf") else 0.8 * self._gap + 0.2 * gap
+        self.queue.offer(
+            (request, depth, future, loop), priority=priority, deadline_ms=deadline_ms, rows=_rows(request)
+        )
         return future
-
-    def _take(self) -> list:
-        with self._cv:
-            while not self._queue:
-                self._cv.wait()
-            taken = [self._queue.popleft()]
-            rows = _rows(taken[0][0])
-            # Requests arriving closer together than the batch wait: wait (at most
-            # that long) for mates; at a slower pace a lone request runs at once.
-            deadline = time.monotonic() + self._wait if self._gap < self._wait else 0.0
-            while rows < self._max:
-                if self._queue:
-                    if rows + _rows(self._queue[0][0]) > self._max:
-                        break
-                    entry = self._queue.popleft()
-                    rows += _rows(entry[0])
-                    taken.append(entry)
-                    continue
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cv.wait(left)
-            return taken
 
     def _loop(self) -> None:
         while True:
-            taken = self._take()
-            try:
-                results = self._work([(e[0], e[1]) for e in taken])
-            except BaseException as exc:  # noqa: BLE001 - a bug must still answer, never hang
-                results = [(False, exc)] * len(taken)
-            by_loop: dict[Any, list] = {}
-            for entry, result in zip(taken, results):
-                by_loop.setdefault(entry[3], []).append((entry[2], result))
-            for loop, settled in by_loop.items():
+            # Requests arriving closer together than the batch wait: wait (at most
+            # that long) for mates; at a slower pace a lone request runs at once.
+            taken, refused = self.queue.take(self._max, self._wait if self._gap < self._wait else 0.0)
+            settled = [(e.item, (False, exc)) for e, exc in refused]
+            if taken:
+                rows = sum(e.rows for e in taken)
+                start = time.perf_counter()
                 try:
-                    loop.call_soon_threadsafe(_settle, settled)
+                    results = self._work([(e.item[0], e.item[1]) for e in taken])
+                except BaseException as exc:  # noqa: BLE001 - a bug must still answer, never hang
+                    results = [(False, exc)] * len(taken)
+                run_ms = (time.perf_counter() - start) * 1e3
+                self.queue.finished(rows, run_ms if any(ok for ok, _ in results) else None)
+                settled += [(e.item, result) for e, result in zip(taken, results)]
+            by_loop: dict[Any, list] = {}
+            for (_request, _depth, future, loop), result in settled:
+                by_loop.setdefault(loop, []).append((future, result))
+            for loop, answers in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(_settle, answers)
                 except RuntimeError:  # loop closed: the replica is stopping
                     pass
 
@@ -499,6 +549,12 @@ def build_app(bundle_dirs: Sequence[str] | CloudConfig, **overrides: Any):
         options["ray_actor_options"] = {"num_cpus": 0, "num_gpus": float(config.gpus_per_replica)}
     if config.max_replicas_per_node:
         options["max_replicas_per_node"] = int(config.max_replicas_per_node)
+    if config.max_queue > 0:
+        # Serve's own bound on requests waiting in front of a replica (at a proxy
+        # or handle, or for a direct-ingress slot) past max_ongoing_requests:
+        # RESOURCE_EXHAUSTED with no retry hint. The replica's own queue
+        # (max_queue, priority, deadlines, hint) sits behind it.
+        options["max_queued_requests"] = config.max_queue
     if config.autoscaling:
         options["autoscaling_config"] = dict(config.autoscaling)
     else:
@@ -519,4 +575,5 @@ def build_app(bundle_dirs: Sequence[str] | CloudConfig, **overrides: Any):
         allow_unsigned=config.allow_unsigned,
         bundle_cache=config.bundle_cache,
         providers=list(config.providers),  # resolved on each replica: auto depends on its node
+        admission=config.admission_policy(),
     )

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from splitgate.cloud._admission import AdmissionQueue, request_terms
 from splitgate.cloud._batch import Item
 from splitgate.planner import PlanBundle
 from splitgate import codec
@@ -169,6 +170,10 @@ class SuffixService:
     @property
     def models(self) -> list[str]:
         return sorted(self._current)
+
+    def serves(self, model: str) -> bool:
+        """True if some version of ``model`` is served here (cheap; no lookup errors)."""
+        return model in self._current
 
     def bundle(self, model: str, digest: str | None = None) -> PlanBundle:
         """The served bundle of ``model``: version ``digest``, or the current one.
@@ -342,21 +347,42 @@ class SuffixService:
         )
         return response
 
-    def model_infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        """Run one suffix, unbatched. Raises NotFound / InvalidArgument / FailedPrecondition.
+    def model_infer(
+        self, request: pb.ModelInferRequest, *, admission: AdmissionQueue | None = None,
+        grpc_remaining_s: float | None = None,
+    ) -> pb.ModelInferResponse:
+        """Run one suffix, unbatched, on the calling thread.
+
+        With ``admission``, the request (of a served model) first joins that
+        bounded priority queue and waits for its turn; its deadline is the
+        tighter of ``splitgate.deadline_ms`` and ``grpc_remaining_s``.
 
         ``splitgate.queue_depth`` is the number of ModelInfer calls inside this
-        service (running or waiting for a session) when the call started.
+        service (running or waiting for a session or a turn) when the call started.
+
+        Raises:
+            NotFound, InvalidArgument, FailedPrecondition: as :meth:`prepare`.
+            QueueFull, DeadlineUnmeetable: refused by ``admission`` before any compute.
         """
         with self._lock:
             self._in_flight += 1
             depth = self._in_flight
+        turn = False
+        cloud_ms: float | None = None
         try:
-            prepared = self.prepare(request)
+            if admission is not None and self.serves(request.model_name):
+                priority, deadline_ms = request_terms(
+                    codec.read_params(request.parameters), admission.policy, grpc_remaining_s
+                )
+                admission.wait_turn(admission.offer(None, priority=priority, deadline_ms=deadline_ms))
+                turn = True
             start = time.perf_counter()
+            prepared = self.prepare(request)
             values = self.run(prepared.item.key, prepared.item.outputs, prepared.item.feeds)
             cloud_ms = (time.perf_counter() - start) * 1e3
         finally:
+            if turn:
+                admission.finished(1, cloud_ms)  # type: ignore[union-attr]
             with self._lock:
                 self._in_flight -= 1
         return self.respond(prepared, values, cloud_ms=cloud_ms, queue_depth=depth)

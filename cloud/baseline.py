@@ -14,8 +14,9 @@ from typing import Any, Self
 
 import grpc
 
+from splitgate.cloud._admission import AdmissionPolicy, AdmissionQueue
 from splitgate.cloud._service import SuffixService, infer_span
-from splitgate.errors import SplitgateError
+from splitgate.errors import Overloaded, SplitgateError
 from splitgate.protocol import inference_pb2_grpc as pb_grpc
 from splitgate.security import (
     AuthInterceptor,
@@ -25,18 +26,22 @@ from splitgate.security import (
     secure_server_port,
 )
 from splitgate.validate import Limits
+from splitgate import contract
 
 __all__ = ["BaselineServer", "start_baseline"]
 
 
 class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, service: SuffixService) -> None:
+    def __init__(self, service: SuffixService, admission: AdmissionQueue | None = None) -> None:
         self._service = service
+        self._admission = admission
 
     def _answer(self, context: grpc.ServicerContext, call: Callable[[], Any]) -> Any:
         try:
             return call()
         except SplitgateError as exc:
+            if isinstance(exc, Overloaded) and exc.retry_after_ms is not None:
+                context.set_trailing_metadata(((contract.RETRY_AFTER_MS, str(int(exc.retry_after_ms + 0.999))),))
             context.abort(exc.code, str(exc))
         except Exception as exc:  # noqa: BLE001
             context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
@@ -61,7 +66,12 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
             return self._model_infer(request, context)
 
     def _model_infer(self, request, context):
-        return self._answer(context, lambda: self._service.model_infer(request))
+        if self._admission is None:
+            return self._answer(context, lambda: self._service.model_infer(request))
+        remaining = context.time_remaining()  # None or huge without a client deadline
+        remaining = remaining if remaining is not None and remaining < 1e6 else None
+        return self._answer(context, lambda: self._service.model_infer(
+            request, admission=self._admission, grpc_remaining_s=remaining))
 
 
 class BaselineServer:
@@ -91,14 +101,25 @@ def start_baseline(
     tls: TlsConfig | None = None,
     auth: TokenCheck | None = None,
     limits: Limits | None = None,
+    admission: AdmissionPolicy | None = None,
+    compute_slots: int = 2,
 ) -> BaselineServer:
     """Serve ``bundle_dirs`` over OIP gRPC on 127.0.0.1 with a plain grpcio server.
 
     ``tls`` serves TLS (mutual with ``tls.require_client_cert``); ``auth``
     answers UNAUTHENTICATED to calls without an accepted token; ``limits`` are
     the size limits and NaN policy of :class:`~splitgate.validate.Limits`.
+    ``admission`` turns on admission control (off by default: the benchmarks'
+    baseline stays a plain server): at most ``compute_slots`` ModelInfer calls
+    run at once, up to ``admission.max_queue`` wait by priority, and the rest,
+    or those that would miss their deadline (``splitgate.deadline_ms`` or the
+    gRPC deadline), are refused at once with a retry hint
+    (:mod:`splitgate.cloud._admission`); the thread pool grows to hold them all.
     """
     service = SuffixService(bundle_dirs, intra_op_threads=intra_op_threads, limits=limits)
+    queue = AdmissionQueue(admission, workers=compute_slots) if admission is not None else None
+    if queue is not None:
+        workers = max(workers, compute_slots + (admission.max_queue or 64) + 2)  # type: ignore[union-attr]
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers),
         interceptors=[AuthInterceptor(auth)] if auth is not None else None,
@@ -107,7 +128,7 @@ def start_baseline(
             ("grpc.max_receive_message_length", max_message_bytes),
         ],
     )
-    add_inference_servicer(_Servicer(service), server)
+    add_inference_servicer(_Servicer(service, queue), server)
     bound = secure_server_port(server, f"127.0.0.1:{port}", tls=tls)
     server.start()
     return BaselineServer(server, bound)

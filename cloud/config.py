@@ -61,18 +61,6 @@ class CloudConfig:
             otherwise); only their sha256 reaches the replicas. Empty = no token auth.
         auth_token_digests: accepted tokens given as sha256 hex instead.
         nan_policy: ``"allow"`` or ``"reject"`` NaN/Inf in float cut tensors.
-        max_queue: requests that may wait per replica (admission control); one
-            more is refused at once with RESOURCE_EXHAUSTED and a retry hint
-            (trailing metadata ``splitgate.retry_after_ms``). Also Ray Serve's
-            ``max_queued_requests`` in front of each replica. 0 = unbounded.
-            Keep ``max_ongoing_requests`` above ``max_queue`` + ``max_batch_size``,
-            or Serve's own bound refuses first (without a hint).
-        priority_levels: priority levels (OIP ``priority`` parameter, 1 = served first).
-        default_priority: level of requests without ``priority`` (or with 0).
-        default_deadline_ms: deadline of requests that give none
-            (``splitgate.deadline_ms``); None = no deadline. A request whose
-            deadline the queue ahead says it would miss is refused at once
-            with UNAVAILABLE and a retry hint.
         trust: public key files (``signing.pub``) whose bundle signatures are
             accepted, read where the app is built; the keys themselves (not the
             paths) reach every replica. Empty = signatures not checked (one
@@ -94,6 +82,18 @@ class CloudConfig:
         max_replicas_per_node: at most this many replicas on one Ray node (Serve's
             ``max_replicas_per_node``; 1 spreads replicas over nodes, so losing a
             node loses one replica); None = Serve's placement.
+        max_queue: requests that may wait per replica (admission control); one
+            more is refused at once with RESOURCE_EXHAUSTED and a retry hint
+            (trailing metadata ``splitgate.retry_after_ms``). Also Ray Serve's
+            ``max_queued_requests`` in front of each replica. 0 = unbounded.
+            Keep ``max_ongoing_requests`` above ``max_queue`` + ``max_batch_size``,
+            or Serve's own bound refuses first (without a hint).
+        priority_levels: priority levels (OIP ``priority`` parameter, 1 = served first).
+        default_priority: level of requests without ``priority`` (or with 0).
+        default_deadline_ms: deadline of requests that give none
+            (``splitgate.deadline_ms``); None = no deadline. A request whose
+            deadline the queue ahead says it would miss is refused at once
+            with UNAVAILABLE and a retry hint.
     """
 
     bundles: list[str] = field(default_factory=list)
@@ -129,6 +129,10 @@ class CloudConfig:
     providers: list[str] = field(default_factory=list)
     gpus_per_replica: float = 0.0
     max_replicas_per_node: int | None = None
+    max_queue: int = 32
+    priority_levels: int = 3
+    default_priority: int = 2
+    default_deadline_ms: float | None = None
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> CloudConfig:
@@ -153,6 +157,19 @@ class CloudConfig:
         if isinstance(data.get("providers"), str):
             data["providers"] = [p.strip() for p in data["providers"].split(",") if p.strip()]
         return cls(**data)
+
+    def admission_policy(self) -> dict[str, Any]:
+        """The admission fields, as ``AdmissionPolicy`` keyword arguments (checked).
+
+        Raises:
+            ValueError: a bound, level or deadline out of range.
+        """
+        from splitgate.cloud._admission import AdmissionPolicy
+
+        policy = dict(max_queue=self.max_queue, priority_levels=self.priority_levels,
+                      default_priority=self.default_priority, default_deadline_ms=self.default_deadline_ms)
+        AdmissionPolicy(**policy)
+        return policy
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

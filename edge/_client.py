@@ -14,7 +14,9 @@ import numpy as np
 from splitgate import codec
 from splitgate._tracing import client_span
 from splitgate.encoding import add_encoded_inputs
-from splitgate.errors import SplitgateError, Unavailable, from_rpc_error
+from splitgate.errors import (
+    DeadlineUnmeetable, Overloaded, QueueFull, SplitgateError, Unavailable, from_rpc_error,
+)
 from splitgate.security import TlsConfig, auth_metadata, open_channel
 from splitgate.protocol import inference_pb2 as pb
 from splitgate.protocol import inference_pb2_grpc as pb_grpc
@@ -31,11 +33,43 @@ ENDPOINTS_EXTENSION = contract.ENDPOINTS_EXTENSION
 _REPLICA_GONE = ("actordiederror", "actorunavailableerror", "rayactorerror", "actor died", "actor is dead")
 
 
+#: Backoff after an admission refusal that carries no retry hint (Ray Serve's own
+#: ``max_queued_requests`` backpressure: RESOURCE_EXHAUSTED, no trailing metadata).
+DEFAULT_RETRY_AFTER_MS = 200.0
+_SERVE_BACKPRESSURE = "request dropped due to backpressure"
+
+
 def _typed(exc: grpc.RpcError) -> SplitgateError:
     error = from_rpc_error(exc)
     if exc.code() == grpc.StatusCode.INTERNAL and any(m in (exc.details() or "").lower() for m in _REPLICA_GONE):
         return Unavailable(f"UNAVAILABLE: the cloud replica serving the call went away ({exc.details()})")
-    return error
+    return _refusal(exc, error) or error
+
+
+def _refusal(exc: grpc.RpcError, error: SplitgateError) -> Overloaded | None:
+    """The admission refusal a status is (queue full, would miss its deadline), or None.
+
+    A RESOURCE_EXHAUSTED or UNAVAILABLE with trailing metadata
+    ``splitgate.retry_after_ms`` is the tier's admission control; Ray Serve's own
+    backpressure is a RESOURCE_EXHAUSTED without it (backoff
+    :data:`DEFAULT_RETRY_AFTER_MS`). Anything else (oversize, a replica gone) is not.
+    """
+    code = exc.code()
+    if code not in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+        return None
+    hint = None
+    try:
+        for key, value in exc.trailing_metadata() or ():
+            if key == contract.RETRY_AFTER_MS:
+                hint = float(value)
+    except (AttributeError, TypeError, ValueError):  # no metadata, or a hint that is not a number
+        hint = None
+    if hint is None:
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _SERVE_BACKPRESSURE in (exc.details() or "").lower():
+            return QueueFull(str(error), retry_after_ms=DEFAULT_RETRY_AFTER_MS)
+        return None
+    cls = QueueFull if code == grpc.StatusCode.RESOURCE_EXHAUSTED else DeadlineUnmeetable
+    return cls(str(error), retry_after_ms=max(hint, 0.0))
 
 
 @dataclass
@@ -78,7 +112,10 @@ class CloudClient:
 
     A call that fails with UNAVAILABLE on a direct endpoint (a replica gone or
     draining) is retried once through the proxy and the endpoint is skipped for
-    ``down_s``; inference is idempotent, so the retry is safe. Other statuses are raised at once.
+    ``down_s``; inference is idempotent, so the retry is safe. Other statuses are
+    raised at once, an admission refusal (RESOURCE_EXHAUSTED or UNAVAILABLE with
+    a retry hint) as :class:`~splitgate.errors.QueueFull` /
+    :class:`~splitgate.errors.DeadlineUnmeetable` carrying ``retry_after_ms``.
     """
 
     def __init__(
@@ -204,7 +241,7 @@ class CloudClient:
                 return getattr(stub, method)(request, timeout=remaining, metadata=(*self._metadata, *metadata))
             except grpc.RpcError as exc:
                 error = _typed(exc)
-                if isinstance(error, Unavailable) and i + 1 < len(targets):
+                if isinstance(error, Unavailable) and not isinstance(error, Overloaded) and i + 1 < len(targets):
                     with self._lock:
                         self._down[address] = time.monotonic() + self._down_s
                     if self._discover:
@@ -237,25 +274,35 @@ class CloudClient:
         plan_digest: str | None = None,
         timeout_s: float | None = None,
         encoding: str = "raw",
+        priority: int | None = None,
         trace_context: Mapping[str, str] | None = None,
     ) -> CloudReply:
         """Send tensors for (model, partition); return the suffix outputs.
 
         ``encoding`` compresses float cut tensors on the wire (see
-        :mod:`splitgate.encoding`: raw, fp16, int8, int8c, zstd).
+        :mod:`splitgate.encoding`: raw, fp16, int8, int8c, zstd). The call's
+        deadline (``timeout_s``, else the client's) also travels as
+        ``splitgate.deadline_ms``, so the tier refuses at once work it cannot
+        finish in time; ``priority`` is OIP's (1 = served first).
         ``trace_context``: W3C trace headers of the caller's span (OpenTelemetry,
         where installed): the call gets a client span under it, and its own
         context travels in the gRPC metadata (``traceparent``, ``tracestate``).
 
         Raises:
+            splitgate.errors.QueueFull, splitgate.errors.DeadlineUnmeetable: the
+                tier refused the call at admission (``retry_after_ms`` says for how long).
             splitgate.errors.SplitgateError subclasses mapped from the gRPC status.
         """
         request = pb.ModelInferRequest(model_name=model)
-        params: dict[str, str] = {}
+        params: dict[str, str | int | float] = {
+            contract.DEADLINE_MS: round((timeout_s or self.timeout_s) * 1e3, 1),
+        }
         if partition:
             params[contract.PARTITION] = partition
         if plan_digest:
             params[contract.PLAN_DIGEST] = plan_digest
+        if priority:
+            params[contract.PRIORITY] = int(priority)
         codec.set_params(request.parameters, params)
         sent = add_encoded_inputs(request, tensors, encoding)
         start = time.perf_counter()

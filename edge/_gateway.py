@@ -26,7 +26,7 @@ import numpy as np
 
 from splitgate.edge._breaker import CircuitBreaker
 from splitgate.edge._cache import ResultCache, input_digest
-from splitgate.edge._client import CloudClient, CloudReply
+from splitgate.edge._client import DEFAULT_RETRY_AFTER_MS, CloudClient, CloudReply
 from splitgate.edge._decide import (
     DEFAULT_UPLINK_MBPS, DEVICE_PROBE_RUNS, CloudCall, Costs, DecisionCore, ProbeSpec,
 )
@@ -47,6 +47,7 @@ from splitgate.errors import (
     InvalidArgument,
     ModelRunError,
     NotFound,
+    Overloaded,
     SplitgateError,
     is_peer_failure,
 )
@@ -874,6 +875,13 @@ class _Core:
             self.breaker.record_success()
             if isinstance(exc, (FailedPrecondition, NotFound)):  # this model's plan or name: back off it alone
                 self._cloud_refused[call.model] = time.monotonic() + self.config.breaker_reset_s
+            elif isinstance(exc, Overloaded):
+                # Admission control refused it (queue full, or it would miss its
+                # deadline): the whole tier is busy, so no model sends it new work
+                # for the hinted time (those requests finish here, "cloud-refused").
+                until = time.monotonic() + (exc.retry_after_ms or DEFAULT_RETRY_AFTER_MS) / 1e3
+                for model in list(self.bundles):
+                    self._cloud_refused[model] = max(self._cloud_refused.get(model, 0.0), until)
         self.decisions.call_failed(call)
 
     def _cloud_leg(
@@ -902,7 +910,7 @@ class _Core:
             self._failed(call, exc)
             if isinstance(exc, ModelRunError):
                 raise exc from None  # the local suffix would fail the same way
-            trace.fallback = exc.code.name.lower()
+            trace.fallback = "cloud-overloaded" if isinstance(exc, Overloaded) else exc.code.name.lower()
             return None, self._local_suffix(bundle, part, cut)
         # The cloud is late and the deadline near: race it against the device.
         local = self._pool.submit(self._local_suffix, bundle, part, cut, costs)
@@ -914,7 +922,10 @@ class _Core:
         exc = future.exception() if future.done() else None
         if exc is not None:
             self._failed(call, exc)
-            trace.fallback = exc.code.name.lower() if isinstance(exc, SplitgateError) else "error"
+            trace.fallback = (
+                "cloud-overloaded" if isinstance(exc, Overloaded)
+                else exc.code.name.lower() if isinstance(exc, SplitgateError) else "error"
+            )
         else:
             # The cloud stayed slower than the device: the core learns the link
             # is at least that slow; the call finishes in the background and
