@@ -144,6 +144,7 @@ class Load:
         _, self.want2 = _expected(v2)
         assert not np.allclose(self.want1, self.want2, atol=1e-4)
         self.answers: list[str] = []
+        self.versions: list[str] = []  # Trace.version of each answer: the plan digest that answered, 12 hex
         self.failures: list[BaseException] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -151,10 +152,12 @@ class Load:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                out = next(iter(self.gw.infer(MODEL, self.feeds).outputs.values()))
+                result = self.gw.infer(MODEL, self.feeds)
             except BaseException as exc:  # noqa: BLE001 - counted, asserted on
                 self.failures.append(exc)
                 continue
+            out = next(iter(result.outputs.values()))
+            self.versions.append(result.trace.version)
             if np.allclose(out, self.want1, rtol=1e-4, atol=1e-5):
                 self.answers.append("v1")
             elif np.allclose(out, self.want2, rtol=1e-4, atol=1e-5):
@@ -292,6 +295,8 @@ def test_interrupted_corrupt_tampered_then_good_update_with_no_failed_request(
     assert "wrong" not in load.answers
     first_new = load.answers.index("v2")
     assert set(load.answers[:first_new]) == {"v1"} and set(load.answers[first_new:]) == {"v2"}
+    assert set(load.versions[:first_new]) == {v1.plan_digest[:12]}  # the responses name the plan that answered
+    assert set(load.versions[first_new:]) == {v2.plan_digest[:12]}
     assert len(load.answers) - first_new >= 5, "the new version answered"
     assert [o.outcome for o in seen] == [
         "interrupted", "corrupt", "refused", "skipped", "interrupted", "updated", "current",
