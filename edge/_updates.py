@@ -632,9 +632,9 @@ class Updater:
     def start(self) -> None:
         """Start the poller thread: a check now, then one every ``interval_s``
         (with ``interval_s`` 0, none: checks run on demand only)."""
+        self._stop.clear()
         if self._thread is not None or self.interval_s == 0:
             return
-        self._stop.clear()
         self._thread = threading.Thread(target=self._poll, name="splitgate-updates", daemon=True)
         self._thread.start()
 
@@ -670,7 +670,10 @@ class Updater:
             entry = entries[-1]
             wanted.add(entry.sha256)
             outcomes.append(self._check_model(entry))
-        self._clean(wanted)
+        try:
+            self._clean(wanted)
+        except OSError as exc:
+            log.warning("update clean-up of %s failed (retried next check): %s", self.dir, exc)
         return outcomes
 
     def _check_model(self, entry: IndexEntry) -> UpdateOutcome:
@@ -697,6 +700,8 @@ class Updater:
             outcome.outcome, outcome.detail = "corrupt", str(exc)
         except Unavailable as exc:
             outcome.outcome, outcome.detail = "unavailable", str(exc)
+        except OSError as exc:  # this device's disk (full, permissions): what arrived is kept for the next check
+            outcome.outcome, outcome.detail = "interrupted", f"local I/O error in {self.dir}: {exc}"
         except BundleError as exc:
             self._refused[entry.sha256] = str(exc)
             outcome.outcome, outcome.detail = "refused", str(exc)

@@ -513,6 +513,42 @@ def test_bad_update_settings_are_config_errors(versions, tmp_path: Path) -> None
         gw.check_updates()
 
 
+class _FakeGateway:
+    """Just what an Updater calls (unit tests of the updater alone)."""
+
+    models = [MODEL]
+
+    def __init__(self, current) -> None:
+        self.current = current
+
+    def bundle(self, model):
+        return self.current
+
+    def update_bundle(self, source, *, smoke=True):
+        from splitgate.planner import PlanBundle
+
+        self.current = PlanBundle.load(source)
+        return self.current
+
+
+def test_closing_interrupts_a_download_and_it_resumes_after(versions, tmp_path: Path) -> None:
+    _, v1, v2 = versions
+    site = tmp_path / "site"
+    [entry] = publish([v2.root], site)
+    gateway = _FakeGateway(v1)
+    updater = Updater(gateway, str(site), update_dir=tmp_path / "stage", interval_s=0)
+    part = tmp_path / "stage" / "downloads" / f"{entry.sha256}.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes((site / entry.archive).read_bytes()[:1000])
+    updater.stop()  # (what Gateway.close does)
+    [out] = updater.check()
+    assert out.outcome == "interrupted" and "closing" in out.detail and part.stat().st_size == 1000, out
+    updater.start()
+    [out] = updater.check()
+    assert out.outcome == "updated" and (out.resumed_from, out.fetched_bytes) == (1000, entry.size - 1000), out
+    assert gateway.current.plan_digest == v2.plan_digest
+
+
 def test_updater_serialises_checks(versions, tmp_path: Path) -> None:
     """The poller and an on-demand check never run at once (one download per file)."""
     _, v1, v2 = versions
