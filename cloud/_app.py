@@ -465,8 +465,11 @@ class _DrainQueue:
         for k in range(threads):
             threading.Thread(target=self._loop, name=f"suffix-drain-{k}", daemon=True).start()
 
-    def submit(self, request: Any, depth: int, priority: int, deadline_ms: float | None) -> asyncio.Future:
-        """Queue a request; returns the future of its ``(ok, response | error)``.
+    def submit(
+        self, request: Any, depth: int, priority: int | None = None, deadline_ms: float | None = None
+    ) -> asyncio.Future:
+        """Queue a request (``priority`` None = the policy's default level); returns
+        the future of its ``(ok, response | error)``.
 
         Raises:
             QueueFull, DeadlineUnmeetable: refused at admission.
@@ -478,7 +481,8 @@ class _DrainQueue:
         self._last = now
         self._gap = gap if self._gap == float("inf") else 0.8 * self._gap + 0.2 * gap
         self.queue.offer(
-            (request, depth, future, loop), priority=priority, deadline_ms=deadline_ms, rows=_rows(request)
+            (request, depth, future, loop), priority=priority or self.queue.policy.default_priority,
+            deadline_ms=deadline_ms, rows=_rows(request),
         )
         return future
 
