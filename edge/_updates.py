@@ -30,7 +30,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
-import io
 import json
 import logging
 import os
@@ -39,7 +38,6 @@ import shutil
 import tarfile
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
