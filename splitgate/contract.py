@@ -30,6 +30,7 @@ __all__ = [
     "ENCODING",
     "SCALE",
     "ZERO_POINT",
+    "OFFSET",
     "AXIS",
     "DATATYPE",
     "SHAPE",
@@ -89,6 +90,8 @@ VERSION = "splitgate.version"
 ENCODING = "splitgate.encoding"
 SCALE = "splitgate.scale"
 ZERO_POINT = "splitgate.zero_point"
+#: the offset of a ``uint8`` (lossless 8-bit) tensor: value = code * scale + offset.
+OFFSET = "splitgate.offset"
 AXIS = "splitgate.axis"
 DATATYPE = "splitgate.datatype"
 SHAPE = "splitgate.shape"
