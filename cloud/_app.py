@@ -107,6 +107,8 @@ def _warm_and_announce(service: SuffixService, refs: Sequence[str], local_dirs: 
         "splitgate replica: suffix sessions run on %s (requested %s); models %s%s", ran,
         list(requested) or "auto", service.models, f"; fetched {fetched}" if fetched else "",
     )
+    for handler in _log.handlers:  # Serve buffers replica logs (1000 lines when throughput-optimized)
+        handler.flush()
     try:
         from ray.serve.metrics import Gauge
 
