@@ -156,6 +156,8 @@ def test_two_node_cluster_serves_a_bundle_by_url_and_survives_losing_a_node(
     # the kernel picks a replica per connection), so the proxy must spread the load
     # for the worker's replica to be sure to get some: no preference for the proxy's node.
     base["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] = "0"
+    # Access-log lines reach the file at once (not 1000 at a time): the killed node's count them.
+    base["RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE"] = "1"
     caches = {"head": tmp_path / "cache-head", "worker": tmp_path / "cache-worker", "driver": tmp_path / "cache-driver"}
     gcs = f"{HEAD_IP}:{_free_port()}"
     common = ["--num-cpus=1", "--object-store-memory=80000000"]
@@ -211,6 +213,12 @@ def test_two_node_cluster_serves_a_bundle_by_url_and_survives_losing_a_node(
             (entry,) = [p for p in caches[where].iterdir() if not p.name.startswith(".")]
             assert (entry / "manifest.json").is_file(), where
         assert len(hits) >= 3, hits
+        # Each replica says, once, which execution provider its sessions run on and what it fetched.
+        for temp in (short / "h", short / "w"):
+            lines = {line for path in temp.glob("session_latest/logs/serve/replica_*.log")
+                     for line in path.read_text(errors="replace").splitlines() if "splitgate replica:" in line}
+            assert len(lines) == 1, lines
+            assert "run on ['CPUExecutionProvider'] (requested auto)" in lines.pop()
 
         _load_and_kill_worker(caches["driver"], proxy, nodes[1], short / "w")
     finally:
@@ -229,7 +237,7 @@ def _replica_requests(temp_dir: Path) -> int:
     """Requests answered by the replicas under one node's temp dir (distinct
     request ids in Serve's access-log lines, "... <request id> -- CALL splitgate OK 1.4ms")."""
     ids = set()
-    for path in temp_dir.glob("session_*/logs/serve/replica_*.log"):
+    for path in temp_dir.glob("session_latest/logs/serve/replica_*.log"):
         for line in path.read_text(errors="replace").splitlines():
             if " -- CALL " in line and " OK " in line:
                 ids.add(line.split(" -- CALL ", 1)[0].rsplit(" ", 1)[-1])
