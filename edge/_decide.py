@@ -44,6 +44,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from splitgate.edge._cascade import CascadeChoice, ExitRates, cascade_expected_ms
 from splitgate.edge._device import DeviceCosts, suffix_key
 from splitgate.edge._monitor import CloudLoadMonitor, Ewma, LinkCalibration, LinkMonitor
 from splitgate.edge._policy import Policy, calibrated, hedge_delay_ms, rtt_first, rtt_probe_timeout_s
@@ -191,6 +192,7 @@ class DecisionCore:
         self._device_probing: set[str] = set()  # models with a device probe claimed
         self._emulating = self.config.device_time_from_profile  # the emulated device the learner knows
         self.last_model: str | None = None  # the model of the last decision
+        self.cascade_rates = ExitRates()  # live exit rates of the bundles' cascades
 
     # -- what the edge knows --------------------------------------------------------
 
@@ -242,6 +244,7 @@ class DecisionCore:
             for key in [k for k in self._costs if k[0] == model]:
                 del self._costs[key]
         self.device.reset(model)
+        self.cascade_rates.forget(model)
 
     def local_suffix_ms(self, model: str, partition: str) -> float | None:
         """The measured local suffix time of a partition (EWMA), None before it ran."""
@@ -288,6 +291,51 @@ class DecisionCore:
         if private and bundle.partition(pid).kind == "cloud":
             pid = "device"
         return Decision(pid, now, now.device_factor)
+
+    def cascade_choice(
+        self, bundle: PlanBundle, partition: str, costs: Costs | None = None, *, private: bool = False,
+        battery_pct: float = 100.0,
+    ) -> CascadeChoice | None:
+        """Does running the bundle's cascade (:mod:`splitgate.edge._cascade`) in front of
+        ``partition`` pay now? Expected = the small model's time + (1 - live exit rate) x
+        the partition's predicted latency, against that latency alone, under the same
+        calibrated conditions and measured device speed as :meth:`choose`.
+
+        Args:
+            bundle: the version answering.
+            partition: the path the policy chose (``device`` when offline).
+            costs: the request's cost entries (its shapes).
+            private, battery_pct: as for :meth:`choose`.
+
+        Returns:
+            None for a bundle without a cascade, else the :class:`CascadeChoice`.
+        """
+        spec = bundle.cascade
+        if spec is None:
+            return None
+        model = bundle.model_name
+        rate = self.cascade_rates.rate(model, bundle.plan_digest, spec.exit_rate)
+        if spec.exit_rate <= 0.0 or spec.threshold > 1.0:
+            return CascadeChoice(False, "never exits", rate)
+        full = float(costs["device"]["device_ms"]) if costs is not None and "device" in costs else None
+        planned = spec.planned_ms(full)
+        if not bundle.has_profile or planned is None:
+            return CascadeChoice(True, "no profile", rate, planned_small_ms=planned)
+        factor = self.calibration.factor() if self.config.calibrate else 1.0
+        now = calibrated(self.conditions(private, model, battery_pct=battery_pct), factor)
+        path = bundle.estimate(partition, now, costs=self._decision_costs(model, costs)).latency_ms
+        small = planned * now.device_factor
+        expected = cascade_expected_ms(small, rate, path)
+        pays = expected < path
+        return CascadeChoice(pays, "pays" if pays else "does not pay", rate, small, planned, path, expected)
+
+    def cascade_done(self, bundle: PlanBundle, exited: bool, measured_ms: float, planned_ms: float | None) -> None:
+        """The cascade's small model ran in ``measured_ms``: the live exit rate counts
+        it, and (planned times known) the device learner learns from it."""
+        model = bundle.model_name
+        self.cascade_rates.observe(model, bundle.plan_digest, exited)
+        if planned_ms:
+            self._learn(model, "cascade", measured_ms, planned_ms)
 
     def _decision_costs(self, model: str, costs: Costs | None) -> Costs | None:
         """``costs`` with each partition's measured device ratio (relative to the

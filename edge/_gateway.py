@@ -26,6 +26,7 @@ import numpy as np
 
 from splitgate.edge._breaker import CircuitBreaker
 from splitgate.edge._cache import ResultCache, input_digest
+from splitgate.edge._cascade import CASCADE_PARTITION, cascade_first
 from splitgate.edge._client import DEFAULT_RETRY_AFTER_MS, CloudClient, CloudReply
 from splitgate.edge._decide import (
     DEFAULT_UPLINK_MBPS, DEVICE_PROBE_RUNS, CloudCall, Costs, DecisionCore, ProbeSpec,
@@ -79,6 +80,11 @@ class Trace:
     ``energy_mj`` is the request's estimated device energy (the plan's power
     model applied to the measured legs, see :mod:`splitgate.edge._telemetry`)
     and ``battery_pct`` the battery level it was decided with.
+    ``cascade`` says what the bundle's confident-on-device cascade did
+    (:mod:`splitgate.edge._cascade`): ``"exit"`` (the small model answered;
+    ``partition`` is ``"cascade"``), ``"through"`` (it ran, was not confident,
+    and ``partition`` answered; its time is in ``device_ms``) or None (no
+    cascade, or it did not pay).
     """
 
     model: str
@@ -95,6 +101,7 @@ class Trace:
     version: str = ""
     energy_mj: float | None = None
     battery_pct: float | None = None
+    cascade: str | None = None
 
 
 @dataclass
@@ -802,7 +809,14 @@ class _Core:
         if part.prefix_path is None:
             self._probe_device_if_due(bundle, feeds, costs)  # (a probe runs while this request waits for the cloud)
         try:
-            outputs = self._run(bundle, part, feeds, trace, deadline, private=private, costs=costs)
+        cascade = None
+        if partition is None and model not in self.overrides:  # (a partition asked for runs as asked)
+            cascade = cascade_first(self, bundle, part, feeds, trace, costs, private=private)
+            if cascade is not None and cascade.outputs is not None:
+                outputs, trace.partition, trace.device_ms = cascade.outputs, CASCADE_PARTITION, cascade.ms
+            else:
+                outputs = self._run(bundle, part, feeds, trace, deadline, private=private, costs=costs)
+                trace.device_ms += cascade.ms if cascade is not None else 0.0
         except SplitgateError:
             self.metrics.record(trace, outcome="error")
             raise

@@ -13,7 +13,7 @@ _BUCKETS_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
 class GatewayMetrics:
-    """Counters: requests, fallbacks, bytes. Histograms: device/network/cloud/total ms.
+    """Counters: requests, fallbacks, bytes, cascade outcomes. Histograms: device/network/cloud/total ms.
     Gauge: the learned device factor per model (``Trace.device_factor``)."""
 
     def __init__(self) -> None:
@@ -41,6 +41,12 @@ class GatewayMetrics:
             "The device's measured speed against the plan its last decision used (3 = three times slower)",
             ("model",), registry=self.registry,
         )
+        self.cascade = Counter(
+            "splitgate_cascade",
+            "Requests that met a confident-on-device cascade: exit (the small model answered), through "
+            "(it ran, then the chosen path), skipped (it would not pay), error (it failed; the path answered)",
+            ("model", "outcome"), registry=self.registry,
+        )
 
     def record(self, trace: Any, outcome: str = "ok") -> None:
         """Count one finished request from its Trace."""
@@ -54,6 +60,8 @@ class GatewayMetrics:
             self.latency.labels(m, p, leg).observe(getattr(trace, f"{leg}_ms"))
         if not getattr(trace, "cached", False):
             self.device_factor.labels(m).set(getattr(trace, "device_factor", 1.0))
+        if getattr(trace, "cascade", None):
+            self.cascade.labels(m, trace.cascade).inc()
 
     def prometheus(self) -> bytes:
         """The Prometheus text exposition of every metric."""

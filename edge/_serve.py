@@ -130,6 +130,7 @@ class EdgeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     contract.FALLBACK: t.fallback or "",
                     contract.DEVICE_FACTOR: t.device_factor,
                     contract.VERSION: t.version,
+                    contract.CASCADE: t.cascade or "",
                 },
             )
             return response

@@ -9,6 +9,8 @@ Layout::
     BUNDLE/profile.json                     measured profile (schema 2, when profiled)
     BUNDLE/decision_table.json              conditions grid -> partition (schema 2, when profiled)
     BUNDLE/reference.json                   drift reference statistics (when planned with real inputs)
+    BUNDLE/cascade/model.onnx               the cascade's small model (``--cascade``)
+    BUNDLE/cascade/cascade.json             its threshold, exit rate, agreement, device time
 
 ``manifest.json`` lists every file with its sha256 and carries ``plan_digest``,
 the sha256 of its own canonical JSON without that field and without the
@@ -43,6 +45,7 @@ from splitgate.planner._cost import Conditions, Constraints, EnergyModel, Estima
 from splitgate.planner._decide import DecisionTable, explain, pick
 from splitgate.planner._options import PlanOptions
 from splitgate.planner._partition_profile import BucketProfile, PartitionProfile, Profile, partition_estimate
+from splitgate.planner._cascade import CASCADE_FILE, CASCADE_MODEL, CascadeSpec
 from splitgate.planner._plan import plan_model
 from splitgate.planner._quantize import PRECISIONS, candidate_parts
 from splitgate.planner._reference import REFERENCE_FILE, ReferenceStats
@@ -340,6 +343,12 @@ def build_bundle(
             (tmp / REFERENCE_FILE).write_text(json.dumps(plan.reference.to_dict(), indent=1) + "\n", encoding="utf-8")
             written.append(tmp / REFERENCE_FILE)
             extra["reference"] = REFERENCE_FILE
+        if plan.cascade is not None:  # plan data (in the digest): the small model and its calibrated threshold
+            written += _save_model(plan.cascade.model, tmp / CASCADE_MODEL)
+            (tmp / CASCADE_FILE).write_text(json.dumps(plan.cascade.spec.to_dict(), indent=1) + "\n",
+                                            encoding="utf-8")
+            written.append(tmp / CASCADE_FILE)
+            extra["cascade"] = CASCADE_FILE
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in written}
         manifest: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
@@ -491,6 +500,30 @@ class PlanBundle:
         if "_reference" not in self.__dict__:
             self.__dict__["_reference"] = ReferenceStats.from_dict(self._read_json(rel), where=str(self.root / rel))
         return self.__dict__["_reference"]
+
+    @property
+    def cascade(self) -> CascadeSpec | None:
+        """The confident-on-device cascade (``cascade/cascade.json``,
+        :mod:`splitgate.planner._cascade`); None for bundles planned without one.
+
+        Raises:
+            BundleError: the file is unreadable or malformed, or its model is not listed in the manifest.
+        """
+        rel = self.manifest.get("cascade")
+        if not rel:
+            return None
+        if "_cascade" not in self.__dict__:
+            spec = CascadeSpec.from_dict(self._read_json(rel), where=str(self.root / rel))
+            if spec.model not in self.manifest.get("files", {}):
+                raise BundleError(f"{self.root / MANIFEST}: the cascade model {spec.model} is not listed in 'files'")
+            self.__dict__["_cascade"] = spec
+        return self.__dict__["_cascade"]
+
+    @property
+    def cascade_path(self) -> Path | None:
+        """The cascade's small model file, or None without a cascade."""
+        spec = self.cascade
+        return None if spec is None else self._resolve(self.root, spec.model)
 
     def sample_inputs(self) -> dict[str, Any]:
         """One valid request at the main planned shape (the planner's run inputs,

@@ -38,6 +38,7 @@ for an encoded twin (:func:`splitgate.planner._quantize.candidate_parts`).
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -48,6 +49,8 @@ import numpy as np
 import onnx
 
 from splitgate.planner._accuracy import Calibration, load_calibration
+from splitgate.planner._cascade import INT8, PlannedCascade, check_interface, load_cascade_model, measure_cascade, \
+    plan_cascade
 from splitgate.planner._cost import Conditions, Constraints, EnergyModel, Estimate
 from splitgate.planner._cuts import chain_cuts
 from splitgate.planner._decide import DecisionTable, Grid, build_table, search_candidates
@@ -88,6 +91,8 @@ class Plan:
         tables: one decision table per bucket (empty without profiling).
         reference: the drift reference statistics of the calibration inputs
             (:mod:`splitgate.planner._reference`; None without real inputs).
+        cascade: the confident-on-device cascade (``PlanOptions.cascade``;
+            :mod:`splitgate.planner._cascade`), or None.
     """
 
     partitions: list[PlannedPartition]
@@ -97,6 +102,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     tables: list[DecisionTable] = field(default_factory=list)
     reference: ReferenceStats | None = None
+    cascade: PlannedCascade | None = None
 
 
 def _bytes(problem: CutProblem, tensors: list[str]) -> int:
@@ -226,6 +232,7 @@ class Planner:
         self.quantization: dict[str, Any] = {}
         self._int8: dict[str, QuantizeResult] = {}
         self._calibration: Calibration | None = None
+        self._cascade: tuple[onnx.ModelProto | None, str] | None = None  # (user model or None = int8, output)
 
     def run(self) -> Plan:
         """Run every stage.
@@ -237,19 +244,23 @@ class Planner:
             see :func:`plan_model`.
         """
         self.resolve_shapes()
+        self.check_cascade()
         self.find_cuts()
         if not self.options.profile:
             self.extract()
-            return Plan(self.parts, None, None, self.shapes, self.notes, reference=self.reference())
+            return Plan(self.parts, None, None, self.shapes, self.notes, reference=self.reference(),
+                        cascade=self.cascade())
         self.profile_nodes()
         self.search()
         self.extract()
         self.quantize()
         self.measure()
         self.encode()
+        cascade = self.cascade()
         kept = self.decide()
         return Plan(kept, self.document(kept), self.buckets[0].table, self.shapes, self.notes,
-                    [b.table for b in self.buckets if b.table is not None], reference=self.reference())
+                    [b.table for b in self.buckets if b.table is not None], reference=self.reference(),
+                    cascade=cascade)
 
     def resolve_shapes(self) -> None:
         """The shape buckets to plan at (``input_shapes``, samples, a dynamic batch),
@@ -398,6 +409,83 @@ class Planner:
         Raises:
             InvalidArgument: unreadable calibration inputs.
         """
+    def check_cascade(self) -> None:
+        """Read the cascade model (``PlanOptions.cascade``) and check its interface, before any
+        measuring.
+
+        Raises:
+            InvalidArgument: the file is missing or unreadable, or its inputs or
+                outputs do not match the model's (one line), or the model has no
+                classifier output.
+        """
+        source = self.options.cascade
+        if source is None:
+            return
+        g = self.g
+        if str(source) == INT8:
+            self._cascade = (None, check_interface(g.inputs, g.outputs, g.model, what="int8"))
+            return
+        small = load_cascade_model(source)
+        self._cascade = (small, check_interface(g.inputs, g.outputs, small, what=str(source)))
+
+    def cascade(self) -> PlannedCascade | None:
+        """The cascade's threshold calibrated on the calibration requests and, when profiling,
+        its small model timed against the full model (:mod:`splitgate.planner._cascade`).
+        ``--cascade int8`` takes the kept ``device~int8`` partition's model, else quantizes
+        the full model for it (whether or not it passed the guard as a partition: the
+        threshold is what guards the cascade).
+
+        Raises:
+            InvalidArgument: unreadable calibration inputs, a model failing on them,
+                or nothing to quantize for ``int8``.
+        """
+        if self._cascade is None:
+            return None
+        small, output = self._cascade
+        calibration = self.calibration()
+        guard = self.options.guard()
+        source = str(self.options.cascade)
+        if small is None:
+            small = self._int8_full_model(calibration, guard)
+            source = INT8
+        else:
+            source = os.path.basename(source)
+        self.report("calibrate cascade", 0, 1)
+        planned = plan_cascade(self.g.model, small, source=source, output=output, calibration=calibration,
+                               guard=guard, threads=self.options.cloud_threads)
+        if self.options.profile and self.buckets and "device" in self.buckets[0].stats:
+            o = self.options
+            planned = measure_cascade(planned, self.g.model, self.shapes[0].feeds,
+                                      full_device_ms=self.buckets[0].stats["device"].device_ms,
+                                      threads=o.device_threads, warmup=o.warmup, repeats=o.repeats)
+        if calibration.source == "random":
+            self.notes.append("cascade threshold calibrated on seeded random inputs: pass real ones "
+                              "(--calibration or --sample) for a meaningful exit rate")
+        if planned.spec.exit_rate == 0.0:
+            self.notes.append(f"cascade {source}: no calibration sample exits within the guard "
+                              f"(top-1 agreement >= {guard.min_top1_agreement:g}); the edge will not use it")
+        self.report("calibrate cascade", 1, 1)
+        return planned
+
+    def _int8_full_model(self, calibration: Calibration, guard: Any) -> onnx.ModelProto:
+        """The int8 full model: the kept ``device~int8`` partition's, else quantized here.
+
+        Raises:
+            InvalidArgument: the model has nothing onnxruntime's tools quantize.
+        """
+        for p in self.parts:
+            if p.id == "device~int8" and p.prefix is not None:
+                return p.prefix
+        with PrefixQuantizer(self.g.model, calibration, guard, threads=self.options.cloud_threads) as q:
+            if q.method is None:
+                raise InvalidArgument("--cascade int8: the model has nothing to quantize "
+                                      "(no Conv, MatMul, Gemm, LSTM, GRU or Attention)")
+            try:
+                return q._quantize(q.model, "cascade")  # noqa: SLF001 - the same tools and ranges as device~int8
+            except Exception as exc:  # noqa: BLE001 - the tools raise many types
+                raise InvalidArgument(f"--cascade int8: quantizing the model failed: {type(exc).__name__}: "
+                                      f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+
         if self._calibration is None:
             self._calibration = _calibration(self.g, self.options, self.shapes[0], self.samples)
         return self._calibration

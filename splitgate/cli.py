@@ -36,6 +36,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         encodings=tuple(e.strip() for e in args.encodings.split(",") if e.strip()),
         calibration=args.calibration, min_top1_agreement=args.min_top1, min_cosine=args.min_cosine,
         input_shapes=args.input_shape or None, samples=args.sample, quantize=args.quantize,
+        cascade=args.cascade,
     )
     console = Console()
     with progress_callback(console) as progress:
@@ -45,6 +46,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     shapes = [",".join(f"{k}={'x'.join(map(str, v))}" for k, v in b.items()) for b in bundle.shapes]
     console.print(f"planned at {shapes[0]}" + (f" (shape buckets: {'; '.join(shapes)})" if len(shapes) > 1 else ""))
     console.print(plan_table(bundle))
+    if bundle.cascade is not None:
+        c = bundle.cascade
+        timing = f", {c.device_ms:.3f} ms on the device vs {c.full_device_ms:.3f} ms" if c.device_ms is not None else ""
+        console.print(f"cascade {c.source}: answers at confidence >= {c.threshold:.4f}: exit rate "
+                      f"{c.exit_rate:.1%}, top-1 agreement {c.agreement:.1%} on {c.samples} calibration "
+                      f"samples ({c.calibration_source}){timing}")
     if args.explain and bundle.has_profile:
         console.print(explain_table(bundle, rtt_ms=args.rtt_ms, battery_pct=args.battery))
     console.print(f"plan bundle written to [bold]{bundle.root}[/] (digest {bundle.plan_digest[:12]})")
@@ -339,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="real inputs, one array per input, samples on axis 0 (also the calibration set)")
     plan.add_argument("--quantize", action="store_true",
                       help="also plan int8 device prefixes (cut-K~int8, device~int8), each behind the accuracy guard")
+    plan.add_argument("--cascade", default=None, metavar="SMALL.onnx|int8",
+                      help="a confident-on-device cascade: a small classifier with the model's inputs and outputs "
+                           "(or int8: the planner's int8 full model); its confidence threshold is calibrated on "
+                           "the calibration inputs to keep top-1 agreement at the --min-top1 guard")
     plan.add_argument("--explain", action="store_true", help="show why each partition wins where it does")
     plan.add_argument("--rtt-ms", type=float, default=20.0, help="RTT of the --explain view")
     plan.add_argument("--battery", type=float, default=100.0, help="battery %% of the --explain view")

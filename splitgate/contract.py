@@ -21,6 +21,7 @@ __all__ = [
     "CALLER",
     "CALLER_METADATA",
     "VERSION",
+    "CASCADE",
     "DEVICE_MS",
     "NETWORK_MS",
     "TOTAL_MS",
@@ -85,6 +86,10 @@ DEVICE_FACTOR = "splitgate.device_factor"
 #: the model version that answered: the first 12 hex digits of its plan digest
 #: (as ``ModelMetadata.versions``); differs from the stable one for a rollout's candidate.
 VERSION = "splitgate.version"
+#: what the bundle's confident-on-device cascade did: ``exit`` (the small device
+#: model answered), ``through`` (it was not confident; the partition answered) or
+#: ``""`` (no cascade, or it did not pay).
+CASCADE = "splitgate.cascade"
 
 # -- per-tensor parameters of an encoded cut tensor (:mod:`splitgate.encoding`) ----------
 ENCODING = "splitgate.encoding"
