@@ -361,13 +361,13 @@ def _free_port() -> int:
 
 @pytest.mark.integration
 def test_cloud_tier_refuses_tampered_and_serves_signed(source, signed: Path, keys, tmp_path: Path) -> None:
-    """Ray Serve: the replica constructor (with the exact arguments ``build_app``
-    binds from a CloudConfig) refuses a tampered bundle; a real ``splitgate cloud
-    serve`` refuses it with one line and exit 2, and serves the signed bundle
-    with the same ``--trust`` (the positive control)."""
+    """Ray Serve: the replica constructor, given the exact arguments the ``serve
+    deploy`` builder binds from its ``args`` (``trust`` as in a serve config),
+    refuses a tampered bundle; a real ``splitgate cloud serve`` refuses it with
+    one line and exit 2, and serves the signed bundle with the same ``--trust``
+    (the positive control)."""
     pytest.importorskip("ray")
-    from splitgate.cloud import CloudConfig
-    from splitgate.cloud._app import build_app
+    from splitgate.cloud.app import build
     from splitgate.edge import CloudClient
 
     pub = str(keys["trusted"][1])
@@ -375,7 +375,8 @@ def test_cloud_tier_refuses_tampered_and_serves_signed(source, signed: Path, key
     pid = tamper(bad)
 
     def replica(bundle: Path):
-        deployment = build_app(CloudConfig(bundles=[str(bundle)], trust=[pub]))._bound_deployment
+        deployment = build({"bundles": [str(bundle)], "trust": pub})._bound_deployment
+        assert "PUBLIC KEY" in deployment.init_kwargs["trusted_keys"][0]  # the key itself, not its path
         return deployment.func_or_class(*deployment.init_args, **deployment.init_kwargs)
 
     with pytest.raises(BundleSignatureError, match="does not verify"):
