@@ -808,10 +808,10 @@ class _Core:
         )
         if part.prefix_path is None:
             self._probe_device_if_due(bundle, feeds, costs)  # (a probe runs while this request waits for the cloud)
-        try:
         cascade = None
         if partition is None and model not in self.overrides:  # (a partition asked for runs as asked)
             cascade = cascade_first(self, bundle, part, feeds, trace, costs, private=private)
+        try:
             if cascade is not None and cascade.outputs is not None:
                 outputs, trace.partition, trace.device_ms = cascade.outputs, CASCADE_PARTITION, cascade.ms
             else:
