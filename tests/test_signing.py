@@ -35,14 +35,7 @@ from splitgate.edge import Gateway
 from splitgate.errors import BundleError, BundleSignatureError, ConfigError
 from splitgate.planner import PlanBundle, build_bundle, measure_device, refit_bundle
 from splitgate.planner._bundle import MANIFEST, plan_digest, sha256_file
-from splitgate.security import (
-    TrustedKeys,
-    generate_signing_key,
-    key_id,
-    sign_bundle,
-    verify_bundle,
-)
-from splitgate.security import _signing
+from splitgate.security import TrustedKeys, _signing, generate_signing_key, key_id, sign_bundle, verify_bundle
 
 from _models import save
 from test_device_profile import conv_chain_model
@@ -240,9 +233,9 @@ def test_unsigned_refused_when_trust_is_set_unless_allowed(source, keys, tmp_pat
     with pytest.raises(BundleSignatureError, match="unsigned") as err:
         Gateway([unsigned], trust=trust)
     assert "splitgate sign" in str(err.value) and str(unsigned) in str(err.value)
-    with caplog.at_level(logging.WARNING, logger="splitgate.security"):
-        with Gateway([unsigned], trust=trust, allow_unsigned=True) as gateway:
-            assert gateway.models == ["conv"]
+    with caplog.at_level(logging.WARNING, logger="splitgate.security"), \
+            Gateway([unsigned], trust=trust, allow_unsigned=True) as gateway:
+        assert gateway.models == ["conv"]
     assert any("UNSIGNED bundle 'conv'" in r.getMessage() for r in caplog.records)
     # no trust configured: loaded, with one warning per process that nothing is authenticated
     caplog.clear()
@@ -385,7 +378,8 @@ def test_cloud_tier_refuses_tampered_and_serves_signed(source, signed: Path, key
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     refused = subprocess.run([*SPLITGATE, "cloud", "serve", str(bad), "--insecure", "--trust", pub,
-                              "--port", str(_free_port())], capture_output=True, text=True, timeout=120, env=env)
+                              "--port", str(_free_port())], check=False, capture_output=True, text=True,
+                             timeout=120, env=env)
     assert refused.returncode == 2, refused.stderr
     lines = [line for line in refused.stderr.splitlines() if line.startswith("splitgate: error:")]
     assert len(lines) == 1 and "does not verify" in lines[0] and str(bad) in lines[0], refused.stderr

@@ -36,7 +36,10 @@ from typing import TYPE_CHECKING, Any
 from splitgate.errors import BundleSignatureError, ConfigError
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
     from splitgate.planner import PlanBundle
 
