@@ -86,14 +86,14 @@ class PlanOptions:
             when it passes the accuracy guard on the calibration requests and
             its prefix is measured faster or is smaller than the fp32 one.
             Off by default (planning takes longer).
-    """
-
         cascade: a confident-on-device cascade (:mod:`splitgate.planner._cascade`):
             a small ONNX classifier with the model's inputs and outputs, or
             ``"int8"`` for the planner's own int8 full model; its confidence
             threshold is calibrated on the calibration requests so that the
             inputs it answers agree with the full model at least as often as
             ``min_top1_agreement``. None = no cascade.
+    """
+
     candidates: str = "optimal"
     reference_cuts: int = 3
     profile: bool = True
@@ -118,9 +118,9 @@ class PlanOptions:
     input_shapes: Mapping[str, Sequence[Sequence[int]]] | Sequence[str] | None = field(default=None, compare=False)
     samples: str | os.PathLike[str] | Mapping[str, Any] | None = field(default=None, compare=False)
     quantize: bool = False
+    cascade: str | os.PathLike[str] | None = field(default=None, compare=False)
 
     def shapes(self) -> dict[str, list[tuple[int, ...]]] | None:
-    cascade: str | os.PathLike[str] | None = field(default=None, compare=False)
         """``input_shapes`` as input name -> shapes (parsing ``--input-shape`` strings)."""
         if self.input_shapes is None:
             return None
@@ -146,6 +146,6 @@ class PlanOptions:
             raise InvalidArgument("calibration_samples must be >= 1")
         if self.batch < 1:
             raise InvalidArgument("batch must be >= 1")
-        self.shapes()
         if self.cascade is not None and str(self.cascade) != "int8" and not os.path.isfile(self.cascade):
             raise InvalidArgument(f"cascade model not found: {self.cascade} (a .onnx file, or 'int8')")
+        self.shapes()
