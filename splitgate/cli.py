@@ -222,7 +222,8 @@ def _add_trust_flags(p: argparse.ArgumentParser) -> None:
 
 def _apply_trust(config: object, args: argparse.Namespace) -> None:
     """Add ``--trust`` keys and ``--allow-unsigned`` to a Gateway/Cloud config; say loudly when unsigned is allowed."""
-    config.trust = [*config.trust, *args.trust]  # type: ignore[attr-defined]
+    trust = config.trust  # type: ignore[attr-defined]
+    config.trust = [*([trust] if isinstance(trust, str) else trust), *args.trust]  # type: ignore[attr-defined]
     config.allow_unsigned = bool(args.allow_unsigned or config.allow_unsigned)  # type: ignore[attr-defined]
     if config.allow_unsigned:  # type: ignore[attr-defined]
         print("splitgate: WARNING: --allow-unsigned: UNSIGNED BUNDLES WILL BE SERVED, with no proof of who made "
@@ -335,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--radio", default="auto", help="device radio for energy: wifi, lte, 3g, auto")
     plan.add_argument("--slo-ms", type=float, default=None, help="latency SLO")
     plan.add_argument("--device-memory-mb", type=float, default=None, help="device memory for the prefix")
-    plan.add_argument("--encodings", default="raw,fp16,int8,int8c,zstd",
+    plan.add_argument("--encodings", default="raw,fp16,int8,int8c,zstd,uint8",
                       help="cut-tensor wire encodings to consider (comma-separated)")
     plan.add_argument("--calibration", default=None, help=".npz of calibration inputs (samples on axis 0)")
     plan.add_argument("--min-top1", type=float, default=0.99, help="accuracy guard: top-1 agreement for classifiers")

@@ -106,8 +106,8 @@ def generate_signing_key(out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
         (private key path, public key path).
 
     Raises:
-        ConfigError: a key already exists there (never overwritten), or
-            ``cryptography`` is missing.
+        ConfigError: a key already exists there (never overwritten), the
+            directory is not writable, or ``cryptography`` is missing.
     """
     serialization, ed25519 = _crypto()
     out = Path(out_dir)
@@ -115,7 +115,6 @@ def generate_signing_key(out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
     for path in (private_path, public_path):
         if path.exists():
             raise ConfigError(f"{path} already exists: refusing to overwrite a signing key (choose another -o DIR)")
-    out.mkdir(parents=True, exist_ok=True)
     key = ed25519.Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -123,10 +122,14 @@ def generate_signing_key(out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(private_pem)
-    public_path.write_bytes(public_pem)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(private_pem)
+        public_path.write_bytes(public_pem)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the key pair to {out}: {exc.strerror or exc}") from None
     return private_path, public_path
 
 
@@ -199,6 +202,8 @@ class TrustedKeys:
         Raises:
             ConfigError: a file is missing or unreadable, or not an ed25519 public key.
         """
+        if isinstance(paths, (str, os.PathLike)):  # one path, not its characters
+            paths = [paths]
         pems: list[tuple[str, str]] = []
         for p in paths:
             path = Path(p)
@@ -279,7 +284,8 @@ def sign_bundle(bundle_dir: str | os.PathLike[str], key_path: str | os.PathLike[
 
     Raises:
         BundleError: the bundle is missing, malformed or fails its integrity check.
-        ConfigError: the key cannot be read or is not an ed25519 private key.
+        ConfigError: the key cannot be read or is not an ed25519 private key, or
+            the signature cannot be written.
     """
     from splitgate.planner import PlanBundle
 
@@ -295,8 +301,12 @@ def sign_bundle(bundle_dir: str | os.PathLike[str], key_path: str | os.PathLike[
     }
     path = bundle.root / SIGNATURE_FILE
     tmp = path.with_name(f".{SIGNATURE_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
 
 
