@@ -9,7 +9,11 @@ baseline), measured the same way with the full model as the suffix and no
 prefix; its lossy twins are dropped as not applicable when the model has no
 float input (integer inputs such as tokens travel raw except under ``zstd``),
 and the planner keeps a cloud twin only if it wins somewhere or sends fewer
-bytes than ``cloud``. ``device`` has no twins. An encoded candidate shares its
+bytes than ``cloud``. The lossless ``uint8`` (8-bit data such as images scaled
+from bytes, :func:`splitgate.encoding.uint8_codes`) is offered, for ``cloud``
+or a cut, only when every float tensor of every calibration request decodes
+bit-exactly (else "not applicable"); the count checked is recorded as
+``exact_roundtrip_requests``. ``device`` has no twins. An encoded candidate shares its
 raw twin's files.
 
 Measured on the real prefix/suffix sessions over calibration requests
@@ -48,7 +52,7 @@ from splitgate.planner._accuracy import Calibration, Guard, check, compare_outpu
 from splitgate.planner._options import PlanOptions, check_encodings
 from splitgate.planner._partition_profile import PlannedPartition
 from splitgate.planner._profile import Timing, make_session
-from splitgate.encoding import add_encoded_inputs, encoded_nbytes, read_decoded_inputs
+from splitgate.encoding import add_encoded_inputs, encoded_nbytes, read_decoded_inputs, uint8_codes
 from splitgate.errors import BundleError, InvalidArgument
 from splitgate.protocol import inference_pb2 as pb
 
@@ -103,6 +107,8 @@ class EncodingResult:
         decode: timing of decoding it in the cloud.
         accuracy: per-output metrics (:func:`splitgate.planner._accuracy.compare_outputs`).
         dropped: why the guard dropped it, or None.
+        exact_requests: for the lossless ``uint8``: how many calibration
+            requests were checked to decode bit-exactly (every one must), else None.
     """
 
     encoding: str
@@ -112,6 +118,7 @@ class EncodingResult:
     decode: Timing
     accuracy: dict[str, dict[str, Any]] = field(default_factory=dict)
     dropped: str | None = None
+    exact_requests: int | None = None
 
     @property
     def ratio(self) -> float:
@@ -120,6 +127,7 @@ class EncodingResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
+        exact = {} if self.exact_requests is None else {"exact_roundtrip_requests": self.exact_requests}
         return {
             "wire_bytes": self.wire_bytes,
             "raw_bytes": self.raw_bytes,
@@ -129,6 +137,7 @@ class EncodingResult:
             "accuracy": {k: {m: (round(v, 6) if isinstance(v, float) else v) for m, v in row.items()}
                          for k, row in self.accuracy.items()},
             "dropped": self.dropped,
+            **exact,
         }
 
 
@@ -197,6 +206,9 @@ def measure_encodings(
         raw_bytes = int(statistics.median(wire_nbytes(c, "raw") for c in cuts))
         results: dict[str, EncodingResult] = {}
         for enc in wanted:
+            if enc == "uint8" and (why := _not_8bit(cuts)) is not None:
+                results[enc] = _not_applicable(enc, raw_bytes, why)
+                continue
             try:
                 enc_t, request = _time(lambda: _build(cuts[0], enc), warmup, repeats)
                 dec_t, _ = _time(lambda: read_decoded_inputs(request), warmup, repeats)
@@ -210,12 +222,45 @@ def measure_encodings(
                 continue
             got = [dict(zip(suf_out, suf.run(suf_out, d))) for d in decoded]
             metrics = compare_outputs(ref, got, output_kind=guard.output_kind)
-            results[enc] = EncodingResult(enc, nbytes, raw_bytes, enc_t, dec_t, metrics, check(metrics, guard))
+            results[enc] = EncodingResult(enc, nbytes, raw_bytes, enc_t, dec_t, metrics, check(metrics, guard),
+                                          exact_requests=_exact_requests(cuts, decoded) if enc == "uint8" else None)
     except BundleError:
         raise
     except Exception as exc:  # noqa: BLE001 - ORT run failures
         raise BundleError(f"onnxruntime failed while measuring encodings: {str(exc).splitlines()[0]}") from exc
     return results
+
+
+def _not_8bit(cuts: Sequence[Mapping[str, np.ndarray]]) -> str | None:
+    """Why ``uint8`` does not apply to these calibration cut tensors (None: it does).
+
+    ``uint8`` is offered only when every float tensor of every calibration
+    request has a bit-exact 8-bit form (:func:`splitgate.encoding.uint8_codes`).
+    """
+    floats = 0
+    for i, cut in enumerate(cuts):
+        for name, a in cut.items():
+            if np.asarray(a).dtype.kind != "f":
+                continue
+            floats += 1
+            if uint8_codes(a) is None:
+                return (f"tensor '{name}' of calibration request {i} does not hold 8-bit data "
+                        "(uint8 is lossless only when every calibration input decodes bit-exactly)")
+    return None if floats else "no float tensor to encode (integer tensors travel raw)"
+
+
+def _exact_requests(cuts: Sequence[Mapping[str, np.ndarray]], decoded: Sequence[Mapping[str, np.ndarray]]) -> int:
+    """How many requests decoded bit-exactly (dtype and bytes of every tensor).
+
+    Raises:
+        BundleError: one did not (``uint8`` promises a bit-exact decoding).
+    """
+    for i, (cut, got) in enumerate(zip(cuts, decoded)):
+        for name, a in cut.items():
+            b = got[name]
+            if b.dtype != a.dtype or b.shape != a.shape or b.tobytes() != np.asarray(a).tobytes():
+                raise BundleError(f"uint8 did not decode tensor '{name}' of calibration request {i} bit-exactly")
+    return len(cuts)
 
 
 def _cut_tensors(pre: Any, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:

@@ -62,7 +62,9 @@ class PlanOptions:
         encodings: wire encodings of cut tensors to plan with (see
             :mod:`splitgate.planner._encoding`): every measured split ``P`` also becomes
             ``P@E`` for each non-raw ``E`` that passes the accuracy guard.
-            ``("raw",)`` plans raw cut tensors only.
+            ``("raw",)`` plans raw cut tensors only. The lossless ``uint8``
+            applies only where every calibration request's tensors hold
+            8-bit data (images scaled from bytes; in practice ``cloud@uint8``).
         calibration: calibration inputs for the accuracy guard, bytes and
             encode/decode timings: an ``.npz`` file or a mapping input name ->
             array (samples on axis 0); None = ``calibration_samples`` seeded
@@ -108,7 +110,7 @@ class PlanOptions:
     energy: EnergyModel = field(default_factory=EnergyModel)
     constraints: Constraints = field(default_factory=Constraints)
     grid: Grid = field(default_factory=Grid)
-    encodings: tuple[str, ...] = ("raw", "fp16", "int8", "int8c", "zstd")
+    encodings: tuple[str, ...] = ("raw", "fp16", "int8", "int8c", "zstd", "uint8")
     calibration: str | os.PathLike[str] | Mapping[str, Any] | None = field(default=None, compare=False)
     calibration_samples: int = 16
     min_top1_agreement: float = 0.99

@@ -13,7 +13,18 @@ int8      UINT8, same shape: q = round(x / scale) + zp    ``splitgate.scale`` (d
 int8c     UINT8, same shape, one (scale, zp) per channel  companion FP32 tensors
           along ``splitgate.axis`` (default 1)            ``NAME/scale``, ``NAME/zero_point``
 zstd      UINT8 [n]: zstd of the raw little-endian bytes  ``splitgate.datatype``, ``splitgate.shape``
+uint8     UINT8, same shape: codes k with                 ``splitgate.scale``,
+          x == dtype(k * scale + offset) bit for bit      ``splitgate.offset`` (double),
+          (lossless; 8-bit data such as images            ``splitgate.datatype``
+          scaled from bytes)                              (FP16/FP32/FP64, default FP32)
 ========  ==============================================  ===========================
+
+``uint8`` is lossless by construction: :func:`uint8_codes` finds a scale and
+offset that reproduce every value of the tensor exactly (decoded in float64,
+then cast to the tensor's dtype) or refuses it. :func:`encode_tensor` raises
+for a tensor that does not hold 8-bit data; :func:`add_encoded_inputs` (the
+edge's path) then sends that tensor raw, so a ``uint8`` request never loses
+a bit whatever the caller sends.
 
 FP16/INT8 travel as raw contents. Decoding checks everything it is given and
 raises :class:`~splitgate.errors.InvalidArgument` naming the tensor: a scale of
@@ -33,12 +44,16 @@ from splitgate.errors import InvalidArgument
 from splitgate.protocol import inference_pb2 as pb
 from splitgate import contract
 
-__all__ = ["ENCODINGS", "encode_tensor", "add_encoded_inputs", "read_decoded_inputs", "encoded_nbytes"]
+__all__ = ["ENCODINGS", "LOSSLESS", "encode_tensor", "add_encoded_inputs", "read_decoded_inputs", "encoded_nbytes",
+           "uint8_codes"]
 
-ENCODINGS = ("raw", "fp16", "int8", "int8c", "zstd")
+ENCODINGS = ("raw", "fp16", "int8", "int8c", "zstd", "uint8")
+#: encodings that decode bit-exactly (``uint8``: or the tensor travels raw)
+LOSSLESS = ("raw", "zstd", "uint8")
 P_ENCODING = contract.ENCODING
 P_SCALE = contract.SCALE
 P_ZERO = contract.ZERO_POINT
+P_OFFSET = contract.OFFSET
 P_AXIS = contract.AXIS
 P_DATATYPE = contract.DATATYPE
 P_SHAPE = contract.SHAPE
@@ -57,6 +72,110 @@ def _affine(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return scale.astype(np.float64), zero.astype(np.float64)
 
 
+#: (float dtype, unsigned integer view of its bits) that ``uint8`` encodes
+_UINT8_SOURCES = {np.dtype(np.float16): np.uint16, np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64}
+#: elements looked at first: more distinct values than 256 among them refuses the tensor at once
+_UINT8_SAMPLE = 4096
+
+
+def _decode_levels(codes: np.ndarray, scale: float, offset: float, dtype: np.dtype) -> np.ndarray:
+    """``dtype(codes * scale + offset)``, computed in float64: the ``uint8`` decoding."""
+    wide = np.asarray(codes, dtype=np.float64)
+    return (wide * scale + offset).astype(dtype)
+
+
+def _level_candidates(levels: np.ndarray) -> list[tuple[float, float]]:
+    """(scale, offset) guesses for sorted distinct finite values ``levels`` (at least two):
+    the smallest gap (or a small fraction of it, when gaps are not its multiples) snapped to
+    a simple fraction (``1/255``, ``2/255``), then its float64 least-squares fit."""
+    from fractions import Fraction
+
+    gap, span = float(np.diff(levels).min()), float(levels[-1] - levels[0])
+    for div in (1, 2, 3, 4, 5, 6, 8):
+        count = round(span / (gap / div))  # codes from the smallest to the largest value
+        if count > 255:
+            return []
+        step = span / count
+        steps = (levels - levels[0]) / step
+        codes = np.rint(steps)
+        if np.max(np.abs(steps - codes)) < 0.1:
+            break
+    else:
+        return []
+    out = []
+    inverse = Fraction(1.0 / step).limit_denominator(64)
+    if inverse and abs(float(inverse) * step - 1.0) < 1e-6:
+        snapped = float(Fraction(inverse.denominator, inverse.numerator))
+        out.append((snapped, float(np.rint(levels[0] / snapped)) * snapped))
+        out.append((snapped, float(levels[0])))
+    fit_scale, fit_offset = np.polyfit(codes, levels, 1)
+    out.append((float(fit_scale), float(fit_offset)))
+    out.append((step, float(levels[0])))
+    return [(s, o) for s, o in out if math.isfinite(s) and s > 0 and math.isfinite(o)]
+
+
+def _codes_from_sample(flat: np.ndarray, sample: np.ndarray, bits: type) -> tuple[np.ndarray, float, float] | None:
+    """The fast path of :func:`uint8_codes`: a grid guessed from the distinct values of a
+    sample (and the tensor's extremes), checked on every element; None: not found this way."""
+    lo, hi = flat.min(), flat.max()
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo == hi:
+        return None
+    levels = np.unique(np.concatenate([sample.astype(np.float64), [float(lo), float(hi)]]))
+    wide = flat.astype(np.float64)
+    for scale, offset in _level_candidates(levels):
+        codes = np.rint((wide - offset) / scale)
+        if codes.min() < 0 or codes.max() > 255:
+            continue
+        if np.array_equal(_decode_levels(codes, scale, offset, flat.dtype).view(bits), flat.view(bits)):
+            return codes.astype(np.uint8), scale, offset
+    return None
+
+
+def uint8_codes(array: np.ndarray) -> tuple[np.ndarray, float, float] | None:
+    """The lossless 8-bit form of a float tensor, if it has one.
+
+    Args:
+        array: an FP16/FP32/FP64 tensor.
+
+    Returns:
+        ``(codes, scale, offset)`` with ``codes`` uint8 of the same shape and
+        ``array.dtype(codes * scale + offset)`` (computed in float64) equal to
+        ``array`` bit for bit -- signed zeros included; or None when no such
+        form exists (more than 256 distinct values, values off one evenly
+        spaced grid, NaN or infinity, or not a float tensor).
+    """
+    a = np.asarray(array)
+    bits = _UINT8_SOURCES.get(a.dtype)
+    if bits is None:
+        return None
+    flat = a.reshape(-1)
+    if flat.size == 0:
+        return np.zeros(a.shape, np.uint8), 1.0, 0.0
+    if flat.size > _UINT8_SAMPLE:
+        sample = np.unique(flat[:_UINT8_SAMPLE].view(bits))
+        if sample.size > 256:
+            return None
+        found = _codes_from_sample(flat, sample.view(a.dtype), bits)
+        if found is not None:
+            return found[0].reshape(a.shape), found[1], found[2]
+    patterns = np.unique(flat.view(bits))  # distinct bit patterns: -0.0 and 0.0 stay apart
+    if patterns.size > 256:
+        return None
+    values = patterns.view(a.dtype)
+    if not np.all(np.isfinite(values)):
+        return None
+    levels = np.unique(values.astype(np.float64))
+    guesses = [(1.0, float(levels[0]))] if levels.size == 1 else _level_candidates(levels)
+    for scale, offset in guesses:
+        codes = np.rint((values.astype(np.float64) - offset) / scale)
+        if codes.min() < 0 or codes.max() > 255:
+            continue
+        if np.array_equal(_decode_levels(codes, scale, offset, a.dtype).view(bits), patterns):
+            full = np.rint((flat.astype(np.float64) - offset) / scale).astype(np.uint8)
+            return full.reshape(a.shape), scale, offset
+    return None
+
+
 def encode_tensor(
     array: np.ndarray, encoding: str, *, axis: int = 1
 ) -> tuple[np.ndarray, dict[str, Any], dict[str, np.ndarray]]:
@@ -66,7 +185,8 @@ def encode_tensor(
         (wire array, tensor parameters, companion tensors by name suffix).
 
     Raises:
-        InvalidArgument: unknown encoding, or a lossy encoding of a non-float tensor.
+        InvalidArgument: unknown encoding, a lossy encoding of a non-float
+            tensor, or ``uint8`` of a tensor that does not hold 8-bit data.
     """
     if encoding not in ENCODINGS:
         raise InvalidArgument(f"unknown encoding {encoding!r}; expected one of {list(ENCODINGS)}")
@@ -84,6 +204,16 @@ def encode_tensor(
         raise InvalidArgument(f"encoding {encoding!r} is for float tensors, got {a.dtype}")
     if encoding == "fp16":
         return a.astype(np.float16), {P_ENCODING: "fp16"}, {}
+    if encoding == "uint8":
+        found = uint8_codes(a)
+        if found is None:
+            raise InvalidArgument(
+                f"uint8 encoding needs 8-bit data (at most 256 evenly spaced values that decode bit-exactly); "
+                f"this {a.dtype} tensor of shape {list(a.shape)} has none"
+            )
+        codes, scale, offset = found
+        return codes, {P_ENCODING: "uint8", P_SCALE: scale, P_OFFSET: offset,
+                       P_DATATYPE: codec.datatype_of(a.dtype)}, {}
     x = a.astype(np.float32, copy=False)
     if encoding == "int8":
         if x.size:
@@ -107,9 +237,22 @@ def encode_tensor(
 
 
 def encoded_nbytes(array: np.ndarray, encoding: str) -> int:
-    """Bytes the encoded tensor puts on the wire (payload plus companions)."""
-    wire, _, extra = encode_tensor(array, encoding)
+    """Bytes the encoded tensor puts on the wire (payload plus companions); a
+    ``uint8`` tensor without 8-bit data travels raw, as :func:`add_encoded_inputs` sends it."""
+    wire, _, extra = _encode_or_raw(array, encoding)
     return wire.nbytes + sum(v.nbytes for v in extra.values())
+
+
+def _encode_or_raw(
+    array: np.ndarray, encoding: str
+) -> tuple[np.ndarray, dict[str, Any], dict[str, np.ndarray]]:
+    """:func:`encode_tensor`, except that ``uint8`` falls back to raw (never lossy)."""
+    if encoding != "uint8":
+        return encode_tensor(array, encoding)
+    try:
+        return encode_tensor(array, encoding)
+    except InvalidArgument:
+        return np.asarray(array), {}, {}
 
 
 def add_encoded_inputs(
@@ -121,7 +264,7 @@ def add_encoded_inputs(
     sent = 0
     for name, value in arrays.items():
         use = encoding if np.asarray(value).dtype.kind == "f" or encoding == "zstd" else "raw"
-        wire, params, extra = encode_tensor(value, use)
+        wire, params, extra = _encode_or_raw(value, use)
         datatype, shape, raw = codec.encode_array(wire)
         tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
         codec.set_params(tensor.parameters, params)
@@ -151,7 +294,7 @@ def _decode_one(name: str, wire: np.ndarray, params: dict, companions: dict[str,
         if wire.dtype != np.float16:
             raise InvalidArgument(f"tensor '{name}': fp16 encoding needs datatype FP16, got {wire.dtype}")
         return wire.astype(np.float32)
-    if encoding in ("int8", "int8c") and wire.dtype != np.uint8:
+    if encoding in ("int8", "int8c", "uint8") and wire.dtype != np.uint8:
         raise InvalidArgument(f"tensor '{name}': {encoding} encoding needs datatype UINT8, got {wire.dtype}")
     if encoding == "int8":
         scale = _param(params, P_SCALE, name, float)
@@ -159,6 +302,15 @@ def _decode_one(name: str, wire: np.ndarray, params: dict, companions: dict[str,
         if not (math.isfinite(scale) and scale > 0) or not 0 <= zero <= 255:
             raise InvalidArgument(f"tensor '{name}': int8 scale must be finite and > 0 and zero point in 0..255")
         return ((wire.astype(np.float32) - np.float32(zero)) * np.float32(scale)).astype(np.float32)
+    if encoding == "uint8":
+        scale = _param(params, P_SCALE, name, float)
+        offset = _param(params, P_OFFSET, name, float)
+        if not (math.isfinite(scale) and scale > 0 and math.isfinite(offset)):
+            raise InvalidArgument(f"tensor '{name}': uint8 scale must be finite and > 0 and offset finite")
+        dtype = codec.numpy_dtype(str(params.get(P_DATATYPE, "FP32")), tensor=name)
+        if dtype not in _UINT8_SOURCES:
+            raise InvalidArgument(f"tensor '{name}': uint8 decodes to FP16, FP32 or FP64, not {params[P_DATATYPE]}")
+        return _decode_levels(wire, scale, offset, dtype)
     if encoding == "int8c":
         axis = _param(params, P_AXIS, name, int)
         if not 0 <= axis < wire.ndim:

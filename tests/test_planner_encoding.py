@@ -63,7 +63,8 @@ def test_guard_drops_lossy_encodings_and_raw_only_planning(small: Path) -> None:
                      min_cosine=1.0, **FAST)
     enc = b.profile["encodings"]
     assert enc["guard"]["min_cosine"] == 1.0 and enc["calibration"]["source"] == "random"
-    assert enc["dropped"] and all(split_id(pid)[1] in ("fp16", "int8", "int8c") for pid in enc["dropped"])
+    assert enc["dropped"] and all(split_id(pid)[1] in ("fp16", "int8", "int8c", "uint8") for pid in enc["dropped"])
+    assert all("not applicable" in why for pid, why in enc["dropped"].items() if pid.endswith("@uint8"))
     assert not any(split_id(pid)[1] in ("fp16", "int8", "int8c") for pid in b.partitions)
     raw = build_bundle(small, small.parent / "raw", encodings=("raw",), **FAST)
     assert not any("@" in pid for pid in raw.partitions) and raw.profile["encodings"]["measured"] == {}
