@@ -203,7 +203,8 @@ class _Core:
         self.metrics = GatewayMetrics()
         self.telemetry = RequestTelemetry(  # energy, battery, version, drift, spans (docs/telemetry.md)
             self.metrics.registry, drift_threshold=config.drift_threshold, drift_window=config.drift_window,
-            drift_min_requests=config.drift_min_requests, link=self.link, default_uplink_mbps=DEFAULT_UPLINK_MBPS,
+            drift_min_requests=config.drift_min_requests, link=self.link, battery=self.battery,
+            default_uplink_mbps=DEFAULT_UPLINK_MBPS,
         )
         self.infer = self.telemetry.traced(self.infer)  # type: ignore[method-assign]  # a span per request
         self.overrides: dict[str, str] = {}
@@ -822,8 +823,7 @@ class _Core:
             raise
         trace.total_ms = (time.perf_counter() - start) * 1e3
         self.metrics.record(trace)
-        self.telemetry.request_done(bundle, feeds, outputs, trace, battery_pct=self.battery.level(),
-                                    current=self.bundles.get(model) is bundle)
+        self.telemetry.request_done(bundle, feeds, outputs, trace, current=self.bundles.get(model) is bundle)
         if key is not None:
             self.cache.put(key, outputs)  # type: ignore[union-attr]
         return Result(outputs=outputs, trace=trace)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -85,15 +86,19 @@ class RequestTelemetry:
         drift_threshold, drift_window, drift_min_requests: the drift monitors' settings
             (:class:`~splitgate.edge._drift.DriftHub`).
         link: the Gateway's link monitor (its ``estimate()`` times the transfers), or None.
+        battery: the Gateway's battery monitor (its ``level()``, read at most once a second:
+            reading the OS's battery takes tens of microseconds), or None.
         default_uplink_mbps: the uplink assumed before one is measured.
     """
 
     def __init__(self, registry: Any, *, drift_threshold: float = 0.25, drift_window: int = 256,
                  drift_min_requests: int = 128,
-                 link: Any = None, default_uplink_mbps: float = 10.0) -> None:
+                 link: Any = None, battery: Any = None, default_uplink_mbps: float = 10.0) -> None:
         from prometheus_client import Counter, Gauge, Histogram
 
         self._link = link
+        self._battery = battery
+        self._battery_read: tuple[float, float | None] = (-1.0, None)  # (monotonic time, level)
         self._default_up = default_uplink_mbps
         self.drift = DriftHub(registry, threshold=drift_threshold, window=drift_window,
                               min_requests=drift_min_requests)
@@ -118,11 +123,14 @@ class RequestTelemetry:
     # -- spans ------------------------------------------------------------------
 
     def traced(self, infer: Callable[..., Any]) -> Callable[..., Any]:
-        """``infer`` wrapped in a ``splitgate.infer`` request span (``infer`` itself without OTel)."""
+        """``infer`` wrapped in a ``splitgate.infer`` request span (``infer`` itself without OTel;
+        without a configured tracer provider the wrapper only checks for one)."""
         if not _tracing.available():
             return infer
 
         def run(model: str, inputs: Mapping[str, Any], **kwargs: Any) -> Any:
+            if not _tracing.active():  # no tracer provider configured: no span at all
+                return infer(model, inputs, **kwargs)
             token = _request_start_ns.set(_tracing.now_ns())
             try:
                 with _tracing.request_span("splitgate.infer", {"splitgate.model": model}):
@@ -139,8 +147,19 @@ class RequestTelemetry:
 
     # -- the hook ---------------------------------------------------------------
 
+    def battery_pct(self) -> float | None:
+        """The battery level (the monitor's, at most a second old; None without a monitor)."""
+        if self._battery is None:
+            return None
+        at, level = self._battery_read
+        now = time.monotonic()
+        if now - at >= 1.0:
+            level = self._battery.level()
+            self._battery_read = (now, level)
+        return level
+
     def request_done(self, bundle: Any, feeds: Mapping[str, Any], outputs: Mapping[str, Any], trace: Any, *,
-                     battery_pct: float | None, current: bool = True) -> None:
+                     battery_pct: float | None = None, current: bool = True) -> None:
         """Account for one answered request: fill ``trace.energy_mj``, ``battery_pct`` and
         ``version``; count it; feed the drift monitor; add the leg spans.
 
@@ -149,10 +168,11 @@ class RequestTelemetry:
             feeds: the validated inputs.
             outputs: the outputs returned.
             trace: the request's Trace.
-            battery_pct: the battery level the request was decided with.
+            battery_pct: the battery level the request was decided with (None = :meth:`battery_pct`).
             current: ``bundle`` is the model's serving version (not a candidate or a stale one).
         """
         model, version = bundle.model_name, bundle.plan_digest[:12]
+        battery_pct = self.battery_pct() if battery_pct is None else battery_pct
         est = self._link.estimate() if self._link is not None else None
         up, down = (est.uplink_mbps, est.downlink_mbps) if est is not None else (None, None)
         trace.energy_mj = round(request_energy_mj(trace, _energy_model(bundle), up or self._default_up, down), 4)

@@ -4,9 +4,10 @@ Edge and cloud both use this module (it sits in the shared low layer so the
 cloud tier never imports the edge). Every function is a no-op when
 ``opentelemetry`` cannot be imported: it is an optional dependency (the
 ``otel`` extra), imported on first use, never at import time of splitgate.
-Spans go to the process's global tracer provider: without an SDK provider
-configured (``opentelemetry.trace.set_tracer_provider``) they are the API's
-non-recording spans and cost a few microseconds.
+Spans go to the process's global tracer provider. Until one is configured
+(``opentelemetry.trace.set_tracer_provider``; the API's default proxy or no-op
+provider records nothing) no span is even started: the check costs about a
+microsecond a request. Trace context is then not propagated either.
 
 Trace context crosses the wire as W3C Trace Context (``traceparent``,
 ``tracestate``) in the gRPC call metadata of ``ModelInfer``.
@@ -19,7 +20,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-__all__ = ["available", "client_span", "current_headers", "current_span", "now_ns", "record_span", "request_span",
+__all__ = ["active", "available", "client_span", "current_headers", "current_span", "now_ns", "record_span", "request_span",
            "server_span"]
 
 TRACER_NAME = "splitgate"
@@ -44,6 +45,22 @@ def available() -> bool:
     return _modules() is not None
 
 
+def active() -> bool:
+    """True when opentelemetry is installed and a tracer provider that records is configured."""
+    return _active() is not None
+
+
+def _active() -> Any:
+    """``(trace, propagate)`` when a tracer provider that records is configured, else None."""
+    otel = _modules()
+    if otel is None:
+        return None
+    provider = otel[0].get_tracer_provider()
+    if isinstance(provider, (otel[0].ProxyTracerProvider, otel[0].NoOpTracerProvider)):
+        return None
+    return otel
+
+
 def _clean(attributes: Mapping[str, Any]) -> dict[str, Any]:
     """Attributes OTel accepts (None values dropped)."""
     return {k: v for k, v in attributes.items() if v is not None}
@@ -53,7 +70,7 @@ def _clean(attributes: Mapping[str, Any]) -> dict[str, Any]:
 def request_span(name: str, attributes: Mapping[str, Any]) -> Iterator[Any]:
     """A span made current for the body (the edge's per-request span); yields it (None without OTel).
     An exception escaping the body is recorded on the span and re-raised."""
-    otel = _modules()
+    otel = _active()
     if otel is None:
         yield None
         return
@@ -65,7 +82,7 @@ def request_span(name: str, attributes: Mapping[str, Any]) -> Iterator[Any]:
 def current_headers() -> dict[str, str]:
     """The current trace context as W3C headers (``traceparent``, ``tracestate``); empty without OTel
     or outside a recording span. Take it on the request's thread: worker threads do not inherit it."""
-    otel = _modules()
+    otel = _active()
     if otel is None:
         return {}
     carrier: dict[str, str] = {}
@@ -78,7 +95,7 @@ def client_span(name: str, parent: Mapping[str, str] | None, attributes: Mapping
         tuple[tuple[str, str], ...]]:
     """A client span for one outgoing call, child of ``parent`` (W3C headers; None = the current
     context); yields the call metadata that carries it (empty without OTel)."""
-    otel = _modules()
+    otel = _active()
     if otel is None:
         yield ()
         return
@@ -101,7 +118,7 @@ def server_span(metadata: Iterable[tuple[str, Any]] | None, name: str,
                 attributes: Mapping[str, Any]) -> Iterator[Any]:
     """A server span for one incoming call, child of the W3C context in its gRPC ``metadata``
     (a root span when there is none); yields it (None without OTel)."""
-    otel = _modules()
+    otel = _active()
     if otel is None:
         yield None
         return
@@ -116,7 +133,7 @@ def server_span(metadata: Iterable[tuple[str, Any]] | None, name: str,
 
 def current_span() -> Any:
     """The current span when it records, else None (also without OTel)."""
-    otel = _modules()
+    otel = _active()
     if otel is None:
         return None
     span = otel[0].get_current_span()
@@ -126,7 +143,7 @@ def current_span() -> Any:
 def record_span(name: str, start_ns: int, duration_ms: float, attributes: Mapping[str, Any]) -> None:
     """A finished child span of the current span, timed after the fact (a leg measured by the
     request: ``start_ns`` in ``time.time_ns()`` terms). No-op without OTel."""
-    otel = _modules()
+    otel = _active()
     if otel is None or duration_ms < 0:
         return
     tracer = otel[0].get_tracer(TRACER_NAME)
