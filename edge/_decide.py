@@ -324,7 +324,9 @@ class DecisionCore:
         factor = self.calibration.factor() if self.config.calibrate else 1.0
         now = calibrated(self.conditions(private, model, battery_pct=battery_pct), factor)
         path = bundle.estimate(partition, now, costs=self._decision_costs(model, costs)).latency_ms
-        small = planned * now.device_factor
+        small = planned * now.device_factor  # (and its own measured ratio, as a partition's prefix)
+        if self.config.learn_device:
+            small *= self.device.relative(model, "cascade")
         expected = cascade_expected_ms(small, rate, path)
         pays = expected < path
         return CascadeChoice(pays, "pays" if pays else "does not pay", rate, small, planned, path, expected)

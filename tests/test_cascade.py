@@ -1,0 +1,338 @@
+"""The confident-on-device cascade (issue 16.3): planning, calibration, and the Gateway's use of it.
+
+The full model is the zoo's trained resnet18 (gratings10, cached weights). The
+small model is an early exit of it, built here in a second without training: the
+full model's first half (up to a Relu about halfway through), global average
+pooling, and a linear head fitted by ridge regression to the full model's
+logits on gratings10 samples from a stream the calibration set never uses. It
+takes the full model's inputs and produces its output, runs in about 60 % of its
+time, agrees on most inputs and is unsure of some (and of noise), so the
+threshold, the exits and the fall-through all have something to do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from splitgate import codec, contract
+from splitgate.edge import DecisionCore, Gateway, GatewayConfig
+from splitgate.edge._cascade import ExitRates, cascade_expected_ms, is_confident
+from splitgate.edge._serve import serve_edge
+from splitgate.errors import BundleError, InvalidArgument
+from splitgate.planner import PlanBundle, build_bundle, load_bundle
+from splitgate.planner._cascade import calibrate_threshold, confidence, confidence_kind
+from splitgate.protocol import inference_pb2 as pb
+from splitgate.protocol import inference_pb2_grpc as pb_grpc
+
+pytest.importorskip("torch")
+
+MODEL = "resnet18"
+#: the plan's device is this much slower than this machine (phone-class against a server core):
+#: offline the small model pays for itself; against a loopback cloud it does not
+SLOWDOWN = 50.0
+
+
+def _session(path: Path | str) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _early_exit(full: Path, out: Path) -> Path:
+    """The full model's first half + global average pooling + a ridge-fitted linear head."""
+    from splitgate.planner._zoo_train import gratings10
+
+    model = onnx.load(str(full))
+    relus = [n.output[0] for n in model.graph.node if n.op_type == "Relu"]
+    cut = relus[len(relus) // 2]
+    prefix_path = out.with_name("prefix.onnx")
+    onnx.utils.extract_model(str(full), str(prefix_path), ["input"], [cut])
+    x, _ = gratings10(512, seed=7_000_000)
+    target = _session(full).run(None, {"input": x})[0]
+    features = _session(prefix_path).run(None, {"input": x})[0].mean(axis=(2, 3))
+    f = np.concatenate([features, np.ones((len(features), 1), np.float32)], axis=1).astype(np.float64)
+    w = np.linalg.solve(f.T @ f + 1e-2 * np.eye(f.shape[1]), f.T @ target)
+    small = onnx.load(str(prefix_path))
+    g = small.graph
+    g.node.extend([
+        helper.make_node("GlobalAveragePool", [cut], ["exit_gap"]),
+        helper.make_node("Flatten", ["exit_gap"], ["exit_flat"]),
+        helper.make_node("Gemm", ["exit_flat", "exit_w", "exit_b"], ["logits"]),
+    ])
+    g.initializer.extend([numpy_helper.from_array(w[:-1].astype(np.float32), "exit_w"),
+                          numpy_helper.from_array(w[-1].astype(np.float32), "exit_b")])
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10]))
+    onnx.checker.check_model(small)
+    onnx.save(small, str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from splitgate.planner.zoo import export_zoo_model
+
+    d = tmp_path_factory.mktemp("cascade")
+    full = export_zoo_model(MODEL, d / f"{MODEL}.onnx", trained=True)
+    return full, _early_exit(full, d / "small.onnx")
+
+
+@pytest.fixture(scope="module")
+def calibration() -> np.ndarray:
+    from splitgate.planner.zoo import calibration_inputs
+
+    return calibration_inputs(64)["input"]
+
+
+@pytest.fixture(scope="module")
+def bundle(models: tuple[Path, Path], calibration: np.ndarray) -> PlanBundle:
+    full, small = models
+    return build_bundle(full, full.parent / "cascade.bundle", cascade=small, calibration={"input": calibration},
+                        encodings=("raw",), repeats=3, warmup=1, max_candidates=2, reference_cuts=1,
+                        device_slowdown=SLOWDOWN)
+
+
+def _held_out(n: int, seed: int = 11) -> np.ndarray:
+    from splitgate.planner.zoo import calibration_inputs
+
+    return calibration_inputs(n, seed=seed)["input"]
+
+
+def _noise(n: int) -> np.ndarray:
+    return np.random.default_rng(0).normal(0.0, 1.0, (n, 1, 3, 64, 64)).astype(np.float32)
+
+
+# -- calibration ---------------------------------------------------------------------------
+
+
+def test_calibrate_threshold_takes_the_most_exits_the_guard_allows() -> None:
+    conf = np.array([0.99, 0.95, 0.95, 0.9, 0.8, 0.6, 0.5])
+    agree = np.array([True, True, True, True, False, True, False])
+    assert calibrate_threshold(conf, agree, 0.99) == (0.9, 4 / 7, 1.0)
+    t, rate, agreement = calibrate_threshold(conf, agree, 0.8)  # 5 of 6 agree down to 0.6
+    assert (t, rate) == (0.6, 6 / 7) and agreement == pytest.approx(5 / 6)
+    # a tie admits both samples at its value: 0.95 cannot exit without its disagreeing twin
+    assert calibrate_threshold(np.array([0.99, 0.95, 0.95]), np.array([True, True, False]), 0.99)[:2] == (0.99, 1 / 3)
+    assert calibrate_threshold(np.array([0.9, 0.8]), np.array([False, True]), 0.99) == (float("inf"), 0.0, 1.0)
+
+
+def test_confidence_of_logits_and_of_probabilities() -> None:
+    logits = np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]], np.float32)
+    assert confidence_kind(logits) == "softmax"
+    np.testing.assert_allclose(confidence(logits, "softmax"), [np.e**2 / (np.e**2 + 2), 1 / 3])
+    probs = np.array([[0.7, 0.2, 0.1], [0.3, 0.3, 0.4]], np.float32)
+    assert confidence_kind(probs) == "probability"
+    np.testing.assert_allclose(confidence(probs, "probability"), [0.7, 0.4], rtol=1e-6)
+
+
+def test_threshold_keeps_agreement_with_the_full_model_at_the_guard(bundle: PlanBundle, models,
+                                                                    calibration: np.ndarray) -> None:
+    spec = bundle.cascade
+    assert spec is not None and spec.source == "small.onnx" and spec.output == "logits"
+    assert spec.min_top1_agreement == 0.99 and spec.samples == 64 and spec.confidence == "softmax"
+    assert spec.agreement >= 0.99 and 0.5 < spec.exit_rate < 1.0  # (the early exit is unsure of some)
+    assert spec.device_ms is not None and spec.full_device_ms is not None
+    assert 0 < spec.device_ms < spec.full_device_ms  # measured: the first half of the network, and a head
+    # independently: the bundle's small model against the full model on the calibration images
+    full = _session(models[0]).run(None, {"input": calibration})[0]
+    small = _session(bundle.cascade_path).run(None, {"input": calibration})[0]
+    conf = confidence(small, "softmax")
+    agree = full.argmax(1) == small.argmax(1)
+    exits = conf >= spec.threshold
+    assert exits.mean() == pytest.approx(spec.exit_rate) and agree[exits].mean() >= 0.99
+    # the lowest such threshold: admitting the next less confident samples breaks the guard
+    below = conf[~exits].max()
+    assert agree[conf >= below].mean() < 0.99
+
+
+def test_cascade_files_are_plan_data(bundle: PlanBundle, tmp_path: Path) -> None:
+    files = bundle.manifest["files"]
+    assert bundle.manifest["cascade"] == "cascade/cascade.json" and {"cascade/cascade.json", "cascade/model.onnx"} <= set(files)
+    import json
+    import shutil
+
+    copy = Path(shutil.copytree(bundle.root, tmp_path / "b"))
+    doc = json.loads((copy / "cascade/cascade.json").read_text())
+    doc["threshold"] = 0.0  # answer everything on the device: a tampered bundle
+    (copy / "cascade/cascade.json").write_text(json.dumps(doc))
+    with pytest.raises(BundleError, match="cascade/cascade.json"):
+        load_bundle(copy)
+
+
+def test_int8_cascade_is_the_planners_own_int8_model(models, calibration: np.ndarray) -> None:
+    full, _ = models
+    b = build_bundle(full, full.parent / "int8.bundle", cascade="int8", calibration={"input": calibration},
+                     profile=False)
+    spec = b.cascade
+    assert spec is not None and spec.source == "int8" and spec.device_ms is None  # (no profiling: no times)
+    assert spec.agreement >= 0.99 and spec.exit_rate >= 0.9  # int8 agrees with fp32 on nearly everything
+    ops = {n.op_type for n in onnx.load(str(b.cascade_path)).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+
+
+def _classifier(path: Path, *, name: str = "input", size: int = 64, out: str = "logits", classes: int = 10) -> Path:
+    """A tiny hand-built classifier: global average pooling and a linear layer."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", [name], ["gap"]), helper.make_node("Flatten", ["gap"], ["flat"]),
+         helper.make_node("Gemm", ["flat", "w", "b"], [out])],
+        "tiny",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["batch", classes])],
+        [numpy_helper.from_array(rng.normal(size=(3, classes)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.zeros(classes, np.float32), "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"name": "image"}, "inputs ['image'] are not the model's ['input']"),
+    ({"size": 32}, "input 'input' is FP32[-1, 3, 32, 32], the model's is FP32[-1, 3, 64, 64]"),
+    ({"out": "scores"}, "lacks the model's output 'logits'"),
+    ({"classes": 5}, "output 'logits' is FP32[-1, 5], the model's is FP32[-1, 10]"),
+])
+def test_a_cascade_model_that_does_not_match_is_refused_in_one_line(models, tmp_path: Path, kwargs: dict,
+                                                                    message: str) -> None:
+    small = _classifier(tmp_path / "bad.onnx", **kwargs)
+    with pytest.raises(InvalidArgument) as info:
+        build_bundle(models[0], tmp_path / "b", cascade=small, profile=False)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "b").exists()
+
+
+def test_plan_cli_refuses_a_mismatched_cascade(models, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from splitgate.cli import main
+
+    small = _classifier(tmp_path / "bad.onnx", size=32)
+    assert main(["plan", str(models[0]), "-o", str(tmp_path / "b"), "--no-profile", "--cascade", str(small)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cascade model" in err[0] and "32, 32" in err[0]
+
+
+# -- the edge ----------------------------------------------------------------------------------
+
+
+def test_offline_gateway_exits_on_confident_inputs_and_falls_through_on_unsure_ones(bundle: PlanBundle,
+                                                                                  models) -> None:
+    spec = bundle.cascade
+    full = _session(models[0])
+    small = _session(bundle.cascade_path)
+    images = _held_out(24)
+    confident = [x[None] for x in images if is_confident({"logits": small.run(None, {"input": x[None]})[0]}, spec)]
+    unsure = list(_noise(3))
+    assert len(confident) >= 12 and all(not is_confident(dict(zip(["logits"], small.run(None, {"input": x}))), spec)
+                                        for x in unsure)
+    # no cloud: the path is the full model on the device. The plan's figures decide (learning
+    # this machine's speed would weigh sub-millisecond runs whose ratio is session overhead)
+    with Gateway([bundle.root], config=GatewayConfig(learn_device=False)) as gw:
+        for x in confident:
+            r = gw.infer(MODEL, {"input": x})
+            assert (r.trace.cascade, r.trace.partition) == ("exit", "cascade")
+            np.testing.assert_array_equal(r.outputs["logits"], small.run(None, {"input": x})[0])
+            assert r.outputs["logits"].argmax() == full.run(None, {"input": x})[0].argmax()
+        for x in unsure:
+            r = gw.infer(MODEL, {"input": x})
+            assert (r.trace.cascade, r.trace.partition) == ("through", "device")
+            np.testing.assert_allclose(r.outputs["logits"], full.run(None, {"input": x})[0], rtol=1e-4, atol=1e-5)
+        # a partition asked for runs as asked: no cascade in front of it
+        assert gw.infer(MODEL, {"input": confident[0]}, partition="device").trace.cascade is None
+        snap = gw.metrics.snapshot()
+        assert snap[f"splitgate_cascade_total{{model={MODEL},outcome=exit}}"] == len(confident)
+        assert snap[f"splitgate_cascade_total{{model={MODEL},outcome=through}}"] == len(unsure)
+        assert b"splitgate_cascade_total" in gw.metrics.prometheus()
+
+
+def test_edge_serve_answers_the_cascade_parameter(bundle: PlanBundle) -> None:
+    spec = bundle.cascade
+    small = _session(bundle.cascade_path)
+    sure = next(x[None] for x in _held_out(16) if is_confident(
+        {"logits": small.run(None, {"input": x[None]})[0]}, spec))
+    with Gateway([bundle.root], config=GatewayConfig(learn_device=False)) as gw:
+        server, port, _ = serve_edge(gw, port=0)
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                said = []
+                for x in (sure, _noise(1)[0]):
+                    request = pb.ModelInferRequest(model_name=MODEL)
+                    codec.add_inputs(request, {"input": x})
+                    params = codec.read_params(stub.ModelInfer(request).parameters)
+                    said.append((params[contract.CASCADE], params[contract.PARTITION]))
+        finally:
+            server.stop(0)
+    assert said == [("exit", "cascade"), ("through", "device")]
+
+
+def test_the_cascade_is_skipped_where_it_does_not_pay(bundle: PlanBundle) -> None:
+    """A fast (loopback) cloud and a slow device: the small model costs more than sending the input."""
+    from splitgate.cloud.baseline import start_baseline
+
+    config = GatewayConfig(device_slowdown=SLOWDOWN)  # the device is as slow as planned
+    with start_baseline([str(bundle.root)]) as server, Gateway([bundle.root], cloud=server.address,
+                                                               config=config) as gw:
+        x = _held_out(4)
+        traces = [gw.infer(MODEL, {"input": xi[None]}).trace for xi in x]
+        assert all(t.partition != "device" and t.cascade is None and t.fallback is None for t in traces), traces
+        choice = gw._core.decisions.cascade_choice(  # noqa: SLF001 - what the core weighed
+            gw.bundle(MODEL), traces[-1].partition, gw._core.request_costs(gw.bundle(MODEL), {"input": x[:1]}))
+        assert not choice.run and choice.why == "does not pay" and choice.expected_ms > choice.path_ms
+        snap = gw.metrics.snapshot()
+        assert snap[f"splitgate_cascade_total{{model={MODEL},outcome=skipped}}"] == len(x)
+    # the same plan and device offline: the path is the slow full model, and the cascade pays
+    with Gateway([bundle.root], config=GatewayConfig(device_slowdown=SLOWDOWN)) as gw:
+        assert gw.infer(MODEL, {"input": x[:1]}).trace.cascade in ("exit", "through")
+
+
+def _core_with_link(uplink_mbps: float, rtt_ms: float) -> DecisionCore:
+    """A decision core whose link monitor measured this link (one probe)."""
+    now = [0.0]
+    core = DecisionCore(GatewayConfig(), clock=lambda: now[0])
+    spec = core.probe_started()
+    send_ms = rtt_ms + spec.send_bytes * 8 / (uplink_mbps * 1e3)
+    core.probe_measured(spec, [rtt_ms] * spec.round_trips, [send_ms] * spec.sends)
+    core.probe_ended()
+    return core
+
+
+def test_decision_core_weighs_the_cascade_against_the_path(bundle: PlanBundle) -> None:
+    costs = bundle.costs()
+    # CAT1-like link: the device runs the full model, and the cascade pays (exits skip most of it)
+    slow = _core_with_link(0.13, 300.0)
+    pid = slow.choose(bundle, costs).partition
+    choice = slow.cascade_choice(bundle, pid, costs)
+    assert choice.run and choice.why == "pays"
+    assert choice.expected_ms == pytest.approx(cascade_expected_ms(choice.small_ms, choice.exit_rate, choice.path_ms))
+    # a LAN: the cloud answers faster than the small model runs
+    fast = _core_with_link(1000.0, 0.5)
+    pid = fast.choose(bundle, costs).partition
+    assert bundle.partition(pid).kind != "device"
+    assert not fast.cascade_choice(bundle, pid, costs).run
+    # offline the path is the device, whatever the link
+    assert fast.cascade_choice(bundle, "device", costs).run
+
+
+def test_the_live_exit_rate_turns_the_cascade_off_when_it_stops_exiting(bundle: PlanBundle) -> None:
+    rates = ExitRates(prior_requests=10)
+    assert rates.rate("m", "d", 0.8) == 0.8
+    for _ in range(10):
+        rates.observe("m", "d", False)
+    assert rates.rate("m", "d", 0.8) == pytest.approx(0.4)
+    core = _core_with_link(0.13, 300.0)
+    costs = bundle.costs()
+    assert core.cascade_choice(bundle, "device", costs).run
+    for _ in range(200):  # the small model no longer answers anything (drifted inputs)
+        core.cascade_done(bundle, False, 1.0, None)
+    choice = core.cascade_choice(bundle, "device", costs)
+    assert choice.exit_rate < 0.1 and not choice.run and choice.why == "does not pay"
+    core.forget(MODEL)  # a new plan: the planned rate again
+    assert core.cascade_choice(bundle, "device", costs).exit_rate == pytest.approx(bundle.cascade.exit_rate)
