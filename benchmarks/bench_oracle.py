@@ -164,6 +164,7 @@ def _measure(gw: Any, model: str, feeds: dict, pids: list[str], *, warmup: int, 
 def run_cell(gw: Any, bundle: Any, address_rtt_ms: float, net: str, link: tuple[float, float, float], *,
              warmup: int, repeats: int, seed: int) -> dict[str, Any]:
     """Measure one (model, network) cell; see the module docs."""
+    from splitgate.experiments.policies import cloud_only_choice
     from splitgate.planner import Conditions
     from splitgate.planner._graph import dummy_inputs
 
@@ -172,6 +173,7 @@ def run_cell(gw: Any, bundle: Any, address_rtt_ms: float, net: str, link: tuple[
     feeds = dummy_inputs(bundle.inputs, seed=1)
     cond = Conditions(uplink_mbps=up, downlink_mbps=down, rtt_ms=address_rtt_ms)
     pick = bundle.choose(cond)
+    cloud_only = cloud_only_choice(bundle, cond)  # the honest baseline: the best guarded cloud encoding
     pick_nominal = bundle.choose(Conditions(uplink_mbps=up, downlink_mbps=down, rtt_ms=rtt))
     entries = bundle.profile["partitions"]
     parts = {pid: p for pid, p in bundle.partitions.items() if pid in entries}
@@ -181,7 +183,7 @@ def run_cell(gw: Any, bundle: Any, address_rtt_ms: float, net: str, link: tuple[
     first = list(dict.fromkeys([pick, "device", *sorted(parts, key=bound.__getitem__)[:2]]))
     quick = _measure(gw, model, feeds, first, warmup=1, repeats=3, rng=rng)
     provisional = min(m["median_ms"] for m in quick.values())
-    todo = [pid for pid in parts if pid == pick or bound[pid] < 1.2 * provisional]
+    todo = [pid for pid in parts if pid in (pick, cloud_only, "cloud") or bound[pid] < 1.2 * provisional]
     measured = _measure(gw, model, feeds, todo, warmup=warmup, repeats=repeats, rng=rng)
     best = min(measured, key=lambda k: measured[k]["median_ms"])
     late = [pid for pid in parts if pid not in measured and bound[pid] < measured[best]["median_ms"]]
@@ -212,6 +214,9 @@ def run_cell(gw: Any, bundle: Any, address_rtt_ms: float, net: str, link: tuple[
         "rtt_probe_ms": round(address_rtt_ms, 3),
         "pick": pick,
         "pick_nominal_rtt": pick_nominal,
+        "cloud_only": cloud_only,
+        "cloud_only_ms": measured[cloud_only]["median_ms"] if cloud_only in measured else None,
+        "cloud_raw_ms": measured["cloud"]["median_ms"] if "cloud" in measured else None,
         "best": best,
         "regret": round(regret, 4),
         "partitions": rows,
@@ -230,12 +235,16 @@ def _summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _table(cells: list[dict[str, Any]]) -> str:
-    lines = ["| model | network | RTT probe ms | pick | best | pick ms | best ms | regret |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | network | RTT probe ms | pick | best | pick ms | best ms | regret | cloud-only (best encoding) ms "
+             "| cloud (raw fp32) ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         p, b = c["partitions"][c["pick"]], c["partitions"][c["best"]]
+        only, raw = c.get("cloud_only_ms"), c.get("cloud_raw_ms")
+        only_txt = "-" if only is None else f"{only:.1f} ({c['cloud_only']})"
+        raw_txt = "-" if raw is None else f"{raw:.1f}"
         lines.append(
             f"| {c['model']} | {c['network']} | {c['rtt_probe_ms']:.1f} | {c['pick']} | {c['best']} | "
-            f"{p['median_ms']:.1f} | {b['median_ms']:.1f} | {c['regret']:.3f} |"
+            f"{p['median_ms']:.1f} | {b['median_ms']:.1f} | {c['regret']:.3f} | {only_txt} | {raw_txt} |"
         )
     return "\n".join(lines)
 

@@ -285,6 +285,13 @@ def oracle(results: Path) -> str:
                f"{data['config']['repeats']} interleaved requests per partition after {data['config']['warmup']} "
                f"warm-up. RTT given to the planner (median ServerLive through the link): "
                + ", ".join(f"{_NETWORK_NAMES.get(n, n)} {probes[n]:.1f} ms" for n in nets if n in probes) + ".")
+    baseline = [c for c in data["cells"] if c.get("cloud_only_ms") is not None]
+    if baseline:  # runs since cloud-only = the best guarded cloud encoding
+        summary += ("\nCloud-only (the best guarded cloud encoding by the plan's estimate, measured) vs cloud (raw fp32): "
+                    + "; ".join(f"{c['model']} {_NETWORK_NAMES.get(c['network'], c['network'])} "
+                                f"`{c['cloud_only']}` {c['cloud_only_ms']:.1f} ms"
+                                + ("" if c.get("cloud_raw_ms") is None else f" vs {c['cloud_raw_ms']:.1f} ms")
+                                for c in baseline) + ".")
     return f"{table}\n\n{summary}\n{_source('oracle.json')}"
 
 
@@ -423,7 +430,9 @@ def adaptive_sweep(results: Path) -> str:
     table = _table(["spec", "plans", "worst", "mean", "best", "usual best static",
                     "device-only time of the worst case's plan"], rows)
     bundles = len({r["bundle"] for r in data["rows"]})
-    note = (f"Adaptive's mean latency vs the best of device-only, cloud-only and the DADS plan (analytic engine, "
+    cloud_only = ("cloud-only (the best guarded cloud encoding for the spec's nominal link)"
+                  if data.get("cloud_only_baseline") else "cloud-only")
+    note = (f"Adaptive's mean latency vs the best of device-only, {cloud_only} and the DADS plan (analytic engine, "
             f"{data['repeats']} replays per case, network hints {'on' if data['network_hints'] else 'off'}); "
             f"{bundles} plans x {len(by_spec)} specs: worst **{_pct(data['worst_pct'])}**, mean "
             f"{_pct(data['mean_pct'])}, all within 5 %: {'yes' if data['within_5pct'] else '**no**'}.")

@@ -41,14 +41,19 @@ Progress = Callable[[float], None]
 
 
 def model_inputs(bundle: PlanBundle, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded inputs for the bundle's model (dynamic dims = 1)."""
+    """Seeded inputs for the bundle's model (dynamic dims = 1): images scaled from bytes
+    (``k / 255``) when the bundle offers the lossless ``cloud@uint8`` (it was calibrated
+    on such inputs), else standard normal floats."""
     rng = np.random.default_rng(seed)
+    byte_images = any(p.kind == "cloud" and p.encoding == "uint8" for p in bundle.partitions.values())
     feeds = {}
     shapes = request_shapes(bundle)  # (the analytic engine's requests have the same)
     for spec in bundle.inputs:
         shape = shapes[spec.name]
         if spec.datatype.startswith("INT"):
             feeds[spec.name] = rng.integers(0, 10, size=shape).astype(np.int64)
+        elif byte_images:
+            feeds[spec.name] = (rng.integers(0, 256, size=shape) / 255.0).astype(np.float32)
         else:
             feeds[spec.name] = rng.standard_normal(shape).astype(np.float32)
     return feeds

@@ -93,7 +93,7 @@ def partitions_over_time(records: list[Record], spec: ExperimentSpec, path: Path
     ax.set_yscale("log")
     ax.set_ylabel("uplink Mbps")
     ax.set_title(f"{spec.name}: trace '{trace.name}' (shaded: outage) and partition chosen")
-    dynamic = [p for p in spec.policies if p not in ("device", "cloud")]
+    dynamic = [p for p in spec.policies if p not in ("device", "cloud", "cloud-raw")]
     for ax, engine in zip(axes[1:], engines):
         for k, policy in enumerate(dynamic):
             rs = [r for r in records if r.engine == engine and r.policy == policy and r.rep == 0]

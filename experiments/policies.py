@@ -1,7 +1,13 @@
 """The policies compared: which partition each runs for a request.
 
 * ``device``       -- everything on the device (edge-only).
-* ``cloud``        -- everything in the cloud (raw inputs sent).
+* ``cloud``        -- cloud-only, honestly: everything in the cloud with the
+  best guarded encoding of the inputs (``cloud``, ``cloud@uint8``,
+  ``cloud@int8``...; :func:`cloud_only_choice`) for the spec's *nominal*
+  conditions, chosen once by the plan's estimate, like ``dads``. The
+  summaries name the encoding it ran.
+* ``cloud-raw``    -- everything in the cloud with the raw fp32 inputs sent
+  ("cloud (raw fp32)"; what ``cloud`` was before encoded inputs).
 * ``neurosurgeon`` -- Neurosurgeon-style (Kang et al., ASPLOS'17): scan the
   *chain* cuts (single-tensor ``cut-K``, plus device and cloud) and take the one
   with the lowest predicted latency for the bandwidth measured now.
@@ -18,11 +24,31 @@ from __future__ import annotations
 
 from splitgate.planner import Conditions, PlanBundle
 
-__all__ = ["POLICIES", "STATIC", "chain_partitions", "neurosurgeon_choice", "static_partition"]
+__all__ = ["POLICIES", "STATIC", "LABELS", "chain_partitions", "neurosurgeon_choice", "static_partition",
+           "cloud_only_choice"]
 
-POLICIES = ("device", "cloud", "neurosurgeon", "dads", "adaptive", "mincut")
+POLICIES = ("device", "cloud", "cloud-raw", "neurosurgeon", "dads", "adaptive", "mincut")
 #: Policies that run one partition for the whole run.
-STATIC = ("device", "cloud", "dads")
+STATIC = ("device", "cloud", "cloud-raw", "dads")
+#: How tables name a policy.
+LABELS = {"device": "edge-only", "cloud": "cloud-only (best encoding)", "cloud-raw": "cloud (raw fp32)"}
+
+
+def cloud_only_choice(bundle: PlanBundle, c: Conditions) -> str:
+    """The honest cloud-only baseline under ``c``: of ``cloud`` and its guarded
+    encoded twins in the bundle (the planner keeps only those that passed the
+    accuracy guard; ``uint8`` and ``zstd`` are lossless), the one the plan's own
+    rule picks -- the battery-weighted objective over :meth:`PlanBundle.estimate`
+    (:func:`splitgate.planner._decide.pick`; at a full battery, the fastest).
+
+    Raises:
+        BundleError: the bundle has no profile.
+    """
+    from splitgate.planner._decide import pick
+
+    ests = {pid: bundle.estimate(pid, c) for pid, p in bundle.partitions.items() if p.kind == "cloud"}
+    ref = bundle.estimate("device", c) if "device" in bundle.partitions else next(iter(ests.values()))
+    return pick(ests, c, ref)
 
 
 def chain_partitions(bundle: PlanBundle) -> list[str]:
@@ -42,6 +68,8 @@ def static_partition(policy: str, bundle: PlanBundle, nominal: Conditions) -> st
     if policy == "device":
         return "device"
     if policy == "cloud":
+        return cloud_only_choice(bundle, nominal)
+    if policy == "cloud-raw":
         return "cloud"
     if policy == "dads":
         return bundle.choose(nominal)

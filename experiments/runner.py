@@ -16,7 +16,7 @@ from splitgate.experiments._records import Record, Summary, adaptive_vs_static, 
 from splitgate.experiments.spec import ExperimentSpec, load_spec
 from splitgate.planner import PlanBundle
 
-__all__ = ["ExperimentResult", "prepare_bundle", "run_experiments", "summary_table", "adaptive_verdict",
+__all__ = ["ExperimentResult", "prepare_bundle", "byte_image_calibration", "BYTE_IMAGES", "run_experiments", "summary_table", "adaptive_verdict",
            "overview_table", "DADS_PUBLISHED"]
 
 #: DADS (INFOCOM'19) speedup of its min-cut vs edge-only, per uplink (the issue's reference).
@@ -38,7 +38,12 @@ class ExperimentResult:
 
 def prepare_bundle(spec: ExperimentSpec, workdir: Path, progress=None) -> PlanBundle:  # type: ignore[no-untyped-def]
     """Export (zoo) and plan the spec's model for its device; reuse a bundle planned
-    with the same options in ``workdir``."""
+    with the same options in ``workdir``.
+
+    ``plan: {calibration: byte_images}`` calibrates with seeded images scaled
+    from bytes (``k / 255``, :func:`byte_image_calibration`), as a camera's
+    frames are: the lossless ``cloud@uint8`` then applies (DADS uploads images).
+    """
     from splitgate.planner import build_bundle, load_bundle
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -56,17 +61,44 @@ def prepare_bundle(spec: ExperimentSpec, workdir: Path, progress=None) -> PlanBu
         from splitgate.planner.zoo import export_zoo_model
 
         model = export_zoo_model(spec.model, workdir / f"{spec.model}.onnx", seed=0)
+    if opts.get("calibration") == BYTE_IMAGES:
+        opts["calibration"] = byte_image_calibration(model, opts.get("calibration_samples", 16))
     bundle = build_bundle(model, root, model_name=spec.model_name, progress=progress, **opts)
     stamp.write_text(key)
     return bundle
 
 
+#: ``plan: {calibration: byte_images}`` in a spec (see :func:`prepare_bundle`)
+BYTE_IMAGES = "byte_images"
+
+
+def byte_image_calibration(model: Path, samples: int = 16, seed: int = 0) -> dict[str, object]:
+    """Seeded calibration inputs scaled from bytes (``k / 255``, float32) for every float
+    input of ``model`` (dynamic dims = 1), as images decoded from a camera or a file are."""
+    import numpy as np
+    import onnx
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, object] = {}
+    graph = onnx.load(str(model), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    for inp in graph.input:
+        if inp.name in inits or inp.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
+                for d in inp.type.tensor_type.shape.dim]
+        out[inp.name] = (rng.integers(0, 256, size=[samples, *dims[1:]]) / 255.0).astype(np.float32)
+    return out
+
+
 def summary_table(result: ExperimentResult) -> Table:
-    """Per engine and policy: requests, latency, energy, bytes, fallbacks, partitions."""
+    """Per engine and policy: requests, latency, energy, bytes, fallbacks, partitions (``cloud`` is
+    cloud-only with the best guarded encoding, ``cloud-raw`` the raw fp32 upload)."""
     t = Table(title=f"experiment '{result.spec.name}' ({result.spec.trace.name}, {result.spec.trace.duration_s:g} s)")
     for col in ("engine", "policy", "n", "mean ms", "p50 ms", "p95 ms", "energy mJ", "KB sent", "fallbacks",
                 "partitions"):
         t.add_column(col, justify="left" if col in ("engine", "policy", "partitions") else "right")
+    t.caption = "cloud = cloud-only with the best guarded input encoding (partitions names it); cloud-raw = raw fp32"
     for s in result.summaries:
         t.add_row(s.engine, s.policy, str(s.n), f"{s.mean_ms:.1f}", f"{s.p50_ms:.1f}", f"{s.p95_ms:.1f}",
                   f"{s.energy_mj:.1f}", f"{s.kb_sent:.1f}", str(s.fallbacks), s.partitions)
@@ -74,19 +106,28 @@ def summary_table(result: ExperimentResult) -> Table:
 
 
 def reproduction_rows(summaries_by_label: dict[str, list[Summary]], engine: str) -> list[dict]:
-    """DADS-style table rows: per trace label, edge-only / cloud-only / min-cut latency and speedups."""
+    """DADS-style table rows: per trace label, edge-only / cloud-only / min-cut latency and speedups.
+
+    Cloud-only is the ``cloud`` policy: the best guarded cloud encoding
+    (``cloud_partition`` names it); the raw fp32 upload (``cloud-raw``) is its
+    own column when the spec ran it (``cloud_raw_ms``, else None).
+    """
     rows = []
     for label, sums in summaries_by_label.items():
         by = {s.policy: s for s in sums if s.engine == engine}
         best = by.get("mincut") or by.get("adaptive")
         if best is None or "device" not in by or "cloud" not in by:
             continue
+        raw = by.get("cloud-raw")
         rows.append({
             "engine": engine, "link": label, "edge_ms": round(by["device"].mean_ms, 1),
-            "cloud_ms": round(by["cloud"].mean_ms, 1), "split_ms": round(best.mean_ms, 1),
+            "cloud_ms": round(by["cloud"].mean_ms, 1), "cloud_partition": by["cloud"].partitions,
+            "cloud_raw_ms": None if raw is None else round(raw.mean_ms, 1),
+            "split_ms": round(best.mean_ms, 1),
             "split_partition": best.partitions,
             "speedup_vs_edge": round(by["device"].mean_ms / best.mean_ms, 2),
             "speedup_vs_cloud": round(by["cloud"].mean_ms / best.mean_ms, 2),
+            "speedup_vs_cloud_raw": None if raw is None else round(raw.mean_ms / best.mean_ms, 2),
             "dads_published_vs_edge": DADS_PUBLISHED.get(label),
         })
     return rows
@@ -125,13 +166,18 @@ def _write(result: ExperimentResult, console: Console) -> None:
         sums = {label: summarize(rs) for label, rs in by_label.items()}
         for engine in dict.fromkeys(r.engine for r in result.records):
             result.reproduction += reproduction_rows(sums, engine)
-        t = Table(title="DADS reproduction: speedup of the min-cut partition")
-        for col in ("engine", "link", "edge ms", "cloud ms", "split ms", "partition", "vs edge", "vs cloud",
-                    "DADS vs edge"):
+        t = Table(title="DADS reproduction: speedup of the min-cut partition",
+                  caption="cloud-only = the best guarded cloud encoding (the plan's estimate at the spec's nominal "
+                          "link); cloud (raw fp32) = the raw input upload")
+        for col in ("engine", "link", "edge ms", "cloud-only ms", "cloud-only runs", "cloud (raw fp32) ms",
+                    "split ms", "partition", "vs edge", "vs cloud-only", "vs cloud (raw fp32)", "DADS vs edge"):
             t.add_column(col)
         for row in result.reproduction:
-            t.add_row(row["engine"], row["link"], str(row["edge_ms"]), str(row["cloud_ms"]), str(row["split_ms"]),
+            raw_ms, raw_x = row["cloud_raw_ms"], row["speedup_vs_cloud_raw"]
+            t.add_row(row["engine"], row["link"], str(row["edge_ms"]), str(row["cloud_ms"]), row["cloud_partition"],
+                      "-" if raw_ms is None else str(raw_ms), str(row["split_ms"]),
                       row["split_partition"], f"{row['speedup_vs_edge']:.2f}x", f"{row['speedup_vs_cloud']:.2f}x",
+                      "-" if raw_x is None else f"{raw_x:.2f}x",
                       f"{row['dads_published_vs_edge']}x" if row["dads_published_vs_edge"] else "-")
         console.print(t)
         path = out / "reproduction.json"
