@@ -409,6 +409,10 @@ class Planner:
         Raises:
             InvalidArgument: unreadable calibration inputs.
         """
+        if self._calibration is None:
+            self._calibration = _calibration(self.g, self.options, self.shapes[0], self.samples)
+        return self._calibration
+
     def check_cascade(self) -> None:
         """Read the cascade model (``PlanOptions.cascade``) and check its interface, before any
         measuring.
@@ -485,10 +489,6 @@ class Planner:
             except Exception as exc:  # noqa: BLE001 - the tools raise many types
                 raise InvalidArgument(f"--cascade int8: quantizing the model failed: {type(exc).__name__}: "
                                       f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-
-        if self._calibration is None:
-            self._calibration = _calibration(self.g, self.options, self.shapes[0], self.samples)
-        return self._calibration
 
     def reference(self) -> ReferenceStats | None:
         """The drift reference statistics of the model on the calibration inputs
