@@ -67,11 +67,46 @@ class _Node:
             )
 
     def kill(self) -> None:
+        """SIGKILL the node at once, as if its machine died: the ``ray start``
+        process group (GCS, raylet, agents) and every process below it (Ray
+        starts workers, the replica among them, in sessions of their own)."""
+        victims = _descendants(self.proc.pid)
+        self.names = [_name(pid) for pid in victims]
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc.wait(timeout=30)
+        self.victims = victims
+
+
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process below ``root`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def _wait_nodes(address: str, count: int, env: dict[str, str], nodes: list[_Node], timeout_s: float = 60) -> None:
@@ -281,8 +316,9 @@ def _load_and_kill_worker(driver_cache: Path, proxy: str, worker: _Node, worker_
             t.join(timeout=60)
     assert not any(t.is_alive() for t in threads), "an app request hung after the node was killed"
     assert not errors, f"{len(errors)} app requests failed: {errors[:3]}"
-    with pytest.raises(ProcessLookupError):  # raylet, workers and the replica: the whole node is gone
-        os.killpg(worker.proc.pid, 0)
+    alive = [pid for pid in worker.victims if Path(f"/proc/{pid}").exists()
+             and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not alive and any("ServeReplica" in n for n in worker.names), "the worker node is not gone"
     served_by_worker = _replica_requests(worker_temp)  # all of them before the kill: it is dead since
     assert served_by_worker > 0, "the worker node's replica served nothing before it was killed"
     before = [r for t, r in results if t < killed_at]
