@@ -117,6 +117,7 @@ def _cmd_cloud_serve(args: argparse.Namespace) -> int:
         "bundle_cache": args.bundle_cache,
         "providers": [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None,
         "gpus_per_replica": args.gpus_per_replica,
+        "max_replicas_per_node": args.max_replicas_per_node,
     }
     if args.config:
         config = CloudConfig.from_file(args.config, **overrides)
@@ -443,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--providers", default=None, help="onnxruntime execution providers, comma-separated "
                        "(e.g. cuda,cpu; default auto: CUDA when present, else CPU)")
     serve.add_argument("--gpus-per-replica", type=float, default=None, help="GPUs Ray reserves per replica (default 0)")
+    serve.add_argument("--max-replicas-per-node", type=int, default=None,
+                       help="at most this many replicas per Ray node (1 = spread over nodes)")
     _add_security_flags(serve)
     _add_trust_flags(serve)
     serve.set_defaults(func=_cmd_cloud_serve)
