@@ -44,11 +44,9 @@ def cloud_only_choice(bundle: PlanBundle, c: Conditions) -> str:
     Raises:
         BundleError: the bundle has no profile.
     """
-    from splitgate.planner._decide import pick
+    from splitgate.planner._report import best_cloud_only
 
-    ests = {pid: bundle.estimate(pid, c) for pid, p in bundle.partitions.items() if p.kind == "cloud"}
-    ref = bundle.estimate("device", c) if "device" in bundle.partitions else next(iter(ests.values()))
-    return pick(ests, c, ref)
+    return best_cloud_only(bundle, c)
 
 
 def chain_partitions(bundle: PlanBundle) -> list[str]:

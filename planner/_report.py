@@ -19,14 +19,19 @@ NETWORKS: dict[str, Conditions] = {
 
 
 def best_cloud_only(bundle: Any, c: Conditions) -> str:
-    """The honest "cloud-only" baseline under ``c``: the fastest of ``cloud`` and
-    its guarded encoded twins (``cloud@int8``...) by the plan's estimate.
+    """The honest "cloud-only" baseline under ``c``: of ``cloud`` and its guarded
+    encoded twins (``cloud@uint8``, ``cloud@int8``...), the one the plan's own
+    rule picks (the battery-weighted objective over the plan's estimate; at a
+    full battery, the fastest).
 
     Raises:
         BundleError: the bundle has no profile.
     """
-    clouds = [pid for pid, p in bundle.partitions.items() if p.kind == "cloud"]
-    return min(clouds, key=lambda pid: bundle.estimate(pid, c).latency_ms)
+    from splitgate.planner._decide import pick
+
+    ests = {pid: bundle.estimate(pid, c) for pid, p in bundle.partitions.items() if p.kind == "cloud"}
+    ref = bundle.estimate("device", c) if "device" in bundle.partitions else next(iter(ests.values()))
+    return pick(ests, c, ref)
 
 
 def plan_table(bundle: Any) -> Any:
@@ -66,7 +71,10 @@ def plan_table(bundle: Any) -> Any:
 
 
 def _label(p: Any, candidates: list[str]) -> str:
-    """`` (ref)`` for a reference cut no table picks, `` (baseline)`` for such a cloud twin."""
+    """`` (raw fp32)`` for ``cloud``; `` (ref)`` for a reference cut no table picks,
+    `` (baseline)`` for such a cloud twin."""
+    if p.id == "cloud" and p.kind == "cloud":
+        return " (raw fp32)" + ("" if p.id in candidates else ", not picked")
     if p.id in candidates:
         return ""
     return " (baseline)" if p.kind == "cloud" and p.encoding else " (ref)"
