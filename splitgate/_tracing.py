@@ -94,9 +94,10 @@ def current_headers() -> dict[str, str]:
 def client_span(name: str, parent: Mapping[str, str] | None, attributes: Mapping[str, Any]) -> Iterator[
         tuple[tuple[str, str], ...]]:
     """A client span for one outgoing call, child of ``parent`` (W3C headers; None = the current
-    context); yields the call metadata that carries it (empty without OTel)."""
+    span); yields the call metadata that carries it. No span (empty metadata) without OTel or
+    without a parent (the edge's link probes are not traced)."""
     otel = _active()
-    if otel is None:
+    if otel is None or (not parent and not otel[0].get_current_span().is_recording()):
         yield ()
         return
     trace, propagate = otel

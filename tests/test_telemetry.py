@@ -147,6 +147,16 @@ def test_one_trace_from_the_edge_through_the_cloud_tier(bundle, cloud: str, span
     assert client.start_time >= request.start_time and server.end_time <= client.end_time
 
 
+def test_a_call_outside_a_request_opens_no_span(bundle, cloud: str, spans) -> None:
+    """The edge's link probes (and any call without a parent span) are not traced."""
+    from splitgate.edge import CloudClient
+
+    spans.clear()
+    with CloudClient(cloud) as client:
+        assert client.infer(MODEL, {"input": image()}).outputs["logits"].shape == (1, 10)
+    assert not [s for s in spans.get_finished_spans() if s.name == "splitgate.cloud"]  # (the tier still traces it)
+
+
 def test_a_failed_request_is_an_error_span(bundle, spans) -> None:
     from splitgate.errors import InvalidArgument
 
