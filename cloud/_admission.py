@@ -61,12 +61,18 @@ class AdmissionPolicy:
             level is served as the last one.
         default_priority: level of a request without ``priority`` (or with 0).
         default_deadline_ms: deadline of a request that gives none (None = none).
+        deadline_fraction: share of a request's deadline the replica may spend
+            on it (queue and compute); the rest is left for what the replica
+            cannot see: the network both ways, gRPC and Serve's ingress, a
+            busy host's scheduling. A request is admitted, and batched, only
+            if the estimate fits in that share.
     """
 
     max_queue: int = 32
     priority_levels: int = 3
     default_priority: int = 2
     default_deadline_ms: float | None = None
+    deadline_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:
@@ -79,6 +85,8 @@ class AdmissionPolicy:
             )
         if self.default_deadline_ms is not None and not self.default_deadline_ms > 0:
             raise ValueError(f"default_deadline_ms must be > 0 or None, got {self.default_deadline_ms}")
+        if not 0 < self.deadline_fraction <= 1:
+            raise ValueError(f"deadline_fraction must be in (0, 1], got {self.deadline_fraction}")
 
 
 def request_terms(
@@ -128,9 +136,9 @@ class ServiceTime:
     """The replica's recent service time: smoothed run time and time per row.
 
     ``record(run_ms, rows)`` after each suffix run (a batch of ``rows``). The
-    estimate of a new request's completion is one run (the one in progress or
-    its own) plus the rows queued ahead at the recent time per row, spread over
-    the workers that run batches. Without a sample yet it is 0: nothing is
+    estimate of a new request's completion is its own rows plus the rows ahead
+    of it (queued or running) at the recent time per row, the rows ahead spread
+    over the workers that run batches. Without a sample yet it is 0: nothing is
     refused by deadline before the replica has measured itself.
     """
 
@@ -155,9 +163,9 @@ class ServiceTime:
 
     def own_ms(self, rows: int = 1) -> float:
         """Expected ms of a request's own run once it starts (0 before any sample)."""
-        if self.run_ms is None or self.row_ms is None:
+        if self.row_ms is None:
             return 0.0
-        return max(self.run_ms, self.row_ms * rows)
+        return self.row_ms * max(rows, 1)
 
 
 @dataclass(order=True)
@@ -255,23 +263,29 @@ class AdmissionQueue:
                     f"refused before any compute, retry after {retry:.0f} ms",
                     retry_after_ms=retry,
                 )
-            if deadline_ms is not None:
+            budget_ms = None if deadline_ms is None else deadline_ms * self.policy.deadline_fraction
+            if budget_ms is not None:
                 estimate = self.timing.estimate_ms(self._rows_ahead(priority), rows, self.workers)
-                if estimate > deadline_ms:
+                if estimate > budget_ms:
                     self.refused_deadline += 1
                     retry = self._retry_ms()
                     raise DeadlineUnmeetable(
-                        f"the cloud replica expects to answer in {estimate:.0f} ms (work queued ahead), past the "
-                        f"request's deadline of {deadline_ms:.0f} ms; refused before any compute, "
-                        f"retry after {retry:.0f} ms",
+                        f"the cloud replica expects to answer in {estimate:.0f} ms (work queued ahead), past its "
+                        f"share ({budget_ms:.0f} ms) of the request's deadline of {deadline_ms:.0f} ms; refused "
+                        f"before any compute, retry after {retry:.0f} ms",
                         retry_after_ms=retry,
                     )
-            deadline = None if deadline_ms is None else self._clock() + deadline_ms / 1e3
+            # (the replica's own deadline for it: its share of the request's)
+            deadline = None if budget_ms is None else self._clock() + budget_ms / 1e3
             entry = Entry(priority=priority, seq=next(self._seq), rows=rows, deadline=deadline, item=item)
             heapq.heappush(self._heap, entry)
             self._waiting += 1
             self._cv.notify_all()
             return entry
+
+    @staticmethod
+    def _left_ms(entry: Entry, now: float) -> float:
+        return float("inf") if entry.deadline is None else (entry.deadline - now) * 1e3
 
     def _late(self, entry: Entry, now: float) -> DeadlineUnmeetable | None:
         """The refusal of a waiting entry whose deadline its own run would now miss."""
@@ -310,6 +324,7 @@ class AdmissionQueue:
         refused: list[tuple[Entry, DeadlineUnmeetable]] = []
         taken: list[Entry] = []
         rows = 0
+        tightest = float("inf")  # ms left to the earliest deadline among the taken
         with self._cv:
             give_up = None if timeout_s is None else self._clock() + timeout_s
             batch_end: float | None = None
@@ -321,12 +336,18 @@ class AdmissionQueue:
                     head = self._heap[0]
                     if taken and rows + head.rows > max(max_rows, 1):
                         break
+                    # A batch runs as long as its rows: a mate must not make it
+                    # outlast the earliest deadline in it (its own included).
+                    left = self._left_ms(head, now)
+                    if taken and self.timing.own_ms(rows + head.rows) > min(tightest, left):
+                        break
                     self._pop()
                     late = self._late(head, now)
                     if late is not None:
                         refused.append((head, late))
                         continue
                     taken.append(head)
+                    tightest = min(tightest, left)
                     rows += head.rows
                     if rows >= max(max_rows, 1):
                         break

@@ -94,6 +94,9 @@ class CloudConfig:
             (``splitgate.deadline_ms``); None = no deadline. A request whose
             deadline the queue ahead says it would miss is refused at once
             with UNAVAILABLE and a retry hint.
+        deadline_fraction: share of a request's deadline a replica may spend on
+            it (queue + compute); the rest is left for the network, ingress and
+            the client. Admission and batching use that share.
     """
 
     bundles: list[str] = field(default_factory=list)
@@ -133,6 +136,7 @@ class CloudConfig:
     priority_levels: int = 3
     default_priority: int = 2
     default_deadline_ms: float | None = None
+    deadline_fraction: float = 0.5
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> CloudConfig:
@@ -167,7 +171,8 @@ class CloudConfig:
         from splitgate.cloud._admission import AdmissionPolicy
 
         policy = dict(max_queue=self.max_queue, priority_levels=self.priority_levels,
-                      default_priority=self.default_priority, default_deadline_ms=self.default_deadline_ms)
+                      default_priority=self.default_priority, default_deadline_ms=self.default_deadline_ms,
+                      deadline_fraction=self.deadline_fraction)
         AdmissionPolicy(**policy)
         return policy
 

@@ -142,7 +142,7 @@ def test_take_batches_up_to_max_rows_in_priority_order() -> None:
 
 
 def test_deadline_that_the_queue_ahead_would_miss_is_refused_with_a_hint() -> None:
-    queue, _ = _queue(max_queue=10)
+    queue, _ = _queue(max_queue=10, deadline_fraction=1.0)
     queue.offer("before any measurement", priority=2, deadline_ms=1.0)  # nothing measured: admitted
     queue.take(max_rows=1)
     queue.finished(1, 20.0)  # one run of one row: 20 ms
@@ -150,12 +150,27 @@ def test_deadline_that_the_queue_ahead_would_miss_is_refused_with_a_hint() -> No
     queue.offer("b", priority=2)
     # 2 rows ahead at 20 ms each plus its own 20 ms run: 60 ms expected
     queue.offer("fits", priority=2, deadline_ms=70.0)
-    with pytest.raises(DeadlineUnmeetable, match="past the request's deadline of 50 ms") as info:
+    with pytest.raises(DeadlineUnmeetable, match="of the request's deadline of 50 ms") as info:
         queue.offer("misses", priority=2, deadline_ms=50.0)
     assert isinstance(info.value, Unavailable) and info.value.retry_after_ms >= 60.0
     # a high-priority request has nothing of its level ahead: it fits in 50 ms
     queue.offer("urgent", priority=1, deadline_ms=50.0)
     assert queue.refused_deadline == 1
+
+
+def test_replica_plans_with_its_share_of_the_deadline() -> None:
+    queue, clock = _queue(max_queue=10, deadline_fraction=0.5)
+    queue.timing.record(run_ms=20.0, rows=1)
+    queue.offer("ahead", priority=2)
+    with pytest.raises(DeadlineUnmeetable, match=r"share \(35 ms\)"):
+        queue.offer("x", priority=2, deadline_ms=70.0)  # 40 ms expected; its share is 50 % of 70 ms
+    queue.offer("y", priority=2, deadline_ms=80.0)  # 40 ms fits in 40 ms
+    clock.now += 0.025  # 15 ms of its share left: less than its own 20 ms run
+    taken, _ = queue.take(max_rows=8)
+    assert [e.item for e in taken] == ["ahead"]  # (y would make the batch outlast y's share)
+    queue.finished(1, 20.0)
+    taken, refused = queue.take(max_rows=8)
+    assert not taken and [e.item for e, _ in refused] == ["y"]
 
 
 def test_waiting_request_past_its_deadline_is_refused_not_run() -> None:
@@ -185,9 +200,22 @@ def test_hint_is_clamped() -> None:
 def test_service_time_estimate_spreads_over_workers() -> None:
     timing = ServiceTime()
     assert timing.estimate_ms(100) == 0.0  # no sample: refuse nothing by deadline
-    timing.record(run_ms=40.0, rows=4)  # 10 ms per row, 40 ms per run
-    assert timing.estimate_ms(rows_ahead=8, rows=1, workers=1) == pytest.approx(40.0 + 80.0)
-    assert timing.estimate_ms(rows_ahead=8, rows=1, workers=2) == pytest.approx(40.0 + 40.0)
+    timing.record(run_ms=40.0, rows=4)  # 10 ms per row
+    assert timing.estimate_ms(rows_ahead=8, rows=1, workers=1) == pytest.approx(10.0 + 80.0)
+    assert timing.estimate_ms(rows_ahead=8, rows=2, workers=2) == pytest.approx(20.0 + 40.0)
+
+
+def test_batch_never_outlasts_the_earliest_deadline_in_it() -> None:
+    queue, _ = _queue(max_queue=10, deadline_fraction=1.0)
+    queue.timing.record(run_ms=20.0, rows=1)  # 20 ms per row
+    queue.offer("tight", priority=1, deadline_ms=70.0)  # room for a batch of 3 rows
+    for i in range(5):
+        queue.offer(f"loose-{i}", priority=2, deadline_ms=10_000.0)
+    taken, refused = queue.take(max_rows=8)
+    assert [e.item for e in taken] == ["tight", "loose-0", "loose-1"] and not refused
+    queue.finished(3, 60.0)
+    taken, _ = queue.take(max_rows=8)  # no tight deadline left: a full batch of the rest
+    assert [e.item for e in taken] == [f"loose-{i}" for i in (2, 3, 4)]
 
 
 def test_wait_turn_lets_the_higher_priority_thread_go_first() -> None:
@@ -258,23 +286,32 @@ def test_client_turns_hinted_statuses_into_refusals() -> None:
     assert type(big) is ResourceExhausted
 
 
-def test_gateway_backs_off_the_cloud_for_the_hint_without_opening_the_breaker(heavy_bundle) -> None:
+@pytest.fixture(scope="module")
+def small_bundle(tmp_path_factory: pytest.TempPathFactory):
+    from splitgate.planner import build_bundle
+
+    root = tmp_path_factory.mktemp("admission-small")
+    onnx.save(heavy_model(channels=4, size=8, layers=2), root / "small.onnx")
+    return build_bundle(root / "small.onnx", root / "small.bundle")
+
+
+def test_gateway_backs_off_the_cloud_for_the_hint_without_opening_the_breaker(small_bundle) -> None:
     from types import SimpleNamespace
 
     from splitgate.edge import Gateway
     from splitgate.errors import InternalError
 
-    with Gateway([heavy_bundle.root], breaker_failures=1) as gateway:
+    with Gateway([small_bundle.root], breaker_failures=1) as gateway:
         core = gateway._core
-        call = SimpleNamespace(model=heavy_bundle.model_name)
+        call = SimpleNamespace(model=small_bundle.model_name)
         before = time.monotonic()
         for _ in range(3):
             core._failed(call, QueueFull("queue full", retry_after_ms=300.0))
-        until = core._cloud_refused[heavy_bundle.model_name]
+        until = core._cloud_refused[small_bundle.model_name]
         assert before + 0.3 <= until <= time.monotonic() + 0.3
         assert gateway.breaker_state == "closed"
         core._failed(call, DeadlineUnmeetable("late", retry_after_ms=50.0))  # a shorter hint keeps the longer
-        assert core._cloud_refused[heavy_bundle.model_name] == until
+        assert core._cloud_refused[small_bundle.model_name] == until
         core._failed(call, InternalError("boom"))  # a real failure still counts
         assert gateway.breaker_state == "open"
 
