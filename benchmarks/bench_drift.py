@@ -55,7 +55,7 @@ def main() -> None:
         x = gratings10(1, seed=5)[0]
         result = gw.infer("resnet18", {"input": x})
         ref = bundle.reference
-        monitor = gw._core.telemetry.drift.monitor(bundle)  # noqa: SLF001 - measuring the parts
+        monitor = gw._core.telemetry.drift.monitor(bundle)
         ins, outs = ref.sample({"input": x}, result.outputs)
         out["request_thread_copy_us"] = _median_us(lambda: ref.sample({"input": x}, result.outputs))
         out["worker_binning_us"] = _median_us(lambda: monitor.observe(ins, outs))

@@ -42,10 +42,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from splitgate.planner._reference import ReferenceStats
 
-__all__ = ["DriftMonitor", "DriftReport", "DriftHub", "psi"]
+__all__ = ["DriftHub", "DriftMonitor", "DriftReport", "psi"]
 
 _log = logging.getLogger("splitgate.edge.drift")
 #: the model's score as a ``signal`` label value of ``splitgate_drift_score``.

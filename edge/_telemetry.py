@@ -31,10 +31,11 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from splitgate import _tracing
 from splitgate.edge._drift import DriftHub
 from splitgate.planner import EnergyModel
 from splitgate.planner._cost import transfer_ms
+
+from splitgate import _tracing
 
 __all__ = ["RequestTelemetry", "request_energy_mj"]
 

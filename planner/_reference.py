@@ -43,11 +43,11 @@ import numpy as np
 from splitgate.errors import BundleError
 
 __all__ = [
-    "REFERENCE_FILE",
     "ELEMENTS_PER_REQUEST",
     "MAX_BINS",
-    "Signal",
+    "REFERENCE_FILE",
     "ReferenceStats",
+    "Signal",
     "build_reference",
     "reference_from_model",
     "subsample",

@@ -14,13 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from splitgate.edge import Gateway
 from splitgate.edge._drift import DriftMonitor, psi
-from splitgate.errors import BundleError, NotFound
 from splitgate.planner import build_bundle, load_bundle
-from splitgate.planner._reference import REFERENCE_FILE, ReferenceStats, Signal, build_reference, subsample
+from splitgate.planner._reference import (
+    REFERENCE_FILE,
+    ReferenceStats,
+    Signal,
+    build_reference,
+    subsample,
+)
 
+from splitgate.errors import BundleError, NotFound
 from tests._models import save, two_io_model
 
 MODEL = "resnet18"
