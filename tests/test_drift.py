@@ -202,3 +202,28 @@ def test_in_distribution_stays_low_shifted_crosses(bundle) -> None:
         assert noisy.drifted and noisy.signal == "input_std:input", noisy
         with lock:
             assert len(fired) == 2 and fired[1].signal == "input_std:input"
+
+
+def test_edge_serve_metrics_endpoint_exports_the_drift_gauges(bundle) -> None:
+    """Requests through `edge serve`'s OIP server; the gauges on its Prometheus HTTP endpoint."""
+    import urllib.request
+
+    from splitgate.edge import CloudClient
+    from splitgate.edge._serve import serve_edge
+
+    with Gateway([bundle], drift_window=16, drift_min_requests=16) as gw:
+        server, port, metrics = serve_edge(gw, port=0, metrics_port=0)
+        try:
+            with CloudClient(f"127.0.0.1:{port}") as client:
+                xs = images(16, seed=21) + 0.5
+                for i in range(len(xs)):
+                    client.infer(MODEL, {"input": xs[i:i + 1]})
+            gw.drift(MODEL)  # (scores now, not at the next 8th request)
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics.server_port}/metrics", timeout=10) as r:
+                text = r.read().decode()
+        finally:
+            server.stop(0)
+            metrics.shutdown()
+    line = next(ln for ln in text.splitlines() if ln.startswith(f'splitgate_drift_score{{model="{MODEL}",signal="max"}}'))
+    assert float(line.split()[-1]) >= 0.25
+    assert f'splitgate_drift_window_requests{{model="{MODEL}"}} 16.0' in text
