@@ -148,6 +148,24 @@ def test_one_trace_from_the_edge_through_the_cloud_tier(bundle, cloud: str, span
     assert client.start_time >= request.start_time and server.end_time <= client.end_time
 
 
+def test_async_gateway_requests_are_traced_and_counted(bundle, cloud: str, spans) -> None:
+    import asyncio
+
+    from splitgate.edge import AsyncGateway
+
+    async def main() -> list:
+        async with AsyncGateway([bundle], cloud=cloud) as gw:
+            return [await gw.infer(MODEL, {"input": image(i)}, partition=pid) for i, pid in enumerate(("device", "cloud"))]
+
+    spans.clear()
+    results = asyncio.run(main())
+    assert all(r.trace.energy_mj > 0 for r in results)
+    done = spans.get_finished_spans()
+    requests = [s for s in done if s.name == "splitgate.infer"]
+    (client,) = [s for s in done if s.name == "splitgate.cloud"]
+    assert len(requests) == 2 and client.parent.span_id in {r.context.span_id for r in requests}
+
+
 def test_a_call_outside_a_request_opens_no_span(bundle, cloud: str, spans) -> None:
     """The edge's link probes (and any call without a parent span) are not traced."""
     from splitgate.edge import CloudClient
