@@ -10,7 +10,7 @@ import pytest
 
 from splitgate.experiments import ExperimentSpec, load_spec
 from splitgate.experiments.analytic import run_analytic, simulate_policy
-from splitgate.experiments.policies import chain_partitions, neurosurgeon_choice
+from splitgate.experiments.policies import chain_partitions, cloud_only_choice, neurosurgeon_choice
 from splitgate.netsim import traces
 from splitgate.planner import Conditions
 
@@ -36,7 +36,9 @@ def test_analytic_on_a_constant_link_is_the_plan_estimate(slow_device_bundle) ->
     tr = traces.constant("3g", 20, uplink_mbps=2.0, downlink_mbps=2.0, rtt_ms=80.0, jitter_ms=0.0)
     spec = _spec(b, tr, interval_ms=500)
     c = Conditions(uplink_mbps=2.0, downlink_mbps=2.0, rtt_ms=80.0)
-    for policy, pid in (("device", "device"), ("cloud", "cloud"), ("dads", b.choose(spec.nominal))):
+    # cloud-only: the best guarded cloud encoding for the nominal link; cloud-raw: the raw fp32 upload
+    for policy, pid in (("device", "device"), ("cloud", cloud_only_choice(b, spec.nominal)), ("cloud-raw", "cloud"),
+                        ("dads", b.choose(spec.nominal))):
         recs = simulate_policy(spec, b, policy)
         assert {r.partition for r in recs} == {pid}
         want = b.estimate(pid, c).latency_ms
