@@ -439,6 +439,36 @@ def adaptive_sweep(results: Path) -> str:
     return f"{table}\n\n{note}\n{_source('adaptive_sweep.json')}"
 
 
+def quantized_prefixes(results: Path) -> str:
+    """fp32 against int8 (QDQ) prefixes, side by side; the full model's other int8 formats; planning time."""
+    data = _load(results, "quantize.json")
+    rows = []
+    for m in data["prefixes"]:
+        for pid, r in m["partitions"].items():
+            rows.append([
+                m["model"], pid, f"{_num(r['fp32_ms'])} / {_num(r['int8_ms'])} ms", _ratio(r["time_ratio"]),
+                _ratio(r["bytes_ratio"]), f"{r['heldout']['top1_agreement'] * 100:.1f} %",
+                f"{r['heldout']['cosine_min']:.4f}",
+            ])
+    table = _table(["model", "prefix", "fp32 / int8 median", "int8 time", "int8 bytes",
+                    "top-1 agreement (held out)", "cosine (min)"], rows)
+    fmt = data["formats_resnet18_224"]
+    formats = _table(["resnet18_224 as", "median", "time vs fp32", "MB"],
+                     [[k, f"{_num(v['ms'])} ms", _ratio(v["time_ratio"]), _num(v["mb"])] for k, v in fmt.items()])
+    plan_rows = []
+    for model, r in data.get("planning", {}).items():
+        for label in ("quantize", "loose_guard"):
+            if f"{label}_s" in r:
+                kept = r[label]["int8_in_bundle"]
+                plan_rows.append([model, label.replace("_", " "), f"{_num(r['plain_s'], 1)} s",
+                                  f"{_num(r[f'{label}_s'], 1)} s", _ratio(r[f"{label}_ratio"]),
+                                  f"{len(r[label]['dropped'])} of {r[label]['twins_tried']}",
+                                  ", ".join(kept) or "-"])
+    planning = _table(["model", "plan", "without --quantize", "with", "ratio", "twins refused",
+                       "int8 partitions in the bundle"], plan_rows)
+    return f"{table}\n\n{formats}\n\n{planning}\n\n{_source('quantize.json')}"
+
+
 SECTIONS: dict[str, Renderer] = {
     "cloud_latency": cloud_latency,
     "cloud_throughput": cloud_throughput,
@@ -450,6 +480,7 @@ SECTIONS: dict[str, Renderer] = {
     "encoding_planner": encoding_planner,
     "encoding_latency": encoding_latency,
     "encoding_slow_device": encoding_slow_device,
+    "quantized_prefixes": quantized_prefixes,
     "faults": faults,
     "fuzz": fuzz,
     "adaptive_sweep": adaptive_sweep,

@@ -350,6 +350,12 @@ class Planner:
                 "calibration_s": round(quantizer.calibration_s, 3), "measured": {}, "dropped": {},
             }
         self.parts = out
+        if calibration.source == "random" or calibration.samples < 300:
+            self.notes.append(
+                f"int8 prefixes calibrated and guarded on {calibration.samples} "
+                f"{'random ' if calibration.source == 'random' else ''}calibration samples: no disagreement "
+                f"in n samples bounds the rate at about 3/n (95%), so a 99% agreement claim needs about 300 "
+                f"real ones (--calibration)")
 
     def _keep_helpful_int8(self) -> None:
         """Drop the int8 twins whose prefix is neither measured faster nor smaller than the fp32 one;

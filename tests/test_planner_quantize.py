@@ -56,6 +56,7 @@ def test_int8_twins_pass_the_guard_and_are_recorded(bundle: PlanBundle) -> None:
     b = load_bundle(bundle.root)  # verifies every file and the digest
     quant = b.profile["quantization"]
     assert quant["method"] == "static" and quant["calibration"]["source"] == "arrays"
+    assert any(f"on {CALIBRATION} calibration samples" in n for n in b.profile["notes"]), "too few to claim 99%"
     refs = [p.id for p in b.partitions.values() if p.kind == "split" and b.plan_profile.partitions[p.id].reference
             and candidate_parts(p.id)[1] == "fp32"]
     assert len(refs) == 3, list(b.partitions)
