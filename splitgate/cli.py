@@ -129,6 +129,9 @@ def _cmd_cloud_serve(args: argparse.Namespace) -> int:
         )
     if not config.bundles:
         raise SplitgateError("no plan bundles given: pass BUNDLE directories or a config file with 'bundles'")
+    from splitgate.cloud.config import execution_providers
+
+    execution_providers(config.providers, available=[])  # an unknown name fails before Ray starts
     _apply_trust(config, args)
     tls, tokens = _server_security(args)
     if tls is not None:  # TLS front on the public port; Serve's plaintext proxy on a free one
