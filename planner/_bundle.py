@@ -714,6 +714,25 @@ class PlanBundle:
         ref = self.estimate("device", c, costs=costs) if "device" in self.partitions else next(iter(ests.values()))
         return pick(ests, c, ref, slo_ms=self._constraints.slo_ms, excluded=frozenset(excluded))
 
+    def offline_partition(self) -> str:
+        """The device-only partition to run when the cloud cannot be used (no cloud, an
+        open breaker, a refusal): ``"device~int8"`` when the plan kept it (``--quantize``)
+        and the fp32 model is over the device memory limit while the int8 one is not, or
+        misses the latency SLO that the int8 one meets; else ``"device"``."""
+        profile = self.plan_profile
+        if "device~int8" not in self.partitions or profile is None:
+            return "device"
+        fp32, int8 = profile.partitions.get("device"), profile.partitions.get("device~int8")
+        if fp32 is None or int8 is None:
+            return "device"
+        excluded = set(profile.excluded or ())
+        if "device" in excluded and "device~int8" not in excluded:
+            return "device~int8"
+        slo = self._constraints.slo_ms
+        if slo is not None and fp32.device_ms > slo >= int8.device_ms and "device~int8" not in excluded:
+            return "device~int8"
+        return "device"
+
     def explain(self, *, rtt_ms: float = 20.0, battery_pct: float = 100.0) -> list[dict[str, Any]]:
         """Why each candidate wins where it does (see :func:`splitgate.planner._decide.explain`).
 

@@ -111,6 +111,7 @@ def test_choice_is_joint_over_precision(bundle: PlanBundle) -> None:
     assert "device~int8" in bundle.candidates
     assert bundle.choose(Conditions(uplink_mbps=0.05, rtt_ms=300.0)) == "device~int8"
     assert bundle.estimate("device~int8", Conditions(uplink_mbps=1.0)).latency_ms > 0
+    assert bundle.offline_partition() == "device~int8", "what to run without the cloud"
 
 
 def test_plans_without_quantize_are_unchanged(trained: tuple[Path, np.ndarray], tmp_path: Path) -> None:
@@ -120,6 +121,7 @@ def test_plans_without_quantize_are_unchanged(trained: tuple[Path, np.ndarray], 
     assert "quantize" not in manifest["planner"]
     assert not any("prefix_precision" in e or "~" in e["id"] for e in manifest["partitions"])
     assert {p.prefix_precision for p in b.partitions.values() if p.kind != "cloud"} == {"fp32"}
+    assert b.offline_partition() == "device"
 
 
 def _wide_range_model() -> object:
