@@ -261,3 +261,26 @@ def test_suffix_sessions_run_on_the_resolved_providers(bundle: PlanBundle) -> No
     (out,) = service.run((bundle.model_name, part.id, bundle.plan_digest), ("y",), feeds)
     assert out.shape == (1, 5)
     assert service.providers_used[0] == execution_providers([])[0] == "CPUExecutionProvider"
+
+
+@pytest.mark.integration  # imports Ray Serve (no cluster started)
+def test_deployment_options_and_cli_refuse_unknown_providers(bundle: PlanBundle, capsys) -> None:
+    pytest.importorskip("ray")
+    from splitgate.cli import main
+    from splitgate.cloud import build_app
+
+    deployment = build_app(CloudConfig(
+        bundles=["https://h/b.tar.gz"], gpus_per_replica=0.5, max_replicas_per_node=1, providers=["cuda"],
+        bundle_cache="/var/cache/sg",
+    ))._bound_deployment
+    assert deployment.ray_actor_options == {"num_cpus": 0, "num_gpus": 0.5}
+    assert deployment._replica_config.max_replicas_per_node == 1
+    # URIs and the requested providers reach the replicas as given: each resolves them on its node.
+    assert deployment.init_args[0] == ["https://h/b.tar.gz"]
+    assert deployment.init_kwargs["providers"] == ["cuda"] and deployment.init_kwargs["bundle_cache"] == "/var/cache/sg"
+    with pytest.raises(ConfigError, match="unknown onnxruntime execution provider 'nope'"):
+        build_app(CloudConfig(bundles=[str(bundle.root)], providers=["nope"]))
+    with pytest.raises(ConfigError, match="gpus_per_replica"):
+        build_app(CloudConfig(bundles=[str(bundle.root)], gpus_per_replica=-1))
+    assert main(["cloud", "serve", str(bundle.root), "--providers", "cpu,nope", "--insecure"]) == 2
+    assert "unknown onnxruntime execution provider 'nope'" in capsys.readouterr().err
