@@ -121,14 +121,24 @@ def _codes_from_sample(flat: np.ndarray, sample: np.ndarray, bits: type) -> tupl
     if not (np.isfinite(lo) and np.isfinite(hi)) or lo == hi:
         return None
     levels = np.unique(np.concatenate([sample.astype(np.float64), [float(lo), float(hi)]]))
-    wide = flat.astype(np.float64)
     for scale, offset in _level_candidates(levels):
-        codes = np.rint((wide - offset) / scale)
-        if codes.min() < 0 or codes.max() > 255:
-            continue
-        if np.array_equal(_decode_levels(codes, scale, offset, flat.dtype).view(bits), flat.view(bits)):
-            return codes.astype(np.uint8), scale, offset
+        codes = _exact_codes(flat, scale, offset, bits)
+        if codes is not None:
+            return codes, scale, offset
     return None
+
+
+def _exact_codes(flat: np.ndarray, scale: float, offset: float, bits: type) -> np.ndarray | None:
+    """The codes of a flat tensor on the grid (scale, offset), if every element decodes to its
+    own bits: the codes are found in float32 (fast; a wrong one fails the check) and checked
+    through the decoding's 256-entry table."""
+    x = flat.astype(np.float32, copy=False)
+    found = np.rint((x - np.float32(offset)) * np.float32(1.0 / scale))
+    if found.min() < 0 or found.max() > 255:
+        return None
+    codes = found.astype(np.uint8)
+    table = _decode_levels(np.arange(256), scale, offset, flat.dtype).view(bits)
+    return codes if np.array_equal(table[codes], flat.view(bits)) else None
 
 
 def uint8_codes(array: np.ndarray) -> tuple[np.ndarray, float, float] | None:
@@ -171,8 +181,9 @@ def uint8_codes(array: np.ndarray) -> tuple[np.ndarray, float, float] | None:
         if codes.min() < 0 or codes.max() > 255:
             continue
         if np.array_equal(_decode_levels(codes, scale, offset, a.dtype).view(bits), patterns):
-            full = np.rint((flat.astype(np.float64) - offset) / scale).astype(np.uint8)
-            return full.reshape(a.shape), scale, offset
+            full = _exact_codes(flat, scale, offset, bits)
+            if full is not None:
+                return full.reshape(a.shape), scale, offset
     return None
 
 
