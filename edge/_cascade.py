@@ -125,6 +125,28 @@ def is_confident(outputs: Mapping[str, np.ndarray], spec: CascadeSpec) -> bool:
     return bool(np.all(np.isfinite(conf)) and np.all(conf >= spec.threshold))
 
 
+def _intact(bundle: PlanBundle) -> bool:
+    """Do the cascade's files match their sha256 in the manifest? Checked once per loaded
+    bundle: the Gateway also loads bundles whose partition files are corrupt (refusing
+    those partitions), and a tampered small model or threshold must not answer requests."""
+    cached = bundle.__dict__.get("_cascade_intact")
+    if cached is None:
+        from splitgate.planner._bundle import sha256_file
+        from splitgate.planner._cascade import CASCADE_FILE
+
+        files = bundle.manifest.get("files", {})
+        spec = bundle.cascade
+        cached = True
+        for rel in (CASCADE_FILE, spec.model if spec is not None else None):
+            path = bundle.root / rel if rel else None
+            if rel is None or rel not in files or path is None or not path.is_file() or sha256_file(path) != files[rel]:
+                cached = False
+                _log.warning("model '%s': the cascade's %s fails its sha256 check; the cascade is off", bundle.model_name, rel)
+                break
+        bundle.__dict__["_cascade_intact"] = cached
+    return bool(cached)
+
+
 @dataclass
 class CascadeRun:
     """What running the small model in front of a request gave.
@@ -164,6 +186,9 @@ def cascade_first(core: Any, bundle: PlanBundle, part: Partition, feeds: dict[st
     if spec is None:
         return None
     model = bundle.model_name
+    if not _intact(bundle):
+        core.metrics.cascade.labels(model, "error").inc()
+        return None
     choice = core.decisions.cascade_choice(bundle, part.id, costs, private=private,
                                            battery_pct=core.battery.level())
     if choice is None or not choice.run:

@@ -25,6 +25,8 @@ A request, as a driver runs it::
     if plan.background and core.claim_background_probe():
         ...a background probe: probe_started/measured/ended, then background_probe_finished()
     decision = core.choose(bundle, costs, battery_pct=b)        # Decision
+    cascade = core.cascade_choice(bundle, decision.partition, costs)  # a bundle's cascade first? (CascadeChoice)
+    ...the small model ran: core.cascade_done(bundle, exited, ms, cascade.planned_small_ms)
     ...prefix on the device...; core.device_leg(model, pid, ms, costs)
     call = core.cloud_call(bundle, pid, costs, remaining_s)      # CloudCall: hedge_after_s
     ...reply in time: core.reply_in_time(call, ...)

@@ -36,7 +36,7 @@ pytest.importorskip("torch")
 MODEL = "resnet18"
 #: the plan's device is this much slower than this machine (phone-class against a server core):
 #: offline the small model pays for itself; against a loopback cloud it does not
-SLOWDOWN = 50.0
+SLOWDOWN = 200.0
 
 
 def _session(path: Path | str) -> ort.InferenceSession:
@@ -252,6 +252,20 @@ def test_offline_gateway_exits_on_confident_inputs_and_falls_through_on_unsure_o
         assert b"splitgate_cascade_total" in gw.metrics.prometheus()
 
 
+def test_a_gateway_does_not_run_a_tampered_cascade(bundle: PlanBundle, models, tmp_path: Path) -> None:
+    """The Gateway loads a bundle with corrupt files (refusing what they hold): a small model
+    changed on disk is not run, the path answers."""
+    import shutil
+
+    copy = Path(shutil.copytree(bundle.root, tmp_path / "b"))
+    shutil.copy(models[0], copy / "cascade/model.onnx")  # another model in the small model's place
+    x = _held_out(1)
+    with Gateway([copy], config=GatewayConfig(learn_device=False)) as gw:
+        r = gw.infer(MODEL, {"input": x})
+        assert (r.trace.cascade, r.trace.partition) == (None, "device")
+        assert gw.metrics.snapshot()[f"splitgate_cascade_total{{model={MODEL},outcome=error}}"] == 1
+
+
 def test_edge_serve_answers_the_cascade_parameter(bundle: PlanBundle) -> None:
     spec = bundle.cascade
     small = _session(bundle.cascade_path)
@@ -277,7 +291,8 @@ def test_the_cascade_is_skipped_where_it_does_not_pay(bundle: PlanBundle) -> Non
     """A fast (loopback) cloud and a slow device: the small model costs more than sending the input."""
     from splitgate.cloud.baseline import start_baseline
 
-    config = GatewayConfig(device_slowdown=SLOWDOWN)  # the device is as slow as planned
+    # the device runs as slow as planned (device legs padded to the plan's times), whatever the load here
+    config = GatewayConfig(device_time_from_profile=True, learn_device=False)
     with start_baseline([str(bundle.root)]) as server, Gateway([bundle.root], cloud=server.address,
                                                                config=config) as gw:
         x = _held_out(4)
@@ -289,7 +304,7 @@ def test_the_cascade_is_skipped_where_it_does_not_pay(bundle: PlanBundle) -> Non
         snap = gw.metrics.snapshot()
         assert snap[f"splitgate_cascade_total{{model={MODEL},outcome=skipped}}"] == len(x)
     # the same plan and device offline: the path is the slow full model, and the cascade pays
-    with Gateway([bundle.root], config=GatewayConfig(device_slowdown=SLOWDOWN)) as gw:
+    with Gateway([bundle.root], config=GatewayConfig(device_time_from_profile=True, learn_device=False)) as gw:
         assert gw.infer(MODEL, {"input": x[:1]}).trace.cascade in ("exit", "through")
 
 
