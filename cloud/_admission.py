@@ -211,6 +211,9 @@ class AdmissionQueue:
         self._running = 0
         self.refused_full = 0
         self.refused_deadline = 0
+        # decayed counts of recent refusals and admissions (time constant 1 s)
+        self._recent = {"refused": 0.0, "admitted": 0.0}
+        self._recent_at = clock()
 
     # -- state ------------------------------------------------------------------
 
@@ -225,11 +228,23 @@ class AdmissionQueue:
         waiting at the same or a better level."""
         return self._running_rows + sum(e.rows for e in self._heap if not e.dropped and e.priority <= priority)
 
+    def _count(self, what: str) -> None:
+        """Count a refusal or an admission in the recent (decayed, 1 s) rates."""
+        now = self._clock()
+        decay = math.exp(-max(now - self._recent_at, 0.0))
+        self._recent_at = now
+        for key in self._recent:
+            self._recent[key] *= decay
+        self._recent[what] += 1.0
+
     def _retry_ms(self) -> float:
-        """ms until the work queued now has drained (clamped to the hint bounds)."""
+        """ms until the work queued now has drained, stretched by how many more
+        requests are being refused than admitted lately (all of them would come
+        back at once otherwise); clamped to the hint bounds."""
         queued = self._running_rows + sum(e.rows for e in self._heap if not e.dropped)
         drain = self.timing.estimate_ms(queued, 0, self.workers) if queued else 0.0
-        return float(min(max(drain, MIN_RETRY_MS), MAX_RETRY_MS))
+        pressure = self._recent["refused"] / max(self._recent["admitted"], 1.0)
+        return float(min(max(drain * max(pressure, 1.0), MIN_RETRY_MS), MAX_RETRY_MS))
 
     def running(self, rows: int) -> None:
         """Count ``rows`` more rows as running (work ahead of every new request);
@@ -258,6 +273,7 @@ class AdmissionQueue:
             if limit and self._waiting >= limit:
                 self.refused_full += 1
                 retry = self._retry_ms()
+                self._count("refused")
                 raise QueueFull(
                     f"the cloud replica's queue is full ({self._waiting} waiting, max_queue {limit}); "
                     f"refused before any compute, retry after {retry:.0f} ms",
@@ -269,6 +285,7 @@ class AdmissionQueue:
                 if estimate > budget_ms:
                     self.refused_deadline += 1
                     retry = self._retry_ms()
+                    self._count("refused")
                     raise DeadlineUnmeetable(
                         f"the cloud replica expects to answer in {estimate:.0f} ms (work queued ahead), past its "
                         f"share ({budget_ms:.0f} ms) of the request's deadline of {deadline_ms:.0f} ms; refused "
@@ -279,6 +296,7 @@ class AdmissionQueue:
             deadline = None if budget_ms is None else self._clock() + budget_ms / 1e3
             entry = Entry(priority=priority, seq=next(self._seq), rows=rows, deadline=deadline, item=item)
             heapq.heappush(self._heap, entry)
+            self._count("admitted")
             self._waiting += 1
             self._cv.notify_all()
             return entry

@@ -22,8 +22,9 @@ replicas up under load and down after)::
 
     python -m splitgate.loadtests.overload --out benchmarks/results/overload.json
 
-The model is a synthetic conv net (``--size``, ``--channels``: ~20 ms of compute
-per request on one thread here) planned on the fly: the smallest model whose
+The model is a synthetic conv net (``--size``, ``--channels``; by default 96
+channels at 64x64, 49 KB in, ~20-50 ms of compute per request on one thread
+here, with the host's load) planned on the fly: the smallest model whose
 compute, not gRPC, is what saturates the tier.
 """
 
@@ -150,6 +151,8 @@ def _locust(args: argparse.Namespace, host: str, traffic: Path, steps: str, resu
            "--host", host, "-t", f"{int(run_s) + 2}s", "--stop-timeout", "5", "--only-summary",
            "--loglevel", "WARNING", "--traffic", str(traffic), "--steps", steps, "--rate", str(args.rate),
            "--deadline-ms", str(args.deadline_ms), "--overload-result", str(result)]
+    if args.back_off:
+        cmd.append("--back-off")
     with open(log, "w", encoding="utf-8") as fh:
         fh.write(" ".join(cmd) + "\n")
         fh.flush()
@@ -233,7 +236,7 @@ def run(args: argparse.Namespace) -> dict:
 
     config = CloudConfig(
         bundles=[str(bundle.root)], grpc_port=0, intra_op_threads=1, max_batch_size=8,
-        max_queue=args.max_queue, max_ongoing_requests=64,
+        max_queue=args.max_queue, max_ongoing_requests=64, deadline_fraction=args.deadline_fraction,
         autoscaling={"min_replicas": 1, "max_replicas": args.max_replicas,
                      "target_ongoing_requests": args.target_ongoing, "upscale_delay_s": 2.0,
                      "downscale_delay_s": args.downscale_delay, "metrics_interval_s": 1.0,
@@ -283,7 +286,8 @@ def run(args: argparse.Namespace) -> dict:
                  f"{3 * args.size * args.size * 4:,} B",
         "row_ms_one_thread": row_ms, "capacity_estimate_rps": capacity, "factors": factors, "users": users,
         "rate_per_user": args.rate, "step_time_s": args.step_time, "cooldown_s": args.cooldown,
-        "deadline_ms": args.deadline_ms, "max_queue": args.max_queue, "autoscaling": config.autoscaling,
+        "deadline_ms": args.deadline_ms, "deadline_fraction": args.deadline_fraction, "max_queue": args.max_queue,
+        "locust_users_back_off": args.back_off, "autoscaling": config.autoscaling,
         "edges": args.edges, "edge_rps": args.edge_rps, "locust_exit": code,
         "cpus": os.cpu_count(), "load_avg_before": load_avg_before, "load_avg_after": os.getloadavg(),
         "python": platform.python_version(),
@@ -311,10 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "overload.json"))
     parser.add_argument("--work", default="overload-run", help="scratch directory (bundle, traffic, locust log)")
-    parser.add_argument("--factors", default="0.5,1,1.5,2,3,4",
+    parser.add_argument("--factors", default="0.3,0.6,1.2,1.8,2.4,3,3.6",
                         help="offered load per step, in units of the estimated capacity")
-    parser.add_argument("--step-time", type=float, default=15.0)
-    parser.add_argument("--cooldown", type=float, default=25.0, help="seconds of light load after the steps")
+    parser.add_argument("--step-time", type=float, default=12.0)
+    parser.add_argument("--cooldown", type=float, default=20.0, help="seconds of light load after the steps")
     parser.add_argument("--rate", type=float, default=5.0, help="requests per second per locust user")
     parser.add_argument("--deadline-ms", type=float, default=300.0)
     parser.add_argument("--max-queue", type=int, default=8)
@@ -322,9 +326,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target-ongoing", type=float, default=4.0)
     parser.add_argument("--downscale-delay", type=float, default=8.0)
     parser.add_argument("--edges", type=int, default=2)
-    parser.add_argument("--edge-rps", type=float, default=3.0)
-    parser.add_argument("--size", type=int, default=96)
-    parser.add_argument("--channels", type=int, default=64)
+    parser.add_argument("--edge-rps", type=float, default=1.0)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--channels", type=int, default=96)
+    parser.add_argument("--back-off", action="store_true",
+                        help="locust users back off for each refusal's retry hint, as splitgate edges do "
+                             "(default: they never back off, the worst case)")
+    parser.add_argument("--deadline-fraction", type=float, default=0.5,
+                        help="the replica's share of a request's deadline (CloudConfig.deadline_fraction)")
     args = parser.parse_args(argv)
     report = run(args)
     _print(report)

@@ -1,11 +1,13 @@
 """Locustfile of the overload run (:mod:`splitgate.loadtests.overload`): open-loop load in steps.
 
 Each user sends recorded requests at a fixed rate (``--rate`` per second,
-locust's ``constant_throughput``) with ``splitgate.deadline_ms`` = ``--deadline-ms``
+open loop) with ``splitgate.deadline_ms`` = ``--deadline-ms``
 (and that gRPC deadline), straight to the replicas' direct-ingress endpoints
 (re-discovered every 2 s, so replicas added by autoscaling get load; the proxy
-when none is advertised). These users do *not* back off when refused: they
-stand for many distinct devices, the worst case for the tier. The shape
+when none is advertised). By default these users do *not* back off when
+refused: they stand for many distinct devices, the worst case for the tier;
+with ``--back-off`` each acts as a splitgate edge does: after a refusal it
+sends nothing for the hinted time (those requests count as ``local``). The shape
 (``--steps "SECONDS:USERS,..."``) holds each user count for its time; every
 answer is classified per step: ``ok`` (and whether within the deadline),
 ``refused`` (an admission refusal: RESOURCE_EXHAUSTED / UNAVAILABLE with a
@@ -50,6 +52,9 @@ def _add_options(parser: Any) -> None:
     group.add_argument("--rate", type=float, default=5.0, help="requests per second per user")
     group.add_argument("--deadline-ms", type=float, default=300.0, help="per-request deadline (ms)")
     group.add_argument("--overload-result", default="", help="write the per-step result (JSON) here")
+    group.add_argument("--back-off", action="store_true", default=False,
+                       help="act as splitgate edges do: after a refusal send nothing for its retry hint "
+                            "(those requests count as 'local': completed on the device)")
 
 
 def _steps(text: str) -> list[tuple[float, int]]:
@@ -79,6 +84,9 @@ class _Collector:
             lo = start + WARMUP_FRACTION * (end - start)
             window = [(o, ms) for t, o, ms in self.records if lo <= t < end]
             span = max(end - lo, 1e-9)
+            demand = len(window) / span
+            local = sum(1 for o, _ in window if o == "local")
+            window = [(o, ms) for o, ms in window if o != "local"]
             ok = sorted(ms for o, ms in window if o == "ok")
             good = sum(1 for ms in ok if ms <= deadline_ms)
 
@@ -87,8 +95,9 @@ class _Collector:
 
             steps.append({
                 "start": start, "end": end, "users": users, "offered_rps": users * rate,
-                "sent_rps": len(window) / span, "ok_rps": len(ok) / span, "goodput_rps": good / span,
+                "demand_rps": demand, "sent_rps": len(window) / span, "ok_rps": len(ok) / span, "goodput_rps": good / span,
                 "refused_rps": sum(1 for o, _ in window if o.startswith("refused")) / span,
+                "local_rps": local / span,
                 "refused_queue_full": sum(1 for o, _ in window if o == "refused-queue-full"),
                 "refused_deadline": sum(1 for o, _ in window if o == "refused-deadline"),
                 "refused_serve_backpressure": sum(1 for o, _ in window if o == "refused-backpressure"),
@@ -161,6 +170,8 @@ class OverloadUser(User):
         opts = environment.parsed_options
         self._period = 1.0 / float(opts.rate)
         self._started = time.monotonic()
+        self._back_off = bool(opts.back_off)
+        self._quiet_until = 0.0
         self._deadline_ms = float(opts.deadline_ms)
         self._rng = random.Random(id(self))
         self._messages: list[pb.ModelInferRequest] = []
@@ -200,12 +211,19 @@ class OverloadUser(User):
     def infer(self) -> None:
         request = self._rng.choice(self._messages)
         self._started = time.monotonic()
+        if self._started < self._quiet_until:
+            _collector.add("local", 0.0)  # an edge backing off finishes it on the device
+            return
         start = time.perf_counter()
         outcome, error = "ok", None
         try:
             self._stub().ModelInfer(request, timeout=self._deadline_ms / 1e3 * 4)
         except grpc.RpcError as exc:
             outcome = classify(exc)
+            if self._back_off and outcome.startswith("refused"):
+                hint = next((float(v) for k, v in (exc.trailing_metadata() or ()) if k == contract.RETRY_AFTER_MS),
+                            200.0)
+                self._quiet_until = time.monotonic() + hint / 1e3
             if outcome == "failed":
                 error = Exception(f"{exc.code().name}: {exc.details()}")
                 if len(_failures) < 20:

@@ -197,6 +197,20 @@ def test_hint_is_clamped() -> None:
     assert info.value.retry_after_ms == 5000.0
 
 
+def test_hint_stretches_while_more_are_refused_than_admitted() -> None:
+    queue, _ = _queue(max_queue=2)
+    queue.timing.record(run_ms=20.0, rows=1)
+    queue.offer("a", priority=2)
+    queue.offer("b", priority=2)
+    hints = []
+    for _ in range(6):
+        with pytest.raises(QueueFull) as info:
+            queue.offer("c", priority=2)
+        hints.append(info.value.retry_after_ms)
+    assert hints[0] == pytest.approx(60.0)  # the queue's drain time: 20 ms + 2 rows x 20 ms
+    assert hints == sorted(hints) and hints[-1] == pytest.approx(60.0 * 5 / 2, rel=0.01)  # 5 refused : 2 admitted
+
+
 def test_service_time_estimate_spreads_over_workers() -> None:
     timing = ServiceTime()
     assert timing.estimate_ms(100) == 0.0  # no sample: refuse nothing by deadline
