@@ -44,8 +44,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from splitgate.errors import BundleError, ConfigError
 from splitgate.planner import PlanBundle
+
+from splitgate.errors import BundleError, ConfigError
 
 if TYPE_CHECKING:
     from splitgate.security import TrustedKeys
@@ -228,7 +229,7 @@ def _pinned_digest(uri: str, fragment: str) -> str | None:
 
 def _open_local(path: str):
     try:
-        return open(path, "rb")  # noqa: SIM115 - closed by _copy_stream
+        return open(path, "rb")
     except OSError as exc:
         raise BundleError(f"bundle archive {path}: unreadable ({exc})") from None
 
@@ -236,7 +237,7 @@ def _open_local(path: str):
 def _open_http(url: str, timeout_s: float, uri: str):
     request = urllib.request.Request(url, headers={"User-Agent": "splitgate-bundle-fetch"})
     try:
-        return urllib.request.urlopen(request, timeout=timeout_s)  # noqa: S310 - http(s) only, checked above
+        return urllib.request.urlopen(request, timeout=timeout_s)
     except urllib.error.HTTPError as exc:
         raise BundleError(f"bundle {_safe(uri)}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError) as exc:

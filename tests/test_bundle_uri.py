@@ -22,12 +22,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _models import dynamic_batch_model, save
-
 from splitgate.cloud import CloudConfig
-from splitgate.cloud._fetch import CACHE_ENV, default_cache_dir, is_uri, resolve_bundle, resolve_bundles
+from splitgate.cloud._fetch import (
+    CACHE_ENV,
+    default_cache_dir,
+    is_uri,
+    resolve_bundle,
+    resolve_bundles,
+)
 from splitgate.cloud.config import execution_providers
-from splitgate.errors import BundleError, BundleSignatureError, ConfigError
 from splitgate.planner import PlanBundle, build_bundle
+
+from splitgate.errors import BundleError, BundleSignatureError, ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +58,7 @@ class _Files(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args: object) -> None:  # quiet
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         type(self).hits.append(self.path)
         super().do_GET()
 
@@ -266,8 +272,9 @@ def test_suffix_sessions_run_on_the_resolved_providers(bundle: PlanBundle) -> No
 @pytest.mark.integration  # imports Ray Serve (no cluster started)
 def test_deployment_options_and_cli_refuse_unknown_providers(bundle: PlanBundle, capsys) -> None:
     pytest.importorskip("ray")
-    from splitgate.cli import main
     from splitgate.cloud import build_app
+
+    from splitgate.cli import main
 
     deployment = build_app(CloudConfig(
         bundles=["https://h/b.tar.gz"], gpus_per_replica=0.5, max_replicas_per_node=1, providers=["cuda"],

@@ -117,7 +117,7 @@ def _wait_nodes(address: str, count: int, env: dict[str, str], nodes: list[_Node
         for node in nodes:
             if node.proc.poll() is not None:
                 raise AssertionError(f"ray start exited: {node.log.read_text()[-3000:]}")
-        result = subprocess.run([_ray_bin(), "status", f"--address={address}"], env=env,
+        result = subprocess.run([_ray_bin(), "status", f"--address={address}"], env=env, check=False,
                                 capture_output=True, text=True, timeout=60)
         out = result.stdout + result.stderr
         if out.count(" node_") >= count:
@@ -142,7 +142,7 @@ def bundle_url(tmp_path: Path) -> Iterator[tuple[str, list[str]]]:
         def log_message(self, *args: object) -> None:
             pass
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             hits.append(self.path)
             super().do_GET()
 
@@ -173,6 +173,7 @@ def test_two_node_cluster_serves_a_bundle_by_url_and_survives_losing_a_node(
     from splitgate.cloud import CloudConfig
     from splitgate.cloud._app import PROVIDERS_EXTENSION
     from splitgate.cloud._local import _free_port_block, ray_env
+
     from splitgate.contract import ENDPOINTS_EXTENSION
 
     url, hits = bundle_url
