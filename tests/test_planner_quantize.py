@@ -77,6 +77,12 @@ def test_int8_twins_pass_the_guard_and_are_recorded(bundle: PlanBundle) -> None:
         assert int8.device_timing is not None and int8.device_timing != fp32.device_timing
     assert prof["device~int8"].device_mem_bytes < 1.5e6 < prof["device"].device_mem_bytes
     assert b.plan_profile.excluded and "device" in b.plan_profile.excluded
+    # an int8 prefix's encoded twins are guarded against the fp32 full model, not the int8 prefix's
+    # raw answers: their worst cosine carries the quantization error (fp16 alone adds ~1e-7)
+    for pid in refs:
+        q_cos = quant["measured"][quantized_id(pid)]["accuracy"]["logits"]["cosine_min"]
+        enc_cos = b.profile["encodings"]["measured"][f"{quantized_id(pid)}@fp16"]["accuracy"]["logits"]["cosine_min"]
+        assert q_cos < 1 - 1e-5 and 1 - enc_cos > 0.5 * (1 - q_cos), (pid, q_cos, enc_cos)
     # estimate errors compare per-node sums of the fp32 model with fp32 sessions only
     rows = b.profile["estimate_error"]["device"]["partitions"]
     assert rows and not any("~" in r["id"] for r in rows)
