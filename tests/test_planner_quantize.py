@@ -208,3 +208,29 @@ def test_gateway_runs_int8_twins_within_the_guard(bundle: PlanBundle, trained: t
             metrics = compare_outputs(want, got)
             assert check(metrics, guard) is None, (pid, metrics)
             assert metrics["logits"]["cosine_min"] < 1.0, f"{pid} ran the fp32 prefix"
+
+
+def test_models_without_convolutions_get_dynamic_int8() -> None:
+    """A MatMul model (no Conv): dynamic int8 (weights int8, activations per request), no calibration."""
+    from splitgate.planner._accuracy import Calibration
+    from splitgate.planner._quantize import PrefixQuantizer
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((256, 64)) / 16).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "mm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=OPSET, ir_version=IR_VERSION)
+    assert quantization_method(model) == "dynamic"
+    requests = [{"x": rng.standard_normal((4, 256)).astype(np.float32)} for _ in range(4)]
+    guard = Guard(min_cosine=0.99, output_kind="other")
+    with PrefixQuantizer(model, Calibration(requests, "arrays", 16), guard) as q:
+        int8, result = q.quantize("device", None, None)
+        assert q.calibration_s == 0.0, "dynamic int8 needs no calibration pass"
+    assert int8 is not None and result.method == "dynamic" and result.dropped is None, result
+    assert result.int8_bytes < result.fp32_bytes / 2
+    assert {n.op_type for n in int8.graph.node} & {"MatMulInteger", "DynamicQuantizeLinear"}
+    assert 0.99 <= result.accuracy["y"]["cosine_min"] < 1.0
