@@ -40,6 +40,7 @@ from splitgate.edge._decide import (
     ProbeSpec,
 )
 from splitgate.edge._device import DeviceCosts
+from splitgate.edge._drift import DriftReport
 from splitgate.edge._gateway import AsyncGateway, Gateway, Result, Trace
 from splitgate.edge._monitor import LinkCalibration, LinkEstimate, LinkMonitor
 from splitgate.edge._policy import Policy, calibrated, hedge_delay_ms, rtt_first, rtt_probe_timeout_s
@@ -80,4 +81,5 @@ __all__ = [
     "judge",
     "UpdateOutcome",
     "publish",
+    "DriftReport",
 ]

@@ -50,7 +50,8 @@ class GatewayConfig:
             this many of them, so a device that recovered is noticed (0 = never).
         battery_pct: fixed battery level (None = read from the OS).
         encoding: wire encoding of cut tensors when the plan names none
-            ("raw", "fp16", "int8", "int8c", "zstd"; see splitgate.encoding).
+            ("raw", "fp16", "int8", "int8c", "zstd", "uint8": lossless for 8-bit
+            data, raw otherwise; see splitgate.encoding).
         cloud_tls: TLS to the cloud tier: a ``splitgate.security.TlsConfig``
             mapping (``ca``; ``cert``/``key`` for mutual TLS; ``server_name``).
         cloud_token: bearer token sent to the cloud tier on every call.

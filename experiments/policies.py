@@ -44,7 +44,7 @@ def cloud_only_choice(bundle: PlanBundle, c: Conditions) -> str:
     Raises:
         BundleError: the bundle has no profile.
     """
-    from splitgate.planner._report import best_cloud_only
+    from splitgate.planner import best_cloud_only
 
     return best_cloud_only(bundle, c)
 

@@ -44,6 +44,7 @@ from splitgate.planner._options import PlanOptions
 from splitgate.planner._partition_profile import BucketProfile, PartitionProfile, Profile
 from splitgate.planner._profile import NodeProfile, Timing, profile_nodes
 from splitgate.planner._refit import refit_bundle
+from splitgate.planner._report import best_cloud_only
 from splitgate.planner._shapes import DynamicShapeError, ShapeBucket, parse_input_shapes
 
 __all__ = [
@@ -85,4 +86,5 @@ __all__ = [
     "DeviceProfile",
     "measure_device",
     "refit_bundle",
+    "best_cloud_only",
 ]
