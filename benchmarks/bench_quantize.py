@@ -126,9 +126,9 @@ def prefix_rows(name: str, model_path: Path, calibration: list[dict[str, np.ndar
             }
         calibration_s = q.calibration_s
     medians = _time_sessions(sessions, heldout[0], rounds)
-    for pid in rows:
+    for pid, row in rows.items():
         fp32, int8 = medians[f"{pid}/fp32"], medians[f"{pid}/int8"]
-        rows[pid].update(fp32_ms=round(fp32, 3), int8_ms=round(int8, 3), time_ratio=round(int8 / fp32, 3))
+        row.update(fp32_ms=round(fp32, 3), int8_ms=round(int8, 3), time_ratio=round(int8 / fp32, 3))
     return {"model": name, "calibration_requests": len(calibration), "heldout_requests": len(heldout),
             "calibration_s": round(calibration_s, 3), "partitions": rows}
 
@@ -137,7 +137,12 @@ def format_rows(model_path: Path, calibration: list[dict[str, np.ndarray]], held
                 rounds: int, work: Path) -> dict[str, Any]:
     """The full model in fp32, QDQ (the planner's), static QOperator and dynamic int8, timed together."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     model = onnx.load(os.fspath(model_path))
     name = model.graph.input[0].name

@@ -44,23 +44,23 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import onnx
-
 from splitgate.planner._accuracy import Calibration, Guard, check, compare_outputs
 from splitgate.planner._profile import make_session
+
 from splitgate.errors import BundleError
 
 __all__ = [
-    "PRECISION_SEP",
     "PRECISIONS",
-    "quantized_id",
+    "PRECISION_SEP",
+    "PrefixQuantizer",
+    "QuantizeResult",
     "candidate_parts",
     "quantization_method",
-    "QuantizeResult",
-    "PrefixQuantizer",
+    "quantized_id",
 ]
 
 #: separates a partition id from its prefix precision (``cut-9~int8``)
@@ -201,7 +201,7 @@ class PrefixQuantizer:
         self._ranges: Path | None = None
         self._reference: list[dict[str, np.ndarray]] | None = None
 
-    def __enter__(self) -> PrefixQuantizer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -261,7 +261,12 @@ class PrefixQuantizer:
         return (None if result.dropped else int8), result
 
     def _quantize(self, fp32: onnx.ModelProto, pid: str) -> onnx.ModelProto:
-        from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+        from onnxruntime.quantization import (
+            QuantFormat,
+            QuantType,
+            quantize_dynamic,
+            quantize_static,
+        )
 
         src, out = self._dir / f"{pid}.onnx", self._dir / f"{pid}.int8.onnx"
         onnx.save(fp32, os.fspath(src))  # (the tools take paths: given a proto they strip its weights in place)
@@ -317,5 +322,5 @@ def _run_all(session: Any, requests: Sequence[Mapping[str, np.ndarray]]) -> list
     inputs = [i.name for i in session.get_inputs()]
     try:
         return [dict(zip(names, session.run(names, {k: r[k] for k in inputs}))) for r in requests]
-    except Exception as exc:  # noqa: BLE001 - ORT raises several types
+    except Exception as exc:
         raise BundleError(f"onnxruntime failed on the calibration inputs: {str(exc).splitlines()[0]}") from exc

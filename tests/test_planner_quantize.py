@@ -14,11 +14,20 @@ import onnx
 import pytest
 from _models import IR_VERSION, OPSET, save, session
 from onnx import TensorProto, helper, numpy_helper
-
-from splitgate.planner import Conditions, Constraints, PlanBundle, build_bundle, load_bundle
+from splitgate.planner import (
+    Conditions,
+    Constraints,
+    PlanBundle,
+    build_bundle,
+    load_bundle,
+)
 from splitgate.planner._accuracy import Guard, check, compare_outputs
 from splitgate.planner._encoding import split_id
-from splitgate.planner._quantize import candidate_parts, quantization_method, quantized_id
+from splitgate.planner._quantize import (
+    candidate_parts,
+    quantization_method,
+    quantized_id,
+)
 
 FAST = {"repeats": 3, "warmup": 1}
 CALIBRATION = 24
