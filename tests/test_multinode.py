@@ -136,6 +136,7 @@ def bundle_url(tmp_path: Path) -> Iterator[tuple[str, list[str]]]:
     www = tmp_path / "www"
     www.mkdir()
     subprocess.run(["tar", "czf", str(www / "dyn.tar.gz"), "-C", str(bundle.root), "."], check=True)
+    shutil.rmtree(bundle.root)  # from here on the bundle exists only behind the URL
     hits: list[str] = []
 
     class Files(http.server.SimpleHTTPRequestHandler):
