@@ -296,7 +296,7 @@ class DecisionCore:
 
     def cascade_choice(
         self, bundle: PlanBundle, partition: str, costs: Costs | None = None, *, private: bool = False,
-        battery_pct: float = 100.0,
+        battery_pct: float = 100.0, conditions: Conditions | None = None,
     ) -> CascadeChoice | None:
         """Does running the bundle's cascade (:mod:`splitgate.edge._cascade`) in front of
         ``partition`` pay now? Expected = the small model's time + (1 - live exit rate) x
@@ -308,6 +308,9 @@ class DecisionCore:
             partition: the path the policy chose (``device`` when offline).
             costs: the request's cost entries (its shapes).
             private, battery_pct: as for :meth:`choose`.
+            conditions: weigh under these instead of the core's calibrated estimate
+                (an oracle that knows the true link: the analytic engine's ``joint``
+                policy and benchmarks; their ``device_factor`` applies).
 
         Returns:
             None for a bundle without a cascade, else the :class:`CascadeChoice`.
@@ -323,8 +326,11 @@ class DecisionCore:
         planned = spec.planned_ms(full)
         if not bundle.has_profile or planned is None:
             return CascadeChoice(True, "no profile", rate, planned_small_ms=planned)
-        factor = self.calibration.factor() if self.config.calibrate else 1.0
-        now = calibrated(self.conditions(private, model, battery_pct=battery_pct), factor)
+        if conditions is None:
+            factor = self.calibration.factor() if self.config.calibrate else 1.0
+            now = calibrated(self.conditions(private, model, battery_pct=battery_pct), factor)
+        else:
+            now = conditions
         path = bundle.estimate(partition, now, costs=self._decision_costs(model, costs)).latency_ms
         small = planned * now.device_factor  # (and its own measured ratio, as a partition's prefix)
         if self.config.learn_device:

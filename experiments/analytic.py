@@ -22,6 +22,12 @@ the same methods in the same order as the Gateway drives it. Per request:
   ``PlanBundle.estimate(...).latency_ms``;
 * a cloud leg later than the core's ``hedge_after_s`` races the local suffix
   (fallback ``hedged``): whichever finishes first answers;
+* a bundle's confident-on-device cascade runs first for ``adaptive`` (the
+  Gateway's rule) and ``joint`` (the same rule under the true link) when
+  :meth:`DecisionCore.cascade_choice` says it pays: the small model takes its
+  planned time, and answers (partition ``cascade``) with the planned exit
+  rate's probability -- the engine runs no model, so the world's exit rate is
+  the calibration set's; otherwise the path follows, after it;
 * probes cross the same simulated link (a background probe's payload delays
   the requests queued behind it, as in the shaping proxy); a reported network
   change (``spec.network_hints``) abandons a running probe after its round
@@ -45,7 +51,7 @@ from typing import Any
 
 from splitgate.edge import CloudCall, DecisionCore, GatewayConfig, ProbeSpec
 from splitgate.experiments._records import Record, energy_model, request_energy_mj
-from splitgate.experiments.policies import neurosurgeon_choice, static_partition
+from splitgate.experiments.policies import CASCADE, neurosurgeon_choice, static_partition
 from splitgate.experiments.spec import ExperimentSpec
 from splitgate.netsim._proxy import MSS, LinkConditions
 from splitgate.netsim.traces import Trace, TracePoint
@@ -57,6 +63,8 @@ __all__ = ["run_analytic", "simulate_policy", "gateway_config", "request_shapes"
 #: frame headers, gRPC prefix, protobuf fields); measured through the proxy.
 UP_OVERHEAD = 400
 DOWN_OVERHEAD = 300
+#: The partition of a request the cascade's small model answered (the Gateway's ``Trace.partition``).
+CASCADE_PARTITION = "cascade"
 _CHUNK = 16 * 1024
 #: The live engine's warm-up: each cloud-using partition a policy may run, this many times.
 WARM_UP_CALLS = 3
@@ -313,7 +321,7 @@ class _Sim:
         st = self.st
         if self.fixed is not None:
             return self.fixed, 0.0
-        if self.policy == "mincut":
+        if self.policy in ("mincut", "joint"):
             p = self.trace.at(st.now)
             return self.bundle.choose(Conditions(uplink_mbps=p.uplink_mbps, downlink_mbps=p.downlink_mbps,
                                                  rtt_ms=p.rtt_ms)), 0.0
@@ -355,6 +363,10 @@ class _Sim:
         start = st.now
         point: TracePoint = self.trace.at(start)
         pid, probe_ms = self._choose()
+        small_ms, exited = self._cascade_first(pid, start + probe_ms / 1e3)
+        if exited:
+            return self._cascade_exit(rep, seq, point, probe_ms + small_ms, small_ms)
+        probe_ms += small_ms  # the path starts after the small model
         e = self.entries[pid]
         t0 = start + probe_ms / 1e3
         dev = self._device_ms(pid)
@@ -370,6 +382,7 @@ class _Sim:
         else:
             latency, fallback, network_ms, sent, received, dev, cloud = self._cloud_leg(
                 pid, t0 + dev / 1e3, probe_ms, dev, cloud, up, down)
+        dev += small_ms
         energy = request_energy_mj(
             self.em, point.radio, device_ms=dev, latency_ms=latency, bytes_sent=sent, bytes_received=received,
             uplink_mbps=point.uplink_mbps, downlink_mbps=point.downlink_mbps,
@@ -378,6 +391,40 @@ class _Sim:
         return Record("analytic", self.policy, rep, seq, round(start, 4), point.label, point.uplink_mbps,
                       point.downlink_mbps, point.rtt_ms, point.outage, pid, latency, energy, dev, network_ms,
                       cloud, sent, received, fallback)
+
+    def _cascade_first(self, pid: str, t: float) -> tuple[float, bool]:
+        """The bundle's cascade in front of ``pid`` at ``t``, when the policy runs one
+        and the decision core says it pays (``joint``: under the true link).
+
+        Returns:
+            (the small model's ms, 0 when it did not run; whether it answered).
+        """
+        cascade = self.bundle.cascade
+        if self.policy not in CASCADE or cascade is None:
+            return 0.0, False
+        truth = None
+        if self.policy == "joint":
+            p = self.trace.at(t)
+            truth = Conditions(uplink_mbps=p.uplink_mbps, downlink_mbps=p.downlink_mbps, rtt_ms=p.rtt_ms)
+        choice = self._at(t, self.core.cascade_choice, self.bundle, pid, self.costs, conditions=truth)
+        if choice is None or not choice.run or choice.planned_small_ms is None:
+            return 0.0, False
+        small = choice.planned_small_ms * self.device_slowdown
+        exited = self.rng.random() < cascade.exit_rate
+        self._later(t + small / 1e3, self.core.cascade_done, self.bundle, exited, small, choice.planned_small_ms)
+        return small, exited
+
+    def _cascade_exit(self, rep: int, seq: int, point: TracePoint, latency: float, small_ms: float) -> Record:
+        """A request the cascade's small model answered (partition ``cascade``)."""
+        start = self.st.now
+        energy = request_energy_mj(
+            self.em, point.radio, device_ms=small_ms, latency_ms=latency, bytes_sent=0, bytes_received=0,
+            uplink_mbps=point.uplink_mbps, downlink_mbps=point.downlink_mbps,
+        )
+        self.st.now = self.spec.next_start(start + latency / 1e3)
+        return Record("analytic", self.policy, rep, seq, round(start, 4), point.label, point.uplink_mbps,
+                      point.downlink_mbps, point.rtt_ms, point.outage, CASCADE_PARTITION, latency, energy, small_ms,
+                      0.0, 0.0, 0, 0, "")
 
     def _cloud_leg(self, pid: str, t1: float, probe_ms: float, dev: float, cloud: float, up: int,
                    down: int) -> tuple[float, str, float, int, int, float, float]:

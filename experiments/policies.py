@@ -18,20 +18,36 @@
   hysteresis over the monitored link estimate).
 * ``mincut``       -- an oracle: the min-cut choice for the *true* current
   conditions (what DADS evaluates per bandwidth); used by the reproduction.
+  Over every candidate the bundle holds: with a plan made with ``quantize``,
+  the choice is joint over (cut, prefix precision, wire encoding).
+* ``joint``        -- ``mincut`` with the bundle's confident-on-device cascade
+  in front wherever the decision core says it pays under the true conditions
+  (:meth:`splitgate.edge.DecisionCore.cascade_choice`); the same as ``mincut``
+  for a bundle without a cascade. Analytic engine only.
+
+``adaptive`` runs the cascade in front too (the Gateway's rule, under its own
+estimates); the static policies and ``mincut`` never do (the live engine
+names their partition, and a named partition runs without the cascade).
 """
 
 from __future__ import annotations
 
 from splitgate.planner import Conditions, PlanBundle
 
-__all__ = ["POLICIES", "STATIC", "LABELS", "chain_partitions", "neurosurgeon_choice", "static_partition",
+__all__ = ["POLICIES", "STATIC", "CASCADE", "ANALYTIC_ONLY", "LABELS",
+           "chain_partitions", "neurosurgeon_choice", "static_partition",
            "cloud_only_choice"]
 
-POLICIES = ("device", "cloud", "cloud-raw", "neurosurgeon", "dads", "adaptive", "mincut")
+POLICIES = ("device", "cloud", "cloud-raw", "neurosurgeon", "dads", "adaptive", "mincut", "joint")
 #: Policies that run one partition for the whole run.
 STATIC = ("device", "cloud", "cloud-raw", "dads")
+#: Policies that run a bundle's cascade in front of their choice where it pays.
+CASCADE = ("adaptive", "joint")
+#: Policies only the analytic engine runs.
+ANALYTIC_ONLY = ("joint",)
 #: How tables name a policy.
-LABELS = {"device": "edge-only", "cloud": "cloud-only (best encoding)", "cloud-raw": "cloud (raw fp32)"}
+LABELS = {"device": "edge-only", "cloud": "cloud-only (best encoding)", "cloud-raw": "cloud (raw fp32)",
+          "joint": "joint (min-cut + cascade)"}
 
 
 def cloud_only_choice(bundle: PlanBundle, c: Conditions) -> str:

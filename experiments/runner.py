@@ -110,7 +110,10 @@ def reproduction_rows(summaries_by_label: dict[str, list[Summary]], engine: str)
 
     Cloud-only is the ``cloud`` policy: the best guarded cloud encoding
     (``cloud_partition`` names it); the raw fp32 upload (``cloud-raw``) is its
-    own column when the spec ran it (``cloud_raw_ms``, else None).
+    own column when the spec ran it (``cloud_raw_ms``, else None). The split is
+    ``mincut`` (joint over cut, prefix precision and encoding when the plan
+    has int8 prefixes); ``joint`` (``mincut`` with the cascade in front where it
+    pays) is its own column when the spec ran it (``joint_ms``, else None).
     """
     rows = []
     for label, sums in summaries_by_label.items():
@@ -118,7 +121,7 @@ def reproduction_rows(summaries_by_label: dict[str, list[Summary]], engine: str)
         best = by.get("mincut") or by.get("adaptive")
         if best is None or "device" not in by or "cloud" not in by:
             continue
-        raw = by.get("cloud-raw")
+        raw, joint = by.get("cloud-raw"), by.get("joint")
         rows.append({
             "engine": engine, "link": label, "edge_ms": round(by["device"].mean_ms, 1),
             "cloud_ms": round(by["cloud"].mean_ms, 1), "cloud_partition": by["cloud"].partitions,
@@ -128,6 +131,9 @@ def reproduction_rows(summaries_by_label: dict[str, list[Summary]], engine: str)
             "speedup_vs_edge": round(by["device"].mean_ms / best.mean_ms, 2),
             "speedup_vs_cloud": round(by["cloud"].mean_ms / best.mean_ms, 2),
             "speedup_vs_cloud_raw": None if raw is None else round(raw.mean_ms / best.mean_ms, 2),
+            "joint_ms": None if joint is None else round(joint.mean_ms, 1),
+            "joint_partition": None if joint is None else joint.partitions,
+            "joint_speedup_vs_edge": None if joint is None else round(by["device"].mean_ms / joint.mean_ms, 2),
             "dads_published_vs_edge": DADS_PUBLISHED.get(label),
         })
     return rows
@@ -170,14 +176,17 @@ def _write(result: ExperimentResult, console: Console) -> None:
                   caption="cloud-only = the best guarded cloud encoding (the plan's estimate at the spec's nominal "
                           "link); cloud (raw fp32) = the raw input upload")
         for col in ("engine", "link", "edge ms", "cloud-only ms", "cloud-only runs", "cloud (raw fp32) ms",
-                    "split ms", "partition", "vs edge", "vs cloud-only", "vs cloud (raw fp32)", "DADS vs edge"):
+                    "split ms", "partition", "vs edge", "vs cloud-only", "vs cloud (raw fp32)", "joint ms",
+                    "joint runs", "joint vs edge", "DADS vs edge"):
             t.add_column(col)
         for row in result.reproduction:
             raw_ms, raw_x = row["cloud_raw_ms"], row["speedup_vs_cloud_raw"]
+            joint_ms, joint_x = row.get("joint_ms"), row.get("joint_speedup_vs_edge")
             t.add_row(row["engine"], row["link"], str(row["edge_ms"]), str(row["cloud_ms"]), row["cloud_partition"],
                       "-" if raw_ms is None else str(raw_ms), str(row["split_ms"]),
                       row["split_partition"], f"{row['speedup_vs_edge']:.2f}x", f"{row['speedup_vs_cloud']:.2f}x",
-                      "-" if raw_x is None else f"{raw_x:.2f}x",
+                      "-" if raw_x is None else f"{raw_x:.2f}x", "-" if joint_ms is None else str(joint_ms),
+                      row.get("joint_partition") or "-", "-" if joint_x is None else f"{joint_x:.2f}x",
                       f"{row['dads_published_vs_edge']}x" if row["dads_published_vs_edge"] else "-")
         console.print(t)
         path = out / "reproduction.json"
@@ -246,6 +255,14 @@ def run_experiments(
     bad = [e for e in engines if e not in ("analytic", "live")]
     if bad:
         raise ValueError(f"unknown engines {bad} (analytic, live)")
+    if "live" in engines:
+        from splitgate.experiments.policies import ANALYTIC_ONLY
+
+        for spec in parsed:
+            only = [p for p in spec.policies if p in ANALYTIC_ONLY]
+            if only:
+                raise ValueError(f"spec '{spec.name}': policies {only} run in the analytic engine only "
+                                 "(use --engine analytic)")
     results = []
     bundles: dict[str, PlanBundle] = {}
     with _progress(console) as prog:
