@@ -515,9 +515,15 @@ class _DrainQueue:
 
 
 def _rows(request: Any) -> int:
-    """Rows a request adds to a batch (its first input's first dimension; 1 if unknown)."""
+    """Rows a request adds to a batch: its first input's first dimension, as
+    decoded (a ``zstd`` tensor travels as a flat byte string and names its shape
+    in ``splitgate.shape``); 1 if unknown."""
     try:
-        shape = request.inputs[0].shape
+        tensor = request.inputs[0]
+        decoded = tensor.parameters.get(contract.SHAPE)
+        if decoded is not None and decoded.string_param:
+            return max(int(decoded.string_param.split(",")[0]), 1)
+        shape = tensor.shape
         return max(int(shape[0]), 1) if shape else 1
     except Exception:  # noqa: BLE001 - malformed requests fail later, one row
         return 1

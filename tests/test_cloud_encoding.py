@@ -185,3 +185,16 @@ def test_ray_tier_serves_cloud_twins(cloud_tier, zoo_bundle) -> None:
                 else:
                     g64, w64 = g.astype(np.float64).ravel(), w.astype(np.float64).ravel()
                     assert g64 @ w64 / (np.linalg.norm(g64) * np.linalg.norm(w64)) > 0.99, p.id
+
+
+@pytest.mark.parametrize("encoding", ["raw", "fp16", "int8", "zstd", "uint8"])
+def test_admission_counts_rows_of_the_decoded_tensor(encoding: str) -> None:
+    """A zstd tensor travels as a flat byte string: the replica's admission must
+    count the decoded batch rows, not the bytes (it refused every zstd request as
+    hundreds of thousands of rows queued ahead)."""
+    pytest.importorskip("ray")
+    from splitgate.cloud._app import _rows
+    from splitgate.planner._encoding import _build
+
+    x = (np.arange(3 * 8 * 8 * 3) % 256 / 255.0).astype(np.float32).reshape(3, 8, 8, 3)
+    assert _rows(_build({"x": x}, encoding)) == 3
