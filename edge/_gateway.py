@@ -346,23 +346,32 @@ class _Core:
                 )
         elif self.client is None:
             self.decisions.last_model = model
-            part = bundle.partition("device")
+            part = self._offline(bundle)
         else:
             self._maybe_probe(bundle, private, costs)
             decision = self.decisions.choose(bundle, costs, private=private, battery_pct=self.battery.level())
             part = bundle.partition(decision.partition)
         refused = self.refused.get(model, {})
         if part.id in refused:
-            return bundle.partition("device"), "bundle-corrupt"
+            return self._offline(bundle), "bundle-corrupt"
         if part.suffix_path is not None and self.client is None:
             raise InvalidArgument(
                 f"model '{model}' partition '{part.id}' needs the cloud tier, but this Gateway has no cloud address"
             )
         if part.suffix_path is not None and not self.breaker.allow():
-            return bundle.partition("device"), "breaker-open"
+            return self._offline(bundle), "breaker-open"
         if part.suffix_path is not None and self._cloud_refused.get(model, 0.0) > time.monotonic():
-            return bundle.partition("device"), "cloud-refused"
+            return self._offline(bundle), "cloud-refused"
         return part, None
+
+    def _offline(self, bundle: PlanBundle) -> Partition:
+        """The device-only partition when the cloud cannot be used: the plan's
+        ``offline_partition`` (its int8 model where the fp32 one misses the SLO or
+        the memory limit), unless that one's files are corrupt."""
+        pid = bundle.offline_partition()
+        if pid in self.refused.get(bundle.model_name, {}):
+            pid = "device"
+        return bundle.partition(pid)
 
     # -- probing --------------------------------------------------------------
 

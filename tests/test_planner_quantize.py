@@ -129,6 +129,21 @@ def test_choice_is_joint_over_precision(bundle: PlanBundle) -> None:
     assert bundle.offline_partition() == "device~int8", "what to run without the cloud"
 
 
+def test_gateway_without_a_cloud_runs_the_int8_model(bundle: PlanBundle, trained: tuple[Path, np.ndarray]) -> None:
+    """Offline (no cloud address, and with the breaker open) the Gateway runs the plan's
+    offline partition: the int8 full model, the only one that fits the device's memory."""
+    from splitgate.edge import Gateway
+
+    _, images = trained
+    with Gateway([bundle]) as gw:
+        result = gw.infer(bundle.model_name, {"input": images[:1]})
+    assert result.trace.partition == "device~int8"
+    with Gateway([bundle], cloud="127.0.0.1:9", breaker_failures=1, breaker_reset_s=60.0) as gw:
+        gw._core.breaker.record_failure()  # noqa: SLF001 - open it without waiting for a dead address
+        result = gw.infer(bundle.model_name, {"input": images[:1]}, partition="cloud")
+    assert (result.trace.partition, result.trace.fallback) == ("device~int8", "breaker-open")
+
+
 def test_plans_without_quantize_are_unchanged(trained: tuple[Path, np.ndarray], tmp_path: Path) -> None:
     model, _ = trained
     b = build_bundle(model, tmp_path / "plain", profile=False)
