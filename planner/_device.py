@@ -11,15 +11,25 @@ no Ray) and measures, per shape bucket:
   prefix in a real onnxruntime session, its suffix run locally (the time of a
   fallback when the cloud fails), all interleaved round by round
   (:func:`splitgate.planner._profile.time_partitions`), and the encode time of every
-  encoded twin's cut tensors (``cut-3@int8``).
+  encoded twin's cut tensors (``cut-3@int8``);
+* for a bundle planned with ``--quantize``, every int8 prefix file
+  (``cut-9~int8``, and ``device~int8``: the int8 full model) timed itself,
+  with the fp32 ones: an int8 twin shares its fp32 partition's suffix, which
+  is measured once;
+* for a ``cloud@E`` twin, the time to encode the model's own inputs; for
+  ``cloud@uint8`` on byte-derived data of the input's shape (``k/255``, or the
+  bundle's own sample where it already holds 8-bit data): the plan keeps that
+  twin only for 8-bit inputs, and a random sample would time the raw fallback.
 
 The result is a :class:`DeviceProfile` (JSON, ``"schema": "splitgate-device-profile"``)
 with the device's identity (:func:`identity`). The planner reads it
 (``splitgate plan --device-profile``): :meth:`DeviceProfile.node_profile` for
 per-node times at a shape, :meth:`DeviceProfile.partition_ms` for a measured
 partition. A bundle is refitted from it with :func:`splitgate.planner.refit_bundle`.
-Partitions are matched by their cut (the crossing tensors), not by id: ``dag-K``
-ids are numbered per plan, a cut is the same in every plan of the model.
+Partitions are matched by their cut (the crossing tensors) and prefix precision,
+not by id: ``dag-K`` ids are numbered per plan, a cut is the same in every plan
+of the model; ``cut-9~int8`` is matched as the cut of ``cut-9`` at int8, never
+as ``cut-9`` itself.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from splitgate.planner._profile import NodeProfile, Timing, make_session, profile_nodes, time_partitions
+from splitgate.planner._quantize import PRECISION_SEP, candidate_parts
 from splitgate.errors import BundleError, InvalidArgument
 
 __all__ = [
@@ -63,12 +74,21 @@ Progress = Callable[[str, int, int], None]
 Shapes = Mapping[str, Sequence[int]]
 
 
-def cut_key(kind: str, tensors: Sequence[str] = ()) -> str:
+def cut_key(kind: str, tensors: Sequence[str] = (), precision: str | None = "fp32") -> str:
     """How a partition is matched across plans: ``"device"``, ``"cloud"``, or its
-    crossing tensors sorted and joined by ``"|"`` (a split)."""
-    if kind in ("device", "cloud"):
-        return kind
-    return "|".join(sorted(tensors))
+    crossing tensors sorted and joined by ``"|"`` (a split); an int8 prefix adds
+    ``"~int8"`` (``"device~int8"``, ``"a|b~int8"``).
+
+    Args:
+        kind: ``"device"``, ``"cloud"`` or ``"split"``.
+        tensors: a split's crossing tensors.
+        precision: the prefix precision (``"fp32"`` or None: no suffix added).
+
+    Returns:
+        The key.
+    """
+    key = kind if kind in ("device", "cloud") else "|".join(sorted(tensors))
+    return key if precision in (None, "fp32") else f"{key}{PRECISION_SEP}{precision}"
 
 
 def _cpu_model() -> str:
@@ -144,6 +164,8 @@ class PartitionTimes:
         device: the prefix session (the full model for ``device``).
         suffix: the suffix run locally (what a fallback costs), or None.
         encode_ms: encoding -> median ms to encode the cut tensors into a request.
+        precision: the prefix's precision: ``"fp32"``, or ``"int8"`` for an int8
+            twin (``cut-9~int8``, ``device~int8``), timed on its own int8 file.
     """
 
     id: str
@@ -152,11 +174,12 @@ class PartitionTimes:
     device: Timing
     suffix: Timing | None = None
     encode_ms: dict[str, float] = field(default_factory=dict)
+    precision: str = "fp32"
 
     @property
     def key(self) -> str:
         """See :func:`cut_key`."""
-        return cut_key(self.kind, self.cut)
+        return cut_key(self.kind, self.cut, self.precision)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -167,16 +190,18 @@ class PartitionTimes:
             "device": self.device.to_dict(),
             "suffix": self.suffix.to_dict() if self.suffix else None,
             "encode_ms": {k: round(v, 4) for k, v in self.encode_ms.items()},
-        }
+        } | ({"precision": self.precision} if self.precision != "fp32" else {})
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PartitionTimes:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`. A profile written before precisions were
+        recorded takes an int8 twin's precision from its id (``cut-9~int8``)."""
         suffix = d.get("suffix")
         return cls(
             str(d["id"]), str(d["kind"]), [str(t) for t in d.get("cut", [])], Timing.from_dict(d["device"]),
             Timing.from_dict(suffix) if suffix else None,
             {str(k): float(v) for k, v in (d.get("encode_ms") or {}).items()},
+            str(d.get("precision") or candidate_parts(str(d["id"]))[1]),
         )
 
 
@@ -348,14 +373,16 @@ class DeviceProfile:
 
     def _times(self, pid: str, shapes: Shapes | None, kind: str | None,
                tensors: Sequence[str] | None) -> tuple[PartitionTimes | None, float, str]:
-        """(measured partition or None, scale, encoding) for a partition id / cut."""
-        base, _, enc = pid.partition("@")
+        """(measured partition or None, scale, encoding) for a partition id / cut; the
+        prefix precision is the id's (``cut-9~int8`` is the int8 prefix of its cut)."""
+        part, precision, enc = candidate_parts(pid)
         b, scale = self.bucket_for(shapes)
         if kind is None:
-            kind = base if base in ("device", "cloud") else "split"
+            kind = part if part in ("device", "cloud") else "split"
         if tensors is not None or kind != "split":
-            return b.partition(cut_key(kind, tensors or ())), scale, enc or "raw"
-        return next((p for p in b.partitions if p.id == base), None), scale, enc or "raw"
+            return b.partition(cut_key(kind, tensors or (), precision)), scale, enc
+        own = pid.partition("@")[0]
+        return next((p for p in b.partitions if p.id == own), None), scale, enc
 
     def partition_ms(self, pid: str, shapes: Shapes | None = None, *, kind: str | None = None,
                      tensors: Sequence[str] | None = None) -> float | None:
@@ -367,16 +394,19 @@ class DeviceProfile:
         0.0 for ``cloud``.
 
         Args:
-            pid: partition id (``device``, ``cut-3``, ``dag-2@fp16``).
+            pid: partition id (``device``, ``cut-3``, ``dag-2@fp16``,
+                ``cut-9~int8``, ``device~int8``).
             shapes: input name -> concrete shape; None = bucket 0.
             kind: the partition's kind (default: from the id).
             tensors: its crossing tensors: matches the cut in any plan of the
                 model (without them a split is matched by id, which is only
-                safe for the very bundle that was profiled).
+                safe for the very bundle that was profiled). The prefix
+                precision always comes from the id.
 
         Returns:
             ms, or None when the device did not measure this partition (or,
-            for an encoded candidate, its encoding).
+            for an encoded candidate, its encoding; an int8 twin is never
+            answered with its fp32 partition's time).
         """
         if (kind or pid) == "cloud" and "@" not in pid:
             return 0.0
@@ -407,8 +437,11 @@ class DeviceProfile:
 
     def suffix_ms(self, pid: str, shapes: Shapes | None = None, *,
                   tensors: Sequence[str] | None = None) -> float | None:
-        """Measured time of a split's suffix run on the device (a fallback's cost), or None."""
+        """Measured time of a split's suffix run on the device (a fallback's cost), or None.
+        An int8 twin (``cut-9~int8``) runs its fp32 partition's suffix: that one's time."""
         times, scale, _ = self._times(pid, shapes, "split", tensors)
+        if (times is None or times.suffix is None) and candidate_parts(pid)[1] != "fp32":
+            times, scale, _ = self._times(candidate_parts(pid)[0], shapes, "split", tensors)
         if times is None or times.suffix is None:
             return None
         return times.suffix.typical_ms * scale
@@ -426,7 +459,8 @@ class DeviceProfile:
                         {k: v * factor for k, v in b.node_ms.items()}, b.attributed,
                         [PartitionTimes(p.id, p.kind, list(p.cut), _scale(p.device, factor),
                                         None if p.suffix is None else _scale(p.suffix, factor),
-                                        {k: v * factor for k, v in p.encode_ms.items()}) for p in b.partitions],
+                                        {k: v * factor for k, v in p.encode_ms.items()}, p.precision)
+                         for p in b.partitions],
                         {k: v * factor for k, v in b.input_encode_ms.items()})
             for b in self.buckets
         ]
@@ -537,6 +571,16 @@ def _is_bundle(path: Path) -> bool:
     return path.is_dir() and (path / "manifest.json").is_file()
 
 
+def _precision(part: Any) -> str:
+    """A bundle partition's prefix precision (``"fp32"`` when the manifest names none)."""
+    return str(getattr(part, "prefix_precision", None) or candidate_parts(part.id)[1])
+
+
+def _split_key(part: Any, precision: str | None = None) -> str:
+    """:func:`cut_key` of a bundle split, at its own precision or ``precision``."""
+    return cut_key("split", [t.name for t in part.cut_tensors], precision or _precision(part))
+
+
 def _bundle_buckets(bundle: Any, g: Any, input_shapes: Any, samples: Any) -> tuple[list[Any], list[str]]:
     """A bundle's buckets: the user's shapes/samples, else those it was planned at
     (the manifest's ``shapes``, else profile.json's buckets), run on the bundle's
@@ -575,6 +619,34 @@ def _time_encodings(prefix: Any, cut: Sequence[str], encodings: Sequence[str], f
     except Exception as exc:  # noqa: BLE001 - ORT run failures
         raise BundleError(f"onnxruntime failed running a prefix: {str(exc).splitlines()[0]}") from exc
     return _encode_times({t: outs[t] for t in cut if t in outs}, encodings, warmup, repeats)
+
+
+def _byte_derived(feeds: Mapping[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:
+    """``feeds`` as 8-bit data (what ``uint8`` encodes): each float input that does not
+    already hold it replaced by ``k/255`` values (k uniform in 0..255, seeded) of its
+    shape and dtype; other inputs (ints, strings, 8-bit floats) as given."""
+    from splitgate.encoding import uint8_codes
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for name, a in feeds.items():
+        a = np.asarray(a)
+        if a.dtype.kind == "f" and uint8_codes(a) is None:
+            a = (rng.integers(0, 256, size=a.shape) / 255.0).astype(a.dtype)
+        out[name] = a
+    return out
+
+
+def _input_encode_times(feeds: Mapping[str, np.ndarray], encodings: Sequence[str], warmup: int,
+                        repeats: int) -> dict[str, float]:
+    """Median ms to encode the model's own inputs per ``cloud@E`` encoding: ``uint8``
+    on byte-derived data (:func:`_byte_derived`; the plan keeps ``cloud@uint8`` only
+    for 8-bit inputs, and other data would time the raw fallback), the others on ``feeds``."""
+    out: dict[str, float] = {}
+    for enc in encodings:
+        arrays = _byte_derived(feeds) if enc == "uint8" else feeds
+        out |= _encode_times(arrays, [enc], warmup, repeats)
+    return out
 
 
 def _encode_times(arrays: Mapping[str, np.ndarray], encodings: Sequence[str], warmup: int,
@@ -659,16 +731,23 @@ def measure_device(
         buckets, notes = resolve_buckets(g, input_shapes, real)
     report("load model", 1, 1)
 
-    # the full model first (the ``device`` partition), then each raw split: prefix and local suffix
+    # the full model first (the ``device`` partition), then each int8 full model (``device~int8``),
+    # then each raw split: prefix and local suffix (an int8 twin's suffix is its fp32 cut's: timed once)
     sides: list[tuple[Any, Any]] = [(g.model if bundle is None else bundle.model_path, None)]
     device_id: str | None = "device" if bundle is None else None
+    int8_devices: list[Any] = []
     splits: list[Any] = []
     encoded: dict[str, list[str]] = {}
     cloud_encodings: list[str] = []  # cloud@E twins: the encode time of the model's own inputs
     if bundle is not None:
-        device_id = next((p.id for p in bundle.partitions.values() if p.kind == "device"), None)
+        devices = [p for p in bundle.partitions.values() if p.kind == "device"]
+        device_id = next((p.id for p in devices if _precision(p) == "fp32"), None)
+        int8_devices = [p for p in devices if _precision(p) != "fp32" and p.prefix_path is not None]
         splits = [p for p in bundle.partitions.values() if p.kind == "split" and p.encoding is None]
-        sides += [(p.prefix_path, p.suffix_path) for p in splits]
+        fp32_cuts = {_split_key(p) for p in splits if _precision(p) == "fp32"}
+        sides += [(p.prefix_path, None) for p in int8_devices]
+        sides += [(p.prefix_path, None if _precision(p) != "fp32" and _split_key(p, "fp32") in fp32_cuts
+                   else p.suffix_path) for p in splits]
         for p in bundle.partitions.values():
             if p.kind == "split" and p.encoding is not None:
                 encoded.setdefault(p.id.partition("@")[0], []).append(p.encoding)
@@ -689,10 +768,13 @@ def measure_device(
         model_t = timings[0][0]
         assert model_t is not None
         times = [PartitionTimes(device_id, "device", [], model_t)] if device_id else []
-        for p, (dev_t, suf_t) in zip(splits, timings[1:]):
+        for p, (dev_t, _) in zip(int8_devices, timings[1:]):
+            assert dev_t is not None
+            times.append(PartitionTimes(p.id, "device", [], dev_t, precision=_precision(p)))
+        for p, (dev_t, suf_t) in zip(splits, timings[1 + len(int8_devices):]):
             assert dev_t is not None
             cut = [t.name for t in p.cut_tensors]
-            pt = PartitionTimes(p.id, p.kind, cut, dev_t, suf_t)
+            pt = PartitionTimes(p.id, p.kind, cut, dev_t, suf_t, precision=_precision(p))
             if p.id in encoded:
                 report(f"encodings {tag}", 0, 1)
                 pt.encode_ms = _time_encodings(p.prefix_path, cut, encoded[p.id], bucket.feeds, threads, warmup,
@@ -703,7 +785,7 @@ def measure_device(
                                     nodes.attributed, times))
         if cloud_encodings:
             report(f"input encodings {tag}", 0, 1)
-            measured[-1].input_encode_ms = _encode_times(bucket.feeds, cloud_encodings, warmup, repeats)
+            measured[-1].input_encode_ms = _input_encode_times(bucket.feeds, cloud_encodings, warmup, repeats)
             report(f"input encodings {tag}", 1, 1)
     settings = {"threads": threads, "warmup": warmup, "repeats": repeats, "gap_ms": gap_ms,
                 "source": "bundle" if bundle is not None else "model"}

@@ -11,9 +11,18 @@ table, without re-extracting a partition:
 * any other partition gets the device's per-node sum over its prefix's nodes,
   times this planning machine's measured/estimated ratio for it (the
   correction :func:`splitgate.planner._plan.plan_model` applies to imported profiles);
+* an int8 twin (``cut-9~int8``, ``device~int8``; ``--quantize``) gets the
+  device's measurement of its own int8 prefix, never its fp32 partition's. A
+  device profile without int8 measurements (taken on a bundle planned without
+  ``--quantize``) gives it the device's fp32 time of the same cut times this
+  planning machine's measured int8/fp32 ratio (source
+  :data:`INT8_RATIO_SOURCE`, and a note in ``profile.json``): an estimate,
+  since that ratio differs between CPUs (0.7x on a VNNI CPU, 2x on another
+  model); profile the ``--quantize`` bundle on the device to replace it;
 * an encoded twin (``cut-3@int8``) gets its raw twin's new time plus the
-  encode time the device measured, else the planned encode time scaled by the
-  device's speed relative to the plan (its ``device`` partition).
+  encode time the device measured (for an int8 prefix's twin without its own,
+  the fp32 cut's at that encoding: the same tensors), else the planned encode
+  time scaled by the device's speed relative to the plan (its ``device`` partition).
 
 Only the decision data changes (``profile.json``, ``decision_table.json`` and
 the manifest's ``device`` key and file digests): the plan digest stays, so the
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -46,14 +56,21 @@ from splitgate.planner._decide import DecisionTable
 from splitgate.planner._device import DeviceProfile, load_device_profile
 from splitgate.planner._partition_profile import BucketProfile, PartitionProfile, Profile
 from splitgate.planner._plan import table_for
+from splitgate.planner._quantize import candidate_parts
 from splitgate.errors import BundleError, InvalidArgument
 
-__all__ = ["refit_bundle", "refit_partitions", "refit_stats", "refit_table"]
+__all__ = ["INT8_RATIO_SOURCE", "refit_bundle", "refit_partitions", "refit_stats", "refit_table"]
 
 Progress = Callable[[str, int, int], None]
 Shapes = Mapping[str, Any]
 
+log = logging.getLogger(__name__)
 
+#: ``device_source`` of an int8 twin the device profile did not measure: the device's
+#: measured fp32 time of its cut times the planning machine's int8/fp32 ratio
+INT8_RATIO_SOURCE = "fp32-measured*int8-ratio"
+#: start of the note a refit leaves in ``profile.json`` (replaced by the next refit)
+_NOTE = "refit: "
 
 
 class _PrefixNodes:
@@ -97,7 +114,8 @@ def refit_partitions(
 
     Returns:
         New figures, same order: ``device_ms`` replaced, ``device_source``
-        (``"measured"`` or ``"node-sum"``), ``planned_device_ms`` (the plan's
+        (``"measured"``, ``"node-sum"`` or, for an int8 twin the device did not
+        measure, :data:`INT8_RATIO_SOURCE`), ``planned_device_ms`` (the plan's
         own figure), ``device_suffix_ms`` where the device measured the suffix
         (a fallback's cost); encoded twins also get a new ``encode_ms``.
 
@@ -106,22 +124,27 @@ def refit_partitions(
     """
     nodes = device.node_profile(shapes)
     out: dict[str, PartitionProfile] = {}
-    for pid, entry in stats.items():
-        if entry.is_twin:
-            continue
-        if entry.kind == "cloud":
-            out[pid] = entry
-            continue
-        tensors = list(entry.tensors) or None if entry.kind == "split" else None
-        ms = device.partition_ms(pid, shapes, kind=entry.kind, tensors=tensors)
-        source = "measured"
-        if ms is None:
-            ms, source = nodes.sum(prefix_nodes(pid)) * _correction(entry), "node-sum"
-        suffix = device.suffix_ms(pid, shapes, tensors=tensors) if entry.kind == "split" else None
-        out[pid] = replace(
-            entry, device_ms=round(ms, 4), device_source=source, planned_device_ms=_planned(entry),
-            device_suffix_ms=round(suffix, 4) if suffix is not None else entry.device_suffix_ms,
-        )
+    # fp32 prefixes first: an int8 twin the device did not measure is scaled from its fp32 cut
+    for int8 in (False, True):
+        for pid, entry in stats.items():
+            if entry.is_twin or _is_int8(pid, entry) != int8:
+                continue
+            if entry.kind == "cloud":
+                out[pid] = entry
+                continue
+            tensors = list(entry.tensors) or None if entry.kind == "split" else None
+            ms = device.partition_ms(pid, shapes, kind=entry.kind, tensors=tensors)
+            source = "measured"
+            if ms is None and int8:
+                ms, source = _int8_from_fp32(pid, entry, stats, out)
+            if ms is None:
+                names = prefix_nodes(candidate_parts(pid)[0]) if int8 else []
+                ms, source = nodes.sum(names or prefix_nodes(pid)) * _correction(entry), "node-sum"
+            suffix = device.suffix_ms(pid, shapes, tensors=tensors) if entry.kind == "split" else None
+            out[pid] = replace(
+                entry, device_ms=round(ms, 4), device_source=source, planned_device_ms=_planned(entry),
+                device_suffix_ms=round(suffix, 4) if suffix is not None else entry.device_suffix_ms,
+            )
     old_dev = stats["device"].device_ms if "device" in stats else 0.0
     new_dev = out["device"].device_ms if "device" in out else 0.0
     speed = new_dev / old_dev if old_dev > 0 and new_dev > 0 else 1.0
@@ -131,13 +154,44 @@ def refit_partitions(
         base = out.get(str(entry.base))
         if base is None:
             raise BundleError(f"profile entry '{pid}' names a raw twin '{entry.base}' the profile lacks")
-        enc = device.encode_ms(pid, shapes, tensors=list(base.tensors) or None)
+        tensors = list(base.tensors) or None
+        enc = device.encode_ms(pid, shapes, tensors=tensors)
+        part, precision, encoding = candidate_parts(pid)
+        if enc is None and precision != "fp32":  # the same cut tensors, sent from the fp32 prefix
+            enc = device.encode_ms(f"{part}@{encoding}", shapes, tensors=tensors)
         source = base.device_source or "measured"
         if enc is None:
             enc, source = (entry.encode_ms or 0.0) * speed, f"{source}+scaled-encode"
         out[pid] = replace(entry, device_ms=round(base.device_ms + enc, 4), encode_ms=round(enc, 4),
                            device_source=source, planned_device_ms=_planned(entry))
     return {pid: out[pid] for pid in stats}
+
+
+def _is_int8(pid: str, entry: PartitionProfile) -> bool:
+    """An int8 twin's raw partition (``cut-9~int8``, ``device~int8``)?"""
+    return entry.precision not in (None, "fp32") or candidate_parts(pid)[1] != "fp32"
+
+
+def _int8_from_fp32(pid: str, entry: PartitionProfile, stats: Mapping[str, PartitionProfile],
+                    refitted: Mapping[str, PartitionProfile]) -> tuple[float | None, str]:
+    """An int8 twin's device time from its fp32 partition's measured one, times the planning
+    machine's int8/fp32 ratio (the sessions it timed; the plan's figures when it has none).
+
+    Returns:
+        (ms, :data:`INT8_RATIO_SOURCE`), or (None, "") when the fp32 partition was not
+        measured on the device or the plan has no ratio.
+    """
+    base = candidate_parts(pid)[0]
+    fp32, fp32_new = stats.get(base), refitted.get(base)
+    if fp32 is None or fp32_new is None or fp32_new.device_source != "measured":
+        return None, ""
+    if entry.device_timing is not None and fp32.device_timing is not None and fp32.device_timing.typical_ms > 0:
+        ratio = entry.device_timing.typical_ms / fp32.device_timing.typical_ms
+    elif _planned(fp32) > 0:
+        ratio = _planned(entry) / _planned(fp32)
+    else:
+        return None, ""
+    return fp32_new.device_ms * ratio, INT8_RATIO_SOURCE
 
 
 def _planned(entry: PartitionProfile) -> float:
@@ -226,6 +280,7 @@ def refit_bundle(
             if view.model_ms is not None:
                 view.model_ms["device"] = round(device.model_ms(shapes), 4)
     profile.partitions = views[0].partitions
+    profile.notes = _refit_notes(profile.notes, views, device)
     main_shapes = None if legacy else views[0].shapes
     profile.node_ms = {**(profile.node_ms or {}), "device": {
         k: round(v, 5) for k, v in device.node_profile(main_shapes).node_ms.items()}}
@@ -249,6 +304,22 @@ def refit_bundle(
     _write(root, bundle, manifest, profile.to_dict(), table_doc, record)
     report("refit", 3, 3)
     return PlanBundle.load(root)
+
+
+def _refit_notes(notes: list[str] | None, views: list[BucketProfile], device: DeviceProfile) -> list[str] | None:
+    """The profile's notes with this refit's (a previous refit's replaced): which int8
+    twins took the planning machine's int8/fp32 ratio (also logged as a warning)."""
+    kept = [n for n in notes or [] if not n.startswith(_NOTE)]
+    scaled = sorted({pid for v in views for pid, e in v.partitions.items()
+                     if e.device_source == INT8_RATIO_SOURCE})
+    if not scaled:
+        return None if notes is None else kept
+    note = (f"{_NOTE}the device profile ({device.label}) has no int8 measurements (profiled on a bundle "
+            f"planned without --quantize): {', '.join(scaled)} take the device's fp32 time of the same cut "
+            "times this planning machine's int8/fp32 ratio; run `splitgate profile` on this bundle for "
+            "the device's own int8 times")
+    log.warning("%s", note)
+    return [*kept, note]
 
 
 def _write(root: Path, bundle: PlanBundle, manifest: dict[str, Any], profile: dict[str, Any],

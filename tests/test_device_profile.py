@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -388,3 +389,156 @@ def test_shape_buckets_profile_and_refit(tmp_path: Path) -> None:
     feeds = {"x": np.ones((1, 3, 32, 32), np.float32)}
     enc = _time_encodings(split.prefix_path, [t.name for t in split.cut_tensors], ["fp16", "int8"], feeds, 1, 0, 2)
     assert set(enc) == {"fp16", "int8"} and all(v > 0 for v in enc.values())
+
+
+# -- int8 device prefixes (--quantize) and cloud@uint8 ---------------------------------------
+
+
+def test_refit_stats_int8_twins_never_take_the_fp32_time() -> None:
+    """Unit: an int8 twin gets its own measurement; without one (a profile of a bundle planned
+    without --quantize), the device's fp32 time x this machine's int8/fp32 ratio; its encoded
+    twin the fp32 cut's measured encode time (the same tensors)."""
+    from splitgate.planner._refit import INT8_RATIO_SOURCE
+
+    plain = _profile()  # device + dag-1 (t1|t2), fp32 only
+    stats = {
+        "device": {"kind": "device", "device_ms": 2.0, "device_timing": _timing(2.0).to_dict()},
+        "device~int8": {"kind": "device", "device_ms": 3.0, "device_timing": _timing(3.0).to_dict(),
+                        "precision": "int8"},
+        "cut-1~int8": {"kind": "split", "tensors": ["t1", "t2"], "device_ms": 0.5, "precision": "int8",
+                       "device_timing": _timing(0.5).to_dict()},
+        "cut-1": {"kind": "split", "tensors": ["t1", "t2"], "device_ms": 1.0, "device_timing": _timing(1.0).to_dict()},
+        "cut-1~int8@int8": {"kind": "split", "tensors": ["t1", "t2"], "base": "cut-1~int8", "device_ms": 0.6,
+                            "encode_ms": 0.1, "precision": "int8"},
+    }
+    new = refit_stats(stats, plain, {"x": (1, 4)}, lambda pid: ["a"])
+    assert list(new) == list(stats)
+    assert new["cut-1"]["device_ms"] == pytest.approx(0.95) and new["cut-1"]["device_source"] == "measured"
+    assert new["cut-1~int8"]["device_source"] == INT8_RATIO_SOURCE
+    assert new["cut-1~int8"]["device_ms"] == pytest.approx(0.95 * 0.5, rel=1e-3)  # the plan ran int8 in 0.5x
+    assert new["device~int8"]["device_ms"] == pytest.approx(1.9 * 1.5, rel=1e-3)
+    assert new["cut-1~int8"]["device_suffix_ms"] == pytest.approx(0.475), "the fp32 suffix it shares"
+    twin = new["cut-1~int8@int8"]
+    assert twin["encode_ms"] == pytest.approx(0.25) and twin["device_ms"] == pytest.approx(0.95 * 0.5 + 0.25, rel=1e-3)
+    # a profile with the int8 prefix measured: that time, not the fp32 one nor a ratio
+    int8 = PartitionTimes("cut-7~int8", "split", ["t1", "t2"], _timing(3.0), None, {"int8": 0.5}, "int8")
+    plain.buckets[0].partitions.append(int8)
+    assert int8.key != plain.buckets[0].partitions[1].key
+    assert PartitionTimes.from_dict({k: v for k, v in int8.to_dict().items() if k != "precision"}).key == int8.key, \
+        "a profile written before precisions were recorded: the precision from the id"
+    new = refit_stats(stats, plain, {"x": (1, 4)}, lambda pid: ["a"])
+    assert new["cut-1~int8"]["device_ms"] == pytest.approx(2.85) and new["cut-1~int8"]["device_source"] == "measured"
+    assert new["cut-1~int8@int8"]["encode_ms"] == pytest.approx(0.5)
+    assert new["device~int8"]["device_source"] == INT8_RATIO_SOURCE
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The trained small zoo resnet18 planned with --quantize and without, each profiled here."""
+    pytest.importorskip("torch")
+    from splitgate.planner.zoo import calibration_inputs, export_zoo_model
+
+    d = tmp_path_factory.mktemp("devq")
+    model = export_zoo_model("resnet18", d / "resnet18.onnx", trained=True)
+    calibration = {"input": calibration_inputs(24)["input"]}
+    q = build_bundle(model, d / "q.bundle", quantize=True, calibration=calibration, **FAST)
+    plain = build_bundle(model, d / "plain.bundle", calibration=calibration, **FAST)
+    return {"dir": d, "q": q, "plain": plain, "q_device": measure_device(q.root, **FAST),
+            "plain_device": measure_device(plain.root, **FAST)}
+
+
+def _int8_ids(bundle) -> list[str]:
+    return [pid for pid, p in bundle.partitions.items() if p.prefix_precision == "int8" and p.encoding is None]
+
+
+def test_profile_times_every_int8_prefix_itself(quantized: dict[str, Any]) -> None:
+    q, dp = quantized["q"], quantized["q_device"]
+    int8 = _int8_ids(q)
+    assert "device~int8" in int8 and len(int8) >= 4, list(q.partitions)
+    [b] = dp.buckets
+    by_id = {p.id: p for p in b.partitions}
+    assert set(int8) <= set(by_id), "device~int8 and every cut-K~int8 are measured"
+    for pid in int8:
+        fp32 = by_id[pid.split("~")[0]]
+        own = by_id[pid]
+        assert own.precision == "int8" and own.key != fp32.key and own.device != fp32.device
+        tensors = [t.name for t in q.partitions[pid].cut_tensors] or None
+        ms = dp.partition_ms(pid, kind=q.partitions[pid].kind, tensors=tensors)
+        assert ms == pytest.approx(own.device.typical_ms) and ms != pytest.approx(fp32.device.typical_ms)
+        if own.kind == "split":  # the shared fp32 suffix is timed once, and answers for the twin
+            assert own.suffix is None and dp.suffix_ms(pid, tensors=tensors) == pytest.approx(fp32.suffix.typical_ms)
+    assert DeviceProfile.from_dict(dp.to_dict()).to_dict() == dp.to_dict()
+
+
+def test_refit_int8_twins_to_their_own_times(quantized: dict[str, Any], tmp_path: Path) -> None:
+    q, dp = quantized["q"], quantized["q_device"]
+    for factor in (1.0, 5.0):  # 5.0: an emulated device five times slower scales the int8 twins too
+        copy = shutil.copytree(q.root, tmp_path / f"x{factor:g}")
+        refit = refit_bundle(copy, dp.scaled(factor))
+        assert refit.plan_digest == q.plan_digest
+        prof = refit.plan_profile.partitions
+        for pid in _int8_ids(q):
+            own = factor * dp.partition_ms(pid, tensors=[t.name for t in q.partitions[pid].cut_tensors] or None,
+                                           kind=q.partitions[pid].kind)
+            fp32 = prof[pid.split("~")[0]].device_ms
+            assert prof[pid].device_source == "measured" and prof[pid].device_ms == pytest.approx(own, abs=1e-3)
+            assert abs(prof[pid].device_ms - fp32) > 1e-3, (pid, "took the fp32 prefix's time")
+        assert not any(n.startswith("refit: ") for n in refit.profile["notes"])
+
+
+def test_refit_with_a_profile_without_int8_scales_by_the_plan_ratio(quantized: dict[str, Any],
+                                                                    tmp_path: Path) -> None:
+    from splitgate.planner._refit import INT8_RATIO_SOURCE
+
+    q, plain_dp = quantized["q"], quantized["plain_device"]
+    assert not any(p.precision == "int8" for p in plain_dp.buckets[0].partitions)
+    copy = shutil.copytree(q.root, tmp_path / "legacy")
+    planned = q.plan_profile.partitions
+    refit = refit_bundle(copy, plain_dp.scaled(5.0))
+    prof = refit.plan_profile.partitions
+    for pid in _int8_ids(q):
+        base = pid.split("~")[0]
+        ratio = planned[pid].device_timing.typical_ms / planned[base].device_timing.typical_ms
+        assert prof[base].device_source == "measured"
+        assert prof[pid].device_source == INT8_RATIO_SOURCE
+        assert prof[pid].device_ms == pytest.approx(prof[base].device_ms * ratio, rel=1e-3, abs=1e-3)
+    [note] = [n for n in refit.profile["notes"] if n.startswith("refit: ")]
+    assert "no int8 measurements" in note and "device~int8" in note
+    # refitting again with the device's int8 measurements replaces the estimate and the note
+    again = refit_bundle(copy, quantized["q_device"])
+    assert all(again.plan_profile.partitions[pid].device_source == "measured" for pid in _int8_ids(q))
+    assert not any(n.startswith("refit: ") for n in again.profile["notes"]) and again.plan_digest == q.plan_digest
+
+
+def test_cloud_uint8_encode_time_is_timed_on_8bit_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cloud@uint8`` is kept for 8-bit inputs; the bundle's saved request is random normal, so
+    the encode time is taken on byte-derived data of the input's shape (not the raw fallback)."""
+    from splitgate.planner import Constraints, _device
+
+    from splitgate.encoding import encoded_nbytes, uint8_codes
+
+    model = save(dynamic_batch_model(), tmp_path / "dyn.onnx")
+    images = (np.random.default_rng(0).integers(0, 256, size=(64, 2, 8, 8)) / 255.0).astype(np.float32)
+    b = build_bundle(model, tmp_path / "u8.bundle", batch=16, device_slowdown=50.0, encodings=("raw", "uint8"),
+                     constraints=Constraints(device_memory_mb=1e-6), calibration={"x": images}, **FAST)
+    assert "cloud@uint8" in b.partitions, list(b.partitions)
+    sample = b.sample_inputs()["x"]
+    assert uint8_codes(sample) is None, "the saved request is not 8-bit: timing it would time raw"
+    timed: dict[str, dict[str, np.ndarray]] = {}
+    real = _device._encode_times
+
+    def spy(arrays: Any, encodings: Any, warmup: int, repeats: int) -> dict[str, float]:
+        timed.update({e: dict(arrays) for e in encodings})
+        return real(arrays, encodings, warmup, repeats)
+
+    monkeypatch.setattr(_device, "_encode_times", spy)
+    dp = measure_device(b.root, **FAST)
+    assert dp.buckets[0].input_encode_ms["uint8"] > 0
+    x = timed["uint8"]["x"]
+    assert x.shape == sample.shape and x.dtype == sample.dtype
+    assert uint8_codes(x) is not None and encoded_nbytes(x, "uint8") * 3 < x.nbytes, "timed the 8-bit path"
+    # already 8-bit inputs and integer inputs are timed as given
+    ids = np.arange(6, dtype=np.int64).reshape(2, 3)
+    same = _device._byte_derived({"x": images[:16], "ids": ids})
+    assert np.array_equal(same["x"], images[:16]) and np.array_equal(same["ids"], ids)
+    assert same["ids"].dtype == np.int64
