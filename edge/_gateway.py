@@ -173,11 +173,13 @@ class _Core:
         self.config = config
         self.bundles: dict[str, PlanBundle] = {}
         self.refused: dict[str, dict[str, str]] = {}
-        # model -> monotonic time until which its cloud calls are not tried: the
-        # cloud refused its plan (stale digest) or model, and a refusal is not an
-        # outage (the breaker, shared by every model, stays closed), but asking
-        # again on every request would cost each a round trip to be refused.
-        self._cloud_refused: dict[str, float] = {}
+        # (model, plan digest or None = every version) -> monotonic time until
+        # which its cloud calls are not tried: the cloud refused that plan (a
+        # digest it does not serve: a rollout's candidate must not push the stable
+        # version off the cloud), the model, or took no work (admission). A
+        # refusal is not an outage (the breaker, shared by every model, stays
+        # closed), but asking again on every request would cost each a round trip.
+        self._cloud_refused: dict[tuple[str, str | None], float] = {}
         self.previous: dict[str, tuple[PlanBundle, dict[str, str]]] = {}  # for rollback_bundle
         self._swap_lock = threading.Lock()
         self.trusted = TrustedKeys.from_paths(config.trust)  # empty: signatures not checked
@@ -309,7 +311,8 @@ class _Core:
         (a refit from a device profile keeps the plan digest but not the planned times)."""
         if hasattr(self, "decisions"):  # (not while constructing)
             self.decisions.forget(model)
-            self._cloud_refused.pop(model, None)
+            for key in [k for k in self._cloud_refused if k[0] == model]:
+                self._cloud_refused.pop(key, None)
 
     def bundle(self, model: str) -> PlanBundle:
         try:
@@ -360,7 +363,7 @@ class _Core:
             )
         if part.suffix_path is not None and not self.breaker.allow():
             return self._offline(bundle), "breaker-open"
-        if part.suffix_path is not None and self._cloud_refused.get(model, 0.0) > time.monotonic():
+        if part.suffix_path is not None and self._refused_until(model, bundle.plan_digest) > time.monotonic():
             return self._offline(bundle), "cloud-refused"
         return part, None
 
@@ -888,23 +891,30 @@ class _Core:
             reply.bytes_sent, reply.bytes_received, reply.network_ms, reply.cloud_ms, _queue_depth(reply),
         )
 
-    def _failed(self, call: CloudCall, exc: BaseException) -> None:
-        """The call failed: the breaker counts a peer failure (a refusal proves the cloud healthy)."""
+    def _refused_until(self, model: str, digest: str) -> float:
+        """Until when the cloud is not asked for this version of ``model`` (0: ask)."""
+        return max(self._cloud_refused.get((model, None), 0.0), self._cloud_refused.get((model, digest), 0.0))
+
+    def _failed(self, call: CloudCall, exc: BaseException, digest: str | None = None) -> None:
+        """The call failed: the breaker counts a peer failure (a refusal proves the cloud healthy).
+        ``digest``: the plan the call named (a refused plan is backed off alone)."""
         if is_peer_failure(exc):
             self.breaker.record_failure()
         else:
             # The cloud answered: it is healthy, this request (or plan) was
             # refused. (Recording nothing would leave a half-open probe hanging.)
             self.breaker.record_success()
-            if isinstance(exc, (FailedPrecondition, NotFound)):  # this model's plan or name: back off it alone
-                self._cloud_refused[call.model] = time.monotonic() + self.config.breaker_reset_s
+            if isinstance(exc, FailedPrecondition):  # this plan version: back off it alone
+                self._cloud_refused[(call.model, digest)] = time.monotonic() + self.config.breaker_reset_s
+            elif isinstance(exc, NotFound):  # this model's name: back off every version of it
+                self._cloud_refused[(call.model, None)] = time.monotonic() + self.config.breaker_reset_s
             elif isinstance(exc, Overloaded):
                 # Admission control refused it (queue full, or it would miss its
                 # deadline): the whole tier is busy, so no model sends it new work
                 # for the hinted time (those requests finish here, "cloud-refused").
                 until = time.monotonic() + (exc.retry_after_ms or DEFAULT_RETRY_AFTER_MS) / 1e3
                 for model in list(self.bundles):
-                    self._cloud_refused[model] = max(self._cloud_refused.get(model, 0.0), until)
+                    self._cloud_refused[(model, None)] = max(self._cloud_refused.get((model, None), 0.0), until)
         self.decisions.call_failed(call)
 
     def _cloud_leg(
@@ -930,7 +940,7 @@ class _Core:
         except FutureTimeout:
             pass
         except SplitgateError as exc:
-            self._failed(call, exc)
+            self._failed(call, exc, bundle.plan_digest)
             if isinstance(exc, ModelRunError):
                 raise exc from None  # the local suffix would fail the same way
             trace.fallback = "cloud-overloaded" if isinstance(exc, Overloaded) else exc.code.name.lower()
@@ -944,7 +954,7 @@ class _Core:
         trace.fallback = "hedged"
         exc = future.exception() if future.done() else None
         if exc is not None:
-            self._failed(call, exc)
+            self._failed(call, exc, bundle.plan_digest)
             trace.fallback = (
                 "cloud-overloaded" if isinstance(exc, Overloaded)
                 else exc.code.name.lower() if isinstance(exc, SplitgateError) else "error"

@@ -321,11 +321,11 @@ def test_gateway_backs_off_the_cloud_for_the_hint_without_opening_the_breaker(sm
         before = time.monotonic()
         for _ in range(3):
             core._failed(call, QueueFull("queue full", retry_after_ms=300.0))
-        until = core._cloud_refused[small_bundle.model_name]
+        until = core._cloud_refused[(small_bundle.model_name, None)]
         assert before + 0.3 <= until <= time.monotonic() + 0.3
         assert gateway.breaker_state == "closed"
         core._failed(call, DeadlineUnmeetable("late", retry_after_ms=50.0))  # a shorter hint keeps the longer
-        assert core._cloud_refused[small_bundle.model_name] == until
+        assert core._cloud_refused[(small_bundle.model_name, None)] == until
         core._failed(call, InternalError("boom"))  # a real failure still counts
         assert gateway.breaker_state == "open"
 

@@ -286,3 +286,26 @@ def test_private_cut_that_copies_the_input_stays_on_device() -> None:
     x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
     assert raw_input_leaks({"x": x}, {"flat": x.reshape(1, -1)}) == ["flat"]
     assert raw_input_leaks({"x": x}, {"h": np.tanh(x)}) == []
+
+
+def test_a_candidate_the_cloud_does_not_serve_leaves_the_stable_version_on_the_cloud(zoo_bundle, stale_bundle) -> None:
+    """A rollout's candidate whose plan the tier does not serve is refused (FAILED_PRECONDITION)
+    and finishes locally; the refusal backs off that plan alone, so the stable version's
+    requests keep reaching the cloud."""
+    import numpy as np
+
+    from splitgate.cloud.baseline import start_baseline
+    from splitgate.edge import Gateway
+
+    (spec,) = zoo_bundle.inputs
+    x = {spec.name: np.random.default_rng(3).standard_normal([d if d >= 0 else 1 for d in spec.shape]).astype(
+        np.float32)}
+    with start_baseline([str(zoo_bundle.root)]) as server, Gateway([zoo_bundle], cloud=server.address) as gw:
+        gw.stage_candidate("mobilenet", stale_bundle.root, share=0.5)
+        traces = [gw.infer("mobilenet", x, partition="cloud", caller=f"user-{i}").trace for i in range(40)]
+    stable = [t for t in traces if t.version == zoo_bundle.plan_digest[:12]]
+    candidate = [t for t in traces if t.version == stale_bundle.plan_digest[:12]]
+    assert stable and candidate, [t.version for t in traces]
+    assert all(t.fallback is None and t.cloud_ms > 0 for t in stable), [t.fallback for t in stable]
+    assert all(t.fallback in ("failed_precondition", "cloud-refused") for t in candidate), [
+        t.fallback for t in candidate]
