@@ -258,10 +258,7 @@ class _Core:
                 signed by an untrusted key; the old version keeps serving.
             BundleError: integrity or smoke failure; the old version keeps serving.
         """
-        bundle = PlanBundle.load(source)
-        verify_bundle(bundle, self.trusted, allow_unsigned=self.config.allow_unsigned)
-        if smoke:
-            self._smoke(bundle)
+        bundle = self._load_candidate(source, smoke=smoke)
         with self._swap_lock:
             old = self.bundles.get(bundle.model_name)
             if old is not None:
@@ -617,13 +614,14 @@ class _Core:
                   rollout.stable_version, "shadow" if shadow else f"A/B share {rollout.share:g}")
         return self.rollout_status(model)
 
-    def _load_candidate(self, source: str | Path) -> PlanBundle:
-        """A new version, loaded by the same steps as :meth:`update_bundle`: every
-        sha256 and the plan digest checked, the signature verified against
-        ``config.trust``, the full model smoke-run on its sample input."""
+    def _load_candidate(self, source: str | Path, *, smoke: bool = True) -> PlanBundle:
+        """A new version (for :meth:`update_bundle` and a rollout): every sha256 and
+        the plan digest checked, the signature verified against ``config.trust``,
+        and with ``smoke`` the full model run once on its sample input."""
         bundle = PlanBundle.load(source)
         verify_bundle(bundle, self.trusted, allow_unsigned=self.config.allow_unsigned)
-        self._smoke(bundle)
+        if smoke:
+            self._smoke(bundle)
         return bundle
 
     def promote(self, model: str) -> PlanBundle:
