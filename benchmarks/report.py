@@ -469,6 +469,44 @@ def quantized_prefixes(results: Path) -> str:
     return f"{table}\n\n{formats}\n\n{planning}\n\n{_source('quantize.json')}"
 
 
+def _overload_table(data: dict) -> str:
+    rows = []
+    for i, st in enumerate(data["steps"]):
+        edges = ", ".join(f"{k} {v}" for k, v in sorted(st["edge_outcomes"].items())) or "-"
+        rows.append([
+            i, st["users"], _num(st["offered_rps"], 0), _ratio(st["overload_factor"], 1), _num(st["goodput_rps"], 1),
+            f"{100 * st['goodput_vs_peak']:.0f}%" if st["goodput_vs_peak"] is not None else "-",
+            _num(st["admitted_p50_ms"], 0), _num(st["admitted_p99_ms"], 0), _num(st["refused_rps"], 1),
+            st["failed"], st["replicas_max"] if st["replicas_max"] is not None else "-", edges,
+        ])
+    return _table(["step", "users", "offered rps", "x peak", "goodput rps", "of peak", "admitted p50 ms",
+                   "admitted p99 ms", "refused /s", "failed", "replicas", "edges (Gateways)"], rows)
+
+
+def overload(results: Path) -> str:
+    """The overload run (loadtests/overload.py): goodput, admitted latency, refusals, replicas."""
+    parts, files = [], []
+    for name, title in (("overload.json", "Locust users back off for each refusal's hint, as edges do"),
+                        ("overload_no_backoff.json", "Locust users never back off (worst case)")):
+        if not (results / name).is_file() and name != "overload.json":
+            continue
+        data = _load(results, name)
+        v, setup = data["verdict"], data["setup"]
+        at3 = "n/a" if v["goodput_at_3x_vs_peak"] is None else f"{100 * v['goodput_at_3x_vs_peak']:.0f}%"
+        note = (
+            f"Peak goodput {_num(v['peak_goodput_rps'], 1)} rps; at 3x overload "
+            f"{at3} "
+            f"of it; worst admitted p99 {_num(v['worst_admitted_p99_ms'], 0)} ms against a "
+            f"{setup['deadline_ms']:g} ms deadline; {v['edge_failed']} failed at the edges; replicas up to "
+            f"{v['replicas_max_under_load']}, {v['replicas_at_end']} after the cool-down. "
+            f"Host: {setup['cpus']} cores, load average {setup['load_avg_before'][0]:.1f} before, "
+            f"{setup['load_avg_after'][0]:.1f} after (other work on the host)."
+        )
+        parts.append(f"{title} (`{setup['command']}`):\n\n{_overload_table(data)}\n\n{note}")
+        files.append(name)
+    return "\n\n".join(parts) + f"\n\n{_source(*files)}"
+
+
 SECTIONS: dict[str, Renderer] = {
     "cloud_latency": cloud_latency,
     "cloud_throughput": cloud_throughput,
@@ -484,6 +522,7 @@ SECTIONS: dict[str, Renderer] = {
     "faults": faults,
     "fuzz": fuzz,
     "adaptive_sweep": adaptive_sweep,
+    "overload": overload,
 }
 
 

@@ -72,7 +72,7 @@ class AdmissionPolicy:
     priority_levels: int = 3
     default_priority: int = 2
     default_deadline_ms: float | None = None
-    deadline_fraction: float = 0.5
+    deadline_fraction: float = 0.4
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:

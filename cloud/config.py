@@ -136,7 +136,7 @@ class CloudConfig:
     priority_levels: int = 3
     default_priority: int = 2
     default_deadline_ms: float | None = None
-    deadline_fraction: float = 0.5
+    deadline_fraction: float = 0.4
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> CloudConfig:

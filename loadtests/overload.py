@@ -153,6 +153,9 @@ def _locust(args: argparse.Namespace, host: str, traffic: Path, steps: str, resu
            "--deadline-ms", str(args.deadline_ms), "--overload-result", str(result)]
     if args.back_off:
         cmd.append("--back-off")
+    if args.ramp:
+        cmd += ["--ramp", str(args.ramp), "--ramp-steps", str(args.ramp_steps), "--overload", args.overload,
+                "--step-time", str(args.step_time), "--cooldown", str(args.cooldown)]
     with open(log, "w", encoding="utf-8") as fh:
         fh.write(" ".join(cmd) + "\n")
         fh.flush()
@@ -257,7 +260,8 @@ def run(args: argparse.Namespace) -> dict:
             edges.append(_Edge(gateway, bundle.model_name, feeds, args.edge_rps, args.deadline_ms))
         result_file = work / "locust_overload.json"
         result_file.unlink(missing_ok=True)
-        run_s = len(users) * args.step_time + args.cooldown
+        run_s = (args.ramp_steps + len(args.overload.split(",")) if args.ramp else len(users)) * args.step_time \
+            + args.cooldown
         for edge in edges:
             edge.start()
         code = _locust(args, tier.address, traffic, steps, result_file, work / "locust.log", run_s)
@@ -284,8 +288,9 @@ def run(args: argparse.Namespace) -> dict:
         "command": " ".join(["python -m splitgate.loadtests.overload", *sys.argv[1:]]),
         "model": f"synthetic conv, {args.channels} ch x {args.size}x{args.size} x 4 layers, input "
                  f"{3 * args.size * args.size * 4:,} B",
-        "row_ms_one_thread": row_ms, "capacity_estimate_rps": capacity, "factors": factors, "users": users,
-        "rate_per_user": args.rate, "step_time_s": args.step_time, "cooldown_s": args.cooldown,
+        "row_ms_one_thread": row_ms, "capacity_estimate_rps": capacity,
+        **({} if args.ramp else {"factors": factors, "users": users}),
+        "rate_per_user": args.rate, "ramp": args.ramp, "overload": args.overload, "step_time_s": args.step_time, "cooldown_s": args.cooldown,
         "deadline_ms": args.deadline_ms, "deadline_fraction": args.deadline_fraction, "max_queue": args.max_queue,
         "locust_users_back_off": args.back_off, "autoscaling": config.autoscaling,
         "edges": args.edges, "edge_rps": args.edge_rps, "locust_exit": code,
@@ -323,16 +328,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--deadline-ms", type=float, default=300.0)
     parser.add_argument("--max-queue", type=int, default=8)
     parser.add_argument("--max-replicas", type=int, default=2)
-    parser.add_argument("--target-ongoing", type=float, default=4.0)
+    parser.add_argument("--target-ongoing", type=float, default=2.0)
     parser.add_argument("--downscale-delay", type=float, default=8.0)
     parser.add_argument("--edges", type=int, default=2)
     parser.add_argument("--edge-rps", type=float, default=1.0)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--channels", type=int, default=96)
+    parser.add_argument("--ramp", type=int, default=2,
+                        help="find the peak first: start at this many locust users, x1.5 per step while goodput "
+                             "grows 10 %%, then --overload steps (0 = fixed --factors steps)")
+    parser.add_argument("--ramp-steps", type=int, default=6)
+    parser.add_argument("--overload", default="2,3,4", help="overload steps after the ramp, x peak goodput")
     parser.add_argument("--back-off", action="store_true",
                         help="locust users back off for each refusal's retry hint, as splitgate edges do "
                              "(default: they never back off, the worst case)")
-    parser.add_argument("--deadline-fraction", type=float, default=0.5,
+    parser.add_argument("--deadline-fraction", type=float, default=0.4,
                         help="the replica's share of a request's deadline (CloudConfig.deadline_fraction)")
     args = parser.parse_args(argv)
     report = run(args)

@@ -52,6 +52,12 @@ def _add_options(parser: Any) -> None:
     group.add_argument("--rate", type=float, default=5.0, help="requests per second per user")
     group.add_argument("--deadline-ms", type=float, default=300.0, help="per-request deadline (ms)")
     group.add_argument("--overload-result", default="", help="write the per-step result (JSON) here")
+    group.add_argument("--ramp", type=int, default=0,
+                       help="find the peak first: start at this many users, x1.5 per step (0 = use --steps)")
+    group.add_argument("--ramp-steps", type=int, default=6, help="most ramp steps")
+    group.add_argument("--overload", default="2,3,4", help="offered load per step after the ramp, x peak goodput")
+    group.add_argument("--step-time", type=float, default=12.0, help="seconds per step (ramp and overload)")
+    group.add_argument("--cooldown", type=float, default=20.0, help="seconds at one user at the end")
     group.add_argument("--back-off", action="store_true", default=False,
                        help="act as splitgate edges do: after a refusal send nothing for its retry hint "
                             "(those requests count as 'local': completed on the device)")
@@ -236,12 +242,26 @@ class OverloadUser(User):
 
 
 class StepShape(LoadTestShape):
-    """Hold each ``--steps`` user count for its seconds, then stop."""
+    """The load schedule: fixed ``--steps``, or (with ``--ramp``) find the peak, then overload it.
 
-    def tick(self) -> tuple[int, float] | None:
-        opts = self.runner.environment.parsed_options  # type: ignore[union-attr]
+    With ``--ramp U``: steps of ``--step-time`` s starting at U users, each 1.5x
+    the last, while a step's goodput (answers within the deadline per second,
+    measured after its warm-up) beats the best so far by 10 % (at most
+    ``--ramp-steps``); the best is the peak. Then one step per ``--overload``
+    factor F at F x peak offered (users = F x peak / rate); then ``--cooldown``
+    s at one user. Autoscaling may add replicas while this runs: the report
+    computes every step's overload factor against the best goodput of the
+    whole run, not of the ramp.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._plan: list[int] = []
+        self._best = 0.0
+        self._ramping = True
+
+    def _fixed(self, opts: Any, run_time: float) -> tuple[int, float] | None:
         steps = _steps(opts.steps)
-        run_time = self.get_run_time()
         if not _collector.schedule:
             now, t = time.time() - run_time, 0.0
             for seconds, users in steps:
@@ -253,6 +273,43 @@ class StepShape(LoadTestShape):
             if run_time < elapsed:
                 return users, 1000.0
         return None
+
+    def _goodput(self, start: float, end: float, deadline_ms: float) -> float:
+        lo = start + WARMUP_FRACTION * (end - start)
+        good = sum(1 for t, o, ms in list(_collector.records) if lo <= t < end and o == "ok" and ms <= deadline_ms)
+        return good / max(end - lo, 1e-9)
+
+    def _adaptive(self, opts: Any) -> tuple[int, float] | None:
+        now = time.time()
+        schedule = _collector.schedule
+        if schedule and now < schedule[-1][1]:
+            return schedule[-1][2], 1000.0
+        if schedule and self._ramping:  # a ramp step just ended
+            goodput = self._goodput(schedule[-1][0], schedule[-1][1], opts.deadline_ms)
+            ramp_steps = len(schedule)
+            if goodput > 1.1 * self._best and ramp_steps < opts.ramp_steps:
+                self._best = max(self._best, goodput)
+                users = max(int(round(schedule[-1][2] * 1.5)), schedule[-1][2] + 1)
+            else:
+                self._best = max(self._best, goodput)
+                self._ramping = False
+                factors = [float(f) for f in opts.overload.split(",") if f]
+                self._plan = [max(int(round(f * self._best / opts.rate)), 1) for f in factors] + [1]
+        if not schedule:
+            users = opts.ramp
+        elif not self._ramping:
+            if not self._plan:
+                return None
+            users = self._plan.pop(0)
+        seconds = opts.cooldown if not self._ramping and not self._plan else opts.step_time
+        schedule.append((now, now + seconds, users))
+        return users, 1000.0
+
+    def tick(self) -> tuple[int, float] | None:
+        opts = self.runner.environment.parsed_options  # type: ignore[union-attr]
+        if opts.ramp:
+            return self._adaptive(opts)
+        return self._fixed(opts, self.get_run_time())
 
 
 @events.test_stop.add_listener
