@@ -486,6 +486,23 @@ def test_refit_int8_twins_to_their_own_times(quantized: dict[str, Any], tmp_path
         assert not any(n.startswith("refit: ") for n in refit.profile["notes"])
 
 
+def test_plan_with_a_device_profile_costs_int8_twins_at_their_own_times(quantized: dict[str, Any]) -> None:
+    """``plan --device-profile`` takes an int8 twin's device time from the profile's own
+    int8 measurement, as refit does (not the per-node sum of its fp32 nodes)."""
+    from splitgate.planner.zoo import calibration_inputs
+
+    q, dp = quantized["q"], quantized["q_device"].scaled(5.0)
+    planned = build_bundle(q.model_path, quantized["dir"] / "q_dev.bundle", quantize=True, device_profile=dp,
+                           calibration={"input": calibration_inputs(24)["input"]}, **FAST)
+    prof = planned.plan_profile.partitions
+    ids = [pid for pid in _int8_ids(planned) if pid in prof]
+    assert ids, list(prof)
+    for pid in ids:
+        part = planned.partitions[pid]
+        own = dp.partition_ms(pid, tensors=[t.name for t in part.cut_tensors] or None, kind=part.kind)
+        assert prof[pid].device_ms == pytest.approx(own, abs=1e-3), pid
+
+
 def test_refit_with_a_profile_without_int8_scales_by_the_plan_ratio(quantized: dict[str, Any],
                                                                     tmp_path: Path) -> None:
     from splitgate.planner._refit import INT8_RATIO_SOURCE
