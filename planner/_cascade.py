@@ -45,6 +45,7 @@ from splitgate.errors import BundleError, InvalidArgument
 __all__ = [
     "CASCADE_DIR", "CASCADE_FILE", "CASCADE_MODEL", "INT8", "CascadeSpec", "PlannedCascade",
     "check_interface", "confidence", "confidence_kind", "calibrate_threshold", "plan_cascade", "load_cascade_model",
+    "measure_cascade", "with_device_ms",
 ]
 
 CASCADE_DIR = "cascade"
@@ -328,6 +329,21 @@ def plan_cascade(
         min_top1_agreement=guard.min_top1_agreement, samples=int(len(conf)), calibration_source=calibration.source,
     )
     return PlannedCascade(spec, small)
+
+
+def with_device_ms(planned: PlannedCascade, device_ms: float, full_device_ms: float) -> PlannedCascade:
+    """``planned`` with its device times given (the small model is a partition measured
+    with the others: ``--cascade int8`` taking the kept ``device~int8`` model).
+
+    Args:
+        planned: the calibrated cascade.
+        device_ms: the small model's planned device time at the main planned shape.
+        full_device_ms: the ``device`` partition's there.
+    """
+    from dataclasses import replace
+
+    spec = replace(planned.spec, device_ms=round(device_ms, 4), full_device_ms=round(full_device_ms, 4))
+    return PlannedCascade(spec, planned.model)
 
 
 def measure_cascade(planned: PlannedCascade, full: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *,

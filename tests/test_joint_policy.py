@@ -136,3 +136,22 @@ def test_reproduction_rows_carry_the_joint_column(bundle: PlanBundle) -> None:
 def test_the_live_engine_refuses_the_joint_policy(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="analytic engine only"):
         run_experiments([_spec("cat1", ["device", "joint"])], engines=("live",), out_dir=tmp_path)
+
+
+def test_an_int8_cascade_is_timed_as_the_device_int8_partition_it_is(tmp_path: Path) -> None:
+    """``--cascade int8`` with a kept ``device~int8``: one model, one planned time; so the cascade
+    never "pays" in front of ``device~int8`` itself (it would run the same model twice)."""
+    from splitgate.edge import DecisionCore
+
+    rng = np.random.default_rng(1)
+    full = _classifier(tmp_path / "full.onnx", _head(rng), LAYERS)
+    b = build_bundle(full, tmp_path / "q.bundle", model_name="q", quantize=True, cascade="int8",
+                     calibration={"input": rng.uniform(0.0, 4.0, (64, WIDTH)).astype(np.float32)},
+                     encodings=("raw",), repeats=3, warmup=1, reference_cuts=1, max_candidates=1,
+                     device_slowdown=200.0, min_top1_agreement=0.9)  # (int8 flips a near tie of random logits)
+    assert "device~int8" in b.partitions, sorted(b.partitions)
+    planned = b.profile["partitions"]
+    assert b.cascade.device_ms == pytest.approx(planned["device~int8"]["device_ms"], rel=1e-3)
+    assert b.cascade.full_device_ms == pytest.approx(planned["device"]["device_ms"], rel=1e-3)
+    c = Conditions(uplink_mbps=0.13, rtt_ms=150.0)
+    assert not DecisionCore().cascade_choice(b, "device~int8", b.costs(), conditions=c).run
