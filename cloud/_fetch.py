@@ -35,7 +35,6 @@ import hashlib
 import logging
 import os
 import shutil
-import tarfile
 import tempfile
 import urllib.error
 import urllib.parse
@@ -46,6 +45,7 @@ from typing import TYPE_CHECKING
 
 from splitgate.planner import PlanBundle
 
+from splitgate._archive import unpack_bundle_archive
 from splitgate.errors import BundleError, ConfigError
 
 if TYPE_CHECKING:
@@ -265,24 +265,11 @@ def _copy_stream(stream, target: Path, uri: str, pin: str | None) -> None:
 
 
 def _unpack(archive: Path, into: Path, uri: str) -> Path:
-    """Unpack a .tar.gz safely (the ``"data"`` filter) and find the bundle root in it."""
+    """Unpack a .tar.gz safely (:func:`splitgate._archive.unpack_bundle_archive`) and
+    return the bundle root in it; content over 64x the archive (at least 256 MB) is refused."""
     into.mkdir()
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(into, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise BundleError(
-            f"bundle {_safe(uri)}: not a usable .tar.gz of a bundle directory ({type(exc).__name__}: {exc}); "
-            "make one with: tar czf b.tar.gz -C BUNDLE ."
-        ) from None
-    if (into / _MANIFEST).is_file():
-        return into
-    subdirs = [p for p in into.iterdir() if p.is_dir()]
-    if len(subdirs) == 1 and (subdirs[0] / _MANIFEST).is_file():  # tar czf b.tar.gz BUNDLE
-        return subdirs[0]
-    raise BundleError(
-        f"bundle {_safe(uri)}: the archive holds no {_MANIFEST} at its top; make it with: tar czf b.tar.gz -C BUNDLE ."
-    )
+    limit = max(64 * archive.stat().st_size, 256 << 20)
+    return unpack_bundle_archive(archive, into, where=f"bundle {_safe(uri)}", max_bytes=limit)
 
 
 def _fsspec(uri: str):

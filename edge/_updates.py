@@ -41,15 +41,16 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
-from splitgate import __version__
-from splitgate.errors import BundleError, ConfigError, SplitgateError, Unavailable
 from splitgate.planner import PlanBundle
+
+from splitgate import __version__
+from splitgate._archive import unpack_bundle_archive
+from splitgate.errors import BundleError, ConfigError, SplitgateError, Unavailable
 
 __all__ = [
     "INDEX_NAME",
@@ -329,11 +330,7 @@ def publish(
 
 
 def unpack_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str], *, max_bytes: int) -> Path:
-    """Unpack a bundle archive into ``dest`` safely.
-
-    Only regular files and directories are accepted; names are checked by
-    ``tarfile``'s ``filter="data"`` (no absolute paths, no ``..``, no device
-    files); the declared sizes may total at most ``max_bytes``.
+    """Unpack a bundle archive into ``dest`` safely (:func:`splitgate._archive.unpack_bundle_archive`).
 
     Returns:
         The bundle directory: ``dest``, or its one sub-directory when the
@@ -341,32 +338,9 @@ def unpack_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str]
 
     Raises:
         BundleError: unreadable archive, a link or special file, a name that
-            escapes ``dest``, or more than ``max_bytes`` of content.
+            escapes ``dest``, more than ``max_bytes`` of content, or no manifest.
     """
-    dest = Path(dest)
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            members = tar.getmembers()
-            total = 0
-            for m in members:
-                name = PurePosixPath(m.name)
-                if name.is_absolute() or ".." in name.parts:
-                    raise BundleError(f"archive {archive}: member {m.name!r} escapes the bundle directory")
-                if not (m.isfile() or m.isdir()):
-                    kind = "link" if (m.issym() or m.islnk()) else "special file"
-                    raise BundleError(f"archive {archive}: member {m.name!r} is a {kind}; bundles hold files only")
-                total += m.size
-            if total > max_bytes:
-                raise BundleError(f"archive {archive}: {total} bytes of content is over the {max_bytes} byte limit")
-            tar.extractall(dest, members=members, filter="data")
-    except tarfile.FilterError as exc:
-        raise BundleError(f"archive {archive}: refused member ({exc})") from None
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise BundleError(f"archive {archive}: not a readable .tar.gz ({exc})") from None
-    entries = [p for p in dest.iterdir()]
-    if not (dest / "manifest.json").exists() and len(entries) == 1 and entries[0].is_dir():
-        return entries[0]
-    return dest
+    return unpack_bundle_archive(archive, dest, where=f"archive {archive}", max_bytes=max_bytes)
 
 
 def _file_sha256(path: Path) -> str:
