@@ -50,7 +50,7 @@ SERVICER_FUNCTION = "splitgate.security.add_inference_servicer"
 ENDPOINTS_EXTENSION = contract.ENDPOINTS_EXTENSION
 # ServerMetadata.extensions entry naming the onnxruntime execution providers the
 # answering replica's suffix sessions run on: "splitgate.providers=CUDAExecutionProvider,CPUExecutionProvider".
-PROVIDERS_EXTENSION = "splitgate.providers="
+PROVIDERS_EXTENSION = contract.PROVIDERS_EXTENSION
 _log = logging.getLogger("ray.serve")  # lands in the replica's own Serve log
 _ENDPOINTS_TTL_S = 2.0
 

@@ -37,6 +37,7 @@ __all__ = [
     "SHAPE",
     "PROBE_MODEL",
     "ENDPOINTS_EXTENSION",
+    "PROVIDERS_EXTENSION",
     "DEFAULT_PARTITION",
 ]
 
@@ -106,5 +107,8 @@ SHAPE = "splitgate.shape"
 PROBE_MODEL = "splitgate.probe"
 #: ``ServerMetadata.extensions`` entry listing replicas' direct gRPC endpoints (comma-separated).
 ENDPOINTS_EXTENSION = "splitgate.endpoints="
+#: ``ServerMetadata.extensions`` entry naming the onnxruntime execution providers
+#: a replica's sessions run on (``splitgate.providers=CUDAExecutionProvider,...``).
+PROVIDERS_EXTENSION = "splitgate.providers="
 #: the partition a plain OIP client (no ``splitgate.partition``) gets.
 DEFAULT_PARTITION = "cloud"
