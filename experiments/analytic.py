@@ -304,7 +304,7 @@ class _Sim:
         deadline_s = self.core.config.deadline_ms / 1e3
         for pid in partitions:
             e = self.entries[pid]
-            if pid == "device":
+            if self.bundle.partitions[pid].kind == "device":  # device, device~int8: no cloud call
                 continue
             up, down, cloud = int(e["up_bytes"]) + UP_OVERHEAD, int(e["down_bytes"]) + DOWN_OVERHEAD, float(e["cloud_ms"])
             for _ in range(WARM_UP_CALLS):  # (forced partitions: the Gateway probes nothing before them)
@@ -377,7 +377,7 @@ class _Sim:
             self._later(t0 + dev / 1e3, self.core.device_leg, self.model, pid, dev, self.costs)
         else:
             self._device_probe(t0)
-        if pid == "device":
+        if self.bundle.partitions[pid].kind == "device":  # device, device~int8: all on the device
             latency = probe_ms + dev
         else:
             latency, fallback, network_ms, sent, received, dev, cloud = self._cloud_leg(

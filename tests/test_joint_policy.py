@@ -138,7 +138,8 @@ def test_the_live_engine_refuses_the_joint_policy(tmp_path: Path) -> None:
         run_experiments([_spec("cat1", ["device", "joint"])], engines=("live",), out_dir=tmp_path)
 
 
-def test_an_int8_cascade_is_timed_as_the_device_int8_partition_it_is(tmp_path: Path) -> None:
+def test_an_int8_cascade_is_timed_as_the_device_int8_partition_it_is(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """``--cascade int8`` with a kept ``device~int8``: one model, one planned time; so the cascade
     never "pays" in front of ``device~int8`` itself (it would run the same model twice)."""
     from splitgate.edge import DecisionCore
@@ -155,3 +156,10 @@ def test_an_int8_cascade_is_timed_as_the_device_int8_partition_it_is(tmp_path: P
     assert b.cascade.full_device_ms == pytest.approx(planned["device"]["device_ms"], rel=1e-3)
     c = Conditions(uplink_mbps=0.13, rtt_ms=150.0)
     assert not DecisionCore().cascade_choice(b, "device~int8", b.costs(), conditions=c).run
+    # the analytic engine runs device~int8 on the device alone (no cloud leg), at its planned time
+    import splitgate.experiments.analytic as analytic
+
+    monkeypatch.setattr(analytic._Sim, "_choose", lambda self: ("device~int8", 0.0))  # noqa: SLF001
+    recs = simulate_policy(_spec("cat1", ["mincut"], seconds=5.0), b, "mincut")
+    assert recs and all(r.partition == "device~int8" and r.bytes_sent == 0 and r.network_ms == 0.0 for r in recs)
+    assert recs[0].latency_ms == pytest.approx(planned["device~int8"]["device_ms"])
