@@ -71,6 +71,10 @@ PROBE_RTT_TIMEOUT_S = 2.0
 PROBE_SEND_TIMEOUT_S = 10.0
 #: A device probe runs the cheapest prefix this many times; the fastest run is the sample.
 DEVICE_PROBE_RUNS = 2
+#: The cascade pays only when its expected latency beats the path's by more than this (ms):
+#: an int8 cascade that is the path's own model (``device~int8``) exiting on every input ties
+#: it, up to float rounding.
+CASCADE_TIE_MS = 1e-6
 
 Costs = dict[str, dict[str, Any]]
 SyncProbe = Literal["full", "rtt"]
@@ -336,7 +340,7 @@ class DecisionCore:
         if self.config.learn_device:
             small *= self.device.relative(model, "cascade")
         expected = cascade_expected_ms(small, rate, path)
-        pays = expected < path
+        pays = expected < path - CASCADE_TIE_MS  # a tie goes to the path: no model run to save nothing
         return CascadeChoice(pays, "pays" if pays else "does not pay", rate, small, planned, path, expected)
 
     def cascade_done(self, bundle: PlanBundle, exited: bool, measured_ms: float, planned_ms: float | None) -> None:

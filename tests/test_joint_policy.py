@@ -156,6 +156,12 @@ def test_an_int8_cascade_is_timed_as_the_device_int8_partition_it_is(tmp_path: P
     assert b.cascade.full_device_ms == pytest.approx(planned["device"]["device_ms"], rel=1e-3)
     c = Conditions(uplink_mbps=0.13, rtt_ms=150.0)
     assert not DecisionCore().cascade_choice(b, "device~int8", b.costs(), conditions=c).run
+    # even where it answers every input: the same model, the same time, a tie
+    from dataclasses import replace
+
+    every = replace(b.cascade, exit_rate=1.0)
+    monkeypatch.setattr(type(b), "cascade", property(lambda self: every))
+    assert not DecisionCore().cascade_choice(b, "device~int8", b.costs(), conditions=c).run
     # the analytic engine runs device~int8 on the device alone (no cloud leg), at its planned time
     import splitgate.experiments.analytic as analytic
 
