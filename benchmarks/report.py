@@ -487,6 +487,7 @@ def overload(results: Path) -> str:
     """The overload run (loadtests/overload.py): goodput, admitted latency, refusals, replicas."""
     parts, files = [], []
     for name, title in (("overload.json", "Locust users back off for each refusal's hint, as edges do"),
+                        ("overload_rerun.json", "The same, run again 10 minutes later"),
                         ("overload_no_backoff.json", "Locust users never back off (worst case)")):
         if not (results / name).is_file() and name != "overload.json":
             continue
