@@ -96,7 +96,7 @@ class _Collector:
             ok = sorted(ms for o, ms in window if o == "ok")
             good = sum(1 for ms in ok if ms <= deadline_ms)
 
-            def pct(q: float) -> float | None:
+            def pct(q: float, ok: list[float] = ok) -> float | None:
                 return ok[min(int(q * len(ok)), len(ok) - 1)] if ok else None
 
             steps.append({

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -328,6 +327,60 @@ def test_gateway_backs_off_the_cloud_for_the_hint_without_opening_the_breaker(sm
         assert core._cloud_refused[(small_bundle.model_name, None)] == until
         core._failed(call, InternalError("boom"))  # a real failure still counts
         assert gateway.breaker_state == "open"
+
+
+class _Context:
+    """What the deployment uses of Ray Serve's gRPC context (for an in-process replica)."""
+
+    def __init__(self) -> None:
+        self.code, self.details, self.trailing = None, "", []
+
+    def invocation_metadata(self) -> list:
+        return []
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+    def set_trailing_metadata(self, metadata: list) -> None:
+        self.trailing = list(metadata)
+
+
+@pytest.mark.parametrize("batcher", ["drain", "serve"])
+def test_replica_refuses_with_status_and_hint_before_compute(small_bundle, batcher: str) -> None:
+    """The Serve deployment class itself (no Ray running): both batchers refuse an
+    unmeetable deadline UNAVAILABLE with the hint in trailing metadata, and a bad priority."""
+    import asyncio
+
+    pytest.importorskip("ray")
+    from splitgate.cloud import CloudConfig
+    from splitgate.cloud._app import build_app
+    from splitgate.protocol import inference_pb2 as pb
+
+    bound = build_app(CloudConfig(bundles=[str(small_bundle.root)], batcher=batcher))._bound_deployment
+    replica = bound.func_or_class(*bound.init_args, **bound.init_kwargs)
+    replica._timing.record(run_ms=50.0, rows=1)  # measured: 50 ms per row
+
+    def request(**params) -> pb.ModelInferRequest:
+        req = pb.ModelInferRequest(model_name=small_bundle.model_name)
+        codec.set_params(req.parameters, {contract.PARTITION: "cloud", **params})
+        codec.add_inputs(req, {"x": np.zeros((1, 3, 8, 8), np.float32)})
+        return req
+
+    async def call(req) -> _Context:
+        context = _Context()
+        await replica.ModelInfer(req, context)
+        return context
+
+    late = asyncio.run(call(request(**{contract.DEADLINE_MS: 10.0})))
+    assert late.code == grpc.StatusCode.UNAVAILABLE and "before any compute" in late.details
+    assert [k for k, _ in late.trailing] == [contract.RETRY_AFTER_MS] and float(late.trailing[0][1]) >= 5
+    bad = asyncio.run(call(request(**{contract.PRIORITY: -2})))
+    assert bad.code == grpc.StatusCode.INVALID_ARGUMENT and contract.PRIORITY in bad.details
+    ok = asyncio.run(call(request(**{contract.DEADLINE_MS: 10_000.0, contract.PRIORITY: 1})))
+    assert ok.code is None
 
 
 # -- integration: a real Ray Serve tier ------------------------------------------------
