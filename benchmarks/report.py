@@ -439,6 +439,100 @@ def adaptive_sweep(results: Path) -> str:
     return f"{table}\n\n{note}\n{_source('adaptive_sweep.json')}"
 
 
+_COLUMN_NAMES = {"edge": "edge-only", "cloud": "best cloud encoding", "dads": "DADS min-cut (raw)",
+                 "mincut_enc": "min-cut + encodings", "joint": "joint"}
+
+
+def _pct_plain(value: float | None) -> str:
+    """A fraction as ``99.2 %``."""
+    return "-" if value is None else f"{value * 100:.1f} %"
+
+
+def joint_plan(results: Path) -> str:
+    """Edge-only, best cloud encoding, DADS raw min-cut, min-cut with encodings and the joint plan, per model and link."""
+    data = _load(results, "joint.json")
+    cols = ("edge", "cloud", "dads", "mincut_enc", "joint")
+    rows = []
+    for m in data["models"]:
+        for r in m["cells"]:
+            ms, choice = r["ms"], r["choice"]
+            rows.append([m["model"], _NETWORK_NAMES.get(r["link"], r["link"]),
+                         *(f"{_num(ms[k], 1)} `{choice[k]}`" for k in cols),
+                         _ratio(r["joint_vs_best_other"]), _ratio(r["joint_vs_mincut_enc"]),
+                         _num(r["joint_simulated"]["mean_ms"], 1)])
+    table = _table(["model", "link", *(f"{_COLUMN_NAMES[k]} ms" for k in cols), "joint / best other",
+                    "joint / min-cut + enc", "joint, analytic engine ms"], rows)
+    facts = []
+    for m in data["models"]:
+        dev, agree = m["device"], m["agreement"]["partitions"]
+        casc = agree.get("cascade") or {}
+        lossy = {k: v["top1_agreement"] for k, v in agree.items() if isinstance(v, dict) and v.get("lossy")}
+        int8 = dev["device_ms"].get("device~int8")
+        facts.append([
+            m["model"], f"{_num(m['planning_s'], 1)} s", f"{_num(dev['device_ms'].get('device'), 1)} ms",
+            "-" if int8 is None else f"{_num(int8, 1)} ms ({_ratio(dev['int8_vs_fp32_full'])})",
+            "-" if dev["cascade_device_ms"] is None else f"{_num(dev['cascade_device_ms'], 1)} ms",
+            f"{_pct_plain(casc.get('planned_exit_rate'))} / {_pct_plain(casc.get('exit_rate'))}" if casc else "-",
+            ", ".join(f"`{k}` {_pct_plain(v)}" for k, v in sorted(lossy.items())) or "none chosen",
+        ])
+    facts_table = _table(["model", "planning (quantize + cascade)", "device fp32", "device~int8 (vs fp32)",
+                          "cascade (int8) device", "cascade exits: planned / held out",
+                          "top-1 agreement of lossy choices (held out)"], facts)
+    v = data["verdict"]
+    worst, best = v["worst_joint_vs_best_other"], v["best_speedup_vs_mincut_enc_3g_4g"] or {}
+    note = (f"Device {data['device_slowdown']:g}x this host (Pi 3B-class); {data['calibration_images']} calibration "
+            f"and {data['heldout_images']} held-out byte images. Joint within 5 % of the best other column "
+            f"everywhere: {'yes' if v['joint_within_5pct_of_best_everywhere'] else '**no**'} (worst "
+            f"{_ratio(worst['ratio'], 3)}, {worst['model']} {_NETWORK_NAMES.get(worst['link'], worst['link'])}); "
+            f"best speedup over min-cut + encodings at 3G/4G: **{_ratio(best.get('speedup'))}** "
+            f"({best.get('model')} {_NETWORK_NAMES.get(best.get('link'), best.get('link'))}; 1.2x bar "
+            f"{'met' if v['speedup_1p2_somewhere_3g_4g'] else '**not met**'}); lowest held-out top-1 agreement "
+            f"of a lossy choice: {_pct_plain(v['lossy_min_agreement'])} (bar 99 %).")
+    return f"{table}\n\n{facts_table}\n\n{note}\n{_source('joint.json')}"
+
+
+def _reproduction_note(run: dict[str, Any]) -> str:
+    """What one reproduction run's plan held, and its held-out agreement."""
+    plan, held = run["plan"], run["heldout"]["top1_agreement"]
+    text = f"`{run['spec']}`: edge-only {_num(plan['device_ms'], 1)} ms planned"
+    tried = plan["int8_twins_tried"]
+    text += (f"; int8 twins refused by the guard: {len(plan['int8_twins_refused'])} of {len(tried)}" if tried
+             else "; no int8 twins (not planned)")
+    casc = plan.get("cascade")
+    if casc:
+        text += (f"; cascade `{casc['source']}` {_num(casc['device_ms'], 1)} ms vs the full model's "
+                 f"{_num(casc['full_device_ms'], 1)} ms, threshold {casc['threshold']:g}, exits "
+                 f"{_pct_plain(casc['exit_rate'])} of {casc['samples']} calibration images and "
+                 f"{_pct_plain(held.get('cascade_exit_rate'))} of {run['heldout']['samples']} held out (agreement "
+                 f"among those {_pct_plain(held.get('cascade_agreement_among_exits'))})")
+    lossy = {k: v for k, v in held.items() if not k.startswith("cascade")}
+    if lossy:
+        text += "; held-out top-1 agreement of the lossy partitions run: " + ", ".join(
+            f"`{k}` {_pct_plain(v)}" for k, v in sorted(lossy.items()))
+    return text + "."
+
+
+def dads_reproduction(results: Path) -> str:
+    """The DADS ResNet-18 reproduction (analytic engine): per spec and link, every column and the speedups."""
+    data = _load(results, "dads_reproduction.json")
+    rows = []
+    for run in data["runs"]:
+        for r in run["rows"]:
+            joint = "-" if r.get("joint_ms") is None else f"{_num(r['joint_ms'], 1)} `{r['joint_partition']}`"
+            rows.append([
+                f"`{run['spec']}`", _NETWORK_NAMES.get(r["link"], r["link"]), _num(r["edge_ms"], 1),
+                f"{_num(r['cloud_ms'], 1)} `{r['cloud_partition']}`", _num(r["cloud_raw_ms"], 1),
+                f"{_num(r['split_ms'], 1)} `{r['split_partition']}`", _ratio(r["speedup_vs_edge"]),
+                _ratio(r["speedup_vs_cloud"]), _ratio(r["speedup_vs_cloud_raw"]), joint,
+                _ratio(r.get("joint_speedup_vs_edge")), _ratio(r["dads_published_vs_edge"]),
+            ])
+    table = _table(["spec", "link", "edge-only ms", "cloud-only ms (runs)", "cloud (raw fp32) ms",
+                    "min-cut ms (runs)", "min-cut vs edge", "vs cloud-only", "vs cloud (raw fp32)",
+                    "joint ms (runs)", "joint vs edge", "DADS vs edge"], rows)
+    notes = "\n".join(f"- {_reproduction_note(run)}" for run in data["runs"])
+    return f"{table}\n\n{notes}\n\n{_source('dads_reproduction.json')}"
+
+
 def quantized_prefixes(results: Path) -> str:
     """fp32 against int8 (QDQ) prefixes, side by side; the full model's other int8 formats; planning time."""
     data = _load(results, "quantize.json")
@@ -519,6 +613,8 @@ SECTIONS: dict[str, Renderer] = {
     "encoding_planner": encoding_planner,
     "encoding_latency": encoding_latency,
     "encoding_slow_device": encoding_slow_device,
+    "joint_plan": joint_plan,
+    "dads_reproduction": dads_reproduction,
     "quantized_prefixes": quantized_prefixes,
     "faults": faults,
     "fuzz": fuzz,

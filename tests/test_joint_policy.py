@@ -18,10 +18,9 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
+from splitgate.experiments._records import summarize
 from splitgate.experiments.analytic import CASCADE_PARTITION, simulate_policy
 from splitgate.experiments.runner import reproduction_rows, run_experiments
-from splitgate.experiments._records import summarize
 from splitgate.experiments.spec import ExperimentSpec, build_trace
 from splitgate.planner import Conditions, PlanBundle, build_bundle
 
@@ -163,9 +162,9 @@ def test_an_int8_cascade_is_timed_as_the_device_int8_partition_it_is(tmp_path: P
     monkeypatch.setattr(type(b), "cascade", property(lambda self: every))
     assert not DecisionCore().cascade_choice(b, "device~int8", b.costs(), conditions=c).run
     # the analytic engine runs device~int8 on the device alone (no cloud leg), at its planned time
-    import splitgate.experiments.analytic as analytic
+    from splitgate.experiments import analytic
 
-    monkeypatch.setattr(analytic._Sim, "_choose", lambda self: ("device~int8", 0.0))  # noqa: SLF001
+    monkeypatch.setattr(analytic._Sim, "_choose", lambda self: ("device~int8", 0.0))
     recs = simulate_policy(_spec("cat1", ["mincut"], seconds=5.0), b, "mincut")
     assert recs and all(r.partition == "device~int8" and r.bytes_sent == 0 and r.network_ms == 0.0 for r in recs)
     assert recs[0].latency_ms == pytest.approx(planned["device~int8"]["device_ms"])
