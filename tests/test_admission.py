@@ -383,6 +383,35 @@ def test_replica_refuses_with_status_and_hint_before_compute(small_bundle, batch
     assert ok.code is None
 
 
+def test_client_sends_its_budget_and_priority_and_raises_refusals_unretried() -> None:
+    from splitgate.edge import CloudClient
+    from splitgate.protocol import inference_pb2 as pb
+
+    sent: list[tuple[pb.ModelInferRequest, float]] = []
+
+    class Stub:
+        def __init__(self, refuse: bool) -> None:
+            self.refuse = refuse
+
+        def ModelInfer(self, request, timeout, metadata):  # noqa: N802 - the gRPC method's name
+            sent.append((request, timeout))
+            if self.refuse:
+                raise _Status(grpc.StatusCode.UNAVAILABLE, "would miss", ((contract.RETRY_AFTER_MS, "75"),))
+            return pb.ModelInferResponse(model_name=request.model_name)
+
+    with CloudClient("127.0.0.1:1", timeout_s=2.0) as client:
+        client._stub = Stub(refuse=False)
+        client.infer("m", {"x": np.zeros((1, 2), np.float32)}, timeout_s=0.25, priority=1)
+        params = codec.read_params(sent[-1][0].parameters)
+        assert params[contract.DEADLINE_MS] == 250.0 and params[contract.PRIORITY] == 1
+        client._stub = Stub(refuse=True)
+        with pytest.raises(DeadlineUnmeetable) as info:
+            client.infer("m", {"x": np.zeros((1, 2), np.float32)})
+        assert info.value.retry_after_ms == 75.0
+        assert codec.read_params(sent[-1][0].parameters)[contract.DEADLINE_MS] == 2000.0  # the client's default
+    assert len(sent) == 2  # a refusal is not retried elsewhere
+
+
 # -- integration: a real Ray Serve tier ------------------------------------------------
 
 
