@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from splitgate.errors import SplitgateError
+from splitgate.errors import InvalidArgument, SplitgateError
 
 __all__ = ["main"]
 
@@ -118,6 +118,7 @@ def _cmd_cloud_serve(args: argparse.Namespace) -> int:
         "providers": [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None,
         "gpus_per_replica": args.gpus_per_replica,
         "max_replicas_per_node": args.max_replicas_per_node,
+        "max_queue": args.max_queue,
     }
     if args.config:
         config = CloudConfig.from_file(args.config, **overrides)
@@ -132,6 +133,10 @@ def _cmd_cloud_serve(args: argparse.Namespace) -> int:
     from splitgate.cloud.config import execution_providers
 
     execution_providers(config.providers, available=[])  # an unknown name fails before Ray starts
+    try:
+        config.admission_policy()  # (as do admission settings out of range)
+    except ValueError as exc:
+        raise InvalidArgument(f"cloud admission settings: {exc}") from None
     _apply_trust(config, args)
     tls, tokens = _server_security(args)
     if tls is not None:  # TLS front on the public port; Serve's plaintext proxy on a free one
@@ -449,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--gpus-per-replica", type=float, default=None, help="GPUs Ray reserves per replica (default 0)")
     serve.add_argument("--max-replicas-per-node", type=int, default=None,
                        help="at most this many replicas per Ray node (1 = spread over nodes)")
+    serve.add_argument("--max-queue", type=int, default=None, help="requests that may wait per replica; "
+                       "more are refused RESOURCE_EXHAUSTED before any compute (default 32; 0 = unbounded)")
     _add_security_flags(serve)
     _add_trust_flags(serve)
     serve.set_defaults(func=_cmd_cloud_serve)

@@ -608,3 +608,13 @@ def test_gateway_finishes_refused_requests_locally_breaker_closed(admitting_tier
     counted = sum(v for k, v in metrics.items()
                   if k.startswith("splitgate_fallbacks_total") and "reason=cloud-overloaded" in k)
     assert counted == refusals
+
+
+def test_cli_refuses_admission_settings_out_of_range_in_one_line(tmp_path, capsys) -> None:
+    """``cloud serve --max-queue -1`` is a one-line error (exit 2) before Ray starts."""
+    from splitgate.cli import main
+
+    (tmp_path / "b").mkdir()
+    assert main(["cloud", "serve", str(tmp_path / "b"), "--max-queue", "-1", "--insecure"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "max_queue must be >= 0, got -1" in err, err
