@@ -25,7 +25,6 @@ import grpc
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from splitgate import codec, contract
 from splitgate.cloud._admission import AdmissionPolicy, AdmissionQueue, ServiceTime, request_terms
@@ -416,21 +415,11 @@ def test_client_sends_its_budget_and_priority_and_raises_refusals_unretried() ->
 
 
 def heavy_model(channels: int = 64, size: int = SIZE, layers: int = 4, seed: int = 0) -> onnx.ModelProto:
-    """Convs at full resolution on a dynamic batch: compute per row, no shortcut by batching."""
-    rng = np.random.default_rng(seed)
-    inits, nodes, prev, cin = [], [], "x", 3
-    for i in range(layers):
-        w = (rng.standard_normal((channels, cin, 3, 3)) * 0.1).astype(np.float32)
-        inits.append(numpy_helper.from_array(w, f"k{i}"))
-        nodes += [helper.make_node("Conv", [prev, f"k{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
-                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
-        prev, cin = f"r{i}", channels
-    nodes.append(helper.make_node("ReduceMean", [prev], ["y"], axes=[2, 3], keepdims=0))
-    graph = helper.make_graph(
-        nodes, "heavy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, size, size])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", channels])], initializer=inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    """Convs at full resolution on a dynamic batch: compute per row, no shortcut by batching
+    (the overload run's model, :func:`splitgate.loadtests.overload.synthetic_conv_model`)."""
+    from splitgate.loadtests.overload import synthetic_conv_model
+
+    return synthetic_conv_model(channels=channels, size=size, layers=layers, seed=seed)
 
 
 def _free_port() -> int:
