@@ -563,10 +563,12 @@ def build_app(bundle_dirs: Sequence[str] | CloudConfig, **overrides: Any):
         options["max_replicas_per_node"] = int(config.max_replicas_per_node)
     if config.max_queue > 0:
         # Serve's own bound on requests waiting in front of a replica (at a proxy
-        # or handle, or for a direct-ingress slot) past max_ongoing_requests:
-        # RESOURCE_EXHAUSTED with no retry hint. The replica's own queue
-        # (max_queue, priority, deadlines, hint) sits behind it.
-        options["max_queued_requests"] = config.max_queue
+        # or handle, or for a direct-ingress slot): RESOURCE_EXHAUSTED with no
+        # retry hint. A backstop only: Serve counts requests not yet assigned
+        # to a replica, which on a loaded host includes some the replica would
+        # admit, so it sits max_ongoing_requests behind the replica's own queue
+        # (max_queue, priority, deadlines, hint), which refuses first.
+        options["max_queued_requests"] = config.max_queue + config.max_ongoing_requests
     if config.autoscaling:
         options["autoscaling_config"] = dict(config.autoscaling)
     else:

@@ -584,14 +584,16 @@ def test_gateway_finishes_refused_requests_locally_breaker_closed(admitting_tier
         fallbacks = []
         for _ in range(8):
             busy = stub.ModelInfer.future(_request(heavy_bundle, rows=8), timeout=30)
-            time.sleep(0.03)
+            time.sleep(0.08)  # (the busy run has reached the replica, even on a loaded host)
             result = gateway.infer(heavy_bundle.model_name, feeds, partition="cloud", deadline_ms=100)
             np.testing.assert_allclose(result.outputs["y"], expected, rtol=1e-4, atol=1e-5)
             fallbacks.append(result.trace.fallback)
             busy.result()
         assert gateway.breaker_state == "closed"
         metrics = gateway.metrics.snapshot()
-    assert set(fallbacks) <= {"cloud-overloaded", "cloud-refused"}, fallbacks
+    # (a request that still met an idle replica, the busy run not there yet on a
+    # loaded host, is simply answered by the cloud: None)
+    assert set(fallbacks) <= {"cloud-overloaded", "cloud-refused", None}, fallbacks
     refusals = fallbacks.count("cloud-overloaded")
     assert refusals > 2, fallbacks  # more refusals than breaker_failures, breaker still closed
     counted = sum(v for k, v in metrics.items()

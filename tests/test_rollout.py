@@ -346,8 +346,11 @@ def test_candidate_only_slower_is_rolled_back_by_the_latency_rule(bundles) -> No
 
 def test_shadow_mode_compares_off_the_request_path_and_promotes(bundles) -> None:
     stable, close = bundles["stable"], bundles["close"]
+    # (shadow runs share the host with the request loop: on a loaded host their p95
+    # swings by milliseconds, so the latency rule gets a wide slack; this test's
+    # subject is promotion by agreement)
     rule = RolloutRule(min_requests=100, promote_after=300, min_agreement=0.95, max_p95_ratio=3.0,
-                       latency_slack_ms=5.0)
+                       latency_slack_ms=50.0)
     with Gateway([stable.root]) as gw:
         gw.stage_candidate(MODEL, close.root, shadow=True, rule=rule)
         xs = _inputs(3000, seed=5)
