@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["payload_bundle", "summarize", "SIZES"]
+__all__ = ["emit_json", "payload_bundle", "summarize", "SIZES"]
 
 # Payload sizes of the cloud benchmark (bytes of the cut tensor in one request).
 SIZES = {"4KB": 4 * 1024, "600KB": 600 * 1024, "3MB": 3 * 1024 * 1024}
@@ -56,3 +58,14 @@ def summarize(samples_ms: list[float]) -> dict[str, float]:
         "p99_ms": round(p99, 3),
         "mean_ms": round(statistics.fmean(xs), 3),
     }
+
+
+def emit_json(doc: Any, out: str | Path | None, *, indent: int = 1, **dumps: Any) -> str:
+    """Print a benchmark's result as JSON and, with ``out``, write it there too
+    (parent directories created). Returns the text."""
+    text = json.dumps(doc, indent=indent, **dumps)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n", encoding="utf-8")
+    return text

@@ -18,7 +18,6 @@ each row names it (``cloud_only``).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from splitgate.experiments.analytic import run_analytic
 from splitgate.experiments.policies import cloud_only_choice
 from splitgate.experiments.runner import prepare_bundle
 from splitgate.planner import PlanBundle
+from _common import emit_json  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACE_SPECS = "commute,walk_4g,riiser_tram,ghent_car"
@@ -63,10 +63,7 @@ def main() -> None:
            "network_hints": not args.no_network_hints, "rows": rows,
            "worst_pct": max(pcts), "mean_pct": round(statistics.fmean(pcts), 2),
            "within_5pct": all(p <= 5.0 for p in pcts)}
-    text = json.dumps(doc, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_json(doc, args.out, indent=1)
 
 
 if __name__ == "__main__":

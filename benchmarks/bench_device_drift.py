@@ -56,7 +56,6 @@ device side). JSON to stdout and ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -64,6 +63,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from _common import emit_json  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -372,10 +372,7 @@ def main() -> int:
         "scenarios": scenarios,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
-    text = json.dumps(doc, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_json(doc, args.out, indent=1)
     return 0
 
 

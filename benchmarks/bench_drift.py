@@ -14,7 +14,6 @@ and with Gaussian pixel noise of sigma 0.15, for ``--windows`` seeds. Prints JSO
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from _common import emit_json  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 
 def _median_us(f: Callable[[], object], n: int = 1000) -> float:
@@ -76,10 +76,7 @@ def main() -> None:
                     r = fresh.drift("resnet18")
                     scores[name].append({"score": r.score, "signal": r.signal})
         out["scores"] = scores
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_json(out, args.out, indent=2)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ and the ratio. The issue's bar: overhead <= 5 % or <= 0.2 ms.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from _common import emit_json  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -72,10 +72,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         results = {m: _measure(m, Path(tmp), args.warmup, args.repeats) for m in args.models.split(",")}
     doc = {"benchmark": "edge_overhead", "models": results}
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_json(doc, args.out, indent=2)
     return 0
 
 

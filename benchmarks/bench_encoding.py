@@ -26,7 +26,6 @@ Prints JSON (and writes it with ``-o``)::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import emit_json  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 ENCODINGS = ("raw", "fp16", "int8", "int8c", "zstd")
 
@@ -186,11 +186,7 @@ def main() -> int:
     for m in out["models"].values():
         m.pop("_want")
     out["wall_s"] = round(time.perf_counter() - t_start, 1)
-    text = json.dumps(out, indent=2, default=float)
-    print(text)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    emit_json(out, args.output, indent=2, default=float)
     return 0
 
 

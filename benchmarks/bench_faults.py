@@ -25,7 +25,6 @@ makes no cloud call.)
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -43,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from splitgate.edge import Gateway  # noqa: E402
 from splitgate.netsim import LinkConditions, ShapingProxy  # noqa: E402
+from _common import emit_json  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 GATEWAY = dict(deadline_ms=1500.0, breaker_failures=3, breaker_reset_s=0.5, probe_interval_s=3600.0)
 
@@ -398,10 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": rows,
         "ok": all(t.wrong == 0 and t.lost == 0 and t.failed == 0 for t in tallies),
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_json(result, args.out, indent=1)
     return 0 if result["ok"] else 1
 
 

@@ -19,7 +19,6 @@ tier (proxy and a replica's direct-ingress port). Prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from splitgate import codec  # noqa: E402
 from splitgate.protocol import inference_pb2 as pb  # noqa: E402
 from splitgate.protocol import inference_pb2_grpc as pb_grpc  # noqa: E402
 from splitgate import contract  # noqa: E402
+from _common import emit_json  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 #: Statuses a malformed request may get (UNKNOWN / INTERNAL would be a bug).
@@ -258,10 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     result["examples_undocumented"] = examples
     result["total_cases"] = sum(t["cases"] for t in result["targets"].values())
     result["ok"] = all(t["undocumented"] == 0 and t["valid_after"] for t in result["targets"].values())
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_json(result, args.out, indent=1)
     return 0 if result["ok"] else 1
 
 

@@ -45,7 +45,6 @@ exit rate is reported beside the planned one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -56,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import emit_json  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 LINKS = ("cat1", "3g", "4g", "wifi")
 COLUMNS = ("edge", "cloud", "dads", "mincut_enc", "joint")
@@ -325,10 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": models,
         "verdict": verdict(models),
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit_json(result, args.output, indent=1)
     return 0
 
 

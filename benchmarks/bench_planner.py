@@ -21,12 +21,12 @@ Usage: ``python benchmarks/bench_planner.py [--quick] [-o out.json]``
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from _common import emit_json  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -157,10 +157,7 @@ def main() -> int:
                 row[f"{mode}_partitions"] = len(b.partitions)
             row["model_bytes"] = paths[z].stat().st_size
             out["bundle_bytes"].append(row)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit_json(out, args.output, indent=2)
     return 0
 
 

@@ -31,7 +31,6 @@ Prints JSON (and writes it with ``-o``)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import emit_json  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 
 def _session(model: Any, threads: int = 1) -> Any:
@@ -222,10 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_planning:
         result["planning"] = planning_cost({"resnet18": export_zoo_model("resnet18", work / "r18_seeded.onnx"),
                                             "resnet18_224": r224}, work, {"resnet18_224"})
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    emit_json(result, args.output, indent=1)
     return 0
 
 

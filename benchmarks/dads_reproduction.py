@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_joint import Runner, _lossy
+from _common import emit_json  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 
 def _partitions_run(rows: list[dict[str, Any]]) -> list[str]:
@@ -104,10 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     result = {"benchmark": "dads_reproduction", "engine": "analytic",
               "runs": [collect(d, args.heldout) for d in args.runs]}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit_json(result, args.output, indent=1)
     return 0
 
 
