@@ -14,7 +14,10 @@ and measures
 * latency: sequential ModelInfer round trips, paths interleaved round by round,
   after warm-up; p50 / p99 per path;
 * throughput: closed-loop load from client processes (``--clients`` x
-  ``--concurrency`` requests in flight) for ``--duration`` seconds per path.
+  ``--concurrency`` requests in flight) for ``--duration`` seconds per path,
+  with the CPU the serving processes spend per request in that window
+  (``server_cpu_ms_per_request``: the baseline's process, or the Serve
+  replicas; Linux ``/proc``) and the host's 1-minute load average.
 
 Prints one JSON document (and writes it with ``--out``) with the ratios
 ``ray_*/baseline``. Run::
@@ -152,7 +155,52 @@ def _load_worker(addrs: list[str], body: bytes, threads: int, duration: float, s
     )
 
 
-def _throughput(addrs: list[str], model: str, payload: int, clients: int, concurrency: int, duration: float):
+def _cpu_seconds(pids: list[int]) -> float | None:
+    """User + system CPU seconds the processes ``pids`` have used so far (Linux
+    ``/proc``); None where that cannot be read."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0.0
+    try:
+        for pid in pids:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat[stat.rfind(")") + 2:].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+    except (OSError, ValueError, IndexError):
+        return None
+    return total
+
+
+def _replica_pids() -> list[int]:
+    """Pids of the Serve replicas this benchmark's local Ray started (its
+    descendants whose title names ``ServeReplica``); [] where /proc is missing."""
+    parent: dict[int, int] = {}
+    title: dict[int, str] = {}
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            parent[int(entry.name)] = int(stat[stat.rfind(")") + 2:].split()[1])
+            title[int(entry.name)] = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+    me = os.getpid()
+
+    def descends(pid: int) -> bool:
+        seen = 0
+        while pid in parent and pid > 1 and seen < 64:
+            if parent[pid] == me:
+                return True
+            pid, seen = parent[pid], seen + 1
+        return False
+
+    return sorted(p for p, t in title.items() if "ServeReplica" in t and descends(p))
+
+
+def _throughput(addrs: list[str], model: str, payload: int, clients: int, concurrency: int, duration: float,
+                server_pids: list[int] | None = None):
+    """Closed-loop load; with ``server_pids``, also the CPU those processes spend
+    per completed request during the timed window (``server_cpu_ms_per_request``)."""
     body = _request_bytes(model, payload)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -163,6 +211,13 @@ def _throughput(addrs: list[str], model: str, payload: int, clients: int, concur
     ]
     for p in procs:
         p.start()
+    cpu_used = None
+    if server_pids:
+        time.sleep(max(start_at - time.time(), 0.0))
+        before = _cpu_seconds(server_pids)
+        time.sleep(duration)
+        after = _cpu_seconds(server_pids)
+        cpu_used = None if before is None or after is None else after - before
     results = [queue.get(timeout=duration + 120) for _ in procs]
     for p in procs:
         p.join(timeout=30)
@@ -174,6 +229,8 @@ def _throughput(addrs: list[str], model: str, payload: int, clients: int, concur
         "errors": sum(r["errors"] for r in results),
         "in_flight": clients * concurrency,
         "mean_batch_rows": round(float(np.mean(batch)), 2) if batch else None,
+        "server_cpu_ms_per_request": round(cpu_used * 1e3 / done, 3) if cpu_used is not None and done else None,
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     } | {k: v for k, v in summarize(lat).items() if k != "n"}
 
 
@@ -288,8 +345,9 @@ def main(argv: list[str] | None = None) -> int:
                     for name, addrs in order:
                         print(f"[{label}] throughput {name} round {r + 1}/{args.tp_rounds} ...",
                               file=sys.stderr, flush=True)
+                        pids = [baseline.pid] if name == "baseline" else _replica_pids()
                         runs[name].append(
-                            _throughput(addrs, model, size, args.clients, args.concurrency, args.duration)
+                            _throughput(addrs, model, size, args.clients, args.concurrency, args.duration, pids)
                         )
                 entry["throughput"] = {}
                 for name, rs in runs.items():
