@@ -338,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="find the peak first: start at this many locust users, x1.5 per step while goodput "
                              "grows 10 %%, then --overload steps (0 = fixed --factors steps)")
     parser.add_argument("--ramp-steps", type=int, default=6)
-    parser.add_argument("--overload", default="2,3,4", help="overload steps after the ramp, x peak goodput")
+    parser.add_argument("--overload", default="3,4,5", help="overload steps after the ramp, x the ramp's peak goodput (autoscaling raises the final peak, so 3,4,5 reaches 3x of it)")
     parser.add_argument("--back-off", action="store_true",
                         help="locust users back off for each refusal's retry hint, as splitgate edges do "
                              "(default: they never back off, the worst case)")

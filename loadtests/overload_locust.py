@@ -55,7 +55,7 @@ def _add_options(parser: Any) -> None:
     group.add_argument("--ramp", type=int, default=0,
                        help="find the peak first: start at this many users, x1.5 per step (0 = use --steps)")
     group.add_argument("--ramp-steps", type=int, default=6, help="most ramp steps")
-    group.add_argument("--overload", default="2,3,4", help="offered load per step after the ramp, x peak goodput")
+    group.add_argument("--overload", default="3,4,5", help="offered load per step after the ramp, x peak goodput")
     group.add_argument("--step-time", type=float, default=12.0, help="seconds per step (ramp and overload)")
     group.add_argument("--cooldown", type=float, default=20.0, help="seconds at one user at the end")
     group.add_argument("--back-off", action="store_true", default=False,
