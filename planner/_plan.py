@@ -344,7 +344,7 @@ class Planner:
                                        fp32_prefix=p.prefix if p.prefix is not None else self.g.model))
             self.report("quantize prefixes", len(bases), len(bases))
             self.quantization = {
-                "method": quantizer.method, "guard": guard.to_dict(),
+                "method": quantizer.method, "per_channel": quantizer.per_channel, "guard": guard.to_dict(),
                 "calibration": {"source": calibration.source, "samples": calibration.samples,
                                 "requests": len(calibration.requests)},
                 "calibration_s": round(quantizer.calibration_s, 3), "measured": {}, "dropped": {},

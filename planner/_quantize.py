@@ -156,6 +156,14 @@ def _quiet_quantizer() -> Iterator[None]:
         root.removeFilter(only_errors)
 
 
+def _per_channel_ok(model: onnx.ModelProto) -> bool:
+    """Per-channel weights need DequantizeLinear's ``axis``, which exists from opset 13;
+    a model exported at an older opset (YOLOX ships at 11) gets per-tensor int8, else
+    onnxruntime refuses the int8 model as an invalid graph."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return opset >= 13
+
+
 def _plain(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy without intermediate value infos (planning sizes must not end up in the int8 model)."""
     out = onnx.ModelProto()
@@ -195,6 +203,7 @@ class PrefixQuantizer:
         self.guard = guard
         self.threads = threads
         self.method = quantization_method(self.model)
+        self.per_channel = _per_channel_ok(self.model)
         self.calibration_s = 0.0
         self._tmp = tempfile.TemporaryDirectory(prefix="splitgate-quant-")
         self._dir = Path(self._tmp.name)
@@ -276,7 +285,7 @@ class PrefixQuantizer:
             else:
                 ranges = self._calibrate()
                 quantize_static(os.fspath(src), os.fspath(out), None, quant_format=QuantFormat.QDQ,
-                                per_channel=True, calibration_cache_path=os.fspath(ranges))
+                                per_channel=self.per_channel, calibration_cache_path=os.fspath(ranges))
         int8 = onnx.load(os.fspath(out))
         del int8.graph.value_info[:]
         return int8
@@ -294,7 +303,7 @@ class PrefixQuantizer:
         with _quiet_quantizer():
             quantize_static(os.fspath(src), os.fspath(self._dir / "model.int8.onnx"),
                             _Reader(self.calibration.requests, names), quant_format=QuantFormat.QDQ,
-                            per_channel=True, calibration_cache_path=os.fspath(ranges))
+                            per_channel=self.per_channel, calibration_cache_path=os.fspath(ranges))
         self.calibration_s = time.perf_counter() - t0
         self._ranges = ranges
         return ranges

@@ -258,3 +258,30 @@ def test_models_without_convolutions_get_dynamic_int8() -> None:
     assert result.int8_bytes < result.fp32_bytes / 2
     assert {n.op_type for n in int8.graph.node} & {"MatMulInteger", "DynamicQuantizeLinear"}
     assert 0.99 <= result.accuracy["y"]["cosine_min"] < 1.0
+
+
+def test_a_model_below_opset_13_gets_per_tensor_int8_that_loads(tmp_path: Path) -> None:
+    """Per-channel QDQ needs DequantizeLinear's ``axis`` (opset 13): a conv net exported at
+    opset 11, as the YOLOX detector users bring is, gets per-tensor int8 twins that
+    onnxruntime can load, instead of every twin dropped as an invalid graph."""
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32)
+    w2 = (rng.standard_normal((8, 8, 3, 3)) * 0.3).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "old_opset", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    model = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=IR_VERSION),
+                 tmp_path / "old.onnx")
+    x = rng.random((16, 3, 16, 16)).astype(np.float32)
+    b = build_bundle(model, tmp_path / "old", quantize=True, calibration={"x": x}, **FAST)
+    quant = b.profile["quantization"]
+    assert quant["per_channel"] is False
+    measured = quant["measured"]
+    assert measured and not any("invalid" in (m.get("dropped") or "").lower() for m in measured.values()), measured
+    assert any(m["int8_bytes"] > 0 and m["accuracy"] for m in measured.values()), measured
