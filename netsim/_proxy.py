@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import threading
 import time
 from dataclasses import dataclass, replace
+
+from splitgate._loopthread import LoopThread
 
 __all__ = ["LinkConditions", "ShapingProxy"]
 
@@ -109,9 +110,8 @@ class ShapingProxy:
         self._listen_port = listen_port
         self._reset_on_outage = reset_on_outage
         self._rng = random.Random(seed)
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner = LoopThread("shaping-proxy")
         self._server: asyncio.base_events.Server | None = None
-        self._thread: threading.Thread | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task] = set()
         self._resume: asyncio.Event | None = None
@@ -135,16 +135,17 @@ class ShapingProxy:
         new = conditions or replace(self._conditions, **changes)  # type: ignore[arg-type]
         was_out = self._conditions.outage
         self._conditions = new
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._apply_outage, was_out, new.outage)
+        self._runner.call_soon(self._apply_outage, was_out, new.outage)
         return new
 
     def stall(self, duration_ms: float) -> None:
         """Freeze the link for ``duration_ms`` (a handover, a tunnel entrance): an
         outage that ends by itself. Connections are held, not reset."""
         self.set(outage=True)
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.call_later, duration_ms / 1e3, self._end_stall)
+        self._runner.call_soon(self._stall_timer, duration_ms / 1e3)
+
+    def _stall_timer(self, seconds: float) -> None:
+        asyncio.get_running_loop().call_later(seconds, self._end_stall)
 
     def _end_stall(self) -> None:
         self.set(outage=False)
@@ -160,36 +161,12 @@ class ShapingProxy:
             self._resume.set()
 
     def start(self) -> ShapingProxy:
-        ready = threading.Event()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(self._serve_start())
-            except BaseException as exc:  # noqa: BLE001 - reported to the caller
-                errors.append(exc)
-                ready.set()
-                return
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._serve_stop())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="shaping-proxy", daemon=True)
-        self._thread.start()
-        ready.wait()
-        if errors:
-            raise errors[0]
+        """Listen and relay on a daemon thread; returns once listening."""
+        self._runner.start(self._serve_start, self._serve_stop)
         return self
 
     def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-            self._loop = None
+        self._runner.stop()
 
     def __enter__(self) -> ShapingProxy:
         return self.start()

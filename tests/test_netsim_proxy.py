@@ -73,3 +73,17 @@ def test_outage_with_reset_closes_connections(echo_server: str) -> None:
                 s.sendall(b"b")
                 if not s.recv(1):
                     raise ConnectionError("closed")
+
+
+def test_a_port_in_use_is_raised_in_the_caller_and_stop_is_safe(echo_server) -> None:
+    """The loop thread's bind error reaches start()'s caller; the thread has ended and
+    stop() afterwards does nothing (the shared LoopThread lifecycle)."""
+    with ShapingProxy(echo_server) as first:
+        second = ShapingProxy(echo_server, listen_port=first.port)
+        with pytest.raises(OSError):
+            second.start()
+        second.stop()
+        assert second._runner.loop is None  # noqa: SLF001
+        with socket.create_connection(("127.0.0.1", first.port), timeout=5) as s:  # the first still relays
+            s.sendall(b"ping")
+            assert s.recv(4) == b"ping"

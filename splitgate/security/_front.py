@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import threading
 from typing import Self
 
+from splitgate._loopthread import LoopThread
 from splitgate.errors import ConfigError
 from splitgate.security._tls import TlsConfig
 
@@ -79,8 +79,7 @@ class TlsFront:
         self._ctx = _server_ssl_context(tls)
         self._host = host
         self.port = port
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._runner = LoopThread("tls-front")
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.handshake_failures = 0
@@ -96,21 +95,15 @@ class TlsFront:
         Raises:
             ConfigError: the address cannot be bound.
         """
-        ready = threading.Event()
-        errors: list[BaseException] = []
-        self._thread = threading.Thread(target=self._run, args=(ready, errors), name="tls-front", daemon=True)
-        self._thread.start()
-        ready.wait()
-        if errors:
-            raise ConfigError(f"TLS front on {self._host}:{self.port}: {errors[0]}")
+        try:
+            self._runner.start(self._open, self._close)
+        except Exception as exc:  # noqa: BLE001 - a bind or TLS set-up failure, in one line
+            raise ConfigError(f"TLS front on {self._host}:{self.port}: {exc}") from None
         return self
 
     def stop(self) -> None:
         """Stop listening and abort open connections (waits up to 10 s for the thread)."""
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-            self._loop = None
+        self._runner.stop()
 
     def __enter__(self) -> Self:
         return self.start()
@@ -118,31 +111,18 @@ class TlsFront:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _run(self, ready: threading.Event, errors: list[BaseException]) -> None:
-        """The event loop thread: bind, report through ``ready``/``errors``, serve until stopped."""
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            self._server = loop.run_until_complete(
-                asyncio.start_server(self._handle, self._host, self.port, ssl=self._ctx)
-            )
-            self.port = self._server.sockets[0].getsockname()[1]
-        except BaseException as exc:  # noqa: BLE001 - reported to the caller
-            errors.append(exc)
-            ready.set()
-            return
-        ready.set()
-        loop.run_forever()
-        self._shut_down(loop)
+    async def _open(self) -> None:
+        """Bind the listener (on the loop thread)."""
+        self._server = await asyncio.start_server(self._handle, self._host, self.port, ssl=self._ctx)
+        self.port = self._server.sockets[0].getsockname()[1]
 
-    def _shut_down(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Close the listener, abort every open connection, close the loop."""
+    async def _close(self) -> None:
+        """Close the listener and abort every open connection."""
         assert self._server is not None
         self._server.close()
         for writer in list(self._writers):
             writer.transport.abort()
-        loop.run_until_complete(asyncio.sleep(0))
-        loop.close()
+        await asyncio.sleep(0)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One client connection: open the upstream and relay both ways."""
