@@ -4,6 +4,7 @@ against the plain grpcio cloud server through a shaping proxy."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -140,6 +141,11 @@ def test_what_is_not_learned_from_and_reset() -> None:
 # -- real Gateways on a real bundle ------------------------------------------------
 
 DEVICE_MS = 30.0  # the emulated device runs the model in about this long
+# The Gateway's hysteresis in the switching test: the plan margins a link can give
+# this bundle are narrow, and emulated device legs sleep to their planned time, so
+# they vary little.
+HYSTERESIS = 0.03
+MARGIN = 1.08  # each plan margin the shaped link must give: the hysteresis plus 5% for noise
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +177,10 @@ def _x(bundle) -> dict[str, np.ndarray]:
         np.float32)}
 
 
-def _margins(bundle, c: Conditions) -> tuple[str, float, float]:
-    """(the best partition at 3x, how much the device beats the rest at 1x, how much it beats the device at 3x)."""
+def _margins(bundle, c: Conditions) -> tuple[str, float, float, float]:
+    """(the best partition at 3x; how much the device beats the rest at 1x; how much
+    that partition beats the device at 3x; how much it beats the best partition of
+    another offloading kind at 3x, e.g. a split beating cloud)."""
     def est(factor: float) -> dict[str, float]:
         at = Conditions(uplink_mbps=c.uplink_mbps, downlink_mbps=c.downlink_mbps, rtt_ms=c.rtt_ms,
                         device_factor=factor)
@@ -180,38 +188,46 @@ def _margins(bundle, c: Conditions) -> tuple[str, float, float]:
 
     one, three = est(1.0), est(3.0)
     winner = min(three, key=three.__getitem__)
-    return winner, min(v for p, v in one.items() if p != "device") / one["device"], three["device"] / three[winner]
+    kind = bundle.partition(winner).kind
+    rivals = [v for p, v in three.items() if bundle.partition(p).kind not in (kind, "device")]
+    return (winner, min(v for p, v in one.items() if p != "device") / one["device"],
+            three["device"] / three[winner], min(rivals, default=math.inf) / three[winner])
 
 
 def _settle_link(gw, link, bundle, slow_winner: str) -> Conditions:
     """Set the shaped link to one where, as the Gateway measures it (its probe sees
     the proxy's and gRPC's overheads too: a few ms of RTT), the device wins at 1x
-    and a ``slow_winner``-kind partition at 3x, both by >= 15% in the plan (the
-    policy's hysteresis is 10%). Grid links are ranked by their plan margins
-    with the RTT overhead the last probe showed; the best untried one is probed."""
+    and a ``slow_winner``-kind partition at 3x, over the device and over the
+    other offloading kind, each by >= MARGIN in the plan
+    (the Gateway's hysteresis is HYSTERESIS). Grid links are ranked by their plan
+    margins with the RTT overhead the last probe showed; the best untried one is
+    probed. The grid is fine because the window is narrow: for this bundle's
+    split the best link gives its three margins only ~1.19 (its prefix is ~0.4 of
+    the device's time), and a coarse grid missed it on a loaded CI machine."""
     from splitgate.netsim import LinkConditions
 
     overhead, tried = 0.0, []
     for _ in range(8):
         ranked = []
-        for up in (0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0, 11.0, 16.0, 23.0, 32.0):
-            for rtt in range(5, 85, 5):
+        for up in np.round(np.geomspace(0.5, 32.0, 37), 2):
+            for rtt in range(0, 80):
                 if any(t[:2] == (up, rtt) for t in tried):
                     continue
-                c = Conditions(uplink_mbps=up, rtt_ms=rtt + overhead)
-                winner, m1, m3 = _margins(bundle, c)
+                c = Conditions(uplink_mbps=up, downlink_mbps=up, rtt_ms=rtt + overhead)
+                winner, *margins = _margins(bundle, c)
                 if bundle.partition(winner).kind == slow_winner:
-                    ranked.append((min(m1, m3), up, rtt))
+                    ranked.append((min(margins), up, rtt))
         if not ranked:
             break
         _, up, rtt = max(ranked)
-        link.set(LinkConditions(uplink_mbps=up, downlink_mbps=up, rtt_ms=float(rtt)))
+        link.set(LinkConditions(uplink_mbps=float(up), downlink_mbps=float(up), rtt_ms=float(rtt)))
         gw.probe(reset=True)
         seen = gw.conditions()
         overhead = max(seen.rtt_ms - rtt, 0.0)
-        winner, m1, m3 = _margins(bundle, seen)
-        tried.append((up, rtt, f"-> {seen.uplink_mbps:.2f}/{seen.rtt_ms:.0f}: {winner} {m1:.2f} {m3:.2f}"))
-        if bundle.partition(winner).kind == slow_winner and min(m1, m3) >= 1.15:
+        winner, *margins = _margins(bundle, seen)
+        shown = " ".join(f"{m:.2f}" for m in margins)
+        tried.append((up, rtt, f"-> {seen.uplink_mbps:.2f}/{seen.rtt_ms:.0f}: {winner} {shown}"))
+        if bundle.partition(winner).kind == slow_winner and min(margins) >= MARGIN:
             return seen
     pytest.fail(f"no link where the device wins at 1x and a {slow_winner} at 3x: tried {tried}")
 
@@ -251,7 +267,8 @@ def test_the_choice_leaves_the_slow_device_and_comes_back(drift_bundle, baseline
     bundle, x = drift_bundle, _x(drift_bundle)
     model = bundle.model_name
     with ShapingProxy(baseline, LinkConditions(rtt_ms=10.0)) as link, Gateway(
-        [bundle], cloud=link.address, device_time_from_profile=True, probe_interval_s=60.0
+        [bundle], cloud=link.address, device_time_from_profile=True, probe_interval_s=60.0,
+        hysteresis=HYSTERESIS,
     ) as gw:
         for pid in bundle.candidates:  # warm sessions
             gw.infer(model, x, partition=pid)
