@@ -946,6 +946,7 @@ class Gateway:
             self, config.update_source, update_dir=config.update_dir, interval_s=config.update_interval_s,
             registry=core.metrics.registry, evict=core._evict_sessions,  # noqa: SLF001 - same package
             previous_root=lambda model: core.previous[model][0].root if model in core.previous else None,
+            trusted=core.trusted, allow_unsigned=config.allow_unsigned,  # the index is checked with the bundles' keys
         )
         return self._updates
 

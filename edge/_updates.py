@@ -23,6 +23,21 @@ when trust keys are configured), smoke-runs the model and swaps atomically.
 Any failure leaves the running version serving and is reported: a log line,
 ``splitgate_updates_total{model,outcome}`` in the Gateway's Prometheus registry,
 the returned :class:`UpdateOutcome` list and the listeners' callbacks.
+
+**Signed index (TUF-lite).** ``publish(..., key=...)`` (``splitgate publish
+--key``) gives the index an integer ``sequence`` (the previous index's + 1), an
+``expires`` time (UTC, ``YYYY-MM-DDTHH:MM:SSZ``) and a ``signatures`` list of
+``{"algorithm", "key_id", "signature"}`` inside ``index.json`` itself (one file,
+replaced atomically, so an edge never reads an index with another index's
+signature; edges that predate signing ignore the extra keys). The signature
+covers :func:`splitgate.security._signing.canonical_json` of the document without
+``signatures``. Each entry records the ``sequence`` of the index that published
+it. With trust keys (``GatewayConfig.trust``) the :class:`Updater` refuses an
+unsigned (unless ``allow_unsigned``), badly signed, foreign-signed or expired
+index, and one whose sequence is lower than the highest it accepted (kept in
+``update_dir/index-state.json``, across restarts): outcome ``untrusted-index``.
+It never installs an entry published before the running version (a lower entry
+``sequence``): outcome ``downgrade``.
 """
 
 from __future__ import annotations
@@ -38,11 +53,13 @@ import shutil
 import tarfile
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
@@ -50,11 +67,26 @@ from splitgate.planner import PlanBundle
 
 from splitgate import __version__
 from splitgate._archive import unpack_bundle_archive
-from splitgate.errors import BundleError, ConfigError, SplitgateError, Unavailable
+from splitgate.errors import (
+    BundleError,
+    ConfigError,
+    SplitgateError,
+    Unavailable,
+    UpdateIndexError,
+)
+from splitgate.security._signing import (
+    TrustedKeys,
+    canonical_json,
+    load_signing_key,
+    sign_payload,
+    verify_payload,
+)
 
 __all__ = [
+    "DEFAULT_EXPIRES_DAYS",
     "INDEX_NAME",
     "INDEX_FORMAT",
+    "INDEX_STATE_NAME",
     "OUTCOMES",
     "IndexEntry",
     "UpdateOutcome",
@@ -62,6 +94,7 @@ __all__ = [
     "default_update_dir",
     "publish",
     "read_index",
+    "sign_index",
     "unpack_archive",
     "write_archive",
 ]
@@ -81,7 +114,17 @@ OUTCOMES = (
     "refused",       # the archive or bundle failed unpacking, verification, signature or smoke run
     "unavailable",   # the source (index or archive) could not be reached
     "invalid-index", # the index is not a valid update index
+    "untrusted-index",  # with trust keys: the index is unsigned, badly or foreign-signed, expired, or replayed
+    "downgrade",     # with a signed index: its newest entry was published before the running version
 )
+#: The file in ``update_dir`` holding the highest index sequence accepted (and the
+#: entry sequence of each model's installed version): rollback protection across restarts.
+INDEX_STATE_NAME = "index-state.json"
+#: Days a signed index stays valid by default (``splitgate publish --expires-days``).
+DEFAULT_EXPIRES_DAYS = 30.0
+_SIGNATURES = "signatures"
+_EXPIRES_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_warned_unverified = threading.Event()  # the "index is not verified" line, once per process
 #: The largest index read (an index lists versions, not data).
 MAX_INDEX_BYTES = 4 * 1024 * 1024
 #: Seconds a download may stall (no byte received) before it counts as interrupted.
@@ -102,6 +145,8 @@ class IndexEntry:
         archive: the archive's path relative to the index (``/``-separated).
         sha256: sha256 hex of the archive file.
         size: the archive's size in bytes.
+        sequence: the sequence of the index that published (or re-published)
+            it; None in an index written before indexes had sequences.
     """
 
     model: str
@@ -110,10 +155,13 @@ class IndexEntry:
     archive: str
     sha256: str
     size: int
+    sequence: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         del out["model"]
+        if self.sequence is None:
+            del out["sequence"]
         return out
 
 
@@ -182,8 +230,21 @@ def _relative_archive(path: str, where: str) -> str:
     return path
 
 
+@dataclass
+class _Index:
+    """A parsed index: its entries, and what its signature covers."""
+
+    models: dict[str, list[IndexEntry]]
+    where: str
+    sequence: int | None = None
+    expires: datetime | None = None
+    signatures: list[Any] | None = None  # None: unsigned
+    payload: bytes = b""  # canonical JSON of the document without its signatures
+    extra: dict[str, Any] = field(default_factory=dict)  # other top-level keys, kept on re-signing
+
+
 def read_index(data: bytes, where: str = INDEX_NAME) -> dict[str, list[IndexEntry]]:
-    """Parse an update index.
+    """Parse an update index (its signature, if any, is not checked here).
 
     Args:
         data: the index file's bytes.
@@ -194,6 +255,16 @@ def read_index(data: bytes, where: str = INDEX_NAME) -> dict[str, list[IndexEntr
 
     Raises:
         BundleError: not JSON, another format, or a malformed entry (the message names it).
+    """
+    return _parse_index(data, where).models
+
+
+def _parse_index(data: bytes, where: str) -> _Index:
+    """Parse an index with its sequence, expiry and signatures (not verified).
+
+    Raises:
+        BundleError (_InvalidIndex): not JSON, another format, a malformed entry,
+            sequence, expiry or signature list.
     """
     try:
         doc = json.loads(data.decode("utf-8"))
@@ -210,7 +281,33 @@ def read_index(data: bytes, where: str = INDEX_NAME) -> dict[str, list[IndexEntr
         if not isinstance(versions, list):
             raise _InvalidIndex(f"{where}: model {model!r}: versions must be a list")
         out[model] = [_entry(model, v, f"{where}: model {model!r} entry {i}") for i, v in enumerate(versions)]
-    return out
+    signatures = doc.pop(_SIGNATURES, None)
+    if signatures is not None and not isinstance(signatures, list):
+        raise _InvalidIndex(f"{where}: {_SIGNATURES!r} must be a list of signatures")
+    sequence = _sequence(doc.get("sequence"), f"{where}: 'sequence'")
+    expires = _expires(doc.get("expires"), where)
+    extra = {k: v for k, v in doc.items() if k not in ("format", "models", "sequence", "expires")}
+    return _Index(models=out, where=where, sequence=sequence, expires=expires, signatures=signatures,
+                  payload=canonical_json(doc), extra=extra)
+
+
+def _sequence(value: Any, where: str) -> int | None:
+    """An index or entry sequence: None, or an integer >= 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _InvalidIndex(f"{where} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _expires(value: Any, where: str) -> datetime | None:
+    """The index's ``expires`` (UTC), or None when it has none."""
+    if value is None:
+        return None
+    try:
+        return datetime.strptime(str(value), _EXPIRES_FORMAT).replace(tzinfo=UTC)
+    except ValueError:
+        raise _InvalidIndex(f"{where}: 'expires' {value!r} is not a UTC time like 2026-12-31T23:59:59Z") from None
 
 
 def _entry(model: str, data: Any, where: str) -> IndexEntry:
@@ -228,11 +325,19 @@ def _entry(model: str, data: Any, where: str) -> IndexEntry:
         raise _InvalidIndex(f"{where}: sha256 and plan_digest must be 64 lower-case hex digits")
     if isinstance(entry.size, bool) or not isinstance(entry.size, int) or entry.size <= 0:
         raise _InvalidIndex(f"{where}: size must be a positive integer, got {entry.size!r}")
-    return entry
+    sequence = _sequence(data.get("sequence"), f"{where}: 'sequence'")
+    return entry if sequence is None else IndexEntry(**{**asdict(entry), "sequence": sequence})
 
 
-def _index_doc(index: dict[str, list[IndexEntry]]) -> dict[str, Any]:
-    return {"format": INDEX_FORMAT, "models": {m: [e.to_json() for e in es] for m, es in index.items()}}
+def _index_doc(index: dict[str, list[IndexEntry]], sequence: int | None = None,
+               expires: datetime | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {**(extra or {}), "format": INDEX_FORMAT,
+                           "models": {m: [e.to_json() for e in es] for m, es in index.items()}}
+    if sequence is not None:
+        doc["sequence"] = sequence
+    if expires is not None:
+        doc["expires"] = expires.strftime(_EXPIRES_FORMAT)
+    return doc
 
 
 # -- publishing -------------------------------------------------------------------
@@ -269,14 +374,61 @@ def write_archive(bundle_dir: str | os.PathLike[str], dest: str | os.PathLike[st
     return _file_sha256(dest), dest.stat().st_size
 
 
-def _write_index(to_dir: Path, index: dict[str, list[IndexEntry]]) -> None:
+def _write_index(to_dir: Path, doc: dict[str, Any]) -> None:
     tmp = to_dir / f".{INDEX_NAME}.tmp"
-    tmp.write_text(json.dumps(_index_doc(index), indent=1) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, to_dir / INDEX_NAME)  # readers see the old index or the new one, whole
+
+
+def _expiry(expires_days: float) -> datetime:
+    """Now plus ``expires_days`` (UTC, whole seconds). Raises ConfigError for days <= 0."""
+    if isinstance(expires_days, bool) or not isinstance(expires_days, (int, float)) or not (
+            0 < expires_days <= 3650):
+        raise ConfigError(f"--expires-days must be a number of days in (0, 3650], got {expires_days!r}")
+    return (datetime.now(UTC) + timedelta(days=expires_days)).replace(microsecond=0)
+
+
+def _signed_doc(doc: dict[str, Any], key: Any) -> dict[str, Any]:
+    """``doc`` with a ``signatures`` list holding ``key``'s signature over its canonical JSON."""
+    return {**doc, _SIGNATURES: [sign_payload(canonical_json(doc), key)]}
+
+
+def _read_existing(index_path: Path) -> _Index | None:
+    return _parse_index(index_path.read_bytes(), str(index_path)) if index_path.exists() else None
+
+
+def sign_index(
+    to_dir: str | os.PathLike[str], key: str | os.PathLike[str], *, expires_days: float = DEFAULT_EXPIRES_DAYS,
+) -> int:
+    """Re-sign ``to_dir/index.json`` as it is: the next sequence, a new expiry, a new
+    signature (after editing the index by hand, or to renew it before it expires:
+    edges refuse an expired index).
+
+    Args:
+        to_dir: the update directory.
+        key: the ed25519 private key (``signing.key``).
+        expires_days: days until the signed index expires.
+
+    Returns:
+        The new sequence.
+
+    Raises:
+        BundleError: there is no index, or it is invalid.
+        ConfigError: the key cannot be read, or expires_days is out of range.
+    """
+    to = Path(to_dir)
+    signing_key, expires = load_signing_key(key), _expiry(expires_days)
+    old = _read_existing(to / INDEX_NAME)
+    if old is None:
+        raise BundleError(f"{to / INDEX_NAME}: no update index to sign (publish a bundle first)")
+    sequence = (old.sequence or 0) + 1
+    _write_index(to, _signed_doc(_index_doc(old.models, sequence, expires, old.extra), signing_key))
+    return sequence
 
 
 def publish(
     bundles: Iterable[str | os.PathLike[str]], to_dir: str | os.PathLike[str], *, version: str | None = None,
+    key: str | os.PathLike[str] | None = None, expires_days: float = DEFAULT_EXPIRES_DAYS,
 ) -> list[IndexEntry]:
     """Publish bundle versions to an update directory: write each bundle's archive
     and append it to ``to_dir/index.json`` as its model's newest version (serve
@@ -285,21 +437,40 @@ def publish(
     Publishing a plan digest that is already listed moves it to the end again
     (the way to send a fleet back to an earlier version).
 
+    The index's ``sequence`` becomes the previous index's + 1, and the new
+    entries record it. With ``key`` the index is signed and expires after
+    ``expires_days``: edges with trust keys accept only such an index, with a
+    sequence no lower than the last they accepted (module docstring).
+
     Args:
         bundles: plan bundle directories (each verified first).
         to_dir: the update directory (created if missing).
         version: the version label (default: each plan digest's first 12 hex).
+        key: the ed25519 private key to sign the index with (``signing.key``);
+            None writes an unsigned index.
+        expires_days: days until a signed index expires (renew with another
+            publish or :func:`sign_index` before then).
 
     Returns:
         The entries written, one per bundle.
 
     Raises:
         BundleError: a bundle fails verification, or the existing index is invalid.
-        ConfigError: ``version`` is already published for another plan of that model.
+        ConfigError: ``version`` is already published for another plan of that
+            model; the key cannot be read; expires_days out of range; or the
+            existing index is signed and no ``key`` is given (it would drop the
+            signature every trusting edge needs).
     """
     to = Path(to_dir)
     index_path = to / INDEX_NAME
-    index = read_index(index_path.read_bytes(), str(index_path)) if index_path.exists() else {}
+    signing_key = load_signing_key(key) if key is not None else None
+    expires = _expiry(expires_days) if key is not None else None
+    old = _read_existing(index_path)
+    if old is not None and old.signatures and signing_key is None:
+        raise ConfigError(f"{index_path} is signed: publish with --key signing.key (publish(..., key=...)) to keep it "
+                          "signed; edges with --trust refuse an unsigned index")
+    index = old.models if old is not None else {}
+    sequence = (old.sequence or 0) + 1 if old is not None else 1
     loaded = [PlanBundle.load(source) for source in bundles]  # every bundle whole before anything is written
     labels: dict[tuple[str, str], str] = {
         (e.model, e.version): e.plan_digest for entries in index.values() for e in entries
@@ -319,10 +490,12 @@ def publish(
         entries = index.setdefault(model, [])
         rel = f"{_safe_name(model)}/{_safe_name(model)}-{_safe_name(label)}-{digest[:12]}.tar.gz"
         sha, size = write_archive(bundle.root, to / rel)
-        entry = IndexEntry(model=model, version=label, plan_digest=digest, archive=rel, sha256=sha, size=size)
+        entry = IndexEntry(model=model, version=label, plan_digest=digest, archive=rel, sha256=sha, size=size,
+                           sequence=sequence)
         index[model] = [e for e in entries if e.plan_digest != digest] + [entry]
         written.append(entry)
-    _write_index(to, index)
+    doc = _index_doc(index, sequence, expires, old.extra if old is not None else None)
+    _write_index(to, _signed_doc(doc, signing_key) if signing_key is not None else doc)
     return written
 
 
@@ -520,6 +693,50 @@ class _GatewayLike(Protocol):
 Listener = Callable[[UpdateOutcome], Any]
 
 
+class _IndexState:
+    """What this device accepted from signed indexes, kept in ``update_dir/index-state.json``:
+    the highest index sequence, and per model the plan digest and entry sequence
+    of the version the updater installed. Written atomically, only after an index
+    passed every check."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sequence = 0
+        self.models: dict[str, dict[str, Any]] = {}
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            log.warning("update index state %s is unreadable (%s): starting from sequence 0; "
+                        "rollback protection restarts from the next index accepted", self.path, exc)
+            return
+        sequence, models = doc.get("sequence") if isinstance(doc, dict) else None, doc.get("models") \
+            if isinstance(doc, dict) else None
+        if isinstance(sequence, int) and not isinstance(sequence, bool) and sequence >= 0:
+            self.sequence = sequence
+        if isinstance(models, dict):
+            self.models = {m: v for m, v in models.items() if isinstance(v, dict)}
+
+    def running_sequence(self, model: str, plan_digest: str) -> int | None:
+        """The entry sequence of ``model``'s version with this plan, if this updater installed it."""
+        record = self.models.get(model)
+        if record and record.get("plan_digest") == plan_digest and isinstance(record.get("sequence"), int):
+            return int(record["sequence"])
+        return None
+
+    def save(self) -> None:
+        """Write the state atomically (raises OSError)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"sequence": self.sequence, "models": self.models}, indent=1) + "\n",
+                       encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
 class Updater:
     """Checks an update source for new versions of a Gateway's models and installs them.
 
@@ -537,6 +754,12 @@ class Updater:
         previous_root: model -> the root of its previous (rollback) version, if any.
         evict: called with a bundle whose files are deleted (drop its cached sessions).
         timeout_s: socket timeout of each request (a stalled download is interrupted).
+        trusted: the Gateway's trust keys; non-empty: the index must be signed by
+            one of them, unexpired, with a sequence no lower than the highest
+            accepted (None or empty: the index is not verified, one WARNING).
+        allow_unsigned: with ``trusted``, accept an unsigned index (development
+            only; a WARNING per updater). A signed index is still verified.
+        clock: seconds since the epoch (``time.time``), for the expiry check.
 
     Raises:
         ConfigError: a source that is neither a directory nor an http(s) URL, or interval_s < 0.
@@ -553,6 +776,9 @@ class Updater:
         previous_root: Callable[[str], Path | None] = lambda model: None,
         evict: Callable[[PlanBundle], None] = lambda bundle: None,
         timeout_s: float = READ_TIMEOUT_S,
+        trusted: TrustedKeys | None = None,
+        allow_unsigned: bool = False,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if isinstance(interval_s, bool) or not (isinstance(interval_s, (int, float)) and interval_s >= 0):
             raise ConfigError(f"update_interval_s must be seconds >= 0 (0 = on demand only), got {interval_s!r}")
@@ -569,6 +795,11 @@ class Updater:
         self._installed: dict[str, str] = {}  # model -> plan digest this updater installed
         self._declined: dict[str, set[str]] = {}  # model -> digests the app rolled back from
         self._staged: dict[Path, PlanBundle] = {}  # unpacked versions this updater installed
+        self._trusted = trusted
+        self._allow_unsigned = allow_unsigned
+        self._clock = clock
+        self._warned_unsigned = False
+        self._state = _IndexState(self.dir / INDEX_STATE_NAME)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._counter = None
@@ -629,26 +860,107 @@ class Updater:
 
     def _check(self) -> list[UpdateOutcome]:
         try:
-            index = read_index(self.source.index(self.timeout_s), self.source.where)
+            parsed = _parse_index(self.source.index(self.timeout_s), self.source.where)
+            verified = self._trust_index(parsed)
         except _InvalidIndex as exc:
             return [UpdateOutcome(model="", outcome="invalid-index", detail=str(exc))]
+        except UpdateIndexError as exc:
+            return [UpdateOutcome(model="", outcome="untrusted-index", detail=str(exc))]
         except SplitgateError as exc:
             return [UpdateOutcome(model="", outcome="unavailable", detail=str(exc))]
         loaded = set(self._gateway.models)
         outcomes, wanted = [], set()
-        for model, entries in sorted(index.items()):
+        for model, entries in sorted(parsed.models.items()):
             if model not in loaded or not entries:
                 continue
             entry = entries[-1]
             wanted.add(entry.sha256)
-            outcomes.append(self._check_model(entry))
+            outcome = self._downgrade(entries) if verified else None
+            outcomes.append(outcome or self._check_model(entry, record=verified))
         try:
             self._clean(wanted)
         except OSError as exc:
             log.warning("update clean-up of %s failed (retried next check): %s", self.dir, exc)
         return outcomes
 
-    def _check_model(self, entry: IndexEntry) -> UpdateOutcome:
+    def _trust_index(self, index: _Index) -> bool:
+        """Decide whether ``index`` may be acted on; persist its sequence when it is
+        signed, verified and newer (only then: a refused index changes no state).
+
+        Returns:
+            True when the index was verified against the trust keys (then its
+            entries' sequences are authoritative), False when it is acted on
+            unverified (no trust keys, or unsigned and ``allow_unsigned``).
+
+        Raises:
+            UpdateIndexError: unsigned (not allowed), badly or foreign-signed,
+                expired, without sequence or expiry, or a sequence lower than
+                the highest accepted.
+            BundleError: the state file cannot be written (an interrupted check).
+        """
+        where = f"update index {index.where}"
+        if not self._trusted:
+            if not _warned_unverified.is_set():
+                _warned_unverified.set()
+                log.warning("the update index is not verified (no trust keys): whoever controls the update source "
+                            "can freeze or roll back edges; set trust (--trust signing.pub) and publish with --key")
+            return False
+        if index.signatures is None:
+            if self._allow_unsigned:
+                if not self._warned_unsigned:
+                    self._warned_unsigned = True
+                    log.warning("%s is UNSIGNED and accepted (allow_unsigned: development only)", where)
+                return False
+            raise UpdateIndexError(f"{where}: it is unsigned and unsigned indexes are not allowed with trust keys; "
+                                   "publish with `splitgate publish ... --key signing.key` (or, for development only, "
+                                   "pass --allow-unsigned)")
+        fix = "do not trust this source; re-publish (`splitgate publish --key`) from the trusted publisher"
+        verify_payload(index.payload, index.signatures, self._trusted, what=where, fix=fix, error=UpdateIndexError)
+        if index.sequence is None or index.expires is None:
+            raise UpdateIndexError(f"{where}: signed but without 'sequence' and 'expires'; re-publish it with "
+                                   "`splitgate publish --key` (or sign_index)")
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        if now >= index.expires:
+            raise UpdateIndexError(
+                f"{where}: expired at {index.expires.strftime(_EXPIRES_FORMAT)} (sequence {index.sequence}): the "
+                "source may be withholding newer indexes (a freeze attack) or the publisher did not renew it; "
+                "the publisher re-signs it with `splitgate publish --key` (or sign_index); check this device's clock")
+        if index.sequence < self._state.sequence:
+            raise UpdateIndexError(
+                f"{where}: sequence {index.sequence} is lower than {self._state.sequence}, the highest this device "
+                f"accepted: a replayed older index (a rollback attack) or a mirror serving a stale copy; not used. "
+                f"If the publisher really restarted its sequence, delete {self._state.path} on the device")
+        if index.sequence > self._state.sequence:
+            self._state.sequence = index.sequence
+            self._save_state()
+        return True
+
+    def _save_state(self) -> None:
+        try:
+            self._state.save()
+        except OSError as exc:
+            raise _Interrupted(f"cannot write {self._state.path}: {exc.strerror or exc}") from None
+
+    def _downgrade(self, entries: list[IndexEntry]) -> UpdateOutcome | None:
+        """A ``downgrade`` outcome when the newest entry was published before the
+        running version (by entry sequence: the running version listed in this
+        index, or the one this updater installed); else None."""
+        entry = entries[-1]
+        current = self._gateway.bundle(entry.model).plan_digest
+        if entry.plan_digest == current:
+            return None
+        listed = [e.sequence for e in entries if e.plan_digest == current]
+        running = listed[-1] if listed else self._state.running_sequence(entry.model, current)
+        if running is None or (entry.sequence is not None and entry.sequence >= running):
+            return None
+        return UpdateOutcome(
+            model=entry.model, outcome="downgrade", version=entry.version, plan_digest=entry.plan_digest,
+            detail=f"the index's newest version {entry.version} was published at sequence {entry.sequence}, before "
+                   f"the running plan {current[:12]} (sequence {running}): an older version is never installed from "
+                   "a signed index; to send the fleet back, re-publish that bundle (`splitgate publish`)",
+        )
+
+    def _check_model(self, entry: IndexEntry, *, record: bool = False) -> UpdateOutcome:
         model = entry.model
         current = self._gateway.bundle(model).plan_digest
         installed = self._installed.get(model)
@@ -666,6 +978,8 @@ class Updater:
             return outcome
         try:
             self._install(entry, outcome)
+            if record and entry.sequence is not None:
+                self._remember(entry)
         except _Interrupted as exc:
             outcome.outcome, outcome.detail = "interrupted", str(exc)
         except _Corrupt as exc:
@@ -678,6 +992,15 @@ class Updater:
             self._refused[entry.sha256] = str(exc)
             outcome.outcome, outcome.detail = "refused", str(exc)
         return outcome
+
+    def _remember(self, entry: IndexEntry) -> None:
+        """Record the installed version's entry sequence (for :meth:`_downgrade` after a restart)."""
+        self._state.models[entry.model] = {"plan_digest": entry.plan_digest, "sequence": entry.sequence}
+        try:
+            self._state.save()
+        except OSError as exc:  # the update itself succeeded; only the downgrade record is missing
+            log.warning("cannot write %s (%s): the installed version's sequence is not recorded",
+                        self._state.path, exc.strerror or exc)
 
     def _install(self, entry: IndexEntry, outcome: UpdateOutcome) -> None:
         """Download, verify, unpack and swap in ``entry``; fills ``outcome``."""

@@ -242,9 +242,12 @@ def _apply_trust(config: object, args: argparse.Namespace) -> None:
 def _cmd_publish(args: argparse.Namespace) -> int:
     from splitgate.edge._updates import INDEX_NAME, publish
 
-    for entry in publish(args.bundles, args.to, version=args.version):
+    entries = publish(args.bundles, args.to, version=args.version, key=args.key, expires_days=args.expires_days)
+    for entry in entries:
         print(f"published '{entry.model}' version {entry.version} (plan {entry.plan_digest[:12]}, "
               f"{entry.size} bytes): {entry.archive}")
+    signed = f"signed, expires in {args.expires_days:g} days" if args.key else "UNSIGNED (edges with --trust refuse it)"
+    print(f"index sequence {entries[0].sequence if entries else '?'}, {signed}")
     print(f"update index: {args.to}/{INDEX_NAME}; serve it with e.g. `python -m http.server -d {args.to}` and "
           f"run edges with --update-source URL_OR_DIR")
     return 0
@@ -416,6 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("bundles", nargs="+", metavar="BUNDLE", help="plan bundle directories (sign them first)")
     pub.add_argument("--to", required=True, metavar="DIR", help="update directory to write (serve it statically)")
     pub.add_argument("--version", default=None, metavar="LABEL", help="version label (default: plan digest, 12 hex)")
+    pub.add_argument("--key", default=None, metavar="SIGNING_KEY",
+                     help="sign index.json with this ed25519 private key (signing.key from `splitgate keys`): edges "
+                     "with --trust accept only a signed, unexpired index whose sequence never goes back")
+    pub.add_argument("--expires-days", type=float, default=30.0, metavar="DAYS",
+                     help="a signed index expires after DAYS (default 30); publish or re-sign before then, "
+                     "edges refuse an expired index")
     pub.set_defaults(func=_cmd_publish)
 
     certs = sub.add_parser("certs", help="write a dev CA, server and client certificate (TLS / mutual TLS)")

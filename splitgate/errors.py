@@ -25,6 +25,7 @@ __all__ = [
     "InternalError",
     "BundleError",
     "BundleSignatureError",
+    "UpdateIndexError",
     "ConfigError",
     "Overloaded",
     "QueueFull",
@@ -244,6 +245,15 @@ class BundleSignatureError(BundleError):
     after signing), or it is signed by a key outside the trusted set. The
     message names the bundle, the problem and the fix. Never retried or loaded
     partially."""
+
+
+class UpdateIndexError(BundleSignatureError):
+    """An over-the-air update index is not trustworthy for this trust set:
+    unsigned (and unsigned indexes are not allowed), its signature does not
+    verify (changed after signing), signed by a key outside the set, expired
+    (a frozen source), or older than an index already accepted (a replayed
+    index: a rollback attack). The message names the index, the problem and
+    the fix. The running version keeps serving."""
 
 
 class ConfigError(SplitgateError, ValueError):

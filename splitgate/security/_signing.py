@@ -49,10 +49,14 @@ __all__ = [
     "PUBLIC_KEY_FILE",
     "SIGNATURE_FILE",
     "TrustedKeys",
+    "canonical_json",
     "generate_signing_key",
     "key_id",
+    "load_signing_key",
     "sign_bundle",
+    "sign_payload",
     "verify_bundle",
+    "verify_payload",
 ]
 
 log = logging.getLogger("splitgate.security")
@@ -414,3 +418,103 @@ def verify_bundle(
                       "sign it with `splitgate sign BUNDLE --key signing.key` (or, for development only, "
                       "pass --allow-unsigned)")
     return _check_signature(bundle, doc, trusted)
+
+
+# -- signed documents other than bundles (the update index) ------------------------
+
+
+def canonical_json(document: Mapping[str, Any]) -> bytes:
+    """The canonical bytes of a JSON document: keys sorted, no whitespace, UTF-8
+    (the same rule as the plan digest's payload,
+    :func:`splitgate.planner._bundle.digest_payload`).
+
+    Args:
+        document: a JSON-serialisable mapping (strings, integers, lists, mappings;
+            no floats, whose text form is not canonical).
+
+    Returns:
+        The bytes a signature over the document covers.
+    """
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def load_signing_key(key_path: str | os.PathLike[str]) -> Ed25519PrivateKey:
+    """Read an ed25519 private key (``signing.key`` from ``splitgate keys``).
+
+    Args:
+        key_path: the PEM file (unencrypted PKCS#8).
+
+    Returns:
+        The private key (for :func:`sign_payload`).
+
+    Raises:
+        ConfigError: missing or unreadable file, a public key, or not ed25519.
+    """
+    return _load_private_key(key_path)
+
+
+def sign_payload(payload: bytes, key: Ed25519PrivateKey) -> dict[str, str]:
+    """Sign bytes with an ed25519 key.
+
+    Args:
+        payload: the bytes to sign (e.g. :func:`canonical_json` of a document).
+        key: a private key from :func:`load_signing_key`.
+
+    Returns:
+        ``{"algorithm": "ed25519", "key_id": "<16 hex>", "signature": "<base64>"}``.
+    """
+    return {
+        "algorithm": ALGORITHM,
+        "key_id": key_id(key.public_key()),
+        "signature": base64.b64encode(key.sign(payload)).decode("ascii"),
+    }
+
+
+def verify_payload(
+    payload: bytes,
+    signatures: Iterable[Any],
+    trusted: TrustedKeys,
+    *,
+    what: str,
+    fix: str,
+    error: type[BundleSignatureError] = BundleSignatureError,
+) -> str:
+    """Check that at least one of ``signatures`` (as :func:`sign_payload` makes them)
+    is a valid ed25519 signature over ``payload`` by a key in ``trusted``.
+
+    Args:
+        payload: the signed bytes.
+        signatures: signature objects; malformed ones and ones by keys outside
+            the set are passed over (a document may carry several signers).
+        trusted: the accepted public keys (non-empty).
+        what: the document, for messages (e.g. "update index http://.../index.json").
+        fix: what to do about a bad or foreign signature, for messages.
+        error: the exception class raised.
+
+    Returns:
+        The key id of the first trusted signature that verifies.
+
+    Raises:
+        BundleSignatureError (or ``error``): no signature, none by a trusted key,
+            or a trusted key's signature that does not verify (the document
+            changed after it was signed).
+    """
+    from cryptography.exceptions import InvalidSignature
+
+    docs = [s for s in signatures if isinstance(s, Mapping)
+            and all(isinstance(s.get(k), str) for k in ("algorithm", "key_id", "signature"))]
+    if not docs:
+        raise error(f"{what}: it carries no well-formed signature; {fix}")
+    ours = [s for s in docs if s["algorithm"] == ALGORITHM and trusted.get(s["key_id"]) is not None]
+    if not ours:
+        signers = sorted({str(s["key_id"]) for s in docs})
+        raise error(f"{what}: signed by key(s) {signers}, none of them in the trusted set {trusted.ids}; "
+                    "add that signer's public key with --trust (GatewayConfig.trust) or re-sign with a trusted key")
+    for doc in ours:
+        try:
+            trusted.get(doc["key_id"]).verify(base64.b64decode(doc["signature"], validate=True), payload)
+        except (InvalidSignature, binascii.Error, ValueError):
+            continue
+        return str(doc["key_id"])
+    raise error(f"{what}: the signature by key {ours[0]['key_id']} does not verify: "
+                f"it changed after it was signed; {fix}")
