@@ -155,7 +155,7 @@ class IndexEntry:
     archive: str
     sha256: str
     size: int
-    sequence: int | None = None
+    sequence: int | None = field(default=None, compare=False)  # when it was listed, not what it is
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
