@@ -24,6 +24,7 @@ from splitgate.edge._updates import (
     INDEX_NAME,
     Updater,
     read_index,
+    sign_index,
     unpack_archive,
     write_archive,
 )
@@ -200,9 +201,9 @@ def _tamper(bundle_root: Path, dest: Path) -> Path:
     return dest
 
 
-def _append(site: Path, bundle_root: Path, version: str) -> dict:
+def _append(site: Path, bundle_root: Path, version: str, key: Path | None = None) -> dict:
     """Publish a bundle as a careless (or hostile) publisher would: archive and index
-    entry written by hand, no verification."""
+    entry written by hand, no verification (the index re-signed with ``key``, if given)."""
     manifest = json.loads((bundle_root / "manifest.json").read_text())
     rel = f"{MODEL}/{MODEL}-{version}.tar.gz"
     sha, size = write_archive(bundle_root, site / rel)
@@ -210,6 +211,8 @@ def _append(site: Path, bundle_root: Path, version: str) -> dict:
     entry = {"version": version, "plan_digest": manifest["plan_digest"], "archive": rel, "sha256": sha, "size": size}
     doc["models"][MODEL].append(entry)
     (site / INDEX_NAME).write_text(json.dumps(doc))
+    if key is not None:
+        sign_index(site, key)
     return entry
 
 
@@ -227,8 +230,8 @@ def test_interrupted_corrupt_tampered_then_good_update_with_no_failed_request(
     versions, server: ArchiveServer, tmp_path: Path,
 ) -> None:
     public, v1, v2 = versions
-    site, stage = server.root, tmp_path / "stage"
-    [published] = publish([v2.root], site, version="v2")
+    site, stage, key = server.root, tmp_path / "stage", public.with_name("signing.key")
+    [published] = publish([v2.root], site, version="v2", key=key)
     size = published.size
     seen: list[UpdateOutcome] = []
     gw = Gateway([v1.root], trust=[str(public)], update_source=server.url, update_dir=str(stage),
@@ -259,7 +262,7 @@ def test_interrupted_corrupt_tampered_then_good_update_with_no_failed_request(
         # 3. a tampered bundle (changed weight, file digests and plan digest recomputed)
         #    arrives whole and intact: refused by its signature; not fetched again
         server.mode = "ok"
-        _append(site, _tamper(v2.root, tmp_path / "tampered"), "v3-tampered")
+        _append(site, _tamper(v2.root, tmp_path / "tampered"), "v3-tampered", key)
         [out] = gw.check_updates()
         assert out.outcome == "refused" and "signature" in out.detail, out
         fetched = len(server.requests)
@@ -271,7 +274,7 @@ def test_interrupted_corrupt_tampered_then_good_update_with_no_failed_request(
         assert set(load.answers) == {"v1"} and not load.failures
 
         # 4. the good version again (republished: newest), cut once more, then resumed: only the rest is fetched
-        publish([v2.root], site, version="v2")
+        publish([v2.root], site, version="v2", key=key)
         server.mode = "cut"
         [out] = gw.check_updates()
         assert out.outcome == "interrupted"
@@ -310,10 +313,10 @@ def test_unsigned_or_unpromised_bundle_refused_and_app_rollback_is_respected(
     versions, server: ArchiveServer, tmp_path: Path,
 ) -> None:
     public, v1, v2 = versions
-    site = server.root
+    site, key = server.root, public.with_name("signing.key")
     unsigned = shutil.copytree(v2.root, tmp_path / "unsigned")
     (unsigned / "signature.json").unlink()
-    publish([unsigned], site, version="v2-unsigned")
+    publish([unsigned], site, version="v2-unsigned", key=key)
     with Gateway([v1.root], trust=[str(public)], update_source=server.url, update_dir=str(tmp_path / "stage"),
                  update_interval_s=0) as gw:
         [out] = gw.check_updates()
@@ -322,10 +325,11 @@ def test_unsigned_or_unpromised_bundle_refused_and_app_rollback_is_respected(
         doc = json.loads((site / INDEX_NAME).read_text())
         doc["models"][MODEL].append({**doc["models"][MODEL][-1], "version": "liar", "plan_digest": "ab" * 32})
         (site / INDEX_NAME).write_text(json.dumps(doc))
+        sign_index(site, key)
         [out] = gw.check_updates()
         assert out.outcome == "skipped", out  # same archive (sha256) as the refused one
         # the signed version installs; the app rolls it back; the next check does not reinstall it
-        publish([v2.root], site, version="v2")
+        publish([v2.root], site, version="v2", key=key)
         assert [o.outcome for o in gw.check_updates()] == ["updated"]
         gw.rollback_bundle(MODEL)
         [out] = gw.check_updates()
