@@ -45,7 +45,7 @@ from splitgate.errors import BundleError, InvalidArgument
 __all__ = [
     "CASCADE_DIR", "CASCADE_FILE", "CASCADE_MODEL", "INT8", "CascadeSpec", "PlannedCascade",
     "check_interface", "confidence", "confidence_kind", "calibrate_threshold", "plan_cascade", "load_cascade_model",
-    "measure_cascade", "with_device_ms",
+    "measure_cascade", "with_device_ms", "PROFILE_KEY", "planned_small_ms",
 ]
 
 CASCADE_DIR = "cascade"
@@ -55,6 +55,9 @@ CASCADE_FILE = "cascade/cascade.json"
 CASCADE_MODEL = "cascade/model.onnx"
 #: ``--cascade int8``: the planner's own int8 full model
 INT8 = "int8"
+#: ``profile.json`` key of the cascade's device time as a device measured it
+#: (``splitgate refit``; decision data, outside the plan digest)
+PROFILE_KEY = "cascade"
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,37 @@ class CascadeSpec:
         if full_device_ms is not None and self.full_device_ms:
             return self.device_ms * full_device_ms / self.full_device_ms
         return self.device_ms
+
+
+def planned_small_ms(spec: CascadeSpec, profile: Mapping[str, Any] | None,
+                     full_device_ms: float | None = None) -> float | None:
+    """The small model's planned device time, the device's own measurement first.
+
+    A bundle refitted to a device profile that timed the cascade model
+    (``splitgate profile`` on the bundle, then ``splitgate refit``) carries
+    that time in ``profile.json`` (:data:`PROFILE_KEY`: ``device_ms`` and the
+    full model's ``full_device_ms`` measured with it); it replaces the
+    planning machine's ratio recorded in ``cascade.json``
+    (:meth:`CascadeSpec.planned_ms`).
+
+    Args:
+        spec: the bundle's cascade.
+        profile: the bundle's ``profile.json`` document (None: none).
+        full_device_ms: the ``device`` partition's planned time for a request's
+            shapes: the time is scaled by it against the full model's time
+            measured with the small model. None = at the main planned shape.
+
+    Returns:
+        ms, or None when nothing timed the small model.
+    """
+    entry = (profile or {}).get(PROFILE_KEY)
+    if isinstance(entry, Mapping) and entry.get("device_ms") is not None:
+        ms = float(entry["device_ms"])
+        full = entry.get("full_device_ms")
+        if full_device_ms is not None and full:
+            return ms * full_device_ms / float(full)
+        return ms
+    return spec.planned_ms(full_device_ms)
 
 
 @dataclass

@@ -16,6 +16,10 @@ no Ray) and measures, per shape bucket:
   (``cut-9~int8``, and ``device~int8``: the int8 full model) timed itself,
   with the fp32 ones: an int8 twin shares its fp32 partition's suffix, which
   is measured once;
+* for a bundle planned with ``--cascade``, the cascade's small model
+  (``cascade/model.onnx``), interleaved with the partitions: the decision
+  "does the cascade pay" then weighs the device's own time for it
+  (:meth:`DeviceProfile.cascade_ms`, applied by ``splitgate refit``);
 * for a ``cloud@E`` twin, the time to encode the model's own inputs; for
   ``cloud@uint8`` on byte-derived data of the input's shape (``k/255``, or the
   bundle's own sample where it already holds 8-bit data): the plan keeps that
@@ -218,6 +222,8 @@ class BucketTimes:
         partitions: measured partitions (a bundle only).
         input_encode_ms: encoding -> median ms to encode the model's own inputs
             into a request (a bundle with ``cloud@E`` twins only).
+        cascade: the cascade's small model (a bundle planned with ``--cascade``
+            only; None in profiles of other bundles and in older profiles).
     """
 
     shapes: dict[str, tuple[int, ...]]
@@ -227,6 +233,7 @@ class BucketTimes:
     attributed: float = 1.0
     partitions: list[PartitionTimes] = field(default_factory=list)
     input_encode_ms: dict[str, float] = field(default_factory=dict)
+    cascade: Timing | None = None
 
     @property
     def label(self) -> str:
@@ -247,7 +254,7 @@ class BucketTimes:
             "partitions": [p.to_dict() for p in self.partitions],
             "node_ms": {k: round(v, 5) for k, v in self.node_ms.items()},
         } | ({"input_encode_ms": {k: round(v, 4) for k, v in self.input_encode_ms.items()}}
-             if self.input_encode_ms else {})
+             if self.input_encode_ms else {}) | ({"cascade": self.cascade.to_dict()} if self.cascade else {})
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> BucketTimes:
@@ -260,6 +267,7 @@ class BucketTimes:
             float(d.get("attributed", 1.0)),
             [PartitionTimes.from_dict(p) for p in d.get("partitions", [])],
             {str(k): float(v) for k, v in (d.get("input_encode_ms") or {}).items()},
+            Timing.from_dict(d["cascade"]) if d.get("cascade") else None,
         )
 
 
@@ -285,6 +293,8 @@ class DeviceProfile:
         buckets: per shape bucket, in the order measured (bucket 0 first).
         settings: threads, warm-up, repeats and idle gap of the measurement.
         notes: what was assumed (e.g. a dynamic batch dimension at 1).
+        cascade_sha256: sha256 of the cascade model the buckets' ``cascade``
+            timings measured (a bundle planned with ``--cascade``), else None.
     """
 
     device: dict[str, Any]
@@ -294,6 +304,7 @@ class DeviceProfile:
     buckets: list[BucketTimes]
     settings: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    cascade_sha256: str | None = None
 
     # -- what the planner asks --------------------------------------------------
 
@@ -422,6 +433,24 @@ class DeviceProfile:
             ms += times.encode_ms[enc]
         return ms * scale
 
+    def cascade_ms(self, sha256: str | None = None, shapes: Shapes | None = None) -> float | None:
+        """The cascade's small model as measured on the device (``Timing.typical_ms``, as
+        partitions are costed) at ``shapes`` (the nearest bucket, scaled by elements).
+
+        Args:
+            sha256: the small model file's sha256: a profile that timed another
+                cascade model answers None. None = do not check.
+            shapes: input name -> concrete shape; None = bucket 0.
+
+        Returns:
+            ms, or None when the device did not time this cascade model (a profile
+            of a bundle without a cascade, or from before cascades were timed).
+        """
+        if sha256 is not None and self.cascade_sha256 != sha256:
+            return None
+        b, scale = self.bucket_for(shapes)
+        return None if b.cascade is None else b.cascade.typical_ms * scale
+
     def encode_ms(self, pid: str, shapes: Shapes | None = None, *,
                   tensors: Sequence[str] | None = None) -> float | None:
         """Measured time to encode an encoded candidate's cut tensors (``cut-3@int8``; for
@@ -461,12 +490,13 @@ class DeviceProfile:
                                         None if p.suffix is None else _scale(p.suffix, factor),
                                         {k: v * factor for k, v in p.encode_ms.items()}, p.precision)
                          for p in b.partitions],
-                        {k: v * factor for k, v in b.input_encode_ms.items()})
+                        {k: v * factor for k, v in b.input_encode_ms.items()},
+                        None if b.cascade is None else _scale(b.cascade, factor))
             for b in self.buckets
         ]
         device = dict(self.device, scaled=factor * float(self.device.get("scaled", 1.0)))
         return DeviceProfile(device, self.model_name, self.model_sha256, self.plan_digest, buckets,
-                             dict(self.settings), list(self.notes))
+                             dict(self.settings), list(self.notes), self.cascade_sha256)
 
     # -- JSON -------------------------------------------------------------------
 
@@ -476,7 +506,8 @@ class DeviceProfile:
             "schema": SCHEMA,
             "version": SCHEMA_VERSION,
             "device": self.device,
-            "model": {"name": self.model_name, "sha256": self.model_sha256, "plan_digest": self.plan_digest},
+            "model": {"name": self.model_name, "sha256": self.model_sha256, "plan_digest": self.plan_digest}
+            | ({"cascade_sha256": self.cascade_sha256} if self.cascade_sha256 else {}),
             "settings": self.settings,
             "notes": list(self.notes),
             "buckets": [b.to_dict() for b in self.buckets],
@@ -510,7 +541,8 @@ class DeviceProfile:
             model = d["model"]
             buckets = [BucketTimes.from_dict(b) for b in d["buckets"]]
             out = cls(dict(d["device"]), str(model["name"]), model.get("sha256"), model.get("plan_digest"),
-                      buckets, dict(d.get("settings", {})), [str(n) for n in d.get("notes", [])])
+                      buckets, dict(d.get("settings", {})), [str(n) for n in d.get("notes", [])],
+                      model.get("cascade_sha256"))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InvalidArgument(f"malformed device profile: {exc!r}") from exc
         if not buckets:
@@ -739,6 +771,7 @@ def measure_device(
     splits: list[Any] = []
     encoded: dict[str, list[str]] = {}
     cloud_encodings: list[str] = []  # cloud@E twins: the encode time of the model's own inputs
+    cascade_sha: str | None = None  # the cascade's small model: timed last, interleaved with the others
     if bundle is not None:
         devices = [p for p in bundle.partitions.values() if p.kind == "device"]
         device_id = next((p.id for p in devices if _precision(p) == "fp32"), None)
@@ -753,6 +786,7 @@ def measure_device(
                 encoded.setdefault(p.id.partition("@")[0], []).append(p.encoding)
             elif p.kind == "cloud" and p.encoding is not None:
                 cloud_encodings.append(p.encoding)
+        cascade_sha = _cascade_side(bundle, sides)
 
     measured: list[BucketTimes] = []
     for bi, bucket in enumerate(buckets):
@@ -782,14 +816,24 @@ def measure_device(
                 report(f"encodings {tag}", 1, 1)
             times.append(pt)
         measured.append(BucketTimes(dict(bucket.shapes), bucket.elements, model_t, nodes.node_ms,
-                                    nodes.attributed, times))
+                                    nodes.attributed, times, cascade=timings[-1][0] if cascade_sha else None))
         if cloud_encodings:
             report(f"input encodings {tag}", 0, 1)
             measured[-1].input_encode_ms = _input_encode_times(bucket.feeds, cloud_encodings, warmup, repeats)
             report(f"input encodings {tag}", 1, 1)
     settings = {"threads": threads, "warmup": warmup, "repeats": repeats, "gap_ms": gap_ms,
                 "source": "bundle" if bundle is not None else "model"}
-    return DeviceProfile(identity(threads), name, sha, digest, measured, settings, list(notes))
+    return DeviceProfile(identity(threads), name, sha, digest, measured, settings, list(notes), cascade_sha)
+
+
+def _cascade_side(bundle: Any, sides: list[tuple[Any, Any]]) -> str | None:
+    """Append a bundle's cascade model to the sessions to time (a device-only side: it
+    runs where the partitions' prefixes run); its file's sha256, or None without a cascade."""
+    path = bundle.cascade_path
+    if path is None:
+        return None
+    sides.append((path, None))
+    return str(bundle.manifest["files"][bundle.cascade.model])
 
 
 def profile_table(dp: DeviceProfile) -> Any:
@@ -809,6 +853,9 @@ def profile_table(dp: DeviceProfile) -> Any:
                 "-" if p.suffix is None else f"{p.suffix.median_ms:.3f}",
                 ", ".join(f"{k} {v:.3f}" for k, v in p.encode_ms.items()) or "-",
             )
+        if b.cascade is not None:  # the cascade's small model (--cascade)
+            table.add_row("", "cascade", f"{b.cascade.median_ms:.3f}", f"{b.cascade.p10_ms:.3f}-{b.cascade.p90_ms:.3f}",
+                          "-", "-")
         if b.input_encode_ms:  # the cloud@E twins: the model's inputs, encoded on the device
             table.add_row("", "cloud (inputs)", "-", "-", "-",
                           ", ".join(f"{k} {v:.3f}" for k, v in b.input_encode_ms.items()))

@@ -19,6 +19,13 @@ table, without re-extracting a partition:
   :data:`INT8_RATIO_SOURCE`, and a note in ``profile.json``): an estimate,
   since that ratio differs between CPUs (0.7x on a VNNI CPU, 2x on another
   model); profile the ``--quantize`` bundle on the device to replace it;
+* the cascade's small model (``--cascade``) gets the device's measurement of
+  it (the profile of this bundle, or of any bundle with the same small model
+  file), recorded in ``profile.json`` (key ``cascade``: its time and the full
+  model's measured with it, see :func:`splitgate.planner._cascade.planned_small_ms`).
+  A device profile without it (older, or of a bundle with another or no
+  cascade) leaves the plan's small/full ratio applied to the device's
+  full-model time, with a note in ``profile.json`` and a log line;
 * an encoded twin (``cut-3@int8``) gets its raw twin's new time plus the
   encode time the device measured (for an int8 prefix's twin without its own,
   the fp32 cut's at that encoding: the same tensors), else the planned encode
@@ -52,6 +59,7 @@ from typing import Any
 import onnx
 
 from splitgate.planner._bundle import MANIFEST, PlanBundle, _replace_dir, plan_digest, sha256_file
+from splitgate.planner._cascade import PROFILE_KEY as CASCADE_KEY, planned_small_ms
 from splitgate.planner._decide import DecisionTable
 from splitgate.planner._device import DeviceProfile, load_device_profile
 from splitgate.planner._partition_profile import BucketProfile, PartitionProfile, Profile
@@ -281,6 +289,13 @@ def refit_bundle(
                 view.model_ms["device"] = round(device.model_ms(shapes), 4)
     profile.partitions = views[0].partitions
     profile.notes = _refit_notes(profile.notes, views, device)
+    cascade, cascade_note = _refit_cascade(bundle, device, None if legacy else views[0].shapes, views[0])
+    profile.extra.pop(CASCADE_KEY, None)
+    if cascade is not None:
+        profile.extra[CASCADE_KEY] = cascade
+    if cascade_note is not None:
+        log.warning("%s", cascade_note)
+        profile.notes = [*(profile.notes or []), cascade_note]
     main_shapes = None if legacy else views[0].shapes
     profile.node_ms = {**(profile.node_ms or {}), "device": {
         k: round(v, 5) for k, v in device.node_profile(main_shapes).node_ms.items()}}
@@ -320,6 +335,49 @@ def _refit_notes(notes: list[str] | None, views: list[BucketProfile], device: De
             "the device's own int8 times")
     log.warning("%s", note)
     return [*kept, note]
+
+
+def _refit_cascade(bundle: PlanBundle, device: DeviceProfile, shapes: Shapes | None,
+                   main: BucketProfile) -> tuple[dict[str, Any] | None, str | None]:
+    """The cascade's ``profile.json`` entry from the device's own timing of its small model.
+
+    Args:
+        bundle: the bundle being refitted.
+        device: the device profile.
+        shapes: the main bucket's shapes (None: a legacy profile, bucket 0).
+        main: the main bucket, already refitted (its ``device`` partition's time).
+
+    Returns:
+        ``(entry, None)`` when the device timed this small model; ``(None, note)``
+        when it did not (the plan's ratio stays); ``(None, None)`` without a cascade.
+    """
+    spec = bundle.cascade
+    if spec is None:
+        return None, None
+    sha = str(bundle.manifest.get("files", {}).get(spec.model, ""))
+    ms = device.cascade_ms(sha, shapes)
+    if ms is None:
+        why = ("timed another cascade model" if device.cascade_sha256 else
+               "has no cascade measurement (taken before cascades were timed, or on a bundle without one)")
+        kept = (f"the plan's small/full ratio ({spec.device_ms:g} / {spec.full_device_ms:g} ms) of the device's "
+                "full-model time" if spec.device_ms is not None and spec.full_device_ms else "the plan's time")
+        return None, (f"{_NOTE}the device profile ({device.label}) {why}: the cascade keeps {kept}; run "
+                      "`splitgate profile` on this bundle for the device's own time")
+    device_part = main.partitions.get("device")
+    full = device_part.device_ms if device_part is not None else device.model_ms(shapes)
+    return {"device_ms": round(ms, 4), "full_device_ms": round(full, 4), "source": "measured",
+            "device": device.label, "planned_device_ms": spec.device_ms,
+            "planned_full_device_ms": spec.full_device_ms}, None
+
+
+def _cascade_row(bundle: PlanBundle) -> tuple[float | None, str]:
+    """(the cascade's device ms at the main planned shape, where it comes from) for a refit table."""
+    spec = bundle.cascade
+    prof = bundle.plan_profile.partitions if bundle.plan_profile else {}
+    full = prof["device"].device_ms if "device" in prof else None
+    ms = planned_small_ms(spec, bundle.profile, full) if spec is not None else None
+    measured = isinstance((bundle.profile or {}).get(CASCADE_KEY), Mapping)
+    return ms, "measured" if measured else "plan ratio"
 
 
 def _write(root: Path, bundle: PlanBundle, manifest: dict[str, Any], profile: dict[str, Any],
@@ -375,4 +433,10 @@ def refit_table(before: PlanBundle, after: PlanBundle) -> Any:
         table.add_row(pid, f"{before_ms:.3f}", f"{entry.device_ms:.3f}",
                       (entry.device_source or "-") if entry.kind != "cloud" or entry.is_twin else "-",
                       str(wins_before.get(pid, 0)), str(wins_after.get(pid, 0)))
+    if after.cascade is not None:  # the small model: no cells of its own (the decision core weighs it per request)
+        (was, _), (now, source) = _cascade_row(before), _cascade_row(after)
+        table.add_row("cascade", "-" if was is None else f"{was:.3f}", "-" if now is None else f"{now:.3f}",
+                      source, "-", "-")
+        table.caption = next((n for n in (after.profile or {}).get("notes") or []
+                              if n.startswith(_NOTE) and "cascade" in n), None)
     return table

@@ -559,3 +559,25 @@ def test_cloud_uint8_encode_time_is_timed_on_8bit_inputs(tmp_path: Path, monkeyp
     same = _device._byte_derived({"x": images[:16], "ids": ids})
     assert np.array_equal(same["x"], images[:16]) and np.array_equal(same["ids"], ids)
     assert same["ids"].dtype == np.int64
+
+
+def test_cascade_timing_round_trip_match_and_scale(tmp_path: Path) -> None:
+    """A bundle planned with --cascade: the profile times its small model per bucket, keyed by its sha256."""
+    dp = _profile()
+    dp.buckets[0].cascade = _timing(0.5)
+    dp.buckets[1].cascade = _timing(2.0)
+    dp.cascade_sha256 = "cd" * 32
+    again = DeviceProfile.load(dp.save(tmp_path / "d.json"))
+    assert again.to_dict() == dp.to_dict() and again.cascade_sha256 == "cd" * 32
+    assert again.cascade_ms("cd" * 32, {"x": (1, 4)}) == pytest.approx(0.475)
+    assert again.cascade_ms(None, {"x": (1, 32)}) == pytest.approx(_timing(2.0).typical_ms * 2)  # nearest, scaled
+    assert again.cascade_ms("ef" * 32, {"x": (1, 4)}) is None, "another cascade model's time is not this one's"
+    assert dp.scaled(4.0).cascade_ms("cd" * 32, {"x": (1, 4)}) == pytest.approx(4 * 0.475)
+    # a profile from before cascades were timed (no keys) reads as "not timed"
+    doc = dp.to_dict()
+    del doc["model"]["cascade_sha256"]
+    for b in doc["buckets"]:
+        del b["cascade"]
+    old = DeviceProfile.from_dict(doc)
+    assert old.cascade_sha256 is None and old.cascade_ms(None) is None and old.cascade_ms("cd" * 32) is None
+    assert "cascade" not in json.dumps(_profile().to_dict()), "profiles without a cascade keep their old form"
