@@ -46,6 +46,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from splitgate.edge._breaker import CircuitBreaker
 from splitgate.edge._cascade import CascadeChoice, ExitRates, cascade_expected_ms
 from splitgate.edge._device import DeviceCosts, suffix_key
 from splitgate.edge._monitor import CloudLoadMonitor, Ewma, LinkCalibration, LinkMonitor
@@ -161,10 +162,14 @@ class NetworkChange:
         abandon_probe: a probe is measuring the old network: stop it after its
             current round trip and record nothing.
         probe: a background probe (replacing the estimates) is due.
+        breaker_trial: the circuit breaker was open (or half-open) and is now
+            half-open: the fresh probe is its trial (success closes it, failure
+            re-opens it).
     """
 
     abandon_probe: bool
     probe: bool
+    breaker_trial: bool = False
 
 
 class DecisionCore:
@@ -174,7 +179,8 @@ class DecisionCore:
         config: the Gateway's settings (read live: a driver may change them);
             the rules read hysteresis, calibrate, hedge, hedge_factor,
             probe_interval_s, probe_bytes, learn_device, device_probe_every,
-            device_time_from_profile.
+            device_time_from_profile; ``breaker_failures`` and ``breaker_reset_s``
+            once, for :attr:`breaker`.
         clock: seconds, monotonic (``time.monotonic`` live; simulated time in
             the analytic engine; a fake in tests).
     """
@@ -188,6 +194,9 @@ class DecisionCore:
         self.load = CloudLoadMonitor()
         self.policy = Policy(self.config.hysteresis)
         self.device = DeviceCosts(probe_every=self.config.device_probe_every, clock=clock)
+        # The cloud leg's circuit breaker (the driver asks it before each call and reports
+        # each outcome; a network change half-opens it: :meth:`network_changed`).
+        self.breaker = CircuitBreaker(self.config.breaker_failures, self.config.breaker_reset_s, clock=clock)
         self._lock = threading.Lock()
         self._costs: OrderedDict[tuple[str, str, tuple], Costs] = OrderedDict()
         self._local_suffix_ms: dict[tuple[str, str], Ewma] = {}
@@ -319,6 +328,8 @@ class DecisionCore:
         Returns:
             None for a bundle without a cascade, else the :class:`CascadeChoice`.
         """
+        from splitgate.planner._cascade import planned_small_ms
+
         spec = bundle.cascade
         if spec is None:
             return None
@@ -327,7 +338,7 @@ class DecisionCore:
         if spec.exit_rate <= 0.0 or spec.threshold > 1.0:
             return CascadeChoice(False, "never exits", rate)
         full = float(costs["device"]["device_ms"]) if costs is not None and "device" in costs else None
-        planned = spec.planned_ms(full)
+        planned = planned_small_ms(spec, bundle.profile, full)  # (the device's own timing after a refit)
         if not bundle.has_profile or planned is None:
             return CascadeChoice(True, "no profile", rate, planned_small_ms=planned)
         if conditions is None:
@@ -343,11 +354,13 @@ class DecisionCore:
         pays = expected < path - CASCADE_TIE_MS  # a tie goes to the path: no model run to save nothing
         return CascadeChoice(pays, "pays" if pays else "does not pay", rate, small, planned, path, expected)
 
-    def cascade_done(self, bundle: PlanBundle, exited: bool, measured_ms: float, planned_ms: float | None) -> None:
-        """The cascade's small model ran in ``measured_ms``: the live exit rate counts
-        it, and (planned times known) the device learner learns from it."""
+    def cascade_done(self, bundle: PlanBundle, exited: bool, measured_ms: float, planned_ms: float | None,
+                     *, rows: int = 1, rows_exited: int | None = None) -> None:
+        """The cascade's small model ran in ``measured_ms`` on ``rows`` rows and answered
+        ``rows_exited`` of them (default: all when ``exited``, else none): the live exit
+        rate counts the rows, and (planned times known) the device learner learns from it."""
         model = bundle.model_name
-        self.cascade_rates.observe(model, bundle.plan_digest, exited)
+        self.cascade_rates.observe(model, bundle.plan_digest, exited, rows, rows_exited)
         if planned_ms:
             self._learn(model, "cascade", measured_ms, planned_ms)
 
@@ -416,6 +429,11 @@ class DecisionCore:
             self._measuring = False
             self._probe_span = (self._probe_span[0], end)
 
+    def probe_allowed(self) -> bool:
+        """May a link probe go to the cloud now (the breaker is not open:
+        :meth:`CircuitBreaker.allow_probe`)? If not, call :meth:`probe_unavailable`."""
+        return self.breaker.allow_probe()
+
     def probe_unavailable(self) -> None:
         """A probe was due but there is nothing to measure with (no cloud, an
         open breaker): settle the trigger so it is not asked again on every request."""
@@ -424,10 +442,18 @@ class DecisionCore:
     def network_changed(self) -> NetworkChange:
         """The OS reported a network change: every estimate is stale, of unknown
         direction, and what calls taught the calibration is of the old network.
-        A probe measuring the old network is abandoned; a fresh one is due."""
+        A probe measuring the old network is abandoned; a fresh one is due. The
+        old network's failures say nothing about the new one: an open breaker
+        half-opens now (:meth:`CircuitBreaker.network_changed`), so the fresh
+        probe can close it instead of the device waiting out ``breaker_reset_s``.
+
+        Returns:
+            What the driver does now (:class:`NetworkChange`).
+        """
         self.link.mark_changed()
         self.calibration.reset()
-        return NetworkChange(abandon_probe=self._measuring, probe=True)
+        trial = self.breaker.network_changed()
+        return NetworkChange(abandon_probe=self._measuring, probe=True, breaker_trial=trial)
 
     def _overlaps_probe(self, started: float) -> bool:
         """Did a probe share the link with a call sent at ``started``?"""

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from splitgate.edge._breaker import CircuitBreaker
 from splitgate.edge._cache import ResultCache, input_digest
-from splitgate.edge._cascade import CASCADE_PARTITION, cascade_first
+from splitgate.edge._cascade import CASCADE_PARTITION, cascade_first, cascade_rest
 from splitgate.edge._client import DEFAULT_RETRY_AFTER_MS, CloudClient, CloudReply
 from splitgate.edge._decide import (
     DEFAULT_UPLINK_MBPS,
@@ -88,9 +87,11 @@ class Trace:
     and ``battery_pct`` the battery level it was decided with.
     ``cascade`` says what the bundle's confident-on-device cascade did
     (:mod:`splitgate.edge._cascade`): ``"exit"`` (the small model answered;
-    ``partition`` is ``"cascade"``), ``"through"`` (it ran, was not confident,
-    and ``partition`` answered; its time is in ``device_ms``) or None (no
-    cascade, or it did not pay).
+    ``partition`` is ``"cascade"``), ``"partial"`` (it answered some rows of
+    a batch, ``partition`` the others; its time is in ``device_ms``),
+    ``"through"`` (it ran, was not confident, and ``partition`` answered; its
+    time is in ``device_ms``) or None (no cascade, or it did not pay);
+    ``cascade_rows_exited`` how many rows it answered (None when it did not run).
     """
 
     model: str
@@ -108,6 +109,7 @@ class Trace:
     energy_mj: float | None = None
     battery_pct: float | None = None
     cascade: str | None = None
+    cascade_rows_exited: int | None = None
 
 
 @dataclass
@@ -179,7 +181,7 @@ class _Core(RolloutCore):
         self.policy = self.decisions.policy
         self.device = self.decisions.device  # the device's speed against the plans
         self.battery = BatteryMonitor(config.battery_pct)
-        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s)
+        self.breaker = self.decisions.breaker  # (the decision core's: a network change half-opens it)
         self.cache = ResultCache(config.cache_size) if config.cache_size > 0 else None
         self.metrics = GatewayMetrics()
         self.telemetry = RequestTelemetry(  # energy, battery, version, drift, spans (docs/telemetry.md)
@@ -396,9 +398,11 @@ class _Core(RolloutCore):
         :class:`ProbeSpec` says, fed back to it. ``reset`` replaces the estimates
         instead of averaging into them (after a step in the link). A network
         change reported meanwhile (:meth:`network_changed`) abandons it after
-        the round trip under way (a fresh one follows in the background)."""
-        if self.client is None or not self.breaker.allow():
-            self.decisions.probe_unavailable()  # (do not ask again on every request)
+        the round trip under way (a fresh one follows in the background).
+        Skipped while the circuit breaker is open; in half-open it is a trial
+        (a full probe's success closes the breaker, its failure re-opens it)."""
+        if self.client is None or not self.decisions.probe_allowed():  # (an open breaker: not before its reset
+            self.decisions.probe_unavailable()  # time or a network change; do not ask again on every request)
             return
         with self._probe_lock:
             spec = self.decisions.probe_started(rtt_only=rtt_only, reset=reset)
@@ -598,6 +602,8 @@ class _Core(RolloutCore):
         try:
             if cascade is not None and cascade.outputs is not None:
                 outputs, trace.partition, trace.device_ms = cascade.outputs, CASCADE_PARTITION, cascade.ms
+            elif cascade is not None and cascade.partial is not None:  # the unsure rows take the path
+                outputs = cascade_rest(self, bundle, part, cascade, trace, deadline, private=private)
             else:
                 outputs = self._run(bundle, part, feeds, trace, deadline, private=private, costs=costs)
                 trace.device_ms += cascade.ms if cascade is not None else 0.0
@@ -971,7 +977,10 @@ class Gateway:
         probe replaces them now; a probe already under way (it measures the old
         link) stops after its current round trip, records nothing, and the
         fresh one follows. Without the report, a device-only stretch would miss
-        a better link for up to ``probe_interval_s``. Returns at once.
+        a better link for up to ``probe_interval_s``. An open circuit breaker
+        (the old network's failures) half-opens at once: the fresh probe closes
+        it on success, so requests offload again without waiting out
+        ``breaker_reset_s``; failures on the new network re-open it. Returns at once.
         """
         self._core.network_changed()
 
