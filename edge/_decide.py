@@ -328,6 +328,8 @@ class DecisionCore:
         Returns:
             None for a bundle without a cascade, else the :class:`CascadeChoice`.
         """
+        from splitgate.planner._cascade import planned_small_ms
+
         spec = bundle.cascade
         if spec is None:
             return None
@@ -336,7 +338,7 @@ class DecisionCore:
         if spec.exit_rate <= 0.0 or spec.threshold > 1.0:
             return CascadeChoice(False, "never exits", rate)
         full = float(costs["device"]["device_ms"]) if costs is not None and "device" in costs else None
-        planned = spec.planned_ms(full)
+        planned = planned_small_ms(spec, bundle.profile, full)  # (the device's own timing after a refit)
         if not bundle.has_profile or planned is None:
             return CascadeChoice(True, "no profile", rate, planned_small_ms=planned)
         if conditions is None:
@@ -352,11 +354,13 @@ class DecisionCore:
         pays = expected < path - CASCADE_TIE_MS  # a tie goes to the path: no model run to save nothing
         return CascadeChoice(pays, "pays" if pays else "does not pay", rate, small, planned, path, expected)
 
-    def cascade_done(self, bundle: PlanBundle, exited: bool, measured_ms: float, planned_ms: float | None) -> None:
-        """The cascade's small model ran in ``measured_ms``: the live exit rate counts
-        it, and (planned times known) the device learner learns from it."""
+    def cascade_done(self, bundle: PlanBundle, exited: bool, measured_ms: float, planned_ms: float | None,
+                     *, rows: int = 1, rows_exited: int | None = None) -> None:
+        """The cascade's small model ran in ``measured_ms`` on ``rows`` rows and answered
+        ``rows_exited`` of them (default: all when ``exited``, else none): the live exit
+        rate counts the rows, and (planned times known) the device learner learns from it."""
         model = bundle.model_name
-        self.cascade_rates.observe(model, bundle.plan_digest, exited)
+        self.cascade_rates.observe(model, bundle.plan_digest, exited, rows, rows_exited)
         if planned_ms:
             self._learn(model, "cascade", measured_ms, planned_ms)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 from splitgate.edge._cache import ResultCache, input_digest
-from splitgate.edge._cascade import CASCADE_PARTITION, cascade_first
+from splitgate.edge._cascade import CASCADE_PARTITION, cascade_first, cascade_rest
 from splitgate.edge._client import DEFAULT_RETRY_AFTER_MS, CloudClient, CloudReply
 from splitgate.edge._decide import (
     DEFAULT_UPLINK_MBPS,
@@ -87,9 +87,11 @@ class Trace:
     and ``battery_pct`` the battery level it was decided with.
     ``cascade`` says what the bundle's confident-on-device cascade did
     (:mod:`splitgate.edge._cascade`): ``"exit"`` (the small model answered;
-    ``partition`` is ``"cascade"``), ``"through"`` (it ran, was not confident,
-    and ``partition`` answered; its time is in ``device_ms``) or None (no
-    cascade, or it did not pay).
+    ``partition`` is ``"cascade"``), ``"partial"`` (it answered some rows of
+    a batch, ``partition`` the others; its time is in ``device_ms``),
+    ``"through"`` (it ran, was not confident, and ``partition`` answered; its
+    time is in ``device_ms``) or None (no cascade, or it did not pay);
+    ``cascade_rows_exited`` how many rows it answered (None when it did not run).
     """
 
     model: str
@@ -107,6 +109,7 @@ class Trace:
     energy_mj: float | None = None
     battery_pct: float | None = None
     cascade: str | None = None
+    cascade_rows_exited: int | None = None
 
 
 @dataclass
@@ -599,6 +602,8 @@ class _Core(RolloutCore):
         try:
             if cascade is not None and cascade.outputs is not None:
                 outputs, trace.partition, trace.device_ms = cascade.outputs, CASCADE_PARTITION, cascade.ms
+            elif cascade is not None and cascade.partial is not None:  # the unsure rows take the path
+                outputs = cascade_rest(self, bundle, part, cascade, trace, deadline, private=private)
             else:
                 outputs = self._run(bundle, part, feeds, trace, deadline, private=private, costs=costs)
                 trace.device_ms += cascade.ms if cascade is not None else 0.0

@@ -43,8 +43,9 @@ class GatewayMetrics:
         )
         self.cascade = Counter(
             "splitgate_cascade",
-            "Requests that met a confident-on-device cascade: exit (the small model answered), through "
-            "(it ran, then the chosen path), skipped (it would not pay), error (it failed; the path answered)",
+            "Requests that met a confident-on-device cascade: exit (the small model answered), partial (it "
+            "answered some rows of a batch, the chosen path the others), through (it ran, then the chosen path), "
+            "skipped (it would not pay), error (it failed; the path answered)",
             ("model", "outcome"), registry=self.registry,
         )
 

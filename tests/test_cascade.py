@@ -351,3 +351,215 @@ def test_the_live_exit_rate_turns_the_cascade_off_when_it_stops_exiting(bundle: 
     assert choice.exit_rate < 0.1 and not choice.run and choice.why == "does not pay"
     core.forget(MODEL)  # a new plan: the planned rate again
     assert core.cascade_choice(bundle, "device", costs).exit_rate == pytest.approx(bundle.cascade.exit_rate)
+
+
+# -- the device's own time for the small model (splitgate profile / refit) ------------------------
+
+
+def _with_cascade_ms(dp, ms: float):
+    """``dp`` with its small-model timing replaced by one of ``ms`` (a device on which the
+    cascade model runs that fast or slow against the rest: a slowdown on the cascade model alone)."""
+    import copy
+
+    from splitgate.planner import Timing
+
+    out = copy.deepcopy(dp)
+    for b in out.buckets:
+        scale = b.elements / out.buckets[0].elements
+        b.cascade = Timing(ms * scale, ms * scale, ms * scale, b.cascade.runs, ms * scale)
+    return out
+
+
+def test_profile_times_the_cascade_and_refit_applies_it(bundle: PlanBundle, tmp_path: Path) -> None:
+    import shutil
+
+    from splitgate.planner import measure_device, refit_bundle
+    from splitgate.planner._refit import refit_table
+
+    copy = Path(shutil.copytree(bundle.root, tmp_path / "b"))
+    dp = measure_device(copy, threads=1, warmup=1, repeats=3)
+    assert dp.cascade_sha256 == bundle.manifest["files"]["cascade/model.onnx"]
+    assert all(b.cascade is not None and b.cascade.median_ms > 0 for b in dp.buckets)
+    full_ms = dp.partition_ms("device")
+    core = DecisionCore(GatewayConfig(learn_device=False), clock=lambda: 0.0)
+
+    def offline_choice(b: PlanBundle):
+        return core.cascade_choice(b, "device", b.costs())
+
+    # the device runs the small model at a tenth of the full model's time: the cascade pays offline
+    fast = refit_bundle(copy, _with_cascade_ms(dp, 0.1 * full_ms))
+    assert fast.plan_digest == bundle.plan_digest and fast.profile["cascade"]["source"] == "measured"
+    choice = offline_choice(fast)
+    assert choice.planned_small_ms == pytest.approx(0.1 * full_ms, rel=1e-3)  # the device's time, not the plan's
+    assert choice.run and choice.why == "pays"
+    # the same device, the small model slowed 3x past the full model: it no longer pays
+    slow = refit_bundle(copy, _with_cascade_ms(dp, 3.0 * full_ms))
+    choice = offline_choice(slow)
+    assert choice.planned_small_ms == pytest.approx(3.0 * full_ms, rel=1e-3)
+    assert not choice.run and choice.why == "does not pay"
+    table = refit_table(fast, slow)
+    row = table.columns[0]._cells.index("cascade")  # noqa: SLF001 - rich keeps cells per column
+    assert [c._cells[row] for c in table.columns[1:4]] == [  # noqa: SLF001
+        f"{0.1 * full_ms:.3f}", f"{3.0 * full_ms:.3f}", "measured"]
+    # the Gateway weighs it too: offline, a slowed small model is skipped
+    with Gateway([copy], config=GatewayConfig(learn_device=False)) as gw:
+        assert gw.infer(MODEL, {"input": _held_out(1)}).trace.cascade is None
+        assert gw.metrics.snapshot()[f"splitgate_cascade_total{{model={MODEL},outcome=skipped}}"] == 1
+
+
+def test_refit_with_a_profile_without_the_cascade_keeps_the_plan_ratio(bundle: PlanBundle, tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+
+    from splitgate.planner import DeviceProfile, measure_device, refit_bundle
+    from splitgate.planner._refit import refit_table
+
+    copy = Path(shutil.copytree(bundle.root, tmp_path / "b"))
+    dp = measure_device(copy, threads=1, warmup=1, repeats=3)
+    refit_bundle(copy, _with_cascade_ms(dp, 0.1 * dp.partition_ms("device")))  # (a measured entry to replace)
+    before = load_bundle(copy)
+    doc = dp.to_dict()  # as written before cascades were timed: no keys
+    del doc["model"]["cascade_sha256"]
+    for b in doc["buckets"]:
+        del b["cascade"]
+    with caplog.at_level("WARNING", logger="splitgate.planner._refit"):
+        after = refit_bundle(copy, DeviceProfile.from_dict(doc))
+    assert after.plan_digest == bundle.plan_digest and "cascade" not in after.profile
+    spec = after.cascade
+    costs = after.costs()
+    choice = DecisionCore(GatewayConfig(learn_device=False)).cascade_choice(after, "device", costs)
+    assert choice.planned_small_ms == pytest.approx(spec.device_ms * costs["device"]["device_ms"] / spec.full_device_ms)
+    notes = [n for n in after.profile["notes"] if "cascade" in n]
+    assert len(notes) == 1 and "has no cascade measurement" in notes[0] and "\n" not in notes[0]
+    assert "splitgate profile" in notes[0] and notes[0] in caplog.text
+    table = refit_table(before, after)
+    assert table.caption == notes[0]
+    row = table.columns[0]._cells.index("cascade")  # noqa: SLF001
+    assert table.columns[3]._cells[row] == "plan ratio"  # noqa: SLF001
+    # a profile that timed another cascade model is not this one's either
+    dp.cascade_sha256 = "0" * 64
+    again = refit_bundle(copy, dp)
+    assert "cascade" not in again.profile
+    assert any("timed another cascade model" in n for n in again.profile["notes"])
+
+
+# -- per-row exits -------------------------------------------------------------------------
+
+
+def _rows_by_confidence(bundle: PlanBundle, n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Held-out images the small model is clearly sure of, alone, and noise it is clearly unsure of."""
+    spec = bundle.cascade
+    small = _session(bundle.cascade_path)
+
+    def conf(x: np.ndarray) -> float:
+        return float(confidence(small.run(None, {"input": x[None]})[0], spec.confidence)[0])
+
+    sure = [x for x in _held_out(48) if conf(x) >= spec.threshold + 0.02][:n]
+    unsure = [x[0] for x in _noise(8) if conf(x[0]) < spec.threshold - 0.02][:n]
+    assert len(sure) == n and len(unsure) == n
+    return sure, unsure
+
+
+def _alone(path: Path | str, x: np.ndarray) -> np.ndarray:
+    return _session(path).run(None, {"input": x[None]})[0][0]
+
+
+def test_a_batch_exits_row_by_row(bundle: PlanBundle, models) -> None:
+    """A batch of sure and unsure rows: the sure ones are the small model's, the others the path's,
+    in the request's order, each as that row alone through its route."""
+    sure, unsure = _rows_by_confidence(bundle, 3)
+    order = ["s", "u", "s", "s", "u", "u"]
+    it = {"s": iter(sure), "u": iter(unsure)}
+    rows = [next(it[k]) for k in order]
+    batch = np.stack(rows)
+    with Gateway([bundle.root], config=GatewayConfig(learn_device=False)) as gw:
+        r = gw.infer(MODEL, {"input": batch})
+        t = r.trace
+        assert (t.cascade, t.cascade_rows_exited, t.partition) == ("partial", 3, "device")
+        assert r.outputs["logits"].shape == (6, 10)
+        for i, (kind, x) in enumerate(zip(order, rows)):
+            want = _alone(bundle.cascade_path if kind == "s" else models[0], x)
+            np.testing.assert_allclose(r.outputs["logits"][i], want, rtol=1e-4, atol=1e-4, err_msg=f"row {i} ({kind})")
+        # the small model's time is in the device time, with the path's on the 3 unsure rows
+        assert t.device_ms > 0
+        # all sure, none sure: as before
+        r = gw.infer(MODEL, {"input": np.stack(sure)})
+        assert (r.trace.cascade, r.trace.cascade_rows_exited, r.trace.partition) == ("exit", 3, "cascade")
+        r = gw.infer(MODEL, {"input": np.stack(unsure)})
+        assert (r.trace.cascade, r.trace.cascade_rows_exited, r.trace.partition) == ("through", 0, "device")
+        np.testing.assert_allclose(r.outputs["logits"], _session(models[0]).run(None, {"input": np.stack(unsure)})[0],
+                                   rtol=1e-4, atol=1e-4)
+        snap = gw.metrics.snapshot()
+        for outcome in ("partial", "exit", "through"):
+            assert snap[f"splitgate_cascade_total{{model={MODEL},outcome={outcome}}}"] == 1, outcome
+        # the live exit rate counts rows: 3 of 6, 3 of 3, 0 of 3
+        assert gw._core.decisions.cascade_rates.runs(MODEL, bundle.plan_digest) == (12, 6)  # noqa: SLF001
+
+
+def test_edge_serve_says_partial(bundle: PlanBundle) -> None:
+    sure, unsure = _rows_by_confidence(bundle, 1)
+    with Gateway([bundle.root], config=GatewayConfig(learn_device=False)) as gw:
+        server, port, _ = serve_edge(gw, port=0)
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                request = pb.ModelInferRequest(model_name=MODEL)
+                codec.add_inputs(request, {"input": np.stack([unsure[0], sure[0]])})
+                reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+        finally:
+            server.stop(0)
+    params = codec.read_params(reply.parameters)
+    assert (params[contract.CASCADE], params[contract.PARTITION]) == ("partial", "device")
+    assert codec.read_outputs(reply)["logits"].shape == (2, 10)
+
+
+def test_exit_rates_count_rows() -> None:
+    rates = ExitRates(prior_requests=10)
+    rates.observe("m", "d", False, rows=10, rows_exited=5)
+    rates.observe("m", "d", True, rows=4)
+    assert rates.runs("m", "d") == (14, 9)
+    assert rates.rate("m", "d", 0.5) == pytest.approx((10 * 0.5 + 9) / 24)
+    assert cascade_expected_ms(2.0, 0.75, 40.0) == pytest.approx(12.0)  # a quarter of the rows go on
+
+
+def _not_batch_major(path: Path, scale: float) -> Path:
+    """A classifier with a second output that is not batch-major: the batch's mean logits ``[1, 10]``."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(3, 10)).astype(np.float32) * scale
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["input"], ["gap"]), helper.make_node("Flatten", ["gap"], ["flat"]),
+         helper.make_node("Gemm", ["flat", "w", "b"], ["logits"]),
+         helper.make_node("ReduceMean", ["logits"], ["batch_mean"], axes=[0], keepdims=1)],
+        "not_batch_major",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10]),
+         helper.make_tensor_value_info("batch_mean", TensorProto.FLOAT, [1, 10])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(10, np.float32), "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_model_that_is_not_batch_major_exits_all_or_nothing(tmp_path: Path) -> None:
+    """Its second output mixes the rows: the unsure rows cannot be answered alone, so a batch
+    with one unsure row takes the path whole (and exits whole when every row is sure)."""
+    full = _not_batch_major(tmp_path / "full.onnx", 1.0)
+    small = _not_batch_major(tmp_path / "small.onnx", 2.0)  # same argmax, sharper: a different answer
+    rng = np.random.default_rng(5)
+    cal = (rng.normal(size=(32, 3, 8, 8)) + rng.choice([-4.0, 4.0], size=(32, 3, 1, 1))).astype(np.float32)
+    b = build_bundle(full, tmp_path / "b", cascade=small, calibration={"input": cal}, profile=False)
+    assert b.cascade.exit_rate == 1.0 and b.cascade.threshold <= 1.0
+    sure, unsure = cal[:2], np.zeros((1, 3, 8, 8), np.float32)  # zeros: uniform logits, confidence 0.1
+    with Gateway([b.root], config=GatewayConfig(learn_device=False)) as gw:
+        mixed = np.concatenate([sure[:1], unsure, sure[1:]])
+        r = gw.infer("full", {"input": mixed})
+        assert (r.trace.cascade, r.trace.cascade_rows_exited, r.trace.partition) == ("through", 0, "device")
+        want = _session(full).run(None, {"input": mixed})
+        np.testing.assert_allclose(r.outputs["logits"], want[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(r.outputs["batch_mean"], want[1], rtol=1e-5, atol=1e-5)
+        r = gw.infer("full", {"input": sure})
+        assert (r.trace.cascade, r.trace.cascade_rows_exited, r.trace.partition) == ("exit", 2, "cascade")
+        np.testing.assert_allclose(r.outputs["batch_mean"], _session(small).run(None, {"input": sure})[1], rtol=1e-5)
+        assert gw._core.decisions.cascade_rates.runs("full", b.plan_digest) == (5, 2)  # noqa: SLF001
