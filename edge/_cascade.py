@@ -338,14 +338,14 @@ def cascade_rest(core: Any, bundle: PlanBundle, part: Partition, run: CascadeRun
     """
     partial = run.partial
     assert partial is not None
-    rest = core._run(bundle, part, partial.rest, trace, deadline, private=private,  # noqa: SLF001
+    rest = core._run(bundle, part, partial.rest, trace, deadline, private=private,
                      costs=core.request_costs(bundle, partial.rest))
     merged = merge_rows(partial.exited, partial.small, rest)
     if merged is None:
         _log.warning("model '%s': partition '%s' did not answer the unsure rows row by row; running the whole "
                      "request on it", bundle.model_name, part.id)
         trace.cascade, trace.cascade_rows_exited = "through", 0
-        merged = core._run(bundle, part, partial.feeds, trace, deadline, private=private,  # noqa: SLF001
+        merged = core._run(bundle, part, partial.feeds, trace, deadline, private=private,
                            costs=core.request_costs(bundle, partial.feeds))
     trace.device_ms += run.ms
     return merged

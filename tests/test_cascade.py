@@ -398,8 +398,8 @@ def test_profile_times_the_cascade_and_refit_applies_it(bundle: PlanBundle, tmp_
     assert choice.planned_small_ms == pytest.approx(3.0 * full_ms, rel=1e-3)
     assert not choice.run and choice.why == "does not pay"
     table = refit_table(fast, slow)
-    row = table.columns[0]._cells.index("cascade")  # noqa: SLF001 - rich keeps cells per column
-    assert [c._cells[row] for c in table.columns[1:4]] == [  # noqa: SLF001
+    row = table.columns[0]._cells.index("cascade")
+    assert [c._cells[row] for c in table.columns[1:4]] == [
         f"{0.1 * full_ms:.3f}", f"{3.0 * full_ms:.3f}", "measured"]
     # the Gateway weighs it too: offline, a slowed small model is skipped
     with Gateway([copy], config=GatewayConfig(learn_device=False)) as gw:
@@ -434,8 +434,8 @@ def test_refit_with_a_profile_without_the_cascade_keeps_the_plan_ratio(bundle: P
     assert "splitgate profile" in notes[0] and notes[0] in caplog.text
     table = refit_table(before, after)
     assert table.caption == notes[0]
-    row = table.columns[0]._cells.index("cascade")  # noqa: SLF001
-    assert table.columns[3]._cells[row] == "plan ratio"  # noqa: SLF001
+    row = table.columns[0]._cells.index("cascade")
+    assert table.columns[3]._cells[row] == "plan ratio"
     # a profile that timed another cascade model is not this one's either
     dp.cascade_sha256 = "0" * 64
     again = refit_bundle(copy, dp)
@@ -493,7 +493,7 @@ def test_a_batch_exits_row_by_row(bundle: PlanBundle, models) -> None:
         for outcome in ("partial", "exit", "through"):
             assert snap[f"splitgate_cascade_total{{model={MODEL},outcome={outcome}}}"] == 1, outcome
         # the live exit rate counts rows: 3 of 6, 3 of 3, 0 of 3
-        assert gw._core.decisions.cascade_rates.runs(MODEL, bundle.plan_digest) == (12, 6)  # noqa: SLF001
+        assert gw._core.decisions.cascade_rates.runs(MODEL, bundle.plan_digest) == (12, 6)
 
 
 def test_edge_serve_says_partial(bundle: PlanBundle) -> None:
@@ -562,4 +562,4 @@ def test_a_model_that_is_not_batch_major_exits_all_or_nothing(tmp_path: Path) ->
         r = gw.infer("full", {"input": sure})
         assert (r.trace.cascade, r.trace.cascade_rows_exited, r.trace.partition) == ("exit", 2, "cascade")
         np.testing.assert_allclose(r.outputs["batch_mean"], _session(small).run(None, {"input": sure})[1], rtol=1e-5)
-        assert gw._core.decisions.cascade_rates.runs("full", b.plan_digest) == (5, 2)  # noqa: SLF001
+        assert gw._core.decisions.cascade_rates.runs("full", b.plan_digest) == (5, 2)
