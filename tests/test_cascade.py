@@ -563,3 +563,30 @@ def test_a_model_that_is_not_batch_major_exits_all_or_nothing(tmp_path: Path) ->
         assert (r.trace.cascade, r.trace.cascade_rows_exited, r.trace.partition) == ("exit", 2, "cascade")
         np.testing.assert_allclose(r.outputs["batch_mean"], _session(small).run(None, {"input": sure})[1], rtol=1e-5)
         assert gw._core.decisions.cascade_rates.runs("full", b.plan_digest) == (5, 2)
+
+
+def test_partial_exit_sends_only_the_unsure_rows_to_the_cloud(bundle: PlanBundle, models,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path is the loopback cloud (where the cascade would not pay: the choice is forced to run
+    it, the rest is real): the unsure rows travel over gRPC as a smaller batch."""
+    from dataclasses import replace
+
+    from splitgate.cloud.baseline import start_baseline
+
+    sure, unsure = _rows_by_confidence(bundle, 2)
+    rows = [unsure[0], sure[0], sure[1], unsure[1]]
+    config = GatewayConfig(learn_device=False)
+    with start_baseline([str(bundle.root)]) as server, Gateway([bundle.root], cloud=server.address,
+                                                               config=config) as gw:
+        core = gw._core.decisions
+        weigh = core.cascade_choice
+        monkeypatch.setattr(core, "cascade_choice", lambda *a, **k: replace(weigh(*a, **k), run=True))
+        r = gw.infer(MODEL, {"input": np.stack(rows)})
+        t = r.trace
+        assert (t.cascade, t.cascade_rows_exited) == ("partial", 2) and t.partition != "device"
+        whole = gw.infer(MODEL, {"input": np.stack(rows)}, partition=t.partition)  # (asked for: no cascade)
+        assert whole.trace.cascade is None and whole.trace.fallback is None
+        assert t.fallback is None and 0 < t.bytes_sent < whole.trace.bytes_sent  # two rows' worth, not four
+        for i, x in enumerate(rows):
+            want = _alone(bundle.cascade_path if i in (1, 2) else models[0], x)
+            np.testing.assert_allclose(r.outputs["logits"][i], want, rtol=1e-4, atol=1e-4, err_msg=f"row {i}")
