@@ -38,6 +38,12 @@ index, and one whose sequence is lower than the highest it accepted (kept in
 ``update_dir/index-state.json``, across restarts): outcome ``untrusted-index``.
 It never installs an entry published before the running version (a lower entry
 ``sequence``): outcome ``downgrade``.
+
+**Memory across restarts.** The same file (:class:`_UpdateState`) remembers the
+archives refused (by sha256, with the trust keys and splitgate version they were
+refused under; outcome ``skipped``, nothing fetched) and the versions the app
+rolled back from (``declined``), so a restarted edge neither fetches nor installs
+them again; each list keeps its newest :data:`MAX_REFUSED` / :data:`MAX_DECLINED`.
 """
 
 from __future__ import annotations
@@ -117,9 +123,17 @@ OUTCOMES = (
     "untrusted-index",  # with trust keys: the index is unsigned, badly or foreign-signed, expired, or replayed
     "downgrade",     # with a signed index: its newest entry was published before the running version
 )
-#: The file in ``update_dir`` holding the highest index sequence accepted (and the
-#: entry sequence of each model's installed version): rollback protection across restarts.
+#: The file in ``update_dir`` holding what the updater remembers across restarts
+#: (:class:`_UpdateState`): the highest index sequence accepted and the entry sequence of
+#: each model's installed version (rollback protection), the archives refused and the
+#: versions the app rolled back from (neither fetched nor installed again).
 INDEX_STATE_NAME = "index-state.json"
+#: Refused archives remembered (the oldest is forgotten first: fetched again if listed).
+MAX_REFUSED = 64
+#: Rolled-back (model, plan digest) pairs remembered (the oldest is forgotten first).
+MAX_DECLINED = 64
+#: A remembered refusal's reason is cut to this many characters.
+MAX_REASON_CHARS = 250
 #: Days a signed index stays valid by default (``splitgate publish --expires-days``).
 DEFAULT_EXPIRES_DAYS = 30.0
 _SIGNATURES = "signatures"
@@ -693,16 +707,30 @@ class _GatewayLike(Protocol):
 Listener = Callable[[UpdateOutcome], Any]
 
 
-class _IndexState:
-    """What this device accepted from signed indexes, kept in ``update_dir/index-state.json``:
-    the highest index sequence, and per model the plan digest and entry sequence
-    of the version the updater installed. Written atomically, only after an index
-    passed every check."""
+class _UpdateState:
+    """What the updater must remember across restarts, kept in ``update_dir/index-state.json``
+    (:data:`INDEX_STATE_NAME`), one small JSON file replaced atomically on every change:
+
+    * ``sequence``: the highest signed-index sequence accepted (rollback protection;
+      changed only after an index passed every check);
+    * ``models``: per model, the plan digest and entry sequence of the version the
+      updater installed from a signed index (:meth:`Updater._downgrade` after a restart);
+    * ``refused``: archives whose bundle was refused (sha256 -> reason, when, and the
+      trust key ids and splitgate version it was refused under: a refusal under other
+      keys or other code is tried again), at most :data:`MAX_REFUSED`, oldest dropped;
+    * ``declined``: ``[model, plan digest]`` pairs the app rolled back from, at most
+      :data:`MAX_DECLINED`, oldest dropped.
+
+    One Updater per ``update_dir``: two writing the same file keep only the last one's view.
+    An unreadable file, or an entry that is not what it should be, is ignored (with a WARNING).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sequence = 0
         self.models: dict[str, dict[str, Any]] = {}
+        self.refused: dict[str, dict[str, Any]] = {}  # insertion order = age
+        self.declined: list[tuple[str, str]] = []  # oldest first
         self._load()
 
     def _load(self) -> None:
@@ -711,15 +739,27 @@ class _IndexState:
         except FileNotFoundError:
             return
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            log.warning("update index state %s is unreadable (%s): starting from sequence 0; "
-                        "rollback protection restarts from the next index accepted", self.path, exc)
+            log.warning("update state %s is unreadable (%s): starting from sequence 0, with no refused archive "
+                        "or declined version remembered; rollback protection restarts from the next index "
+                        "accepted", self.path, exc)
             return
-        sequence, models = doc.get("sequence") if isinstance(doc, dict) else None, doc.get("models") \
-            if isinstance(doc, dict) else None
+        if not isinstance(doc, dict):
+            log.warning("update state %s is not a JSON object: ignored", self.path)
+            return
+        sequence, models = doc.get("sequence"), doc.get("models")
         if isinstance(sequence, int) and not isinstance(sequence, bool) and sequence >= 0:
             self.sequence = sequence
         if isinstance(models, dict):
             self.models = {m: v for m, v in models.items() if isinstance(v, dict)}
+        refused, declined = doc.get("refused", {}), doc.get("declined", [])
+        if isinstance(refused, dict):
+            self.refused = {sha: r for sha, r in refused.items() if _HEX64.match(str(sha)) and _valid_refusal(r)}
+        if isinstance(declined, list):
+            self.declined = [(m, d) for m, d in (p for p in declined if _valid_pair(p))]
+        if len(self.refused) != (len(refused) if isinstance(refused, dict) else 0) or len(self.declined) != (
+                len(declined) if isinstance(declined, list) else 0):
+            log.warning("update state %s: malformed refused or declined entries ignored", self.path)
+        self._bound()
 
     def running_sequence(self, model: str, plan_digest: str) -> int | None:
         """The entry sequence of ``model``'s version with this plan, if this updater installed it."""
@@ -728,13 +768,86 @@ class _IndexState:
             return int(record["sequence"])
         return None
 
+    def refusal(self, sha256: str, trust: list[str]) -> str | None:
+        """Why the archive ``sha256`` was refused, if it was under these trust key ids
+        and this splitgate version (else None: try it again)."""
+        record = self.refused.get(sha256)
+        if record is None or record["trust"] != trust or record["splitgate"] != __version__:
+            return None
+        return f"{record['reason']} (refused at {record['at']})"
+
+    def refuse(self, sha256: str, reason: str, trust: list[str], at: float) -> None:
+        """Remember that the archive ``sha256`` was refused (in memory; :meth:`save` writes it)."""
+        self.refused.pop(sha256, None)  # (refused again: it becomes the newest)
+        self.refused[sha256] = {
+            "reason": reason[:MAX_REASON_CHARS], "at": datetime.fromtimestamp(at, UTC).strftime(_EXPIRES_FORMAT),
+            "trust": list(trust), "splitgate": __version__,
+        }
+        self._bound()
+
+    def is_declined(self, model: str, plan_digest: str) -> bool:
+        """Did the app roll ``model`` back from this plan?"""
+        return (model, plan_digest) in self.declined
+
+    def decline(self, model: str, plan_digest: str) -> bool:
+        """Remember that the app rolled ``model`` back from this plan; False if it already was."""
+        if (model, plan_digest) in self.declined:
+            return False
+        self.declined.append((model, plan_digest))
+        self._bound()
+        return True
+
+    def _bound(self) -> None:
+        while len(self.refused) > MAX_REFUSED:
+            del self.refused[next(iter(self.refused))]
+        del self.declined[:-MAX_DECLINED]
+
     def save(self) -> None:
-        """Write the state atomically (raises OSError)."""
+        """Write the state atomically: a temporary file, flushed to disk, renamed over
+        the old one (a crash leaves the old state or the new one, whole).
+
+        Raises:
+            OSError: the file cannot be written.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"sequence": self.sequence, "models": self.models}, indent=1) + "\n",
-                       encoding="utf-8")
-        os.replace(tmp, self.path)
+        doc = {"sequence": self.sequence, "models": self.models, "refused": self.refused,
+               "declined": [list(pair) for pair in self.declined]}
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.path.parent)
+
+
+def _valid_refusal(record: Any) -> bool:
+    return (isinstance(record, dict) and isinstance(record.get("reason"), str) and isinstance(record.get("at"), str)
+            and isinstance(record.get("splitgate"), str) and isinstance(record.get("trust"), list)
+            and all(isinstance(k, str) for k in record["trust"]))
+
+
+def _valid_pair(pair: Any) -> bool:
+    return (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)
+            and bool(_HEX64.match(pair[1])))
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (the rename) to disk, where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # (Windows: directories cannot be opened)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class Updater:
@@ -791,15 +904,14 @@ class Updater:
         self._evict = evict
         self._lock = threading.Lock()
         self._listeners: list[Listener] = []
-        self._refused: dict[str, str] = {}  # archive sha256 -> why its bundle was refused
-        self._installed: dict[str, str] = {}  # model -> plan digest this updater installed
-        self._declined: dict[str, set[str]] = {}  # model -> digests the app rolled back from
+        self._installed: dict[str, str] = {}  # model -> plan digest this updater installed (this process)
         self._staged: dict[Path, PlanBundle] = {}  # unpacked versions this updater installed
         self._trusted = trusted
         self._allow_unsigned = allow_unsigned
         self._clock = clock
         self._warned_unsigned = False
-        self._state = _IndexState(self.dir / INDEX_STATE_NAME)
+        # sequence, installed entry sequences, refused archives, declined versions (across restarts)
+        self._state = _UpdateState(self.dir / INDEX_STATE_NAME)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._counter = None
@@ -842,11 +954,18 @@ class Updater:
         self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop the poller (a check under way finishes its current step first)."""
+        """Stop the poller (a check under way finishes its current step first), and
+        record a rollback of an installed version the app made since the last check
+        (so the version stays declined after a restart)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
+        if self._lock.acquire(timeout=timeout_s):
+            try:
+                self._note_rollbacks()
+            finally:
+                self._lock.release()
 
     # -- internals ------------------------------------------------------------------
 
@@ -859,6 +978,7 @@ class Updater:
             self._stop.wait(self.interval_s)
 
     def _check(self) -> list[UpdateOutcome]:
+        self._note_rollbacks()
         try:
             parsed = _parse_index(self.source.index(self.timeout_s), self.source.where)
             verified = self._trust_index(parsed)
@@ -960,21 +1080,43 @@ class Updater:
                    "a signed index; to send the fleet back, re-publish that bundle (`splitgate publish`)",
         )
 
+    def _note_rollbacks(self) -> None:
+        """Decline (and persist) each version this updater installed that no longer
+        serves: the app rolled it back (or replaced it) with ``Gateway.rollback_bundle``."""
+        for model, installed in list(self._installed.items()):
+            try:
+                current = self._gateway.bundle(model).plan_digest
+            except SplitgateError:  # the model was removed
+                current = None
+            if installed != current:
+                del self._installed[model]
+                if self._state.decline(model, installed):
+                    self._save_memory(f"the rollback of {model} from plan {installed[:12]}")
+
+    def _trust_ids(self) -> list[str]:
+        """The trust key ids a refusal is made under (a refusal under others is retried)."""
+        return self._trusted.ids if self._trusted else []
+
+    def _save_memory(self, what: str) -> None:
+        """Persist the state after recording ``what``; a write failure only costs the memory."""
+        try:
+            self._state.save()
+        except OSError as exc:
+            log.warning("cannot write %s (%s): %s is remembered by this process only",
+                        self._state.path, exc.strerror or exc, what)
+
     def _check_model(self, entry: IndexEntry, *, record: bool = False) -> UpdateOutcome:
         model = entry.model
         current = self._gateway.bundle(model).plan_digest
-        installed = self._installed.get(model)
-        if installed is not None and installed != current:  # the app rolled back (or replaced) our version
-            self._declined.setdefault(model, set()).add(installed)
-            del self._installed[model]
         outcome = UpdateOutcome(model=model, outcome="current", version=entry.version, plan_digest=entry.plan_digest)
         if entry.plan_digest == current:
             return outcome
-        if entry.plan_digest in self._declined.get(model, set()):
+        if self._state.is_declined(model, entry.plan_digest):
             outcome.outcome, outcome.detail = "declined", "the app rolled this version back; publish another to update"
             return outcome
-        if entry.sha256 in self._refused:
-            outcome.outcome, outcome.detail = "skipped", f"refused before: {self._refused[entry.sha256]}"
+        refused = self._state.refusal(entry.sha256, self._trust_ids())
+        if refused is not None:
+            outcome.outcome, outcome.detail = "skipped", f"refused before: {refused}"
             return outcome
         try:
             self._install(entry, outcome)
@@ -988,8 +1130,10 @@ class Updater:
             outcome.outcome, outcome.detail = "unavailable", str(exc)
         except OSError as exc:  # this device's disk (full, permissions): what arrived is kept for the next check
             outcome.outcome, outcome.detail = "interrupted", f"local I/O error in {self.dir}: {exc}"
-        except BundleError as exc:
-            self._refused[entry.sha256] = str(exc)
+        except BundleError as exc:  # the archive is what the index says, and its bundle is no good
+            (self.dir / "downloads" / f"{entry.sha256}.part").unlink(missing_ok=True)  # (never used: free the space)
+            self._state.refuse(entry.sha256, str(exc), self._trust_ids(), self._clock())
+            self._save_memory(f"the refusal of archive {entry.archive}")
             outcome.outcome, outcome.detail = "refused", str(exc)
         return outcome
 
