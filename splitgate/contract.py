@@ -88,8 +88,9 @@ DEVICE_FACTOR = "splitgate.device_factor"
 #: (as ``ModelMetadata.versions``); differs from the stable one for a rollout's candidate.
 VERSION = "splitgate.version"
 #: what the bundle's confident-on-device cascade did: ``exit`` (the small device
-#: model answered), ``through`` (it was not confident; the partition answered) or
-#: ``""`` (no cascade, or it did not pay).
+#: model answered), ``partial`` (it answered the confident rows of a batch; the
+#: partition answered the rest), ``through`` (it was not confident; the partition
+#: answered) or ``""`` (no cascade, or it did not pay).
 CASCADE = "splitgate.cascade"
 
 # -- per-tensor parameters of an encoded cut tensor (:mod:`splitgate.encoding`) ----------
