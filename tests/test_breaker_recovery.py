@@ -221,4 +221,5 @@ def test_after_an_outage_a_network_change_lets_the_next_requests_offload(
         again = gw.infer(model, x)
         assert _offloaded(again.trace) and gw.breaker_state == "closed", again.trace
     print(f"\nnetwork_changed -> breaker closed by the probe: {closed_after * 1e3:.0f} ms; "
-          f"-> first offloaded request (requests right behind it): {took * 1e3:.0f} ms")
+          f"-> first offloaded request (requests right behind it): {took * 1e3:.0f} ms, after "
+          f"{[(t.partition, t.fallback) for t in traces[:-1]]}")
