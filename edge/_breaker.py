@@ -4,6 +4,7 @@ A reported network change ends an outage's verdict at once (:meth:`CircuitBreake
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -18,7 +19,8 @@ class CircuitBreaker:
 
     A network change (:meth:`network_changed`) half-opens an open breaker at
     once: the failures it counted were the old network's and say nothing about
-    the new one. A link probe (:meth:`allow_probe`) is a trial of its own: it
+    the new one, nor do failures of calls sent before the change that arrive
+    after it (``record_failure(sent_at=...)``). A link probe (:meth:`allow_probe`) is a trial of its own: it
     may run whenever the breaker is not open, its success closes the breaker
     and its failure re-opens it, without taking the one request trial.
     I/O-free and thread-safe.
@@ -44,6 +46,7 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._probe_in_flight = False
+        self._changed_at = -math.inf  # the last network change (clock)
 
     @property
     def state(self) -> str:
@@ -102,6 +105,7 @@ class CircuitBreaker:
                 self._state = HALF_OPEN
             self._failures = 0
             self._probe_in_flight = False
+            self._changed_at = self._clock()
             return was_tripped
 
     def record_success(self) -> None:
@@ -111,12 +115,24 @@ class CircuitBreaker:
             self._failures = 0
             self._probe_in_flight = False
 
-    def record_failure(self) -> None:
+    def record_failure(self, sent_at: float | None = None) -> bool:
         """A cloud call or probe failed: count it; a half-open breaker, or the
-        ``failure_threshold``-th failure in a row, opens it (for ``reset_timeout_s``)."""
+        ``failure_threshold``-th failure in a row, opens it (for ``reset_timeout_s``).
+
+        Args:
+            sent_at: when the failed call was sent (this breaker's clock). A call sent
+                before the last :meth:`network_changed` failed on the old network (a
+                hedged call timing out there after the handover): not counted.
+
+        Returns:
+            True if the failure was counted.
+        """
         with self._lock:
+            if sent_at is not None and sent_at < self._changed_at:
+                return False
             self._failures += 1
             if self._state == HALF_OPEN or self._failures >= self.failure_threshold:
                 self._state = OPEN
                 self._opened_at = self._clock()
                 self._probe_in_flight = False
+            return True

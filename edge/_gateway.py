@@ -676,7 +676,7 @@ class _Core(RolloutCore):
         """The call failed: the breaker counts a peer failure (a refusal proves the cloud healthy).
         ``digest``: the plan the call named (a refused plan is backed off alone)."""
         if is_peer_failure(exc):
-            self.breaker.record_failure()
+            self.breaker.record_failure(sent_at=call.sent_at)  # (not counted if sent before a network change)
         else:
             # The cloud answered: it is healthy, this request (or plan) was
             # refused. (Recording nothing would leave a half-open probe hanging.)
@@ -741,18 +741,19 @@ class _Core(RolloutCore):
             # is at least that slow; the call finishes in the background and
             # teaches the monitors.
             self.decisions.call_late(call, part.cut_bytes)
-            future.add_done_callback(self._late_done)
+            future.add_done_callback(lambda done, sent_at=call.sent_at: self._late_done(done, sent_at))
         return None, local.result()
 
-    def _late_done(self, future: Future) -> None:
-        """A hedged call finished in the background: its reply teaches the monitors;
-        its failure still tells the breaker (a half-open breaker whose trial call was
-        hedged would otherwise wait for an outcome forever)."""
+    def _late_done(self, future: Future, sent_at: float | None = None) -> None:
+        """A hedged call (sent at ``sent_at``, the decision core's clock) finished in the
+        background: its reply teaches the monitors; its failure still tells the breaker
+        (a half-open breaker whose trial call was hedged would otherwise wait for an
+        outcome forever), unless it was sent before a network change."""
         exc = future.exception()
         if exc is None:
             self._late(future.result())
         elif is_peer_failure(exc):
-            self.breaker.record_failure()
+            self.breaker.record_failure(sent_at=sent_at)
         else:
             self.breaker.record_success()
 

@@ -97,6 +97,55 @@ def test_a_probe_does_not_take_the_request_trial() -> None:
     assert breaker.allow(), "a probe in half-open left the one request trial free"
 
 
+def test_failures_of_calls_sent_before_the_change_do_not_count() -> None:
+    """A hedged call sent on the old network times out after the handover: its failure
+    is the old network's, so it neither re-opens the half-open breaker nor counts."""
+    clock = FakeClock()
+    breaker = _tripped(clock)
+    clock.now = 10.0
+    breaker.network_changed()
+    clock.now = 12.0
+    assert breaker.record_failure(sent_at=9.5) is False
+    assert breaker.state == "half-open"
+    breaker.record_success()  # the probe of the new network
+    for _ in range(3):
+        breaker.record_failure(sent_at=9.9)  # the rest of the old network's calls
+    assert breaker.state == "closed"
+    assert breaker.record_failure(sent_at=10.5) is True and breaker.record_failure() is True
+    assert breaker.state == "closed"
+    breaker.record_failure(sent_at=12.0)
+    assert breaker.state == "open", "three failures on the new network open it"
+
+
+def test_the_gateway_reports_a_stale_call_failure_with_its_send_time() -> None:
+    """The driver's side: a failed call (``_Core._failed``) and a hedged call failing in
+    the background (``_Core._late_done``) hand the breaker the call's send time."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from splitgate.edge._decide import CloudCall
+    from splitgate.edge._gateway import _Core
+
+    from splitgate.errors import Unavailable
+
+    clock = FakeClock()
+    decisions = DecisionCore(GatewayConfig(breaker_failures=1, breaker_reset_s=RESET_S), clock=clock)
+    core = SimpleNamespace(breaker=decisions.breaker, decisions=decisions, _late=lambda reply: None)
+    old_call = CloudCall("m", "cloud", sent_at=clock(), hedge_after_s=0.2, predicted=None)
+    decisions.breaker.record_failure()
+    clock.now = 3.0
+    decisions.network_changed()
+    clock.now = 4.0
+    failed: Future = Future()
+    failed.set_exception(Unavailable("the old network's connection is gone"))
+    _Core._late_done(core, failed, old_call.sent_at)
+    _Core._failed(core, old_call, Unavailable("the old network's connection is gone"))
+    assert decisions.breaker.state == "half-open"
+    new_call = CloudCall("m", "cloud", sent_at=clock(), hedge_after_s=0.2, predicted=None)
+    _Core._failed(core, new_call, Unavailable("the new network fails too"))
+    assert decisions.breaker.state == "open"
+
+
 def test_the_decision_core_half_opens_its_breaker_on_a_network_change() -> None:
     clock = FakeClock()
     core = DecisionCore(GatewayConfig(breaker_failures=2, breaker_reset_s=RESET_S), clock=clock)
