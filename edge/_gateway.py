@@ -859,8 +859,14 @@ class Gateway:
         return self._core.update_bundle(source, smoke=smoke)
 
     def rollback_bundle(self, model: str) -> PlanBundle:
-        """Switch a model back to the version before the last :meth:`update_bundle`."""
-        return self._core.rollback_bundle(model)
+        """Switch a model back to the version before the last :meth:`update_bundle`
+        (an over-the-air update source then declines that version, across restarts)."""
+        bundle = self._core.rollback_bundle(model)
+        with self._updates_lock:
+            updates = self._updates
+        if updates is not None:
+            updates.note_rollback()
+        return bundle
 
     def stage_candidate(
         self, model: str, source: str | Path, *, share: float = 0.1, shadow: bool = False,

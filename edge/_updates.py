@@ -967,6 +967,17 @@ class Updater:
             finally:
                 self._lock.release()
 
+    def note_rollback(self) -> None:
+        """The app just rolled a model back (``Gateway.rollback_bundle``): record it
+        now, so a process killed before the next check still declines that version.
+        A check under way (holding the lock through a download) is not waited for:
+        the next check, or closing, records it."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._note_rollbacks()
+            finally:
+                self._lock.release()
+
     # -- internals ------------------------------------------------------------------
 
     def _poll(self) -> None:

@@ -114,13 +114,15 @@ def test_a_rolled_back_version_stays_declined_after_a_restart(versions, server: 
 
 
 def test_a_rollback_right_before_closing_is_remembered_too(versions, server: ArchiveServer, tmp_path: Path) -> None:
-    """No check runs between the app's rollback and the restart: closing the Gateway records it."""
+    """No check runs between the app's rollback and the restart: the rollback itself
+    records it (a process killed right after it never closes the Gateway)."""
     public, v1, v2 = versions
     site, stage = server.root, tmp_path / "stage"
     publish([v2.root], site, version="v2", key=_key(public))
     with _gateway(v1, stage, server, public) as gw:
         assert [o.outcome for o in gw.check_updates()] == ["updated"]
         gw.rollback_bundle(MODEL)
+        assert _state(stage)["declined"] == [[MODEL, v2.plan_digest]], "written by the rollback, before any close"
     with _gateway(v1, stage, server, public) as gw:
         assert [o.outcome for o in gw.check_updates()] == ["declined"]
         assert gw.bundle(MODEL).plan_digest == v1.plan_digest
