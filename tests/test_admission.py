@@ -315,7 +315,7 @@ def test_gateway_backs_off_the_cloud_for_the_hint_without_opening_the_breaker(sm
 
     with Gateway([small_bundle.root], breaker_failures=1) as gateway:
         core = gateway._core
-        call = SimpleNamespace(model=small_bundle.model_name)
+        call = SimpleNamespace(model=small_bundle.model_name, sent_at=time.monotonic())  # (a CloudCall's fields)
         before = time.monotonic()
         for _ in range(3):
             core._failed(call, QueueFull("queue full", retry_after_ms=300.0))
