@@ -244,6 +244,7 @@ class Planner:
             see :func:`plan_model`.
         """
         self.resolve_shapes()
+        self.check_calibration()
         self.check_cascade()
         self.find_cuts()
         if not self.options.profile:
@@ -408,6 +409,37 @@ class Planner:
         main.stats = {p.id: p.measured() for p in self.parts}
         for b in self.buckets[1:]:
             _encoded_stats(self.parts, main, b)
+
+    def check_calibration(self) -> None:
+        """Refuse ``--quantize`` and ``--cascade`` where the accuracy guard would
+        compare copies of one request, before any measuring.
+
+        Without ``--calibration`` or ``--sample`` the guard's requests are
+        generated, and a generated integer input is all ones in every one of
+        them (:func:`seeded_feeds`: a random token id, index or length may be
+        out of range for the graph). A byte or token classifier would then be
+        "guarded" on a single input: its int8 twin and cascade kept at 100 %
+        agreement, and confidently wrong on real traffic (seen on a real
+        byte-level classifier: 0 % top-1 agreement on random bytes).
+
+        Raises:
+            InvalidArgument: ``quantize`` or ``cascade`` is set, the calibration
+                would be generated, and the model has an integer input.
+        """
+        o = self.options
+        wanted = [flag for flag, on in (("--quantize", o.quantize), ("--cascade", o.cascade is not None)) if on]
+        if not wanted or o.calibration is not None:
+            return
+        main = self.shapes[0].shapes
+        if any(all(tuple(np.shape(s[k])) == v for k, v in main.items()) for s in self.samples or []):
+            return
+        integers = [f"{i.name} ({i.datatype})" for i in self.g.inputs
+                    if i.datatype.startswith(("INT", "UINT"))]
+        if integers:
+            raise InvalidArgument(
+                f"{' and '.join(wanted)} need real calibration inputs for a model with integer inputs "
+                f"({', '.join(integers)}): generated ones are all 1, so the accuracy guard would compare one "
+                f"request with itself; pass --calibration FILE.npz or --sample FILE.npz at the planned shape")
 
     def check_cascade(self) -> None:
         """Read the cascade model (``PlanOptions.cascade``) and check its interface, before any

@@ -285,3 +285,39 @@ def test_a_model_below_opset_13_gets_per_tensor_int8_that_loads(tmp_path: Path) 
     measured = quant["measured"]
     assert measured and not any("invalid" in (m.get("dropped") or "").lower() for m in measured.values()), measured
     assert any(m["int8_bytes"] > 0 and m["accuracy"] for m in measured.values()), measured
+
+
+def _token_classifier(path: Path) -> Path:
+    """Integer tokens -> one-hot over a 16-symbol vocabulary -> MatMul -> logits: a
+    byte/token classifier in miniature (dynamic batch, INT64 input)."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8 * 16, 5)).astype(np.float32), "w")
+    depth = numpy_helper.from_array(np.array(16, dtype=np.int64), "depth")
+    values = numpy_helper.from_array(np.array([0.0, 1.0], dtype=np.float32), "values")
+    flat = numpy_helper.from_array(np.array([0, -1], dtype=np.int64), "flat")
+    nodes = [
+        helper.make_node("OneHot", ["tokens", "depth", "values"], ["hot"], axis=-1),
+        helper.make_node("Reshape", ["hot", "flat"], ["rows"]),
+        helper.make_node("MatMul", ["rows", "w"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tokens", [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["n", 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 5])], [w, depth, values, flat])
+    return save(helper.make_model(graph, opset_imports=OPSET, ir_version=IR_VERSION),
+                path)
+
+
+def test_quantize_or_cascade_on_integer_inputs_needs_real_calibration(tmp_path: Path) -> None:
+    """Generated integer inputs are all 1: the guard would compare one request with
+    itself. --quantize / --cascade int8 are refused before any measuring, with the fix;
+    with real calibration inputs they plan."""
+    from splitgate.errors import InvalidArgument
+
+    model = _token_classifier(tmp_path / "tokens.onnx")
+    for options in ({"quantize": True}, {"cascade": "int8"}):
+        with pytest.raises(InvalidArgument, match=r"integer inputs \(tokens \(INT64\)\).*--calibration"):
+            build_bundle(model, tmp_path / "refused", input_shapes={"tokens": [(4, 8)]}, **options, **FAST)
+    tokens = np.random.default_rng(1).integers(0, 16, size=(CALIBRATION, 8), dtype=np.int64)
+    b = build_bundle(model, tmp_path / "planned", input_shapes={"tokens": [(4, 8)]}, quantize=True,
+                     calibration={"tokens": tokens}, **FAST)
+    assert b.profile["quantization"]["calibration"]["source"] != "random"
