@@ -422,24 +422,33 @@ class Planner:
         agreement, and confidently wrong on real traffic (seen on a real
         byte-level classifier: 0 % top-1 agreement on random bytes).
 
+        Without ``--quantize`` or ``--cascade`` a plan note says the same of the
+        lossy wire encodings' guard.
+
         Raises:
             InvalidArgument: ``quantize`` or ``cascade`` is set, the calibration
                 would be generated, and the model has an integer input.
         """
         o = self.options
-        wanted = [flag for flag, on in (("--quantize", o.quantize), ("--cascade", o.cascade is not None)) if on]
-        if not wanted or o.calibration is not None:
+        if o.calibration is not None:
             return
         main = self.shapes[0].shapes
         if any(all(tuple(np.shape(s[k])) == v for k, v in main.items()) for s in self.samples or []):
             return
         integers = [f"{i.name} ({i.datatype})" for i in self.g.inputs
                     if i.datatype.startswith(("INT", "UINT"))]
-        if integers:
-            raise InvalidArgument(
-                f"{' and '.join(wanted)} need real calibration inputs for a model with integer inputs "
-                f"({', '.join(integers)}): generated ones are all 1, so the accuracy guard would compare one "
-                f"request with itself; pass --calibration FILE.npz or --sample FILE.npz at the planned shape")
+        if not integers:
+            return
+        wanted = [flag for flag, on in (("--quantize", o.quantize), ("--cascade", o.cascade is not None)) if on]
+        if not wanted:
+            self.notes.append(
+                f"lossy wire encodings, if any, are guarded on generated requests whose integer inputs "
+                f"({', '.join(integers)}) are all 1: pass --calibration or --sample for a guard that means something")
+            return
+        raise InvalidArgument(
+            f"{' and '.join(wanted)} need real calibration inputs for a model with integer inputs "
+            f"({', '.join(integers)}): generated ones are all 1, so the accuracy guard would compare one "
+            f"request with itself; pass --calibration FILE.npz or --sample FILE.npz at the planned shape")
 
     def check_cascade(self) -> None:
         """Read the cascade model (``PlanOptions.cascade``) and check its interface, before any

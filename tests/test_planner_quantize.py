@@ -321,3 +321,13 @@ def test_quantize_or_cascade_on_integer_inputs_needs_real_calibration(tmp_path: 
     b = build_bundle(model, tmp_path / "planned", input_shapes={"tokens": [(4, 8)]}, quantize=True,
                      calibration={"tokens": tokens}, **FAST)
     assert b.profile["quantization"]["calibration"]["source"] != "random"
+
+
+def test_generated_integer_inputs_are_noted_for_the_wire_encodings_guard(tmp_path: Path) -> None:
+    model = _token_classifier(tmp_path / "tokens.onnx")
+    b = build_bundle(model, tmp_path / "gen", input_shapes={"tokens": [(4, 8)]}, **FAST)
+    assert any("integer inputs (tokens (INT64)) are all 1" in n for n in b.plan_profile.notes), b.plan_profile.notes
+    tokens = np.random.default_rng(1).integers(0, 16, size=(CALIBRATION, 8), dtype=np.int64)
+    b = build_bundle(model, tmp_path / "real", input_shapes={"tokens": [(4, 8)]}, calibration={"tokens": tokens},
+                     **FAST)
+    assert not any("are all 1" in n for n in b.plan_profile.notes), b.plan_profile.notes
