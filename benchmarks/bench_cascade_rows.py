@@ -38,15 +38,17 @@ default, learns the factor during warm-up). Cloud: none (offline, the path is
 ``device``), or the plain grpcio server (``splitgate.cloud.baseline``) behind a
 ``ShapingProxy`` at the netsim ``4g`` profile. The Gateways probe the link once
 at start (``probe_interval_s`` 60, so no background probe shares the link with
-timed requests); otherwise default settings.
+timed requests) and run one onnxruntime thread per session (``intra_op_threads``
+1, as the planner profiles: the default pool's idle threads spin, and one
+Gateway's spinning slowed the other's next run); otherwise default settings.
 
 Per cell: median latency per route (``Gateway.infer`` wall time), the ratios
 baseline / per-row and baseline / all-or-nothing (> 1: faster than the
 baseline), what the cascade did, the path, and each route's top-1 agreement with
 the fp32 full model run on the same batch (rows over all timed rounds).
 
-    .venv/bin/python benchmarks/bench_cascade_rows.py -o benchmarks/results/cascade_rows.json   # ~5 min
-    .venv/bin/python benchmarks/bench_cascade_rows.py --quick                                     # ~1.5 min
+    .venv/bin/python benchmarks/bench_cascade_rows.py -o benchmarks/results/cascade_rows.json   # ~3-4 min
+    .venv/bin/python benchmarks/bench_cascade_rows.py --quick                                     # ~1 min
 """
 
 from __future__ import annotations
@@ -230,6 +232,7 @@ class RouteRecord:
     """What one route did over a cell's timed rounds."""
 
     ms: list[float] = field(default_factory=list)
+    by_outcome: dict[str, list[float]] = field(default_factory=dict)
     outcomes: Counter = field(default_factory=Counter)
     paths: Counter = field(default_factory=Counter)
     rows_exited: list[int] = field(default_factory=list)
@@ -239,7 +242,9 @@ class RouteRecord:
     def add(self, ms: float, result: Any, reference: np.ndarray, cascade_route: bool) -> None:
         t = result.trace
         self.ms.append(ms)
-        self.outcomes[(t.cascade or "skipped") if cascade_route else "off"] += 1
+        outcome = (t.cascade or "skipped") if cascade_route else "off"
+        self.outcomes[outcome] += 1
+        self.by_outcome.setdefault(outcome, []).append(ms)
         self.paths[t.partition] += 1
         self.rows_exited.append(t.cascade_rows_exited or 0)
         self.agree += int(np.sum(result.outputs["logits"].argmax(axis=1) == reference))
@@ -249,18 +254,23 @@ class RouteRecord:
         xs = sorted(self.ms)
         return {"n": len(xs), "p50_ms": round(statistics.median(xs), 3),
                 "p25_ms": round(xs[len(xs) // 4], 3), "p75_ms": round(xs[(3 * len(xs)) // 4], 3),
-                "outcomes": dict(sorted(self.outcomes.items())), "paths": dict(sorted(self.paths.items())),
+                "outcomes": dict(sorted(self.outcomes.items())),
+                "p50_ms_by_outcome": {k: round(statistics.median(v), 3) for k, v in sorted(self.by_outcome.items())},
+                "paths": dict(sorted(self.paths.items())),
                 "rows_exited_median": statistics.median(self.rows_exited),
                 "top1_agreement": round(self.agree / self.rows, 4)}
 
 
 def gateway_config(slowdown: float, cloud: str | None) -> Any:
-    """The Gateway's settings: defaults, the emulated device, one link probe at start."""
+    """The Gateway's settings: defaults, the emulated device, one link probe at start, and
+    one onnxruntime thread per session (as the plan was profiled; with the default pool
+    the idle threads of one Gateway's sessions spin and slow the other Gateway's next run:
+    a route run right after the other Gateway measured up to 1.6x slower on this host)."""
     from splitgate.edge import GatewayConfig
 
     emulate = slowdown > 1.0
     return GatewayConfig(cloud=cloud, device_slowdown=slowdown, device_time_from_profile=emulate,
-                         probe_interval_s=60.0)
+                         probe_interval_s=60.0, intra_op_threads=1)
 
 
 @dataclass
@@ -375,13 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a short run: fewer rounds, warm-up rows and calibration")
     ap.add_argument("--calibration", type=int, default=None, help="calibration images (default 128; quick 64)")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per cell on the emulated device "
-                    "(default 15; quick 3); this CPU gets three times as many")
+                    "(default 20; quick 3); this CPU gets three times as many")
     ap.add_argument("--warmup-rows", type=int, default=None, help="rows each cascade Gateway sees before timing "
                     "(default 64; quick 16)")
     ap.add_argument("-o", "--output", default=None)
     args = ap.parse_args(argv)
     n_cal = args.calibration or (64 if args.quick else 128)
-    rounds = args.rounds or (3 if args.quick else 15)
+    rounds = args.rounds or (3 if args.quick else 20)
     warmup_rows = args.warmup_rows or (16 if args.quick else 64)
     console = Console(stderr=True)
     t_start = time.perf_counter()

@@ -491,6 +491,52 @@ def joint_plan(results: Path) -> str:
     return f"{table}\n\n{facts_table}\n\n{note}\n{_source('joint.json')}"
 
 
+_CASCADE_DEVICES = {"cpu": "this CPU", "slow20": "20x emulated"}
+
+
+def _outcomes(route: dict[str, Any]) -> str:
+    """What the cascade did in a route's timed rounds: ``partial 20``, or with more than one
+    outcome each one's count and median, ``skipped 12: 3.70, partial 8: 4.10``."""
+    counts = sorted(route["outcomes"].items(), key=lambda kv: -kv[1])
+    if len(counts) == 1:
+        return f"{counts[0][0]} {counts[0][1]}"
+    p50 = route["p50_ms_by_outcome"]
+    return ", ".join(f"{k} {v}: {_num(p50[k])}" for k, v in counts)
+
+
+def cascade_rows(results: Path) -> str:
+    """Per-row cascade exits against the whole batch down the path and all-or-nothing, per cell."""
+    data = _load(results, "cascade_rows.json")
+    link = data["config"]["link"]
+    rows = []
+    for c in data["cells"]:
+        r = c["routes"]
+        cloud = "offline" if c["cloud"] == "offline" else _network(c["cloud"], link)
+        rows.append([
+            _CASCADE_DEVICES.get(c["device"], c["device"]), cloud, f"{c['rows']} ({c['sure_rows']} sure)",
+            f"{_num(r['per_row']['p50_ms'])} ({_outcomes(r['per_row'])})",
+            f"{_num(r['baseline']['p50_ms'])} `{'`, `'.join(r['baseline']['paths'])}`",
+            f"{_num(r['all_or_nothing']['p50_ms'])} ({_outcomes(r['all_or_nothing'])})",
+            f"**{_ratio(c['baseline_vs_per_row'])}**", _ratio(c["baseline_vs_all_or_nothing"]),
+            " / ".join(_pct_plain(r[k]["top1_agreement"]) for k in ("per_row", "baseline", "all_or_nothing")),
+        ])
+    table = _table(["device", "cloud", "rows", "per-row p50 ms (cascade did)", "baseline p50 ms (path)",
+                    "all-or-nothing p50 ms (cascade did)", "baseline / per-row", "baseline / all-or-nothing",
+                    "top-1 agreement: per-row / baseline / all-or-nothing"], rows)
+    casc, pools, cfg = data["cascade"], data["rows"], data["config"]
+    note = (f"`{data['model']}` with its early exit, planned on this machine with {casc['calibration_samples']} "
+            f"calibration images: threshold {casc['threshold']:g}, planned exit rate "
+            f"{_pct_plain(casc['planned_exit_rate'])}, small / full device time {_num(casc['small_device_ms'], 3)} / "
+            f"{_num(casc['full_device_ms'], 3)} ms ({_ratio(casc['small_vs_full'])}). Sure rows: held-out images "
+            f"the small model is confident on; unsure rows: {pools['unsure_heldout']} held-out images it is not "
+            f"confident on and {pools['unsure_noise']} of noise. Routes interleaved on the same batch; "
+            f"{cfg['rounds']['cpu']} (this CPU) / {cfg['rounds']['slow20']} (emulated) timed rounds per cell "
+            f"after each cascade Gateway saw {cfg['warmup_rows']} warm-up rows; ratios > 1: faster than the "
+            f"baseline. Top-1 agreement with the fp32 full model over every row of the timed rounds. "
+            f"Host: {data['host']['cpus']} CPUs; run {_num(data['run_s'], 0)} s (`{data['command']}`).")
+    return f"{table}\n\n{note}\n{_source('cascade_rows.json')}"
+
+
 def _reproduction_note(run: dict[str, Any]) -> str:
     """What one reproduction run's plan held, and its held-out agreement."""
     plan, held = run["plan"], run["heldout"]["top1_agreement"]
@@ -614,6 +660,7 @@ SECTIONS: dict[str, Renderer] = {
     "encoding_latency": encoding_latency,
     "encoding_slow_device": encoding_slow_device,
     "joint_plan": joint_plan,
+    "cascade_rows": cascade_rows,
     "dads_reproduction": dads_reproduction,
     "quantized_prefixes": quantized_prefixes,
     "faults": faults,
