@@ -54,6 +54,12 @@ __all__ = ["CascadeChoice", "ExitRates", "cascade_expected_ms", "is_confident", 
 PRIOR_REQUESTS = 20.0
 #: ``Trace.partition`` of a request the small model answered
 CASCADE_PARTITION = "cascade"
+#: a cascade skipped because its live exit rate is too low still runs on every
+#: this-many-th such request, so the rate is measured again (traffic changes);
+#: only where it could pay at all (the small model faster than the path)
+EXPLORE_EVERY = 16
+#: rows of weight the live exit rate keeps (the prior's included): older rows fade
+RATE_WINDOW = 100.0
 _log = logging.getLogger("splitgate.edge")
 
 
@@ -80,8 +86,10 @@ class CascadeChoice:
     Attributes:
         run: run the small model first.
         why: ``"pays"``, ``"does not pay"``, ``"never exits"`` (no calibration
-            sample could exit within the guard) or ``"no profile"`` (no times to
-            weigh: the small model runs).
+            sample could exit within the guard), ``"no profile"`` (no times to
+            weigh: the small model runs) or ``"explore"`` (it does not pay at the
+            live exit rate but would at a higher one: every :data:`EXPLORE_EVERY`-th
+            such request runs it, so the rate can recover).
         exit_rate: the row exit rate used (running, from the planned one).
         small_ms: the small model's predicted device time (device factor applied), None without times.
         planned_small_ms: the same as planned for this request's shapes (no device factor).
@@ -101,17 +109,34 @@ class CascadeChoice:
 class ExitRates:
     """The live row exit rate of each bundle's cascade: a running rate that starts at
     the planned one (a per-sample rate), weighted as :data:`PRIOR_REQUESTS` rows, and
-    counts the rows the small model answered among the rows it ran on. Thread-safe."""
+    counts the rows the small model answered among the rows it ran on. Past
+    :data:`RATE_WINDOW` rows of weight, the prior and the counts are scaled down
+    together, so the rate follows the recent rows (inputs drift, and back).
+    Thread-safe."""
 
-    def __init__(self, prior_requests: float = PRIOR_REQUESTS) -> None:
+    def __init__(self, prior_requests: float = PRIOR_REQUESTS, window: float = RATE_WINDOW) -> None:
         self.prior = prior_requests
+        self.window = max(window, prior_requests)
         self._counts: dict[tuple[str, str], tuple[int, int]] = {}  # (model, digest) -> (rows, rows exited)
+        # (model, digest) -> the rate's weights: (prior, rows, rows exited), scaled to the window
+        self._weights: dict[tuple[str, str], tuple[float, float, float]] = {}
+        self._skipped: dict[tuple[str, str], int] = {}  # (model, digest) -> skips since the last run
         self._lock = threading.Lock()
+
+    def explore(self, model: str, digest: str, every: int = EXPLORE_EVERY) -> bool:
+        """The cascade was skipped for its live exit rate: is this the ``every``-th skip
+        since it last ran (then run it: a rate only runs update would never recover)?"""
+        if every <= 0:
+            return False
+        with self._lock:
+            n = self._skipped.get((model, digest), 0) + 1
+            self._skipped[(model, digest)] = 0 if n >= every else n
+            return n >= every
 
     def rate(self, model: str, digest: str, planned: float) -> float:
         """The exit rate now (``planned`` before any request)."""
-        rows, exits = self._counts.get((model, digest), (0, 0))
-        return (self.prior * planned + exits) / (self.prior + rows)
+        prior, rows, exits = self._weights.get((model, digest), (self.prior, 0.0, 0.0))
+        return (prior * planned + exits) / (prior + rows)
 
     def observe(self, model: str, digest: str, exited: bool, rows: int = 1, rows_exited: int | None = None) -> None:
         """One run of the small model on ``rows`` rows.
@@ -123,9 +148,17 @@ class ExitRates:
             rows_exited: rows it answered (default: all of them when ``exited``, else none).
         """
         answered = (rows if exited else 0) if rows_exited is None else rows_exited
+        n, k = max(1, rows), max(0, min(answered, rows))
         with self._lock:
-            seen, exits = self._counts.get((model, digest), (0, 0))
-            self._counts[(model, digest)] = (seen + max(1, rows), exits + max(0, min(answered, rows)))
+            key = (model, digest)
+            self._skipped.pop(key, None)
+            seen, exits = self._counts.get(key, (0, 0))
+            self._counts[key] = (seen + n, exits + k)
+            prior, w_rows, w_exits = self._weights.get(key, (self.prior, 0.0, 0.0))
+            w_rows, w_exits = w_rows + n, w_exits + k
+            total = prior + w_rows
+            scale = min(1.0, self.window / total)
+            self._weights[key] = (prior * scale, w_rows * scale, w_exits * scale)
 
     def runs(self, model: str, digest: str) -> tuple[int, int]:
         """(rows, rows exited) seen so far."""
@@ -136,6 +169,10 @@ class ExitRates:
         with self._lock:
             for key in [k for k in self._counts if k[0] == model]:
                 del self._counts[key]
+            for key in [k for k in self._skipped if k[0] == model]:
+                del self._skipped[key]
+            for key in [k for k in self._weights if k[0] == model]:
+                del self._weights[key]
 
 
 def is_confident(outputs: Mapping[str, np.ndarray], spec: CascadeSpec) -> bool:

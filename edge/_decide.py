@@ -352,7 +352,11 @@ class DecisionCore:
             small *= self.device.relative(model, "cascade")
         expected = cascade_expected_ms(small, rate, path)
         pays = expected < path - CASCADE_TIE_MS  # a tie goes to the path: no model run to save nothing
-        return CascadeChoice(pays, "pays" if pays else "does not pay", rate, small, planned, path, expected)
+        why = "pays" if pays else "does not pay"
+        if not pays and conditions is None and small < path - CASCADE_TIE_MS and self.cascade_rates.explore(
+                model, bundle.plan_digest):
+            pays, why = True, "explore"  # it would pay at a higher exit rate: measure the rate again
+        return CascadeChoice(pays, why, rate, small, planned, path, expected)
 
     def cascade_done(self, bundle: PlanBundle, exited: bool, measured_ms: float, planned_ms: float | None,
                      *, rows: int = 1, rows_exited: int | None = None) -> None:

@@ -353,6 +353,34 @@ def test_the_live_exit_rate_turns_the_cascade_off_when_it_stops_exiting(bundle: 
     assert core.cascade_choice(bundle, "device", costs).exit_rate == pytest.approx(bundle.cascade.exit_rate)
 
 
+def test_a_cascade_turned_off_by_its_live_rate_is_still_tried_and_comes_back(bundle: PlanBundle) -> None:
+    """Skipped for a low live exit rate, the cascade would never run again and its rate
+    never recover: every EXPLORE_EVERY-th skip runs it; once inputs are sure again it pays."""
+    from splitgate.edge._cascade import EXPLORE_EVERY
+    from splitgate.planner import Conditions
+
+    core = _core_with_link(0.13, 300.0)
+    costs = bundle.costs()
+    for _ in range(200):  # the small model stops answering (drifted inputs)
+        core.cascade_done(bundle, False, 1.0, None)
+    whys = [core.cascade_choice(bundle, "device", costs).why for _ in range(2 * EXPLORE_EVERY)]
+    assert whys.count("explore") == 2 and whys[EXPLORE_EVERY - 1] == whys[-1] == "explore", whys
+    assert set(whys) == {"does not pay", "explore"}
+    tries = 0
+    while (c := core.cascade_choice(bundle, "device", costs)).why != "pays":  # inputs are sure again: each try exits
+        if c.run:
+            core.cascade_done(bundle, True, 1.0, None)
+            tries += 1
+        assert tries < 400, f"the live rate never recovered: {c}"  # (~RATE_WINDOW exits: the window)
+    assert core.cascade_choice(bundle, "device", costs).run
+    # an oracle's weighing (conditions given: the analytic engine, benchmarks) never explores
+    oracle = Conditions(uplink_mbps=0.13, rtt_ms=300.0)
+    for _ in range(200):
+        core.cascade_done(bundle, False, 1.0, None)
+    assert {core.cascade_choice(bundle, "device", costs, conditions=oracle).why
+            for _ in range(2 * EXPLORE_EVERY)} == {"does not pay"}
+
+
 # -- the device's own time for the small model (splitgate profile / refit) ------------------------
 
 
