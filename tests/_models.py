@@ -284,3 +284,11 @@ def check_partition(graph, tensors: Sequence[str], feeds_list: Sequence[Mapping[
         mid = dict(zip([o.name for o in pre.get_outputs()], pre.run(None, {i.name: feeds[i.name] for i in pre.get_inputs()})))
         got = dict(zip(outs, suf.run(outs, {i.name: mid[i.name] for i in suf.get_inputs()})))
         assert_close(got, want, f"cut {list(tensors)}")
+
+
+def normal_request(bundle, seed: int = 0) -> dict[str, np.ndarray]:
+    """A request for a one-input float bundle: seeded standard normal values at its
+    declared shape, dynamic dimensions at 1."""
+    (spec,) = bundle.inputs
+    shape = [d if d >= 0 else 1 for d in spec.shape]
+    return {spec.name: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}

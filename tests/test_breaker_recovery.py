@@ -15,6 +15,7 @@ from splitgate.edge import Gateway
 from splitgate.edge._breaker import CircuitBreaker
 from splitgate.edge._decide import DecisionCore
 from splitgate.edge.config import GatewayConfig
+from _models import normal_request
 
 RESET_S = 60.0  # large: nothing in these tests may pass by waiting the breaker's reset time out
 
@@ -174,17 +175,12 @@ def test_the_decision_core_half_opens_its_breaker_on_a_network_change() -> None:
 def baseline(slow_device_bundle) -> Iterator[str]:
     from splitgate.cloud.baseline import start_baseline
 
-    server = start_baseline([str(slow_device_bundle.root)])
-    try:
+    with start_baseline([str(slow_device_bundle.root)]) as server:
         yield server.address
-    finally:
-        server.stop()
 
 
 def _x(bundle) -> dict[str, np.ndarray]:
-    (spec,) = bundle.inputs
-    return {spec.name: np.random.default_rng(0).standard_normal([d if d >= 0 else 1 for d in spec.shape]).astype(
-        np.float32)}
+    return normal_request(bundle)
 
 
 def _offloaded(t) -> bool:

@@ -13,6 +13,7 @@ import pytest
 from splitgate.edge import DeviceCosts, Gateway
 from splitgate.planner import Conditions
 from splitgate.errors import InvalidArgument
+from _models import normal_request
 
 PLANNED = {"cut-3": 20.0, "cut-9": 60.0, "device": 100.0}
 
@@ -164,17 +165,12 @@ def drift_bundle(zoo_model, slow_device_factor, tmp_path_factory):
 def baseline(drift_bundle) -> Iterator[str]:
     from splitgate.cloud.baseline import start_baseline
 
-    server = start_baseline([str(drift_bundle.root)])
-    try:
+    with start_baseline([str(drift_bundle.root)]) as server:
         yield server.address
-    finally:
-        server.stop()
 
 
 def _x(bundle) -> dict[str, np.ndarray]:
-    (spec,) = bundle.inputs
-    return {spec.name: np.random.default_rng(0).standard_normal([d if d >= 0 else 1 for d in spec.shape]).astype(
-        np.float32)}
+    return normal_request(bundle)
 
 
 def _margins(bundle, c: Conditions) -> tuple[str, float, float, float]:
