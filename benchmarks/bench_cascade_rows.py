@@ -94,44 +94,10 @@ def _session(path: Path | str) -> Any:
 
 
 def early_exit_model(full: Path, out: Path) -> Path:
-    """The small model of ``tests/test_cascade.py``: ``full``'s first half (up to the middle
-    Relu), global average pooling and a linear head fitted by ridge regression to its logits.
+    """The zoo's early-exit small model for the trained classifier (as tests/test_cascade.py)."""
+    from splitgate.planner.zoo import export_early_exit
 
-    Args:
-        full: the trained zoo model (input ``input``, output ``logits``).
-        out: where to write the small model.
-
-    Returns:
-        ``out``.
-    """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-    from splitgate.planner._zoo_train import gratings10
-
-    model = onnx.load(str(full))
-    relus = [n.output[0] for n in model.graph.node if n.op_type == "Relu"]
-    cut = relus[len(relus) // 2]
-    prefix_path = out.with_name("prefix.onnx")
-    onnx.utils.extract_model(str(full), str(prefix_path), ["input"], [cut])
-    x, _ = gratings10(512, seed=7_000_000)  # a stream the calibration and held-out sets never use
-    target = _session(full).run(None, {"input": x})[0]
-    features = _session(prefix_path).run(None, {"input": x})[0].mean(axis=(2, 3))
-    f = np.concatenate([features, np.ones((len(features), 1), np.float32)], axis=1).astype(np.float64)
-    w = np.linalg.solve(f.T @ f + 1e-2 * np.eye(f.shape[1]), f.T @ target)
-    small = onnx.load(str(prefix_path))
-    g = small.graph
-    g.node.extend([
-        helper.make_node("GlobalAveragePool", [cut], ["exit_gap"]),
-        helper.make_node("Flatten", ["exit_gap"], ["exit_flat"]),
-        helper.make_node("Gemm", ["exit_flat", "exit_w", "exit_b"], ["logits"]),
-    ])
-    g.initializer.extend([numpy_helper.from_array(w[:-1].astype(np.float32), "exit_w"),
-                          numpy_helper.from_array(w[-1].astype(np.float32), "exit_b")])
-    del g.output[:]
-    g.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10]))
-    onnx.checker.check_model(small)
-    onnx.save(small, str(out))
-    return out
+    return export_early_exit(full, out)
 
 
 def plan(workdir: Path, n_cal: int) -> tuple[Any, Path, float]:

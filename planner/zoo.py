@@ -61,6 +61,7 @@ __all__ = [
     "build_zoo_module",
     "train_zoo_module",
     "calibration_inputs",
+    "export_early_exit",
 ]
 
 NUM_CLASSES = 10
@@ -512,3 +513,60 @@ def _initializers_to_constants(path: Path) -> None:
     graph.node.extend(nodes)
     graph.input.extend(inputs)
     onnx.save(model, os.fspath(path))
+
+
+def export_early_exit(full: str | os.PathLike[str], out: str | os.PathLike[str], *, samples: int = 512,
+                      seed: int = 7_000_000) -> Path:
+    """A small early-exit model for a trained zoo image classifier, for ``--cascade``.
+
+    The full model's graph up to its middle ReLU, then a global average pool and
+    a linear head fitted (ridge least squares) to the full model's logits on
+    ``samples`` gratings10 images: cheaper than the full model, confident on the
+    easy inputs. The images come from a seed the calibration and held-out sets
+    never use.
+
+    Args:
+        full: the exported zoo classifier (``input`` -> 10 logits).
+        out: where to write the small model; a ``prefix.onnx`` is written beside it.
+        samples: images to fit the head on.
+        seed: their gratings10 seed.
+
+    Returns:
+        ``out`` as a Path.
+    """
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from splitgate.planner._zoo_train import gratings10
+
+    def run(path: Path) -> np.ndarray:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return session.run(None, {"input": x})[0]
+
+    full, out = Path(full), Path(out)
+    relus = [n.output[0] for n in onnx.load(str(full)).graph.node if n.op_type == "Relu"]
+    cut = relus[len(relus) // 2]
+    prefix_path = out.with_name("prefix.onnx")
+    onnx.utils.extract_model(str(full), str(prefix_path), ["input"], [cut])
+    x, _ = gratings10(samples, seed=seed)
+    target, features = run(full), run(prefix_path).mean(axis=(2, 3))
+    f = np.concatenate([features, np.ones((len(features), 1), np.float32)], axis=1).astype(np.float64)
+    w = np.linalg.solve(f.T @ f + 1e-2 * np.eye(f.shape[1]), f.T @ target)
+    small = onnx.load(str(prefix_path))
+    g = small.graph
+    g.node.extend([
+        helper.make_node("GlobalAveragePool", [cut], ["exit_gap"]),
+        helper.make_node("Flatten", ["exit_gap"], ["exit_flat"]),
+        helper.make_node("Gemm", ["exit_flat", "exit_w", "exit_b"], ["logits"]),
+    ])
+    g.initializer.extend([numpy_helper.from_array(w[:-1].astype(np.float32), "exit_w"),
+                          numpy_helper.from_array(w[-1].astype(np.float32), "exit_b")])
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", NUM_CLASSES]))
+    onnx.checker.check_model(small)
+    onnx.save(small, str(out))
+    return out
