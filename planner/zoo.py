@@ -533,6 +533,9 @@ def export_early_exit(full: str | os.PathLike[str], out: str | os.PathLike[str],
 
     Returns:
         ``out`` as a Path.
+
+    Raises:
+        InvalidArgument: the model has no ReLU-like activation.
     """
     import numpy as np
     import onnx
@@ -548,8 +551,11 @@ def export_early_exit(full: str | os.PathLike[str], out: str | os.PathLike[str],
         return session.run(None, {"input": x})[0]
 
     full, out = Path(full), Path(out)
-    relus = [n.output[0] for n in onnx.load(str(full)).graph.node if n.op_type == "Relu"]
-    cut = relus[len(relus) // 2]
+    # the middle activation (ReLU, or ReLU6 exported as Clip): a 4-D feature map to pool
+    acts = [n.output[0] for n in onnx.load(str(full)).graph.node if n.op_type in ("Relu", "Clip")]
+    if not acts:
+        raise InvalidArgument(f"{full}: no Relu or Clip activation to attach an early exit to")
+    cut = acts[len(acts) // 2]
     prefix_path = out.with_name("prefix.onnx")
     onnx.utils.extract_model(str(full), str(prefix_path), ["input"], [cut])
     x, _ = gratings10(samples, seed=seed)

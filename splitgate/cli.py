@@ -93,10 +93,18 @@ def _cmd_refit(args: argparse.Namespace) -> int:
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
-    from splitgate.planner.zoo import export_zoo_model
+    from splitgate.errors import InvalidArgument
+    from splitgate.planner.zoo import IMAGE_MODELS, export_early_exit, export_zoo_model
 
+    if args.early_exit and args.name not in IMAGE_MODELS:
+        raise InvalidArgument(f"--early-exit is for the zoo's image classifiers ({', '.join(IMAGE_MODELS)}), "
+                              f"not '{args.name}'")
     path = export_zoo_model(args.name, args.output, seed=args.seed, trained=args.trained)
     print(f"exported zoo model '{args.name}' to {path}")
+    if args.early_exit:
+        small = export_early_exit(path, args.early_exit)
+        print(f"early-exit small model (its first half, a linear head fitted to its logits): {small}; "
+              f"plan with `splitgate plan {path} --cascade {small}`")
     return 0
 
 
@@ -389,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("-o", "--output", required=True, help=".onnx file to write")
     zoo.add_argument("--seed", type=int, default=0)
     zoo.add_argument("--trained", action="store_true", help="train briefly on a synthetic task first (cached)")
+    zoo.add_argument("--early-exit", metavar="SMALL.onnx", default=None,
+                     help="also write a small early-exit model of an image classifier, for `plan --cascade`")
     zoo.set_defaults(func=_cmd_zoo)
 
     edge = sub.add_parser("edge", help="the device-side gateway")

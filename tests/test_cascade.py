@@ -196,6 +196,20 @@ def test_plan_cli_refuses_a_mismatched_cascade(models, tmp_path: Path, capsys: p
     assert len(err) == 1 and "cascade model" in err[0] and "32, 32" in err[0]
 
 
+def test_zoo_cli_writes_an_early_exit_model_that_plans_as_a_cascade(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    from splitgate.cli import main
+
+    assert main(["zoo", "lstm", "-o", str(tmp_path / "l.onnx"), "--early-exit", str(tmp_path / "s.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "image classifiers" in err[0] and not (tmp_path / "l.onnx").exists()
+    full, small = tmp_path / "m.onnx", tmp_path / "small.onnx"
+    assert main(["zoo", "mobilenet", "-o", str(full), "--early-exit", str(small)]) == 0
+    assert f"--cascade {small}" in capsys.readouterr().out
+    b = build_bundle(full, tmp_path / "b", cascade=small, profile=False)
+    assert b.cascade is not None and 0.0 <= b.cascade.threshold
+
+
 # -- the edge ----------------------------------------------------------------------------------
 
 
