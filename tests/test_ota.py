@@ -20,14 +20,9 @@ import pytest
 from onnx import numpy_helper
 
 from splitgate.edge import Gateway, UpdateOutcome, publish
-from splitgate.edge._updates import (
-    INDEX_NAME,
-    Updater,
-    read_index,
-    sign_index,
-    unpack_archive,
-    write_archive,
-)
+from splitgate.edge._update_fetch import unpack_archive
+from splitgate.edge._update_index import INDEX_NAME, read_index, sign_index, write_archive
+from splitgate.edge._updates import Updater
 from splitgate.errors import BundleError, ConfigError
 
 MODEL = "mobilenet"

@@ -17,16 +17,9 @@ from pathlib import Path
 import pytest
 import test_ota
 from splitgate.edge import Gateway, UpdateOutcome, publish
-from splitgate.edge._updates import (
-    INDEX_NAME,
-    INDEX_STATE_NAME,
-    OUTCOMES,
-    Updater,
-    _parse_index,
-    _signed_doc,
-    read_index,
-    sign_index,
-)
+from splitgate.edge._update_index import INDEX_NAME, _parse_index, _signed_doc, read_index, sign_index
+from splitgate.edge._update_state import INDEX_STATE_NAME
+from splitgate.edge._updates import OUTCOMES, Updater
 from test_ota import MODEL, ArchiveServer, Load, _counts
 
 from splitgate.cli import main as cli_main

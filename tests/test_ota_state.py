@@ -13,7 +13,7 @@ from pathlib import Path
 
 import test_ota
 from splitgate.edge import Gateway, publish
-from splitgate.edge._updates import (
+from splitgate.edge._update_state import (
     INDEX_STATE_NAME,
     MAX_DECLINED,
     MAX_REASON_CHARS,
