@@ -1,7 +1,7 @@
 """Unpacking a bundle archive (a ``.tar.gz`` of the bundle directory) safely.
 
 One helper for the two places that fetch bundles: the edge's over-the-air
-updates (:mod:`splitgate.edge._updates`) and the cloud's bundle URIs
+updates (:mod:`splitgate.edge._update_fetch`) and the cloud's bundle URIs
 (:mod:`splitgate.cloud._fetch`). The edge may not import the cloud, so it
 lives in the base package.
 """
