@@ -38,6 +38,7 @@ for an encoded twin (:func:`splitgate.planner._quantize.candidate_parts`).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import statistics
 import time
@@ -498,7 +499,10 @@ class Planner:
         if self.options.profile and "device" in stats:
             o = self.options
             twin = stats.get("device~int8") if source == INT8 else None
-            if twin is not None and any(p.id == "device~int8" and p.prefix is small for p in self.parts):
+            measured_on_device = self._device_cascade_ms(planned)
+            if measured_on_device is not None:  # the device's own timing (plan --device-profile)
+                planned = with_device_ms(planned, measured_on_device, stats["device"].device_ms)
+            elif twin is not None and any(p.id == "device~int8" and p.prefix is small for p in self.parts):
                 # the cascade is the kept device~int8 model: its time is that partition's, measured with
                 # the others (a second timing of the same model differs by noise, and would make the
                 # cascade "pay" in front of device~int8 itself)
@@ -515,6 +519,21 @@ class Planner:
                               f"(top-1 agreement >= {guard.min_top1_agreement:g}); the edge will not use it")
         self.report("calibrate cascade", 1, 1)
         return planned
+
+    def _device_cascade_ms(self, planned: PlannedCascade) -> float | None:
+        """The device profile's own timing of this small model (``splitgate profile`` of a
+        bundle carrying the same cascade model), or None (with a note when a profile is
+        given but timed no such model: the planning machine's ratio is used)."""
+        if self.device is None:
+            return None
+        sha = hashlib.sha256(planned.model.SerializeToString()).hexdigest()
+        ms = self.device.cascade_ms(sha, self.shapes[0].shapes)
+        if ms is None:
+            self.notes.append(
+                f"the device profile ({self.device.label}) has no timing of this cascade model: its device time "
+                "is this machine's small/full ratio times the device's full-model time (profile a bundle "
+                "carrying it with `splitgate profile`, then plan with that profile or `splitgate refit`)")
+        return ms
 
     def _int8_full_model(self, calibration: Calibration, guard: Any) -> onnx.ModelProto:
         """The int8 full model: the kept ``device~int8`` partition's, else quantized here.

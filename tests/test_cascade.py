@@ -12,6 +12,7 @@ threshold, the exits and the fall-through all have something to do.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grpc
@@ -426,6 +427,31 @@ def test_profile_times_the_cascade_and_refit_applies_it(bundle: PlanBundle, tmp_
     with Gateway([copy], config=GatewayConfig(learn_device=False)) as gw:
         assert gw.infer(MODEL, {"input": _held_out(1)}).trace.cascade is None
         assert gw.metrics.snapshot()[f"splitgate_cascade_total{{model={MODEL},outcome=skipped}}"] == 1
+
+
+def test_plan_with_a_device_profile_takes_the_devices_cascade_time(bundle: PlanBundle, models, calibration,
+                                                                    tmp_path: Path) -> None:
+    """``plan --device-profile`` of a profile that timed this small model (``splitgate
+    profile`` of a bundle carrying it) plans with the device's own time for it; a
+    profile that did not says so in a note and keeps this machine's ratio."""
+    from splitgate.planner import measure_device
+
+    dp = measure_device(bundle.root, threads=1, warmup=1, repeats=3)
+    full_ms = dp.partition_ms("device")
+    timed = _with_cascade_ms(dp, 0.05 * full_ms).save(tmp_path / "timed.json")
+    kwargs = dict(cascade=models[1], calibration={"input": calibration}, encodings=("raw",), repeats=3, warmup=1,
+                  max_candidates=2, reference_cuts=1)
+    b = build_bundle(models[0], tmp_path / "timed.bundle", device_profile=timed, **kwargs)
+    assert b.cascade.device_ms == pytest.approx(0.05 * full_ms, rel=1e-3)
+    assert not any("no timing of this cascade model" in n for n in b.plan_profile.notes)
+    doc = dp.to_dict()  # the same device, timed before cascades were: no entry
+    del doc["model"]["cascade_sha256"]
+    for bucket in doc["buckets"]:
+        bucket.pop("cascade", None)
+    (tmp_path / "untimed.json").write_text(json.dumps(doc))
+    b = build_bundle(models[0], tmp_path / "untimed.bundle", device_profile=tmp_path / "untimed.json", **kwargs)
+    assert any("no timing of this cascade model" in n for n in b.plan_profile.notes), b.plan_profile.notes
+    assert b.cascade.device_ms != pytest.approx(0.05 * full_ms, rel=1e-3)
 
 
 def test_refit_with_a_profile_without_the_cascade_keeps_the_plan_ratio(bundle: PlanBundle, tmp_path: Path,
