@@ -96,11 +96,22 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     from splitgate.errors import InvalidArgument
     from splitgate.planner.zoo import IMAGE_MODELS, export_early_exit, export_zoo_model
 
-    if args.early_exit and args.name not in IMAGE_MODELS:
-        raise InvalidArgument(f"--early-exit is for the zoo's image classifiers ({', '.join(IMAGE_MODELS)}), "
-                              f"not '{args.name}'")
+    for flag, value in (("--early-exit", args.early_exit), ("--calibration-out", args.calibration_out)):
+        if value and args.name not in IMAGE_MODELS:
+            raise InvalidArgument(f"{flag} is for the zoo's image classifiers ({', '.join(IMAGE_MODELS)}), "
+                                  f"not '{args.name}'")
+    if args.calibration_samples < 1:
+        raise InvalidArgument(f"--calibration-samples must be >= 1, got {args.calibration_samples}")
     path = export_zoo_model(args.name, args.output, seed=args.seed, trained=args.trained)
     print(f"exported zoo model '{args.name}' to {path}")
+    if args.calibration_out:
+        import numpy as np
+
+        from splitgate.planner.zoo import calibration_inputs
+
+        np.savez(args.calibration_out, input=calibration_inputs(args.calibration_samples)["input"])
+        print(f"{args.calibration_samples} held-out calibration images: {args.calibration_out} "
+              f"(plan with --calibration {args.calibration_out})")
     if args.early_exit:
         small = export_early_exit(path, args.early_exit)
         print(f"early-exit small model (its first half, a linear head fitted to its logits): {small}; "
@@ -399,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--trained", action="store_true", help="train briefly on a synthetic task first (cached)")
     zoo.add_argument("--early-exit", metavar="SMALL.onnx", default=None,
                      help="also write a small early-exit model of an image classifier, for `plan --cascade`")
+    zoo.add_argument("--calibration-out", metavar="CAL.npz", default=None,
+                     help="also write held-out images of the image models' task, for `plan --calibration`")
+    zoo.add_argument("--calibration-samples", type=int, default=128, help="images in --calibration-out (default 128)")
     zoo.set_defaults(func=_cmd_zoo)
 
     edge = sub.add_parser("edge", help="the device-side gateway")

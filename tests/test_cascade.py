@@ -204,10 +204,13 @@ def test_zoo_cli_writes_an_early_exit_model_that_plans_as_a_cascade(tmp_path: Pa
     assert main(["zoo", "lstm", "-o", str(tmp_path / "l.onnx"), "--early-exit", str(tmp_path / "s.onnx")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "image classifiers" in err[0] and not (tmp_path / "l.onnx").exists()
-    full, small = tmp_path / "m.onnx", tmp_path / "small.onnx"
-    assert main(["zoo", "mobilenet", "-o", str(full), "--early-exit", str(small)]) == 0
-    assert f"--cascade {small}" in capsys.readouterr().out
-    b = build_bundle(full, tmp_path / "b", cascade=small, profile=False)
+    full, small, cal = tmp_path / "m.onnx", tmp_path / "small.onnx", tmp_path / "cal.npz"
+    assert main(["zoo", "mobilenet", "-o", str(full), "--early-exit", str(small), "--calibration-out", str(cal),
+                 "--calibration-samples", "8"]) == 0
+    out = capsys.readouterr().out
+    assert f"--cascade {small}" in out and f"--calibration {cal}" in out
+    assert np.load(cal)["input"].shape == (8, 3, 64, 64)
+    b = build_bundle(full, tmp_path / "b", cascade=small, calibration=str(cal), profile=False)
     assert b.cascade is not None and 0.0 <= b.cascade.threshold
 
 
