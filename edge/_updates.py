@@ -264,18 +264,18 @@ class Updater:
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
-        if self._lock.acquire(timeout=timeout_s):
-            try:
-                self._note_rollbacks()
-            finally:
-                self._lock.release()
+        self._note_rollbacks_within(timeout_s)
 
     def note_rollback(self) -> None:
         """The app just rolled a model back (``Gateway.rollback_bundle``): record it
         now, so a process killed before the next check still declines that version.
         A check under way (holding the lock through a download) is not waited for:
         the next check, or closing, records it."""
-        if self._lock.acquire(blocking=False):
+        self._note_rollbacks_within(0.0)
+
+    def _note_rollbacks_within(self, timeout_s: float) -> None:
+        """:meth:`_note_rollbacks` if the check lock comes free within ``timeout_s``."""
+        if self._lock.acquire(timeout=timeout_s):
             try:
                 self._note_rollbacks()
             finally:
