@@ -18,7 +18,7 @@ The last entry of a model's list is the version its edges should run
 ``{"algorithm", "key_id", "signature"}`` inside ``index.json`` itself (one file,
 replaced atomically, so an edge never reads an index with another index's
 signature; edges that predate signing ignore the extra keys). The signature
-covers :func:`splitgate.security._signing.canonical_json` of the document without
+covers :func:`splitgate.planner._bundle.canonical_json` of the document without
 ``signatures``. Each entry records the ``sequence`` of the index that published
 it. What an edge with trust keys accepts is the updater's part
 (:mod:`splitgate.edge._updates`).
@@ -41,7 +41,8 @@ from typing import Any
 from splitgate.planner import PlanBundle
 
 from splitgate.errors import BundleError, ConfigError
-from splitgate.security._signing import canonical_json, load_signing_key, sign_payload
+from splitgate.planner._bundle import canonical_json
+from splitgate.security._signing import load_signing_key, sign_payload
 
 __all__ = [
     "DEFAULT_EXPIRES_DAYS",

@@ -138,6 +138,18 @@ class Partition:
 DECISION_KEYS = ("profile", "decision_table", "device")
 
 
+def canonical_json(document: Mapping[str, Any]) -> bytes:
+    """The canonical bytes of a JSON document: keys sorted, no whitespace, UTF-8.
+    What :func:`plan_digest` hashes, and what a bundle or update-index signature
+    (:mod:`splitgate.security`) covers.
+
+    Args:
+        document: a JSON-serialisable mapping (strings, integers, lists, mappings;
+            no floats, whose text form is not canonical).
+    """
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
 def digest_payload(manifest: dict[str, Any]) -> bytes:
     """The canonical JSON (UTF-8) that :func:`plan_digest` hashes and a bundle
     signature (:mod:`splitgate.security`) signs: the manifest without any
@@ -147,7 +159,7 @@ def digest_payload(manifest: dict[str, Any]) -> bytes:
     body = {k: v for k, v in manifest.items() if k != "plan_digest" and k not in DECISION_KEYS}
     if isinstance(body.get("files"), dict):
         body["files"] = {f: d for f, d in body["files"].items() if f not in decision_files}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return canonical_json(body)
 
 
 def plan_digest(manifest: dict[str, Any]) -> str:

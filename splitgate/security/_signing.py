@@ -49,7 +49,6 @@ __all__ = [
     "PUBLIC_KEY_FILE",
     "SIGNATURE_FILE",
     "TrustedKeys",
-    "canonical_json",
     "generate_signing_key",
     "key_id",
     "load_signing_key",
@@ -423,21 +422,6 @@ def verify_bundle(
 # -- signed documents other than bundles (the update index) ------------------------
 
 
-def canonical_json(document: Mapping[str, Any]) -> bytes:
-    """The canonical bytes of a JSON document: keys sorted, no whitespace, UTF-8
-    (the same rule as the plan digest's payload,
-    :func:`splitgate.planner._bundle.digest_payload`).
-
-    Args:
-        document: a JSON-serialisable mapping (strings, integers, lists, mappings;
-            no floats, whose text form is not canonical).
-
-    Returns:
-        The bytes a signature over the document covers.
-    """
-    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
 def load_signing_key(key_path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     """Read an ed25519 private key (``signing.key`` from ``splitgate keys``).
 
@@ -457,7 +441,7 @@ def sign_payload(payload: bytes, key: Ed25519PrivateKey) -> dict[str, str]:
     """Sign bytes with an ed25519 key.
 
     Args:
-        payload: the bytes to sign (e.g. :func:`canonical_json` of a document).
+        payload: the bytes to sign (e.g. :func:`splitgate.planner._bundle.canonical_json` of a document).
         key: a private key from :func:`load_signing_key`.
 
     Returns:
