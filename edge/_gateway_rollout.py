@@ -258,8 +258,8 @@ class RolloutCore:
                     self._rollout_run(staged, "candidate", 0.0, error=True)
                 return
             agreed = outputs_agree(want, result.outputs, compare=rule.compare, rtol=rule.rtol, atol=rule.atol)
-            staged.rollout.record_agreement(agreed)
-            self.rollout_metrics.comparison(staged.rollout, agreed)
+            if staged.rollout.record_agreement(agreed):  # (not once a verdict ended the rollout)
+                self.rollout_metrics.comparison(staged.rollout, agreed)
             self._rollout_run(staged, "candidate", result.trace.total_ms, fallback=bool(result.trace.fallback))
         finally:
             with staged.lock:

@@ -384,12 +384,20 @@ class Rollout:
             if not error:
                 tally.latencies.append(float(latency_ms))
 
-    def record_agreement(self, agreed: bool) -> None:
-        """The candidate's outputs were compared with the stable version's on one request."""
+    def record_agreement(self, agreed: bool) -> bool:
+        """The candidate's outputs were compared with the stable version's on one request.
+
+        Returns:
+            False (nothing recorded) once a verdict ended the rollout: a shadow run
+            still in flight then changes neither the statistics nor the metrics.
+        """
         with self._lock:
+            if self.decided is not None:
+                return False
             tally = self._tallies["candidate"]
             tally.compared += 1
             tally.agreed += int(agreed)
+            return True
 
     def stats(self) -> RolloutStats:
         """Both versions' statistics now."""

@@ -138,6 +138,9 @@ def test_rollout_counts_and_decides_once() -> None:
     assert rollout.judge().verdict == "promote"
     assert rollout.judge(force=True).verdict is None  # decided once; no more candidate traffic
     assert rollout.assign("anyone") == "stable" and rollout.decided is not None
+    compared = rollout.stats().candidate.compared
+    assert not rollout.record_agreement(True), "a shadow run finishing after the verdict is not recorded"
+    assert rollout.stats().candidate.compared == compared
     described = rollout.describe()
     assert described["candidate"]["requests"] == 30 and described["rule"]["promote_after"] == 30
 
